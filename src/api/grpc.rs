@@ -1,0 +1,202 @@
+//! `inference.GRPCInferenceService` served by infergate: inference goes through validation and
+//! dispatch; health, metadata, config, statistics and the repository index come from the
+//! Triton pool.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+
+use crate::{
+    api::narrow_extensions,
+    backend::triton::TritonPool,
+    infer::InferService,
+    proto::inference::{
+        ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
+        ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
+        ModelStatisticsRequest, ModelStatisticsResponse, ModelStreamInferResponse,
+        RepositoryIndexRequest, RepositoryIndexResponse, ServerLiveRequest, ServerLiveResponse,
+        ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
+        grpc_inference_service_server::GrpcInferenceService,
+    },
+};
+
+pub struct GrpcApi {
+    infer: InferService,
+    stream_concurrency: usize,
+}
+
+impl GrpcApi {
+    pub fn new(infer: InferService, stream_concurrency: usize) -> Self {
+        Self {
+            infer,
+            stream_concurrency,
+        }
+    }
+
+    fn pool(&self) -> &Arc<TritonPool> {
+        self.infer.backend()
+    }
+}
+
+/// The caller's deadline from the `grpc-timeout` header (`<digits><unit>`, gRPC's wire form).
+pub fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+type StreamOut = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for GrpcApi {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.pool().is_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        req: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        let r = req.into_inner();
+        let ready = self.pool().model_ready(&r.name, &r.version).await?;
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        let mut md = self.pool().server_metadata().await?;
+        md.extensions = narrow_extensions(md.extensions);
+        Ok(Response::new(md))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.pool().model_metadata(&r.name, &r.version).await?,
+        ))
+    }
+
+    async fn model_infer(
+        &self,
+        req: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let timeout = grpc_timeout(req.metadata());
+        let resp = self.infer.infer(req.into_inner(), timeout).await?;
+        Ok(Response::new(resp))
+    }
+
+    type ModelStreamInferStream = StreamOut;
+
+    /// Requests run up to `stream_concurrency` at a time and are answered in request order.
+    /// An error answers that request alone (as Triton does); the stream goes on. When the
+    /// client goes away tonic drops this stream, which drops the pending calls to Triton.
+    async fn model_stream_infer(
+        &self,
+        req: Request<Streaming<ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let infer = self.infer.clone();
+        let out = req
+            .into_inner()
+            .map(move |msg| {
+                let infer = infer.clone();
+                async move {
+                    let r = msg?;
+                    let (model_name, model_version, id) =
+                        (r.model_name.clone(), r.model_version.clone(), r.id.clone());
+                    Ok(match infer.infer(r, None).await {
+                        Ok(resp) => ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(resp),
+                        },
+                        Err(e) => ModelStreamInferResponse {
+                            error_message: e.to_string(),
+                            infer_response: Some(ModelInferResponse {
+                                model_name,
+                                model_version,
+                                id,
+                                ..Default::default()
+                            }),
+                        },
+                    })
+                }
+            })
+            .buffered(self.stream_concurrency);
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn model_config(
+        &self,
+        req: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.pool().model_config(&r.name, &r.version).await?,
+        ))
+    }
+
+    async fn model_statistics(
+        &self,
+        req: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        Ok(Response::new(
+            self.pool().model_statistics(req.into_inner()).await?,
+        ))
+    }
+
+    async fn repository_index(
+        &self,
+        req: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        Ok(Response::new(
+            self.pool().repository_index(req.into_inner()).await?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        let mut md = MetadataMap::new();
+        for (v, d) in [
+            ("5S", Duration::from_secs(5)),
+            ("250m", Duration::from_millis(250)),
+            ("7u", Duration::from_micros(7)),
+            ("2M", Duration::from_secs(120)),
+        ] {
+            md.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&md), Some(d), "{v}");
+        }
+        md.insert("grpc-timeout", "5x".parse().unwrap());
+        assert_eq!(grpc_timeout(&md), None);
+    }
+}

@@ -1,0 +1,211 @@
+//! The HTTP/JSON API, with the same routes as Triton's (`/v2/...`), so tritonclient.http and
+//! perf_analyzer work against it unchanged.
+
+pub mod codec;
+
+use std::{collections::HashMap, sync::Arc};
+
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::{DefaultBodyLimit, Path, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use crate::{
+    api::narrow_extensions,
+    backend::triton::TritonPool,
+    error::GatewayError,
+    infer::InferService,
+    proto::{
+        inference::{ModelStatisticsRequest, RepositoryIndexRequest},
+        to_triton_json,
+    },
+};
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub infer: InferService,
+    pub max_request_bytes: usize,
+}
+
+impl HttpState {
+    fn pool(&self) -> &Arc<TritonPool> {
+        self.infer.backend()
+    }
+}
+
+type Params = Path<HashMap<String, String>>;
+
+fn model_and_version(p: &HashMap<String, String>) -> (String, String) {
+    (
+        p.get("model").cloned().unwrap_or_default(),
+        p.get("version").cloned().unwrap_or_default(),
+    )
+}
+
+pub fn router(state: HttpState) -> Router {
+    let model_routes = |prefix: &str| {
+        Router::new()
+            .route(prefix, get(model_metadata))
+            .route(&format!("{prefix}/ready"), get(model_ready))
+            .route(&format!("{prefix}/config"), get(model_config))
+            .route(&format!("{prefix}/stats"), get(model_stats))
+            .route(&format!("{prefix}/infer"), post(infer))
+    };
+    Router::new()
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2", get(server_metadata))
+        .route("/v2/models/stats", get(all_stats))
+        .route("/v2/repository/index", post(repository_index))
+        .merge(model_routes("/v2/models/{model}"))
+        .merge(model_routes("/v2/models/{model}/versions/{version}"))
+        // The infer handler enforces max_request_bytes itself, with a JSON error.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn ready(State(s): State<HttpState>) -> StatusCode {
+    if s.pool().is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn server_metadata(State(s): State<HttpState>) -> Result<Json<Value>, GatewayError> {
+    let md = s.pool().server_metadata().await?;
+    Ok(Json(json!({
+        "name": md.name,
+        "version": md.version,
+        "extensions": narrow_extensions(md.extensions),
+    })))
+}
+
+async fn model_metadata(
+    State(s): State<HttpState>,
+    Path(p): Params,
+) -> Result<Json<Value>, GatewayError> {
+    let (m, v) = model_and_version(&p);
+    Ok(Json(to_triton_json(
+        &s.pool().model_metadata(&m, &v).await?,
+        "inference.ModelMetadataResponse",
+    )))
+}
+
+async fn model_ready(
+    State(s): State<HttpState>,
+    Path(p): Params,
+) -> Result<StatusCode, GatewayError> {
+    let (m, v) = model_and_version(&p);
+    Ok(if s.pool().model_ready(&m, &v).await? {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    })
+}
+
+async fn model_config(
+    State(s): State<HttpState>,
+    Path(p): Params,
+) -> Result<Json<Value>, GatewayError> {
+    let (m, v) = model_and_version(&p);
+    let cfg = s.pool().model_config(&m, &v).await?;
+    Ok(Json(to_triton_json(
+        &cfg.config.unwrap_or_default(),
+        "inference.ModelConfig",
+    )))
+}
+
+async fn model_stats(
+    State(s): State<HttpState>,
+    Path(p): Params,
+) -> Result<Json<Value>, GatewayError> {
+    let (name, version) = model_and_version(&p);
+    let stats = s
+        .pool()
+        .model_statistics(ModelStatisticsRequest { name, version })
+        .await?;
+    Ok(Json(to_triton_json(
+        &stats,
+        "inference.ModelStatisticsResponse",
+    )))
+}
+
+async fn all_stats(State(s): State<HttpState>) -> Result<Json<Value>, GatewayError> {
+    let stats = s
+        .pool()
+        .model_statistics(ModelStatisticsRequest::default())
+        .await?;
+    Ok(Json(to_triton_json(
+        &stats,
+        "inference.ModelStatisticsResponse",
+    )))
+}
+
+async fn repository_index(
+    State(s): State<HttpState>,
+    body: Bytes,
+) -> Result<Json<Value>, GatewayError> {
+    let ready = if body.is_empty() {
+        false
+    } else {
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| GatewayError::invalid(format!("malformed JSON request: {e}")))?;
+        v.get("ready").and_then(Value::as_bool).unwrap_or(false)
+    };
+    let index = s
+        .pool()
+        .repository_index(RepositoryIndexRequest {
+            repository_name: String::new(),
+            ready,
+        })
+        .await?;
+    Ok(Json(Value::Array(
+        index
+            .models
+            .iter()
+            .map(|m| to_triton_json(m, "inference.RepositoryIndexResponse.ModelIndex"))
+            .collect(),
+    )))
+}
+
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, GatewayError> {
+    let too_large = || {
+        GatewayError::PayloadTooLarge(format!(
+            "request body exceeds the limit of {limit} bytes (server.max_request_bytes)"
+        ))
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large())
+}
+
+async fn infer(
+    State(s): State<HttpState>,
+    Path(p): Params,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    let (m, v) = model_and_version(&p);
+    let bytes = read_body(body, &headers, s.max_request_bytes).await?;
+    let (req, prefs) = codec::decode_request(&m, &v, &headers, bytes)?;
+    let resp = s.infer.infer(req, None).await?;
+    Ok(codec::encode_response(resp, &prefs)?.into_response())
+}

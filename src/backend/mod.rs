@@ -1,0 +1,3 @@
+//! What infergate forwards to. Today one implementation: a pool of Triton gRPC endpoints.
+
+pub mod triton;

@@ -1,0 +1,465 @@
+//! A pool of Triton servers reached over gRPC, with a client generated from infergate's own
+//! protos. Calls are spread over the endpoints that passed their last readiness probe (the
+//! less busy of two, picked round-robin), each endpoint keeping a few HTTP/2 connections.
+//! Model metadata and config are cached for `model_cache_ttl_ms`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+
+use crate::{
+    config::TritonConfig,
+    error::GatewayError,
+    infer::ModelInfo,
+    proto::inference::{
+        InferBatchStatistics, InferStatistics, ModelConfigRequest, ModelConfigResponse,
+        ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
+        ModelReadyRequest, ModelStatistics, ModelStatisticsRequest, ModelStatisticsResponse,
+        RepositoryIndexRequest, RepositoryIndexResponse, ServerMetadataRequest,
+        ServerMetadataResponse, ServerReadyRequest, StatisticDuration,
+        grpc_inference_service_client::GrpcInferenceServiceClient,
+    },
+};
+
+pub type TritonClient = GrpcInferenceServiceClient<Channel>;
+
+/// One Triton server.
+pub struct Endpoint {
+    pub url: String,
+    clients: Vec<TritonClient>,
+    next_client: AtomicUsize,
+    healthy: AtomicBool,
+    in_flight: AtomicUsize,
+}
+
+impl Endpoint {
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn client(&self) -> TritonClient {
+        let i = self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len();
+        self.clients[i].clone()
+    }
+}
+
+/// Counts a call against its endpoint while it runs.
+struct InFlight(Arc<Endpoint>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+type ModelKey = (String, String);
+
+pub struct TritonPool {
+    endpoints: Vec<Arc<Endpoint>>,
+    next: AtomicUsize,
+    cfg: TritonConfig,
+    models: RwLock<HashMap<ModelKey, (Instant, Arc<ModelInfo>)>>,
+}
+
+impl TritonPool {
+    /// Builds the pool without connecting: connections are made on first use and re-made
+    /// after failures, so infergate starts (not ready) while Triton is still loading.
+    pub fn new(cfg: &TritonConfig, max_message_bytes: usize) -> Result<Arc<Self>, GatewayError> {
+        let mut endpoints = Vec::with_capacity(cfg.urls.len());
+        for url in &cfg.urls {
+            let mut clients = Vec::with_capacity(cfg.connections_per_endpoint);
+            for _ in 0..cfg.connections_per_endpoint {
+                let channel = TonicEndpoint::from_shared(url.clone())
+                    .map_err(|e| GatewayError::Internal(format!("triton url '{url}': {e}")))?
+                    .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_while_idle(true)
+                    .connect_lazy();
+                clients.push(
+                    GrpcInferenceServiceClient::new(channel)
+                        .max_decoding_message_size(max_message_bytes)
+                        .max_encoding_message_size(max_message_bytes),
+                );
+            }
+            endpoints.push(Arc::new(Endpoint {
+                url: url.clone(),
+                clients,
+                next_client: AtomicUsize::new(0),
+                healthy: AtomicBool::new(false),
+                in_flight: AtomicUsize::new(0),
+            }));
+        }
+        Ok(Arc::new(Self {
+            endpoints,
+            next: AtomicUsize::new(0),
+            cfg: cfg.clone(),
+            models: RwLock::new(HashMap::new()),
+        }))
+    }
+
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+
+    /// Ready when at least one endpoint passed its last probe.
+    pub fn is_ready(&self) -> bool {
+        self.endpoints.iter().any(|e| e.is_healthy())
+    }
+
+    /// Probes every endpoint once (ServerReady, bounded by `probe_timeout_ms`).
+    pub async fn probe_all(&self) {
+        let probes = self.endpoints.iter().map(|ep| async move {
+            let mut client = ep.client();
+            let mut req = tonic::Request::new(ServerReadyRequest {});
+            req.set_timeout(Duration::from_millis(self.cfg.probe_timeout_ms));
+            let ready = matches!(client.server_ready(req).await, Ok(r) if r.get_ref().ready);
+            let was = ep.healthy.swap(ready, Ordering::Relaxed);
+            if was != ready {
+                if ready {
+                    tracing::info!(endpoint = %ep.url, "Triton endpoint is ready");
+                } else {
+                    tracing::warn!(endpoint = %ep.url, "Triton endpoint is not ready");
+                }
+            }
+        });
+        futures::future::join_all(probes).await;
+    }
+
+    /// Probes on an interval until `shutdown` is cancelled.
+    pub fn spawn_probe(
+        self: &Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let pool = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick =
+                tokio::time::interval(Duration::from_millis(pool.cfg.health_interval_ms));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => pool.probe_all().await,
+                }
+            }
+        })
+    }
+
+    /// The less busy of two healthy endpoints taken in turn ("power of two choices").
+    fn pick(&self) -> Result<Arc<Endpoint>, GatewayError> {
+        let healthy: Vec<&Arc<Endpoint>> =
+            self.endpoints.iter().filter(|e| e.is_healthy()).collect();
+        let n = healthy.len();
+        if n == 0 {
+            return Err(GatewayError::Unavailable(format!(
+                "no Triton endpoint is ready (of {})",
+                self.endpoints.len()
+            )));
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let (a, b) = (healthy[i % n], healthy[(i + 1) % n]);
+        let load = |e: &Endpoint| e.in_flight.load(Ordering::Relaxed);
+        Ok(Arc::clone(if load(b) < load(a) { b } else { a }))
+    }
+
+    /// Runs one call on a picked endpoint. A transport failure marks the endpoint unhealthy
+    /// at once, so the next call goes elsewhere without waiting for the probe.
+    async fn call<T, F, Fut>(&self, timeout: Option<Duration>, f: F) -> Result<T, GatewayError>
+    where
+        F: FnOnce(TritonClient, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let ep = self.pick()?;
+        ep.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _guard = InFlight(Arc::clone(&ep));
+        let limit = Duration::from_millis(self.cfg.request_timeout_ms);
+        let budget = timeout.map_or(limit, |t| t.min(limit));
+        match f(ep.client(), budget).await {
+            Ok(resp) => Ok(resp.into_inner()),
+            Err(status) => {
+                let err = GatewayError::from_backend(status);
+                if matches!(err, GatewayError::Unavailable(_))
+                    && ep.healthy.swap(false, Ordering::Relaxed)
+                {
+                    tracing::warn!(endpoint = %ep.url, error = %err, "Triton endpoint failed a call");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    pub async fn infer(
+        &self,
+        req: ModelInferRequest,
+        timeout: Option<Duration>,
+    ) -> Result<ModelInferResponse, GatewayError> {
+        self.call(timeout, |mut c, budget| {
+            let mut r = tonic::Request::new(req);
+            r.set_timeout(budget);
+            async move { c.model_infer(r).await }
+        })
+        .await
+    }
+
+    pub async fn server_metadata(&self) -> Result<ServerMetadataResponse, GatewayError> {
+        self.call(None, |mut c, t| async move {
+            c.server_metadata(timed(ServerMetadataRequest {}, t)).await
+        })
+        .await
+    }
+
+    pub async fn model_ready(&self, name: &str, version: &str) -> Result<bool, GatewayError> {
+        let req = ModelReadyRequest {
+            name: name.into(),
+            version: version.into(),
+        };
+        self.call(None, |mut c, t| async move {
+            c.model_ready(timed(req, t)).await
+        })
+        .await
+        .map(|r| r.ready)
+    }
+
+    pub async fn model_metadata(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<ModelMetadataResponse, GatewayError> {
+        let req = ModelMetadataRequest {
+            name: name.into(),
+            version: version.into(),
+        };
+        self.call(None, |mut c, t| async move {
+            c.model_metadata(timed(req, t)).await
+        })
+        .await
+        .map_err(|e| not_found(e, name, version))
+    }
+
+    pub async fn model_config(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<ModelConfigResponse, GatewayError> {
+        let req = ModelConfigRequest {
+            name: name.into(),
+            version: version.into(),
+        };
+        self.call(None, |mut c, t| async move {
+            c.model_config(timed(req, t)).await
+        })
+        .await
+        .map_err(|e| not_found(e, name, version))
+    }
+
+    pub async fn repository_index(
+        &self,
+        req: RepositoryIndexRequest,
+    ) -> Result<RepositoryIndexResponse, GatewayError> {
+        self.call(None, |mut c, t| async move {
+            c.repository_index(timed(req, t)).await
+        })
+        .await
+    }
+
+    /// Statistics summed over every ready endpoint, so a pool looks like one server.
+    pub async fn model_statistics(
+        &self,
+        req: ModelStatisticsRequest,
+    ) -> Result<ModelStatisticsResponse, GatewayError> {
+        let ready: Vec<_> = self.endpoints.iter().filter(|e| e.is_healthy()).collect();
+        if ready.len() <= 1 {
+            return self
+                .call(None, |mut c, t| async move {
+                    c.model_statistics(timed(req, t)).await
+                })
+                .await
+                .map_err(|e| not_found(e, "", ""));
+        }
+        let timeout = Duration::from_millis(self.cfg.request_timeout_ms);
+        let calls = ready.iter().map(|ep| {
+            let mut c = ep.client();
+            let req = timed(req.clone(), timeout);
+            async move { c.model_statistics(req).await }
+        });
+        let mut parts = Vec::new();
+        for r in futures::future::join_all(calls).await {
+            parts.push(r.map_err(GatewayError::from_backend)?.into_inner());
+        }
+        Ok(merge_statistics(parts))
+    }
+
+    /// Metadata and config of a model, from the cache when fresh.
+    pub async fn model_info(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Arc<ModelInfo>, GatewayError> {
+        let key = (name.to_string(), version.to_string());
+        let ttl = Duration::from_millis(self.cfg.model_cache_ttl_ms);
+        if let Some((at, info)) = self.models.read().expect("model cache lock").get(&key)
+            && at.elapsed() < ttl
+        {
+            return Ok(Arc::clone(info));
+        }
+        let (metadata, config) = tokio::try_join!(
+            self.model_metadata(name, version),
+            self.model_config(name, version)
+        )?;
+        let info = Arc::new(ModelInfo::new(metadata, config.config.unwrap_or_default()));
+        self.models
+            .write()
+            .expect("model cache lock")
+            .insert(key, (Instant::now(), Arc::clone(&info)));
+        Ok(info)
+    }
+}
+
+fn timed<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
+/// Triton reports an unknown model as NOT_FOUND (older builds as INVALID_ARGUMENT with
+/// "unknown model"); both become infergate's one ModelNotFound.
+fn not_found(err: GatewayError, name: &str, version: &str) -> GatewayError {
+    match &err {
+        GatewayError::Backend { code, message }
+            if *code == tonic::Code::NotFound
+                || (message.contains("unknown model") && !name.is_empty()) =>
+        {
+            if name.is_empty() {
+                err
+            } else {
+                GatewayError::ModelNotFound {
+                    model: name.into(),
+                    version: version.into(),
+                }
+            }
+        }
+        _ => err,
+    }
+}
+
+fn add_duration(into: &mut Option<StatisticDuration>, from: &Option<StatisticDuration>) {
+    if let Some(f) = from {
+        let d = into.get_or_insert_with(Default::default);
+        d.count += f.count;
+        d.ns += f.ns;
+    }
+}
+
+fn add_infer_stats(into: &mut InferStatistics, from: &InferStatistics) {
+    add_duration(&mut into.success, &from.success);
+    add_duration(&mut into.fail, &from.fail);
+    add_duration(&mut into.queue, &from.queue);
+    add_duration(&mut into.compute_input, &from.compute_input);
+    add_duration(&mut into.compute_infer, &from.compute_infer);
+    add_duration(&mut into.compute_output, &from.compute_output);
+    add_duration(&mut into.cache_hit, &from.cache_hit);
+    add_duration(&mut into.cache_miss, &from.cache_miss);
+}
+
+/// Sums per-model statistics from several servers, keyed by model name and version.
+pub fn merge_statistics(parts: Vec<ModelStatisticsResponse>) -> ModelStatisticsResponse {
+    let mut merged: BTreeMap<(String, String), ModelStatistics> = BTreeMap::new();
+    for part in parts {
+        for s in part.model_stats {
+            let key = (s.name.clone(), s.version.clone());
+            let Some(m) = merged.get_mut(&key) else {
+                merged.insert(key, s);
+                continue;
+            };
+            m.last_inference = m.last_inference.max(s.last_inference);
+            m.inference_count += s.inference_count;
+            m.execution_count += s.execution_count;
+            if let Some(from) = &s.inference_stats {
+                add_infer_stats(m.inference_stats.get_or_insert_with(Default::default), from);
+            }
+            for b in s.batch_stats {
+                match m
+                    .batch_stats
+                    .iter_mut()
+                    .find(|x| x.batch_size == b.batch_size)
+                {
+                    Some(x) => merge_batch(x, &b),
+                    None => m.batch_stats.push(b),
+                }
+            }
+        }
+    }
+    ModelStatisticsResponse {
+        model_stats: merged.into_values().collect(),
+    }
+}
+
+fn merge_batch(into: &mut InferBatchStatistics, from: &InferBatchStatistics) {
+    add_duration(&mut into.compute_input, &from.compute_input);
+    add_duration(&mut into.compute_infer, &from.compute_infer);
+    add_duration(&mut into.compute_output, &from.compute_output);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(count: u64, batch: u64) -> ModelStatisticsResponse {
+        let d = Some(StatisticDuration {
+            count,
+            ns: count * 10,
+        });
+        ModelStatisticsResponse {
+            model_stats: vec![ModelStatistics {
+                name: "m".into(),
+                version: "1".into(),
+                inference_count: count,
+                execution_count: count,
+                inference_stats: Some(InferStatistics {
+                    success: d,
+                    ..Default::default()
+                }),
+                batch_stats: vec![InferBatchStatistics {
+                    batch_size: batch,
+                    compute_infer: d,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn statistics_of_several_servers_add_up() {
+        let m = merge_statistics(vec![stats(3, 1), stats(4, 1), stats(5, 2)]);
+        let s = &m.model_stats[0];
+        assert_eq!(s.inference_count, 12);
+        assert_eq!(s.inference_stats.unwrap().success.unwrap().count, 12);
+        assert_eq!(s.batch_stats.len(), 2);
+        assert_eq!(s.batch_stats[0].compute_infer.unwrap().count, 7);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_pool_is_not_ready_and_fails_fast() {
+        let cfg = TritonConfig {
+            urls: vec!["http://127.0.0.1:1".into()],
+            connect_timeout_ms: 200,
+            probe_timeout_ms: 200,
+            ..Default::default()
+        };
+        let pool = TritonPool::new(&cfg, 1 << 20).unwrap();
+        pool.probe_all().await;
+        assert!(!pool.is_ready());
+        let err = pool.server_metadata().await.unwrap_err();
+        assert!(matches!(err, GatewayError::Unavailable(_)), "{err:?}");
+    }
+}

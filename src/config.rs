@@ -1,0 +1,426 @@
+//! Typed configuration: built-in defaults, then an optional TOML file, then `INFERGATE_*`
+//! environment variables and command-line flags (clap merges those two, flags winning).
+//! Validated once at start, with a message that names the setting.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting `{field}`: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub triton: TritonConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address of the gRPC API (Open Inference Protocol, health, reflection).
+    pub grpc_addr: SocketAddr,
+    /// Listen address of the HTTP/JSON API.
+    pub http_addr: SocketAddr,
+    /// Largest accepted request (HTTP body or gRPC message), in bytes.
+    pub max_request_bytes: usize,
+    /// Largest response passed back from Triton, in bytes.
+    pub max_response_bytes: usize,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_grace_ms: u64,
+    /// HTTP/2 streams one gRPC client connection may have open.
+    pub max_concurrent_streams: u32,
+    /// Requests of one ModelStreamInfer stream that run at once (answers keep request order).
+    pub stream_concurrency: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            grpc_addr: "127.0.0.1:8081".parse().expect("literal address"),
+            http_addr: "127.0.0.1:8080".parse().expect("literal address"),
+            max_request_bytes: 64 << 20,
+            max_response_bytes: 256 << 20,
+            shutdown_grace_ms: 10_000,
+            max_concurrent_streams: 1024,
+            stream_concurrency: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TritonConfig {
+    /// gRPC endpoints of the Triton servers (`http://host:port`).
+    pub urls: Vec<String>,
+    pub connect_timeout_ms: u64,
+    /// Upper bound on one call to Triton (a shorter client deadline wins).
+    pub request_timeout_ms: u64,
+    /// How often each endpoint's readiness is probed.
+    pub health_interval_ms: u64,
+    pub probe_timeout_ms: u64,
+    /// HTTP/2 connections kept to each endpoint; calls are spread over them.
+    pub connections_per_endpoint: usize,
+    /// How long model metadata and config are cached before they are fetched again.
+    pub model_cache_ttl_ms: u64,
+}
+
+impl Default for TritonConfig {
+    fn default() -> Self {
+        Self {
+            urls: vec!["http://127.0.0.1:8001".to_string()],
+            connect_timeout_ms: 2_000,
+            request_timeout_ms: 30_000,
+            health_interval_ms: 1_000,
+            probe_timeout_ms: 1_000,
+            connections_per_endpoint: 2,
+            model_cache_ttl_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `infergate=debug,tower=warn`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_string(),
+        }
+    }
+}
+
+/// Flags of `infergate serve`. Every flag can also be set by the environment variable named
+/// in its help; a flag given on the command line wins over the variable, and both win over the
+/// config file.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML config file; its settings are overridden by environment variables and flags.
+    #[arg(long, env = "INFERGATE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// gRPC endpoint of a Triton server. Repeat for several (comma-separated in the variable).
+    #[arg(
+        long = "triton-url",
+        env = "INFERGATE_TRITON_URL",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    pub triton_urls: Vec<String>,
+    /// Listen address of the gRPC API [default: 127.0.0.1:8081].
+    #[arg(long, env = "INFERGATE_GRPC_ADDR", value_name = "ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Listen address of the HTTP API [default: 127.0.0.1:8080].
+    #[arg(long, env = "INFERGATE_HTTP_ADDR", value_name = "ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Largest accepted request in bytes [default: 67108864].
+    #[arg(long, env = "INFERGATE_MAX_REQUEST_BYTES", value_name = "BYTES")]
+    pub max_request_bytes: Option<usize>,
+    /// Largest response accepted from Triton in bytes [default: 268435456].
+    #[arg(long, env = "INFERGATE_MAX_RESPONSE_BYTES", value_name = "BYTES")]
+    pub max_response_bytes: Option<usize>,
+    /// Grace period for in-flight requests after SIGTERM, in ms [default: 10000].
+    #[arg(long, env = "INFERGATE_SHUTDOWN_GRACE_MS", value_name = "MS")]
+    pub shutdown_grace_ms: Option<u64>,
+    /// HTTP/2 streams per gRPC client connection [default: 1024].
+    #[arg(long, env = "INFERGATE_MAX_CONCURRENT_STREAMS", value_name = "N")]
+    pub max_concurrent_streams: Option<u32>,
+    /// Requests of one ModelStreamInfer stream run at once [default: 16].
+    #[arg(long, env = "INFERGATE_STREAM_CONCURRENCY", value_name = "N")]
+    pub stream_concurrency: Option<usize>,
+    /// Timeout for connecting to Triton, in ms [default: 2000].
+    #[arg(long, env = "INFERGATE_TRITON_CONNECT_TIMEOUT_MS", value_name = "MS")]
+    pub triton_connect_timeout_ms: Option<u64>,
+    /// Upper bound on one call to Triton, in ms [default: 30000].
+    #[arg(long, env = "INFERGATE_TRITON_REQUEST_TIMEOUT_MS", value_name = "MS")]
+    pub triton_request_timeout_ms: Option<u64>,
+    /// Interval of the readiness probe of each Triton endpoint, in ms [default: 1000].
+    #[arg(long, env = "INFERGATE_TRITON_HEALTH_INTERVAL_MS", value_name = "MS")]
+    pub triton_health_interval_ms: Option<u64>,
+    /// Timeout of one readiness probe, in ms [default: 1000].
+    #[arg(long, env = "INFERGATE_TRITON_PROBE_TIMEOUT_MS", value_name = "MS")]
+    pub triton_probe_timeout_ms: Option<u64>,
+    /// HTTP/2 connections kept to each Triton endpoint [default: 2].
+    #[arg(long, env = "INFERGATE_TRITON_CONNECTIONS", value_name = "N")]
+    pub triton_connections: Option<usize>,
+    /// How long model metadata/config stay cached, in ms [default: 30000].
+    #[arg(long, env = "INFERGATE_MODEL_CACHE_TTL_MS", value_name = "MS")]
+    pub model_cache_ttl_ms: Option<u64>,
+    /// Log format [default: text].
+    #[arg(long, env = "INFERGATE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `infergate=debug` [default: info].
+    #[arg(long, env = "INFERGATE_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+impl Config {
+    /// Defaults → file → environment/flags, then validation.
+    pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let mut cfg = match &args.config {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        cfg.apply(args);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    fn apply(&mut self, a: &ServeArgs) {
+        fn set<T: Clone>(slot: &mut T, v: &Option<T>) {
+            if let Some(v) = v {
+                *slot = v.clone();
+            }
+        }
+        if !a.triton_urls.is_empty() {
+            self.triton.urls = a.triton_urls.clone();
+        }
+        let (s, t, l) = (&mut self.server, &mut self.triton, &mut self.log);
+        set(&mut s.grpc_addr, &a.grpc_addr);
+        set(&mut s.http_addr, &a.http_addr);
+        set(&mut s.max_request_bytes, &a.max_request_bytes);
+        set(&mut s.max_response_bytes, &a.max_response_bytes);
+        set(&mut s.shutdown_grace_ms, &a.shutdown_grace_ms);
+        set(&mut s.max_concurrent_streams, &a.max_concurrent_streams);
+        set(&mut s.stream_concurrency, &a.stream_concurrency);
+        set(&mut t.connect_timeout_ms, &a.triton_connect_timeout_ms);
+        set(&mut t.request_timeout_ms, &a.triton_request_timeout_ms);
+        set(&mut t.health_interval_ms, &a.triton_health_interval_ms);
+        set(&mut t.probe_timeout_ms, &a.triton_probe_timeout_ms);
+        set(&mut t.connections_per_endpoint, &a.triton_connections);
+        set(&mut t.model_cache_ttl_ms, &a.model_cache_ttl_ms);
+        set(&mut l.format, &a.log_format);
+        set(&mut l.level, &a.log_level);
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.grpc_addr == s.http_addr && s.grpc_addr.port() != 0 {
+            return Err(invalid(
+                "server.http_addr",
+                format!("{} is also the gRPC address", s.http_addr),
+            ));
+        }
+        in_range(
+            "server.max_request_bytes",
+            s.max_request_bytes as u64,
+            1024,
+            2 << 30,
+        )?;
+        in_range(
+            "server.max_response_bytes",
+            s.max_response_bytes as u64,
+            1024,
+            4 << 30,
+        )?;
+        in_range(
+            "server.shutdown_grace_ms",
+            s.shutdown_grace_ms,
+            0,
+            3_600_000,
+        )?;
+        in_range(
+            "server.max_concurrent_streams",
+            s.max_concurrent_streams.into(),
+            1,
+            1 << 20,
+        )?;
+        in_range(
+            "server.stream_concurrency",
+            s.stream_concurrency as u64,
+            1,
+            4096,
+        )?;
+        let t = &self.triton;
+        if t.urls.is_empty() {
+            return Err(invalid(
+                "triton.urls",
+                "at least one Triton gRPC URL is needed",
+            ));
+        }
+        for url in &t.urls {
+            validate_url(url)?;
+        }
+        in_range(
+            "triton.connect_timeout_ms",
+            t.connect_timeout_ms,
+            1,
+            600_000,
+        )?;
+        in_range(
+            "triton.request_timeout_ms",
+            t.request_timeout_ms,
+            1,
+            86_400_000,
+        )?;
+        in_range(
+            "triton.health_interval_ms",
+            t.health_interval_ms,
+            10,
+            3_600_000,
+        )?;
+        in_range("triton.probe_timeout_ms", t.probe_timeout_ms, 1, 600_000)?;
+        in_range(
+            "triton.connections_per_endpoint",
+            t.connections_per_endpoint as u64,
+            1,
+            64,
+        )?;
+        in_range(
+            "triton.model_cache_ttl_ms",
+            t.model_cache_ttl_ms,
+            0,
+            86_400_000,
+        )?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.server.shutdown_grace_ms)
+    }
+}
+
+fn in_range(field: &'static str, v: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if v < min || v > max {
+        return Err(invalid(field, format!("{v} is outside {min}..={max}")));
+    }
+    Ok(())
+}
+
+fn validate_url(url: &str) -> Result<(), ConfigError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| invalid("triton.urls", format!("'{url}' is not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => {
+            return Err(invalid(
+                "triton.urls",
+                format!("'{url}' must start with http:// or https://"),
+            ));
+        }
+    }
+    if uri.host().is_none() || uri.port_u16().is_none() {
+        return Err(invalid(
+            "triton.urls",
+            format!("'{url}' needs a host and a port, e.g. http://127.0.0.1:8001"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn flags_override_file_and_repeat_for_urls() {
+        let dir = std::env::temp_dir().join(format!("infergate-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[server]\ngrpc_addr = \"127.0.0.1:9001\"\nmax_request_bytes = 4096\n[triton]\nurls = [\"http://10.0.0.1:8001\"]\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from([
+            "x",
+            "--config",
+            file.to_str().unwrap(),
+            "--triton-url",
+            "http://127.0.0.1:1",
+            "--triton-url",
+            "http://127.0.0.1:2",
+            "--grpc-addr",
+            "127.0.0.1:9002",
+        ]);
+        let cfg = Config::load(&cli.serve).unwrap();
+        assert_eq!(cfg.server.grpc_addr.port(), 9002);
+        assert_eq!(cfg.server.max_request_bytes, 4096);
+        assert_eq!(
+            cfg.triton.urls,
+            vec!["http://127.0.0.1:1", "http://127.0.0.1:2"]
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let mut cfg = Config::default();
+        cfg.triton.urls = vec!["127.0.0.1:8001".into()];
+        let msg = cfg.validate().unwrap_err().to_string();
+        assert!(msg.contains("triton.urls"), "{msg}");
+
+        let mut cfg = Config::default();
+        cfg.triton.connections_per_endpoint = 0;
+        let msg = cfg.validate().unwrap_err().to_string();
+        assert!(msg.contains("triton.connections_per_endpoint"), "{msg}");
+
+        let err = toml::from_str::<Config>("[server]\ngrpc_adr = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("grpc_adr"), "{err}");
+    }
+}

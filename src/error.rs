@@ -1,0 +1,203 @@
+//! One error type for the request path, mapped once to a gRPC status and once to an HTTP
+//! response, so both protocols always agree on what a failure means.
+
+use axum::{
+    Json,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("unknown model '{model}'{}", version_suffix(.version))]
+    ModelNotFound { model: String, version: String },
+    /// The request is malformed; the message names the offending field.
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    Overloaded(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// Triton answered with an error: its code and message are passed on unchanged.
+    #[error("{message}")]
+    Backend { code: tonic::Code, message: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn version_suffix(version: &str) -> String {
+    if version.is_empty() {
+        String::new()
+    } else {
+        format!(" version '{version}'")
+    }
+}
+
+impl GatewayError {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::InvalidArgument(msg.into())
+    }
+
+    pub fn grpc_code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Self::ModelNotFound { .. } => Code::NotFound,
+            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::PayloadTooLarge(_) | Self::Overloaded(_) => Code::ResourceExhausted,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Self::Backend { code, .. } => *code,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            other => http_status_for(other.grpc_code()),
+        }
+    }
+
+    /// A short stable name, used as a log field and metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ModelNotFound { .. } => "model_not_found",
+            Self::InvalidArgument(_) => "invalid_argument",
+            Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::Overloaded(_) => "overloaded",
+            Self::Unavailable(_) => "unavailable",
+            Self::DeadlineExceeded(_) => "deadline_exceeded",
+            Self::Backend { .. } => "backend",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// Wraps a status from Triton. Transport failures become `Unavailable` so callers see
+    /// one code for "Triton cannot be reached", whatever the cause.
+    pub fn from_backend(status: tonic::Status) -> Self {
+        match status.code() {
+            tonic::Code::Unavailable | tonic::Code::Unknown if is_transport(&status) => {
+                Self::Unavailable(format!("Triton unreachable: {}", status.message()))
+            }
+            tonic::Code::DeadlineExceeded => {
+                Self::DeadlineExceeded(format!("Triton call: {}", status.message()))
+            }
+            code => Self::Backend {
+                code,
+                message: status.message().to_string(),
+            },
+        }
+    }
+}
+
+fn is_transport(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        || status.message().contains("transport error")
+        || status.message().contains("connection")
+}
+
+/// The HTTP status that stands for a gRPC code (the usual gRPC↔HTTP correspondence).
+pub fn http_status_for(code: tonic::Code) -> StatusCode {
+    use tonic::Code;
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            StatusCode::BAD_REQUEST
+        }
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::Cancelled => StatusCode::BAD_REQUEST,
+        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<GatewayError> for tonic::Status {
+    fn from(err: GatewayError) -> Self {
+        tonic::Status::new(err.grpc_code(), err.to_string())
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        // Triton's HTTP API reports errors as {"error": "..."}; clients parse that shape.
+        let body = Json(serde_json::json!({ "error": self.to_string() }));
+        (self.http_status(), body).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_maps_to_the_documented_codes() {
+        let cases = [
+            (
+                GatewayError::ModelNotFound {
+                    model: "m".into(),
+                    version: String::new(),
+                },
+                tonic::Code::NotFound,
+                404,
+            ),
+            (
+                GatewayError::invalid("x"),
+                tonic::Code::InvalidArgument,
+                400,
+            ),
+            (
+                GatewayError::PayloadTooLarge("x".into()),
+                tonic::Code::ResourceExhausted,
+                413,
+            ),
+            (
+                GatewayError::Overloaded("x".into()),
+                tonic::Code::ResourceExhausted,
+                429,
+            ),
+            (
+                GatewayError::Unavailable("x".into()),
+                tonic::Code::Unavailable,
+                503,
+            ),
+            (
+                GatewayError::DeadlineExceeded("x".into()),
+                tonic::Code::DeadlineExceeded,
+                504,
+            ),
+        ];
+        for (err, code, http) in cases {
+            assert_eq!(err.grpc_code(), code, "{err:?}");
+            assert_eq!(err.http_status().as_u16(), http, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn backend_errors_keep_trition_code_and_message() {
+        let err = GatewayError::from_backend(tonic::Status::invalid_argument("bad dims"));
+        assert_eq!(err.grpc_code(), tonic::Code::InvalidArgument);
+        assert_eq!(err.to_string(), "bad dims");
+        let err = GatewayError::from_backend(tonic::Status::unavailable("tcp connect error"));
+        assert!(matches!(err, GatewayError::Unavailable(_)));
+    }
+
+    #[test]
+    fn not_found_names_model_and_version() {
+        let err = GatewayError::ModelNotFound {
+            model: "nope".into(),
+            version: "3".into(),
+        };
+        assert_eq!(err.to_string(), "unknown model 'nope' version '3'");
+    }
+}

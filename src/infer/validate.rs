@@ -1,0 +1,420 @@
+//! Checks an inference request against the model's metadata and config before anything is
+//! forwarded, and normalises its tensor data to raw bytes. Every error names the field.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+
+use crate::{
+    error::GatewayError,
+    proto::inference::{ModelConfig, ModelInferRequest, ModelMetadataResponse},
+    tensor::{self, DataType, shape_str},
+};
+
+/// One input or output of a model, as the model declares it.
+#[derive(Debug, Clone)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: Option<DataType>,
+    pub datatype: String,
+    /// Full shape as in the metadata: with a leading -1 when the model batches.
+    pub shape: Vec<i64>,
+    pub optional: bool,
+}
+
+/// What infergate knows of a model: Triton's metadata and config, digested for validation.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    /// 0 means the model has no batch dimension.
+    pub max_batch_size: i64,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    pub metadata: ModelMetadataResponse,
+    pub config: ModelConfig,
+}
+
+impl ModelInfo {
+    pub fn new(metadata: ModelMetadataResponse, config: ModelConfig) -> Self {
+        let optional: HashSet<&str> = config
+            .input
+            .iter()
+            .filter(|i| i.optional)
+            .map(|i| i.name.as_str())
+            .collect();
+        let spec =
+            |t: &crate::proto::inference::model_metadata_response::TensorMetadata| TensorSpec {
+                name: t.name.clone(),
+                dtype: DataType::parse(&t.datatype),
+                datatype: t.datatype.clone(),
+                shape: t.shape.clone(),
+                optional: optional.contains(t.name.as_str()),
+            };
+        Self {
+            name: metadata.name.clone(),
+            max_batch_size: i64::from(config.max_batch_size),
+            inputs: metadata.inputs.iter().map(spec).collect(),
+            outputs: metadata.outputs.iter().map(spec).collect(),
+            metadata,
+            config,
+        }
+    }
+
+    fn input(&self, name: &str) -> Option<&TensorSpec> {
+        self.inputs.iter().find(|t| t.name == name)
+    }
+
+    fn names(list: &[TensorSpec]) -> String {
+        let names: Vec<&str> = list.iter().map(|t| t.name.as_str()).collect();
+        format!("[{}]", names.join(", "))
+    }
+}
+
+/// What validation learnt about a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validated {
+    /// Rows along the batch dimension; `None` for models without one.
+    pub batch_size: Option<i64>,
+}
+
+fn invalid(msg: String) -> GatewayError {
+    GatewayError::InvalidArgument(msg)
+}
+
+/// Validates `req` against `info` and moves all tensor data into `raw_input_contents`.
+pub fn validate(req: &mut ModelInferRequest, info: &ModelInfo) -> Result<Validated, GatewayError> {
+    let model = info.name.as_str();
+    if req.inputs.is_empty() {
+        return Err(invalid(format!(
+            "request for model '{model}' has no inputs"
+        )));
+    }
+    let raw_mode = !req.raw_input_contents.is_empty();
+    if raw_mode && req.raw_input_contents.len() != req.inputs.len() {
+        return Err(invalid(format!(
+            "raw_input_contents has {} entries for {} inputs",
+            req.raw_input_contents.len(),
+            req.inputs.len()
+        )));
+    }
+    let mut raws: Vec<Bytes> = Vec::with_capacity(req.inputs.len());
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut batch: Option<(i64, String)> = None;
+    for i in 0..req.inputs.len() {
+        let input = &mut req.inputs[i];
+        let name = input.name.clone();
+        let spec = info.input(&name).ok_or_else(|| {
+            invalid(format!(
+                "unexpected input '{name}' for model '{model}'; its inputs are {}",
+                ModelInfo::names(&info.inputs)
+            ))
+        })?;
+        if !seen.insert(name.clone()) {
+            return Err(invalid(format!("input '{name}' is given twice")));
+        }
+        let dtype = DataType::parse(&input.datatype).ok_or_else(|| {
+            invalid(format!(
+                "input '{name}': unknown datatype '{}'",
+                input.datatype
+            ))
+        })?;
+        if input.datatype != spec.datatype {
+            return Err(invalid(format!(
+                "input '{name}': datatype {} does not match the model's {}",
+                input.datatype, spec.datatype
+            )));
+        }
+        let rows = check_shape(&name, &input.shape, spec, info.max_batch_size, model)?;
+        if let Some(rows) = rows {
+            match &batch {
+                Some((b, first)) if *b != rows => {
+                    return Err(invalid(format!(
+                        "input '{name}': batch size {rows} differs from input '{first}' ({b})"
+                    )));
+                }
+                None => batch = Some((rows, name.clone())),
+                _ => {}
+            }
+        }
+        let elements = tensor::element_count(&input.shape).ok_or_else(|| {
+            invalid(format!(
+                "input '{name}': shape {} has too many elements",
+                shape_str(&input.shape)
+            ))
+        })?;
+        let data = if raw_mode {
+            if input.contents.is_some() {
+                return Err(invalid(format!(
+                    "input '{name}': has both contents and raw_input_contents"
+                )));
+            }
+            std::mem::take(&mut req.raw_input_contents[i])
+        } else {
+            let contents = input.contents.take().ok_or_else(|| {
+                invalid(format!(
+                    "input '{name}': no data (neither contents nor raw_input_contents)"
+                ))
+            })?;
+            let (raw, n) = tensor::contents_to_raw(dtype, &contents)
+                .map_err(|e| invalid(format!("input '{name}': {e}")))?;
+            if n != elements {
+                return Err(invalid(format!(
+                    "input '{name}': shape {} needs {elements} elements, contents has {n}",
+                    shape_str(&input.shape)
+                )));
+            }
+            raw
+        };
+        check_data_size(&name, dtype, &input.shape, elements, &data)?;
+        raws.push(data);
+    }
+    if let Some(missing) = info
+        .inputs
+        .iter()
+        .find(|s| !s.optional && !seen.contains(&s.name))
+    {
+        return Err(invalid(format!(
+            "missing input '{}' of model '{model}'",
+            missing.name
+        )));
+    }
+    let mut wanted = HashSet::new();
+    for out in &req.outputs {
+        if !info.outputs.iter().any(|o| o.name == out.name) {
+            return Err(invalid(format!(
+                "unknown output '{}' requested from model '{model}'; its outputs are {}",
+                out.name,
+                ModelInfo::names(&info.outputs)
+            )));
+        }
+        if !wanted.insert(out.name.as_str()) {
+            return Err(invalid(format!("output '{}' is requested twice", out.name)));
+        }
+    }
+    req.raw_input_contents = raws;
+    Ok(Validated {
+        batch_size: batch.map(|(b, _)| b),
+    })
+}
+
+/// Returns the batch size (first dimension) for batching models.
+fn check_shape(
+    name: &str,
+    shape: &[i64],
+    spec: &TensorSpec,
+    max_batch_size: i64,
+    model: &str,
+) -> Result<Option<i64>, GatewayError> {
+    if let Some(pos) = shape.iter().position(|&d| d < 0) {
+        return Err(invalid(format!(
+            "input '{name}': dimension {pos} of shape {} is negative",
+            shape_str(shape)
+        )));
+    }
+    if shape.len() != spec.shape.len() {
+        return Err(invalid(format!(
+            "input '{name}': shape {} has {} dimensions, the model expects {} ({})",
+            shape_str(shape),
+            shape.len(),
+            spec.shape.len(),
+            shape_str(&spec.shape)
+        )));
+    }
+    let batching = max_batch_size > 0;
+    for (pos, (&got, &want)) in shape.iter().zip(&spec.shape).enumerate() {
+        if batching && pos == 0 {
+            continue;
+        }
+        if want != -1 && got != want {
+            return Err(invalid(format!(
+                "input '{name}': dimension {pos} is {got}, the model expects {want} (shape {})",
+                shape_str(&spec.shape)
+            )));
+        }
+    }
+    if !batching {
+        return Ok(None);
+    }
+    let rows = shape[0];
+    if rows == 0 {
+        return Err(invalid(format!("input '{name}': batch size is 0")));
+    }
+    if rows > max_batch_size {
+        return Err(invalid(format!(
+            "input '{name}': batch size {rows} exceeds max_batch_size {max_batch_size} of model '{model}'"
+        )));
+    }
+    Ok(Some(rows))
+}
+
+fn check_data_size(
+    name: &str,
+    dtype: DataType,
+    shape: &[i64],
+    elements: u64,
+    data: &[u8],
+) -> Result<(), GatewayError> {
+    match dtype.byte_size() {
+        Some(size) => {
+            let want = elements.checked_mul(size as u64);
+            if want != Some(data.len() as u64) {
+                return Err(invalid(format!(
+                    "input '{name}': shape {} of {} needs {} bytes, got {}",
+                    shape_str(shape),
+                    dtype.as_str(),
+                    want.map_or_else(|| "too many".to_string(), |w| w.to_string()),
+                    data.len()
+                )));
+            }
+        }
+        None => {
+            let n = tensor::count_bytes_elements(data)
+                .map_err(|e| invalid(format!("input '{name}': {e}")))?;
+            if n != elements {
+                return Err(invalid(format!(
+                    "input '{name}': shape {} needs {elements} BYTES elements, got {n}",
+                    shape_str(shape)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::inference::{
+        InferTensorContents, ModelInput,
+        model_infer_request::{InferInputTensor, InferRequestedOutputTensor},
+        model_metadata_response::TensorMetadata,
+    };
+
+    fn add_sub() -> ModelInfo {
+        let t = |n: &str| TensorMetadata {
+            name: n.into(),
+            datatype: "FP32".into(),
+            shape: vec![-1, 16],
+        };
+        let metadata = ModelMetadataResponse {
+            name: "add_sub".into(),
+            versions: vec!["1".into()],
+            platform: "python".into(),
+            inputs: vec![t("INPUT0"), t("INPUT1")],
+            outputs: vec![t("OUTPUT0"), t("OUTPUT1")],
+        };
+        let config = ModelConfig {
+            name: "add_sub".into(),
+            max_batch_size: 8,
+            input: vec![ModelInput {
+                name: "INPUT0".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        ModelInfo::new(metadata, config)
+    }
+
+    fn input(name: &str, shape: Vec<i64>) -> InferInputTensor {
+        InferInputTensor {
+            name: name.into(),
+            datatype: "FP32".into(),
+            shape,
+            ..Default::default()
+        }
+    }
+
+    fn request(rows: i64) -> ModelInferRequest {
+        let bytes = Bytes::from(vec![0u8; (rows * 16 * 4) as usize]);
+        ModelInferRequest {
+            model_name: "add_sub".into(),
+            inputs: vec![
+                input("INPUT0", vec![rows, 16]),
+                input("INPUT1", vec![rows, 16]),
+            ],
+            raw_input_contents: vec![bytes.clone(), bytes],
+            ..Default::default()
+        }
+    }
+
+    fn err(mut req: ModelInferRequest) -> String {
+        validate(&mut req, &add_sub()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_good_request_passes_and_reports_its_batch() {
+        let mut req = request(3);
+        assert_eq!(validate(&mut req, &add_sub()).unwrap().batch_size, Some(3));
+    }
+
+    #[test]
+    fn typed_contents_are_moved_to_raw() {
+        let mut req = request(1);
+        req.raw_input_contents.clear();
+        for inp in &mut req.inputs {
+            inp.contents = Some(InferTensorContents {
+                fp32_contents: vec![1.0; 16],
+                ..Default::default()
+            });
+        }
+        validate(&mut req, &add_sub()).unwrap();
+        assert_eq!(req.raw_input_contents.len(), 2);
+        assert_eq!(req.raw_input_contents[0].len(), 64);
+        assert!(req.inputs.iter().all(|i| i.contents.is_none()));
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let mut r = request(1);
+        r.inputs[1].name = "INPUT9".into();
+        assert!(err(r).contains("unexpected input 'INPUT9'"));
+
+        let mut r = request(1);
+        r.inputs[0].datatype = "FP64".into();
+        assert!(err(r).contains("input 'INPUT0': datatype FP64 does not match the model's FP32"));
+
+        let mut r = request(1);
+        r.inputs[0].shape = vec![1, 15];
+        assert!(err(r).contains("input 'INPUT0': dimension 1 is 15"));
+
+        let mut r = request(1);
+        r.inputs[0].shape = vec![1, -16];
+        assert!(err(r).contains("negative"));
+
+        let mut r = request(1);
+        r.raw_input_contents[1] = Bytes::from_static(&[0; 10]);
+        assert!(err(r).contains("input 'INPUT1': shape [1,16] of FP32 needs 64 bytes, got 10"));
+
+        let r = request(9);
+        assert!(err(r).contains("batch size 9 exceeds max_batch_size 8"));
+
+        let mut r = request(2);
+        r.inputs[1].shape = vec![1, 16];
+        r.raw_input_contents[1] = Bytes::from(vec![0u8; 64]);
+        assert!(err(r).contains("differs from input 'INPUT0'"));
+
+        let mut r = request(1);
+        r.inputs.pop();
+        r.raw_input_contents.pop();
+        assert!(err(r).contains("missing input 'INPUT1'"));
+
+        let mut r = request(1);
+        r.outputs.push(InferRequestedOutputTensor {
+            name: "NOPE".into(),
+            ..Default::default()
+        });
+        assert!(err(r).contains("unknown output 'NOPE'"));
+
+        let mut r = request(1);
+        r.raw_input_contents.pop();
+        assert!(err(r).contains("raw_input_contents has 1 entries for 2 inputs"));
+    }
+
+    #[test]
+    fn a_huge_declared_shape_with_a_tiny_payload_is_refused_without_allocating() {
+        let mut r = request(1);
+        r.inputs[0].shape = vec![1, i64::MAX];
+        let msg = err(r);
+        assert!(msg.contains("INPUT0"), "{msg}");
+    }
+}

@@ -1,0 +1,14 @@
+//! infergate: a gRPC/HTTP front end for NVIDIA Triton speaking the Open Inference Protocol.
+//!
+//! Data flows one way: `api` (grpc, http) → `infer` (validation and dispatch) → `backend`
+//! (the pool of Triton endpoints). `server` wires the listeners, health and shutdown.
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod infer;
+pub mod proto;
+pub mod server;
+pub mod telemetry;
+pub mod tensor;

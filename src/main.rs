@@ -1,0 +1,65 @@
+//! The `infergate` binary.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use infergate::{
+    config::{Config, ServeArgs},
+    server::{Gateway, shutdown_signal},
+    telemetry,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "infergate",
+    version,
+    about = "gRPC/HTTP front end for NVIDIA Triton (Open Inference Protocol)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the Open Inference Protocol on gRPC and HTTP in front of Triton.
+    Serve(ServeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let cfg = match Config::load(&args) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("infergate: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            telemetry::init_logging(&cfg.log);
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("infergate: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = rt.block_on(async {
+                let gw = Gateway::bind(cfg).await?;
+                gw.run(shutdown_signal()).await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "infergate failed");
+                    eprintln!("infergate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! Wires the gRPC and HTTP listeners to the Triton pool, keeps gRPC health in step with
+//! readiness, and shuts down gracefully: on the shutdown signal both listeners stop
+//! accepting, health turns NOT_SERVING, and in-flight requests get `shutdown_grace_ms`.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
+use tonic_health::ServingStatus;
+
+use crate::{
+    api::{
+        grpc::GrpcApi,
+        http::{HttpState, router},
+    },
+    backend::triton::TritonPool,
+    config::Config,
+    infer::InferService,
+    proto::{
+        FILE_DESCRIPTOR_SET, inference::grpc_inference_service_server::GrpcInferenceServiceServer,
+    },
+};
+
+/// gRPC service names whose health follows readiness.
+const HEALTH_SERVICES: &[&str] = &["", "inference.GRPCInferenceService"];
+
+/// A gateway whose listeners are bound (so tests can use port 0 and read the real ports).
+pub struct Gateway {
+    cfg: Config,
+    pool: Arc<TritonPool>,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+}
+
+impl Gateway {
+    pub async fn bind(cfg: Config) -> anyhow::Result<Self> {
+        let pool = TritonPool::new(&cfg.triton, cfg.server.max_response_bytes)?;
+        let grpc_listener = TcpListener::bind(cfg.server.grpc_addr)
+            .await
+            .with_context(|| format!("binding gRPC address {}", cfg.server.grpc_addr))?;
+        let http_listener = TcpListener::bind(cfg.server.http_addr)
+            .await
+            .with_context(|| format!("binding HTTP address {}", cfg.server.http_addr))?;
+        Ok(Self {
+            cfg,
+            pool,
+            grpc_listener,
+            http_listener,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_listener.local_addr().expect("bound listener")
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_listener.local_addr().expect("bound listener")
+    }
+
+    pub fn pool(&self) -> &Arc<TritonPool> {
+        &self.pool
+    }
+
+    /// Serves until `shutdown` resolves, then drains.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let Self {
+            cfg,
+            pool,
+            grpc_listener,
+            http_listener,
+        } = self;
+        let stop = CancellationToken::new();
+        let grpc_addr = grpc_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
+
+        pool.probe_all().await;
+        let probe = pool.spawn_probe(stop.clone());
+
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health_sync = {
+            let (pool, stop, reporter) = (Arc::clone(&pool), stop.clone(), reporter.clone());
+            tokio::spawn(async move {
+                let mut last = None;
+                loop {
+                    let ready = pool.is_ready();
+                    if last != Some(ready) {
+                        let status = if ready {
+                            ServingStatus::Serving
+                        } else {
+                            ServingStatus::NotServing
+                        };
+                        for svc in HEALTH_SERVICES {
+                            reporter.set_service_status(*svc, status).await;
+                        }
+                        last = Some(ready);
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+            })
+        };
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let infer = InferService::new(Arc::clone(&pool));
+        let inference = GrpcInferenceServiceServer::new(GrpcApi::new(
+            infer.clone(),
+            cfg.server.stream_concurrency,
+        ))
+        .max_decoding_message_size(cfg.server.max_request_bytes)
+        .max_encoding_message_size(cfg.server.max_response_bytes)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip);
+
+        let grpc = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .layer(tower::util::MapResponseLayer::new(
+                oversize_is_resource_exhausted,
+            ))
+            .max_concurrent_streams(cfg.server.max_concurrent_streams)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(inference)
+            .serve_with_incoming_shutdown(nodelay(grpc_listener), stop.clone().cancelled_owned());
+        let app = router(HttpState {
+            infer,
+            max_request_bytes: cfg.server.max_request_bytes,
+        });
+        let http_listener = http_listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let http = axum::serve(http_listener, app)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future();
+
+        let mut grpc_task = tokio::spawn(grpc);
+        let mut http_task = tokio::spawn(http);
+        tracing::info!(%grpc_addr, %http_addr, tritons = ?cfg.triton.urls, "infergate serving");
+
+        let early = tokio::select! {
+            _ = shutdown => None,
+            r = &mut grpc_task => Some(format!("gRPC server stopped: {r:?}")),
+            r = &mut http_task => Some(format!("HTTP server stopped: {r:?}")),
+        };
+        tracing::info!(
+            grace_ms = cfg.server.shutdown_grace_ms,
+            "shutting down: draining in-flight requests"
+        );
+        for svc in HEALTH_SERVICES {
+            reporter
+                .set_service_status(*svc, ServingStatus::NotServing)
+                .await;
+        }
+        stop.cancel();
+        let drained = tokio::time::timeout(cfg.shutdown_grace(), async {
+            if !grpc_task.is_finished() {
+                let _ = (&mut grpc_task).await;
+            }
+            if !http_task.is_finished() {
+                let _ = (&mut http_task).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("grace period over with requests still running; they are dropped");
+            grpc_task.abort();
+            http_task.abort();
+        }
+        probe.abort();
+        health_sync.abort();
+        match early {
+            Some(reason) => anyhow::bail!(reason),
+            None => {
+                tracing::info!("infergate stopped");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// tonic answers a message over `max_decoding_message_size` with OUT_OF_RANGE; the protocol
+/// contract of infergate is RESOURCE_EXHAUSTED for "too large", on gRPC as on HTTP (413).
+/// The refusal is a trailers-only response, so its status sits in the headers.
+fn oversize_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    let h = resp.headers_mut();
+    let too_large = h
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
+    if too_large && h.get("grpc-status").is_some_and(|v| v == "11") {
+        h.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    resp
+}
+
+/// Accepted gRPC connections with Nagle's algorithm off: tonic only sets TCP_NODELAY on
+/// listeners it binds itself, and small responses otherwise wait for the peer's delayed ACK
+/// (40 ms on Linux).
+fn nodelay(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,205 @@
+//! Test harness: one real Triton per test binary (CPU build, started by
+//! scripts/start-triton.sh on free ports, stopped by a watchdog when the test process exits)
+//! and in-process infergate gateways on ephemeral ports.
+#![allow(dead_code)]
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use infergate::{
+    config::Config, proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient,
+    server::Gateway,
+};
+use tokio::sync::oneshot;
+
+pub type Client = GrpcInferenceServiceClient<Channel>;
+use tonic::transport::Channel;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Triton {
+    pub grpc_port: u16,
+    pub http_port: u16,
+    _child: Option<Child>,
+}
+
+impl Triton {
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+    pub fn http_base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+}
+
+/// A plain HTTP GET on loopback, for readiness polling without an async runtime.
+pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(500),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    buf.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The Triton of this test binary. `INFERGATE_TEST_TRITON=GRPC_PORT,HTTP_PORT` reuses one
+/// already running (handy while developing).
+pub fn triton() -> &'static Triton {
+    static TRITON: OnceLock<Triton> = OnceLock::new();
+    TRITON.get_or_init(|| {
+        if let Ok(v) = std::env::var("INFERGATE_TEST_TRITON") {
+            let (g, h) = v.split_once(',').expect("INFERGATE_TEST_TRITON=GRPC,HTTP");
+            return Triton {
+                grpc_port: g.parse().unwrap(),
+                http_port: h.parse().unwrap(),
+                _child: None,
+            };
+        }
+        let (grpc_port, http_port, metrics_port) = (free_port(), free_port(), free_port());
+        let log = std::env::temp_dir().join(format!("infergate-triton-{grpc_port}.log"));
+        let child = Command::new(repo().join("scripts/start-triton.sh"))
+            .args([grpc_port, http_port, metrics_port].map(|p| p.to_string()))
+            .env("INFERGATE_WATCH_PID", std::process::id().to_string())
+            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .stderr(Stdio::from(
+                std::fs::File::create(log.with_extension("err")).unwrap(),
+            ))
+            .spawn()
+            .expect("start scripts/start-triton.sh");
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while http_status(http_port, "/v2/health/ready") != Some(200) {
+            assert!(
+                Instant::now() < deadline,
+                "Triton did not become ready; see {}",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Triton {
+            grpc_port,
+            http_port,
+            _child: Some(child),
+        }
+    })
+}
+
+/// An infergate running inside the test's runtime until dropped.
+pub struct TestGateway {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestGateway {
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+    pub fn http_base(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+    pub async fn client(&self) -> GrpcInferenceServiceClient<Channel> {
+        connect(&self.grpc_url()).await
+    }
+    /// Sends the shutdown signal and waits for the gateway to finish draining.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap()
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub fn test_config(triton_urls: Vec<String>) -> Config {
+    let mut cfg = Config::default();
+    cfg.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    cfg.server.http_addr = "127.0.0.1:0".parse().unwrap();
+    cfg.server.shutdown_grace_ms = 5_000;
+    cfg.triton.urls = triton_urls;
+    cfg.triton.health_interval_ms = 200;
+    cfg.triton.probe_timeout_ms = 500;
+    cfg.triton.connect_timeout_ms = 500;
+    cfg
+}
+
+pub async fn gateway_with(cfg: Config) -> TestGateway {
+    let gw = Gateway::bind(cfg).await.expect("bind gateway");
+    let (grpc_addr, http_addr) = (gw.grpc_addr(), gw.http_addr());
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(gw.run(async move {
+        let _ = rx.await;
+    }));
+    TestGateway {
+        grpc_addr,
+        http_addr,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+/// A gateway in front of this binary's Triton.
+pub async fn gateway() -> TestGateway {
+    gateway_with(test_config(vec![triton().grpc_url()])).await
+}
+
+pub async fn connect(url: &str) -> GrpcInferenceServiceClient<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Channel::from_shared(url.to_string())
+            .unwrap()
+            .connect()
+            .await
+        {
+            Ok(ch) => {
+                return GrpcInferenceServiceClient::new(ch)
+                    .max_decoding_message_size(256 << 20)
+                    .max_encoding_message_size(256 << 20);
+            }
+            Err(e) if Instant::now() > deadline => panic!("connect {url}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+pub fn f32_bytes(v: &[f32]) -> bytes::Bytes {
+    v.iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+pub fn f32_from(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
