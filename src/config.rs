@@ -39,6 +39,7 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
 pub struct Config {
     pub server: ServerConfig,
     pub triton: TritonConfig,
+    pub batching: BatchingConfig,
     pub log: LogConfig,
 }
 
@@ -104,6 +105,65 @@ impl Default for TritonConfig {
             model_cache_ttl_ms: 30_000,
         }
     }
+}
+
+/// How the gateway batches a model's requests (see `batch/`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchMode {
+    /// Fixed window: wait up to `max_queue_delay_us` for a full batch.
+    #[default]
+    On,
+    /// Every request goes to Triton alone.
+    Off,
+    /// Window tuned from the observed arrival rate and Triton latency.
+    Adaptive,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Default for every model whose Triton config allows batching.
+    pub mode: BatchMode,
+    /// Longest wait for a fuller batch; unset: the model's Triton `max_queue_delay_microseconds`.
+    pub max_queue_delay_us: Option<u64>,
+    /// Requests waiting per model before new ones get RESOURCE_EXHAUSTED / 429.
+    pub max_queue_size: usize,
+    /// Batches of one model in flight per Triton endpoint.
+    pub max_inflight_batches: usize,
+    /// Priority levels (Triton's `priority` parameter: 1 is highest); at least the model's own.
+    pub priority_levels: u32,
+    /// Anti-starvation: a request that has waited this long goes before any newer one.
+    pub max_priority_wait_ms: u64,
+    /// Per-model overrides, by model name.
+    pub models: std::collections::BTreeMap<String, ModelBatching>,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        Self {
+            mode: BatchMode::On,
+            max_queue_delay_us: None,
+            max_queue_size: 1024,
+            max_inflight_batches: 2,
+            priority_levels: 2,
+            max_priority_wait_ms: 100,
+            models: Default::default(),
+        }
+    }
+}
+
+/// Overrides for one model; unset fields keep the global or Triton-derived value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelBatching {
+    pub mode: Option<BatchMode>,
+    /// Capped at the model's Triton max_batch_size.
+    pub max_batch_size: Option<i64>,
+    pub max_queue_delay_us: Option<u64>,
+    pub preferred_batch_sizes: Option<Vec<i64>>,
+    pub max_queue_size: Option<usize>,
+    pub max_inflight_batches: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ValueEnum)]
@@ -186,6 +246,18 @@ pub struct ServeArgs {
     /// How long model metadata/config stay cached, in ms [default: 30000].
     #[arg(long, env = "INFERGATE_MODEL_CACHE_TTL_MS", value_name = "MS")]
     pub model_cache_ttl_ms: Option<u64>,
+    /// Batching for models whose Triton config allows it [default: on].
+    #[arg(long, env = "INFERGATE_BATCHING", value_enum)]
+    pub batching: Option<BatchMode>,
+    /// Longest wait for a fuller batch in µs [default: the model's Triton max_queue_delay].
+    #[arg(long, env = "INFERGATE_BATCH_MAX_QUEUE_DELAY_US", value_name = "US")]
+    pub batch_max_queue_delay_us: Option<u64>,
+    /// Requests queued per model before 429 / RESOURCE_EXHAUSTED [default: 1024].
+    #[arg(long, env = "INFERGATE_BATCH_MAX_QUEUE_SIZE", value_name = "N")]
+    pub batch_max_queue_size: Option<usize>,
+    /// Batches of one model in flight per Triton endpoint [default: 2].
+    #[arg(long, env = "INFERGATE_BATCH_MAX_INFLIGHT", value_name = "N")]
+    pub batch_max_inflight: Option<usize>,
     /// Log format [default: text].
     #[arg(long, env = "INFERGATE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -240,6 +312,13 @@ impl Config {
         set(&mut t.probe_timeout_ms, &a.triton_probe_timeout_ms);
         set(&mut t.connections_per_endpoint, &a.triton_connections);
         set(&mut t.model_cache_ttl_ms, &a.model_cache_ttl_ms);
+        let b = &mut self.batching;
+        set(&mut b.mode, &a.batching);
+        if a.batch_max_queue_delay_us.is_some() {
+            b.max_queue_delay_us = a.batch_max_queue_delay_us;
+        }
+        set(&mut b.max_queue_size, &a.batch_max_queue_size);
+        set(&mut b.max_inflight_batches, &a.batch_max_inflight);
         set(&mut l.format, &a.log_format);
         set(&mut l.level, &a.log_level);
     }
@@ -323,6 +402,55 @@ impl Config {
             0,
             86_400_000,
         )?;
+        let b = &self.batching;
+        in_range(
+            "batching.max_queue_delay_us",
+            b.max_queue_delay_us.unwrap_or(0),
+            0,
+            10_000_000,
+        )?;
+        in_range(
+            "batching.max_queue_size",
+            b.max_queue_size as u64,
+            1,
+            1 << 20,
+        )?;
+        in_range(
+            "batching.max_inflight_batches",
+            b.max_inflight_batches as u64,
+            1,
+            1024,
+        )?;
+        in_range("batching.priority_levels", b.priority_levels.into(), 1, 64)?;
+        in_range(
+            "batching.max_priority_wait_ms",
+            b.max_priority_wait_ms,
+            1,
+            3_600_000,
+        )?;
+        for (model, m) in &b.models {
+            let field = "batching.models";
+            let bad = |what: String| invalid(field, format!("model '{model}': {what}"));
+            if m.max_batch_size.is_some_and(|v| v < 1) {
+                return Err(bad("max_batch_size must be at least 1".into()));
+            }
+            if m.max_queue_delay_us.is_some_and(|v| v > 10_000_000) {
+                return Err(bad("max_queue_delay_us is over 10 s".into()));
+            }
+            if m.preferred_batch_sizes
+                .as_ref()
+                .is_some_and(|p| p.iter().any(|&x| x < 1))
+            {
+                return Err(bad("preferred_batch_sizes must be positive".into()));
+            }
+            if m.max_queue_size.is_some_and(|v| v < 1)
+                || m.max_inflight_batches.is_some_and(|v| v < 1)
+            {
+                return Err(bad(
+                    "max_queue_size and max_inflight_batches must be at least 1".into(),
+                ));
+            }
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(())

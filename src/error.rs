@@ -7,7 +7,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     #[error("unknown model '{model}'{}", version_suffix(.version))]
     ModelNotFound { model: String, version: String },
@@ -122,9 +122,19 @@ pub fn http_status_for(code: tonic::Code) -> StatusCode {
     }
 }
 
+/// Seconds a client should wait before retrying an overloaded request.
+pub const RETRY_AFTER_SECS: &str = "1";
+
 impl From<GatewayError> for tonic::Status {
     fn from(err: GatewayError) -> Self {
-        tonic::Status::new(err.grpc_code(), err.to_string())
+        let mut status = tonic::Status::new(err.grpc_code(), err.to_string());
+        if matches!(err, GatewayError::Overloaded(_)) {
+            status.metadata_mut().insert(
+                "retry-after",
+                tonic::metadata::MetadataValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        status
     }
 }
 
@@ -132,7 +142,14 @@ impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         // Triton's HTTP API reports errors as {"error": "..."}; clients parse that shape.
         let body = Json(serde_json::json!({ "error": self.to_string() }));
-        (self.http_status(), body).into_response()
+        let mut resp = (self.http_status(), body).into_response();
+        if matches!(self, GatewayError::Overloaded(_)) {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        resp
     }
 }
 

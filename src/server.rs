@@ -115,15 +115,17 @@ impl Gateway {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
-        let infer = InferService::new(Arc::clone(&pool));
+        let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone());
         let inference = GrpcInferenceServiceServer::new(GrpcApi::new(
             infer.clone(),
             cfg.server.stream_concurrency,
         ))
         .max_decoding_message_size(cfg.server.max_request_bytes)
         .max_encoding_message_size(cfg.server.max_response_bytes)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Gzip);
+        // Compressed requests are accepted; answers stay uncompressed (as Triton's do): gRPC
+        // clients advertise gzip by default, and deflating every tensor costs more CPU than
+        // it saves on the short hop between client and gateway.
+        .accept_compressed(CompressionEncoding::Gzip);
 
         let grpc = tonic::transport::Server::builder()
             .tcp_nodelay(true)

@@ -1,26 +1,64 @@
-//! The inference entry point shared by the gRPC and HTTP APIs: look up the model, validate
-//! the request, dispatch it to the backend.
+//! The inference entry point shared by the gRPC and HTTP APIs (and later the async workers):
+//! look up the model, validate the request, then send it through the model's batcher or alone.
+//! Client batches larger than the model's max_batch_size are split into chunks here and put
+//! back together in order. A request whose deadline has passed is never sent to Triton.
 
 pub mod validate;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 pub use validate::{ModelInfo, TensorSpec, Validated};
 
 use crate::{
     backend::triton::TritonPool,
+    batch::{Batcher, ModelSettings, request_is_batchable, split},
+    config::BatchingConfig,
     error::GatewayError,
-    proto::inference::{ModelInferRequest, ModelInferResponse},
+    proto::inference::{ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice},
 };
 
 #[derive(Clone)]
 pub struct InferService {
     backend: Arc<TritonPool>,
+    batcher: Arc<Batcher>,
+}
+
+/// The earliest of the caller's deadline and Triton's `timeout` request parameter (µs).
+fn deadline_of(
+    req: &ModelInferRequest,
+    timeout: Option<Duration>,
+    now: Instant,
+) -> Option<Instant> {
+    let param = req
+        .parameters
+        .get("timeout")
+        .and_then(|p| match p.parameter_choice {
+            Some(ParameterChoice::Int64Param(us)) if us > 0 => {
+                Some(Duration::from_micros(us as u64))
+            }
+            Some(ParameterChoice::Uint64Param(us)) if us > 0 => Some(Duration::from_micros(us)),
+            _ => None,
+        });
+    [timeout, param]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|t| now + t)
+}
+
+fn expired() -> GatewayError {
+    GatewayError::DeadlineExceeded(
+        "the request's deadline passed before it was sent to Triton".into(),
+    )
 }
 
 impl InferService {
-    pub fn new(backend: Arc<TritonPool>) -> Self {
-        Self { backend }
+    pub fn new(backend: Arc<TritonPool>, batching: BatchingConfig) -> Self {
+        let batcher = Arc::new(Batcher::new(Arc::clone(&backend), batching));
+        Self { backend, batcher }
     }
 
     pub fn backend(&self) -> &Arc<TritonPool> {
@@ -33,6 +71,8 @@ impl InferService {
         mut req: ModelInferRequest,
         timeout: Option<Duration>,
     ) -> Result<ModelInferResponse, GatewayError> {
+        let now = Instant::now();
+        let deadline = deadline_of(&req, timeout, now);
         if req.model_name.is_empty() {
             return Err(GatewayError::invalid("model_name is empty"));
         }
@@ -40,7 +80,45 @@ impl InferService {
             .backend
             .model_info(&req.model_name, &req.model_version)
             .await?;
-        validate::validate(&mut req, &info)?;
-        self.backend.infer(req, timeout).await
+        let validated = validate::validate(&mut req, &info)?;
+        let settings = self
+            .batcher
+            .settings(&info)
+            .filter(|_| request_is_batchable(&req));
+        let rows = validated.batch_size.unwrap_or(0);
+        if rows <= info.max_batch_size || info.max_batch_size <= 0 {
+            return self.dispatch(&info, settings, req, rows, deadline).await;
+        }
+        // A client batch over max_batch_size: chunks run concurrently, answers keep order.
+        let id = req.id.clone();
+        let chunks = split::split_request(&req, rows, info.max_batch_size)?;
+        let calls = chunks
+            .into_iter()
+            .map(|(chunk, n)| self.dispatch(&info, settings.clone(), chunk, n, deadline));
+        let parts = futures::future::try_join_all(calls).await?;
+        let mut resp = split::concat_responses(parts);
+        resp.id = id;
+        Ok(resp)
+    }
+
+    async fn dispatch(
+        &self,
+        info: &ModelInfo,
+        settings: Option<ModelSettings>,
+        req: ModelInferRequest,
+        rows: i64,
+        deadline: Option<Instant>,
+    ) -> Result<ModelInferResponse, GatewayError> {
+        let now = Instant::now();
+        if deadline.is_some_and(|d| d <= now) {
+            return Err(expired());
+        }
+        match settings {
+            Some(s) => self.batcher.submit(info, s, req, rows, deadline).await,
+            None => {
+                let budget = deadline.map(|d| d.saturating_duration_since(now));
+                self.backend.infer(req, budget).await
+            }
+        }
     }
 }

@@ -235,13 +235,11 @@ fn check_shape(
     if !batching {
         return Ok(None);
     }
+    // More rows than max_batch_size is allowed: the request is split across Triton calls.
     let rows = shape[0];
     if rows == 0 {
-        return Err(invalid(format!("input '{name}': batch size is 0")));
-    }
-    if rows > max_batch_size {
         return Err(invalid(format!(
-            "input '{name}': batch size {rows} exceeds max_batch_size {max_batch_size} of model '{model}'"
+            "input '{name}': batch size is 0 (model '{model}')"
         )));
     }
     Ok(Some(rows))
@@ -385,8 +383,11 @@ mod tests {
         r.raw_input_contents[1] = Bytes::from_static(&[0; 10]);
         assert!(err(r).contains("input 'INPUT1': shape [1,16] of FP32 needs 64 bytes, got 10"));
 
-        let r = request(9);
-        assert!(err(r).contains("batch size 9 exceeds max_batch_size 8"));
+        let r = request(0);
+        assert!(err(r).contains("batch size is 0"));
+        // Over max_batch_size is fine: infer/ splits it.
+        let mut r = request(9);
+        assert_eq!(validate(&mut r, &add_sub()).unwrap().batch_size, Some(9));
 
         let mut r = request(2);
         r.inputs[1].shape = vec![1, 16];

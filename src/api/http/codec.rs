@@ -425,7 +425,8 @@ mod tests {
             e.contains("input 'A': shape [3] does not match the 2 elements"),
             "{e}"
         );
-        let e = err(br#"{"inputs":[{"name":"A","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":400}}]}"#, Some(84));
+        let header = br#"{"inputs":[{"name":"A","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":400}}]}"#;
+        let e = err(header, Some(header.len()));
         assert!(e.contains("binary_data_size 400 exceeds"), "{e}");
         let e = err(br#"{"inputs":"#, Some(1000));
         assert!(e.contains("inference-header-content-length is 1000"), "{e}");

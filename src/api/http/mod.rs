@@ -197,6 +197,25 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
         .map_err(|_| too_large())
 }
 
+/// The HTTP way to give a deadline: `Infergate-Timeout-Ms: <milliseconds>` (gRPC clients use
+/// the standard `grpc-timeout`). Triton's `timeout` request parameter (µs) is honoured too.
+pub const TIMEOUT_HEADER: &str = "infergate-timeout-ms";
+
+fn timeout_header(headers: &HeaderMap) -> Result<Option<std::time::Duration>, GatewayError> {
+    let Some(v) = headers.get(TIMEOUT_HEADER) else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(|ms| Some(std::time::Duration::from_millis(ms)))
+        .ok_or_else(|| {
+            GatewayError::invalid(format!(
+                "header {TIMEOUT_HEADER} must be a whole number of milliseconds"
+            ))
+        })
+}
+
 async fn infer(
     State(s): State<HttpState>,
     Path(p): Params,
@@ -206,6 +225,6 @@ async fn infer(
     let (m, v) = model_and_version(&p);
     let bytes = read_body(body, &headers, s.max_request_bytes).await?;
     let (req, prefs) = codec::decode_request(&m, &v, &headers, bytes)?;
-    let resp = s.infer.infer(req, None).await?;
+    let resp = s.infer.infer(req, timeout_header(&headers)?).await?;
     Ok(codec::encode_response(resp, &prefs)?.into_response())
 }

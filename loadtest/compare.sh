@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Measures, in one run and with the same load generator (perf_analyzer from tritonclient
+# 2.51.0), direct Triton against infergate in pass-through (--batching off), batched (on) and
+# adaptive modes, at concurrency 1, 8 and 64 on add_sub over gRPC. Targets are interleaved
+# within each round so they see the same machine conditions; each cell is the median of the
+# rounds. Writes the table to loadtest/results/compare-<date>.md and prints it.
+#   loadtest/compare.sh [ROUNDS=3] [CONCURRENCIES="1 8 64"]
+# Everything listens on 127.0.0.1 only and stops when the script exits.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS="${1:-3}"
+CONCURRENCIES="${2:-1 8 64}"
+VENV="$(scripts/install-triton.sh)"
+cargo build --release --locked --quiet
+export LD_LIBRARY_PATH="$VENV/infergate-libs"
+PA="$VENV/bin/perf_analyzer"
+
+port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+work="$(mktemp -d)"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+tg=$(port); th=$(port); tm=$(port)
+INFERGATE_WATCH_PID=$$ scripts/start-triton.sh "$tg" "$th" "$tm" >"$work/triton.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 300); do curl -sf "127.0.0.1:$th/v2/health/ready" >/dev/null && break; sleep 0.2; done
+
+declare -A target
+target[direct]="127.0.0.1:$tg"
+for mode in off on adaptive; do
+  g=$(port); h=$(port)
+  extra=()
+  [[ $mode == adaptive ]] && extra=(--batch-max-queue-delay-us 2000)
+  target_bin=target/release/infergate
+  $target_bin serve --triton-url "http://127.0.0.1:$tg" --grpc-addr "127.0.0.1:$g" \
+    --http-addr "127.0.0.1:$h" --batching "$mode" "${extra[@]}" >"$work/infergate-$mode.log" 2>&1 &
+  pids+=($!)
+  target[$mode]="127.0.0.1:$g"
+  for _ in $(seq 1 100); do curl -sf "127.0.0.1:$h/v2/health/ready" >/dev/null && break; sleep 0.1; done
+done
+names=(direct off on adaptive)
+
+for round in $(seq 1 "$ROUNDS"); do
+  for c in $CONCURRENCIES; do
+    for n in "${names[@]}"; do
+      csv="$work/$n-c$c-r$round.csv"
+      timeout 120 "$PA" -m add_sub -i grpc -u "${target[$n]}" --concurrency-range "$c" \
+        -p 2000 -s 25 --max-trials 6 -f "$csv" >"$work/$n-c$c-r$round.log" 2>&1 || true
+      echo "round $round c=$c $n: $(grep -E '^Concurrency' "$work/$n-c$c-r$round.log" || echo 'no stable result')" >&2
+    done
+  done
+done
+
+mkdir -p loadtest/results
+out="loadtest/results/compare-$(date -u +%Y%m%d-%H%M).md"
+"$VENV/bin/python" - "$work" "$ROUNDS" "$CONCURRENCIES" >"$out" <<'PY'
+import csv, glob, os, statistics, sys
+work, rounds, concs = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
+label = {"direct": "Triton direct", "off": "infergate pass-through", "on": "infergate batched", "adaptive": "infergate adaptive"}
+def cell(name, c):
+    thr, p50, p99 = [], [], []
+    for r in range(1, rounds + 1):
+        path = os.path.join(work, f"{name}-c{c}-r{r}.csv")
+        if not os.path.exists(path):
+            continue
+        rows = list(csv.DictReader(open(path)))
+        if rows:
+            thr.append(float(rows[0]["Inferences/Second"]))
+            p50.append(float(rows[0]["p50 latency"]) / 1000)
+            p99.append(float(rows[0]["p99 latency"]) / 1000)
+    if not thr:
+        return None
+    return statistics.median(thr), statistics.median(p50), statistics.median(p99), len(thr)
+print(f"perf_analyzer (tritonclient 2.51.0), add_sub FP32[16]x2, gRPC, median of {rounds} interleaved rounds, "
+      "all processes on the same 2 cores.\n")
+print("| target | c | infer/s | × direct | p50 ms | p99 ms |")
+print("|---|---|---|---|---|---|")
+for c in concs:
+    base = cell("direct", c)
+    for name in ["direct", "off", "on", "adaptive"]:
+        v = cell(name, c)
+        if v is None:
+            print(f"| {label[name]} | {c} | no stable measurement | | | |")
+            continue
+        ratio = f"{v[0] / base[0]:.2f}" if base else "–"
+        print(f"| {label[name]} | {c} | {v[0]:,.0f} | {ratio} | {v[1]:.2f} | {v[2]:.2f} |")
+PY
+cat "$out"
+echo "written to $out" >&2

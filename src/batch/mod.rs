@@ -1,0 +1,507 @@
+//! Dynamic batching in front of Triton: requests for the same model that can share a call are
+//! gathered inside a short window, sent as one ModelInfer, and each caller gets its own rows.
+//! The sync API and (later) async workers both come through [`Batcher::submit`].
+//!
+//! One actor task per model owns a [`queue::BatchQueue`]; callers reach it over a channel and
+//! wait on a oneshot. Admission is bounded (`max_queue_size` requests, then RESOURCE_EXHAUSTED),
+//! and at most `max_inflight_batches` calls per Triton endpoint run at once. While those run,
+//! the next batch keeps filling, so load turns into bigger batches rather than more calls.
+//!
+//! When a batch leaves:
+//! - `on` (fixed window): once it holds `max_batch_size` rows (or the largest preferred size),
+//!   or the oldest request has waited `max_queue_delay`, whichever comes first. A delay of 0
+//!   (Triton's default) means "send what is queued as soon as a call slot is free".
+//! - `adaptive`: the window is recomputed before each batch from two moving averages, the gap
+//!   between arrivals `g` and Triton's batch latency `L`. Waiting only pays when more requests
+//!   are expected before the wait costs much: if `g >= L/2` the batch leaves at once; else it
+//!   waits for `min(max_queue_delay, L/2, (target_rows - rows) * g)`, i.e. no longer than it
+//!   takes the expected arrivals to fill the batch, and never more than half a Triton call.
+//!   At low load this adds no delay; at high load batches fill without a fixed timer.
+
+pub mod queue;
+pub mod split;
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::{
+    backend::triton::TritonPool,
+    config::{BatchMode, BatchingConfig},
+    error::GatewayError,
+    infer::ModelInfo,
+    proto::inference::{
+        InferParameter, ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice,
+        model_config::SchedulingChoice,
+    },
+};
+use queue::{BatchQueue, Dropped, Pending, Waiter};
+
+type Reply = oneshot::Sender<Result<ModelInferResponse, GatewayError>>;
+
+struct Job {
+    req: ModelInferRequest,
+    reply: Reply,
+}
+
+impl Waiter for Job {
+    fn is_gone(&self) -> bool {
+        self.reply.is_closed()
+    }
+}
+
+/// Effective batching settings of one model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSettings {
+    pub mode: BatchMode,
+    pub max_batch_size: i64,
+    pub max_queue_delay: Duration,
+    pub preferred_batch_sizes: Vec<i64>,
+    pub max_queue_size: usize,
+    pub max_inflight_batches: usize,
+    pub priority_levels: usize,
+    /// Level used when a request names no priority (0-based).
+    pub default_level: usize,
+    pub max_priority_wait: Duration,
+}
+
+/// Request parameters that sequence (stateful) models use: such requests are never batched.
+const SEQUENCE_PARAMS: &[&str] = &["sequence_id", "sequence_start", "sequence_end"];
+/// Parameters infergate consumes rather than forwards.
+const OWN_PARAMS: &[&str] = &["priority", "timeout"];
+
+impl ModelSettings {
+    /// Settings from the model's Triton config, overridden by infergate's config. `None` when
+    /// the model cannot be batched by the gateway (no batch dimension, sequence batching,
+    /// decoupled) or batching is off for it.
+    pub fn for_model(info: &ModelInfo, cfg: &BatchingConfig) -> Option<Self> {
+        let ov = cfg.models.get(&info.name).cloned().unwrap_or_default();
+        let mode = ov.mode.unwrap_or(cfg.mode);
+        let decoupled = info
+            .config
+            .model_transaction_policy
+            .as_ref()
+            .is_some_and(|p| p.decoupled);
+        let sequence = matches!(
+            info.config.scheduling_choice,
+            Some(SchedulingChoice::SequenceBatching(_))
+        );
+        if mode == BatchMode::Off || info.max_batch_size <= 0 || decoupled || sequence {
+            return None;
+        }
+        let triton = match &info.config.scheduling_choice {
+            Some(SchedulingChoice::DynamicBatching(d)) => Some(d),
+            _ => None,
+        };
+        let max_batch_size = ov
+            .max_batch_size
+            .map_or(info.max_batch_size, |m| m.clamp(1, info.max_batch_size));
+        let delay_us = ov
+            .max_queue_delay_us
+            .or(cfg.max_queue_delay_us)
+            .or(triton.map(|d| d.max_queue_delay_microseconds))
+            .unwrap_or(0);
+        let preferred = ov
+            .preferred_batch_sizes
+            .unwrap_or_else(|| {
+                triton.map_or_else(Vec::new, |d| {
+                    d.preferred_batch_size
+                        .iter()
+                        .map(|&p| i64::from(p))
+                        .collect()
+                })
+            })
+            .into_iter()
+            .filter(|&p| p > 0 && p <= max_batch_size)
+            .collect();
+        let levels = (cfg.priority_levels as usize)
+            .max(triton.map_or(0, |d| d.priority_levels as usize))
+            .max(1);
+        let default_level = triton
+            .map(|d| d.default_priority_level as usize)
+            .filter(|&l| l >= 1 && l <= levels)
+            .map_or(levels.div_ceil(2) - 1, |l| l - 1);
+        Some(Self {
+            mode,
+            max_batch_size,
+            max_queue_delay: Duration::from_micros(delay_us),
+            preferred_batch_sizes: preferred,
+            max_queue_size: ov.max_queue_size.unwrap_or(cfg.max_queue_size),
+            max_inflight_batches: ov.max_inflight_batches.unwrap_or(cfg.max_inflight_batches),
+            priority_levels: levels,
+            default_level,
+            max_priority_wait: Duration::from_millis(cfg.max_priority_wait_ms),
+        })
+    }
+
+    /// The queue level for a request's `priority` parameter (Triton's convention: 1 is the
+    /// highest, 0 or absent means the default level).
+    pub fn level_of(&self, req: &ModelInferRequest) -> Result<usize, GatewayError> {
+        let Some(p) = req.parameters.get("priority") else {
+            return Ok(self.default_level);
+        };
+        let value = match p.parameter_choice {
+            Some(ParameterChoice::Int64Param(v)) if v >= 0 => v as u64,
+            Some(ParameterChoice::Uint64Param(v)) => v,
+            _ => {
+                return Err(GatewayError::invalid(
+                    "parameter 'priority' must be a non-negative integer",
+                ));
+            }
+        };
+        match value {
+            0 => Ok(self.default_level),
+            v if v as usize <= self.priority_levels => Ok(v as usize - 1),
+            v => Err(GatewayError::invalid(format!(
+                "parameter 'priority' is {v}, the model has {} priority levels",
+                self.priority_levels
+            ))),
+        }
+    }
+}
+
+/// Whether a request may share a call with others; sequence requests go alone.
+pub fn request_is_batchable(req: &ModelInferRequest) -> bool {
+    !req.parameters
+        .keys()
+        .any(|k| SEQUENCE_PARAMS.contains(&k.as_str()))
+}
+
+/// Requests with equal keys can be concatenated: same inputs in the same order with equal
+/// datatypes and non-batch dimensions, same requested outputs and parameters.
+fn batch_key(req: &ModelInferRequest) -> Arc<str> {
+    let mut k = String::with_capacity(64);
+    for i in &req.inputs {
+        let _ = write!(k, "{}:{}:{:?};", i.name, i.datatype, &i.shape[1..]);
+        if !i.parameters.is_empty() {
+            let _ = write!(k, "{:?};", sorted(&i.parameters));
+        }
+    }
+    k.push('|');
+    let mut outs: Vec<String> = req
+        .outputs
+        .iter()
+        .map(|o| format!("{}{:?}", o.name, sorted(&o.parameters)))
+        .collect();
+    outs.sort();
+    let _ = write!(k, "{outs:?}|");
+    let params: Vec<_> = sorted(&req.parameters)
+        .into_iter()
+        .filter(|(name, _)| !OWN_PARAMS.contains(&name.as_str()))
+        .collect();
+    let _ = write!(k, "{params:?}");
+    k.into()
+}
+
+fn sorted(p: &HashMap<String, InferParameter>) -> Vec<(&String, &InferParameter)> {
+    let mut v: Vec<_> = p.iter().collect();
+    v.sort_by(|a, b| a.0.cmp(b.0));
+    v
+}
+
+/// Moving averages the adaptive window reads; updated by the actor and the batch tasks.
+#[derive(Default)]
+struct Observed {
+    /// Gap between arrivals, nanoseconds (EWMA).
+    gap_ns: AtomicU64,
+    /// Triton latency of a batch, nanoseconds (EWMA).
+    triton_ns: AtomicU64,
+}
+
+fn ewma(slot: &AtomicU64, sample: Duration) {
+    let s = sample.as_nanos().min(u64::MAX as u128) as u64;
+    let old = slot.load(Ordering::Relaxed);
+    let new = if old == 0 { s } else { (old * 7 + s) / 8 };
+    slot.store(new, Ordering::Relaxed);
+}
+
+struct ModelBatcher {
+    settings: ModelSettings,
+    inbox: mpsc::UnboundedSender<Pending<Job>>,
+    /// Requests admitted and not yet sent or dropped; bounded by `max_queue_size`.
+    queued: Arc<AtomicUsize>,
+}
+
+/// The batchers of all models, created on first use.
+pub struct Batcher {
+    backend: Arc<TritonPool>,
+    cfg: BatchingConfig,
+    models: Mutex<HashMap<(String, String), Arc<ModelBatcher>>>,
+}
+
+impl Batcher {
+    pub fn new(backend: Arc<TritonPool>, cfg: BatchingConfig) -> Self {
+        Self {
+            backend,
+            cfg,
+            models: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The batching settings for a model, or `None` when its requests pass through alone.
+    pub fn settings(&self, info: &ModelInfo) -> Option<ModelSettings> {
+        ModelSettings::for_model(info, &self.cfg)
+    }
+
+    fn model(&self, info: &ModelInfo, version: &str, settings: ModelSettings) -> Arc<ModelBatcher> {
+        let key = (info.name.clone(), version.to_string());
+        let mut models = self.models.lock().expect("batcher map lock");
+        if let Some(m) = models.get(&key)
+            && m.settings == settings
+            && !m.inbox.is_closed()
+        {
+            return Arc::clone(m);
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let permits = settings.max_inflight_batches * self.backend.endpoints().len().max(1);
+        let actor = Actor {
+            backend: Arc::clone(&self.backend),
+            settings: settings.clone(),
+            queue: BatchQueue::new(settings.priority_levels, settings.max_priority_wait),
+            inbox: rx,
+            queued: Arc::clone(&queued),
+            slots: Arc::new(Semaphore::new(permits)),
+            observed: Arc::new(Observed::default()),
+            last_arrival: None,
+        };
+        tokio::spawn(actor.run());
+        let m = Arc::new(ModelBatcher {
+            settings,
+            inbox: tx,
+            queued,
+        });
+        models.insert(key, Arc::clone(&m));
+        m
+    }
+
+    /// Queues a validated request of `rows` rows (at most the model's max_batch_size) and waits
+    /// for its share of a batch.
+    pub async fn submit(
+        &self,
+        info: &ModelInfo,
+        settings: ModelSettings,
+        req: ModelInferRequest,
+        rows: i64,
+        deadline: Option<Instant>,
+    ) -> Result<ModelInferResponse, GatewayError> {
+        let level = settings.level_of(&req)?;
+        let model = self.model(info, &req.model_version, settings);
+        let max = model.settings.max_queue_size;
+        if model.queued.fetch_add(1, Ordering::AcqRel) >= max {
+            model.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(GatewayError::Overloaded(format!(
+                "the batching queue of model '{}' is full ({max} requests); retry later",
+                info.name
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        let pending = Pending {
+            key: batch_key(&req),
+            rows,
+            level,
+            enqueued: Instant::now(),
+            deadline,
+            item: Job { req, reply: tx },
+        };
+        if model.inbox.send(pending).is_err() {
+            model.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(GatewayError::Unavailable(
+                "the model's batcher stopped".into(),
+            ));
+        }
+        // Dropping this future (caller gone) closes `rx`; the actor then drops the request
+        // before it is sent.
+        rx.await.unwrap_or_else(|_| {
+            Err(GatewayError::Internal(
+                "batch task ended without an answer".into(),
+            ))
+        })
+    }
+}
+
+struct Actor {
+    backend: Arc<TritonPool>,
+    settings: ModelSettings,
+    queue: BatchQueue<Job>,
+    inbox: mpsc::UnboundedReceiver<Pending<Job>>,
+    queued: Arc<AtomicUsize>,
+    slots: Arc<Semaphore>,
+    observed: Arc<Observed>,
+    last_arrival: Option<Instant>,
+}
+
+impl Actor {
+    fn admit(&mut self, p: Pending<Job>) {
+        if let Some(prev) = self.last_arrival {
+            ewma(
+                &self.observed.gap_ns,
+                p.enqueued.saturating_duration_since(prev),
+            );
+        }
+        self.last_arrival = Some(p.enqueued);
+        self.queue.push(p);
+    }
+
+    /// How long the current batch may still wait for company; zero means "send now".
+    fn wait_left(&self, now: Instant) -> Duration {
+        let s = &self.settings;
+        let target = s
+            .preferred_batch_sizes
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(s.max_batch_size);
+        let rows = self.queue.ready_rows(now, s.max_batch_size);
+        if rows >= target {
+            return Duration::ZERO;
+        }
+        let Some(oldest) = self.queue.oldest() else {
+            return Duration::ZERO;
+        };
+        let waited = now.saturating_duration_since(oldest);
+        let window = match s.mode {
+            BatchMode::Adaptive => {
+                let gap = Duration::from_nanos(self.observed.gap_ns.load(Ordering::Relaxed));
+                let half_call =
+                    Duration::from_nanos(self.observed.triton_ns.load(Ordering::Relaxed) / 2);
+                if gap.is_zero() || gap >= half_call {
+                    Duration::ZERO
+                } else {
+                    let fill = gap.saturating_mul((target - rows).max(0) as u32);
+                    s.max_queue_delay.min(half_call).min(fill)
+                }
+            }
+            _ => s.max_queue_delay,
+        };
+        window.saturating_sub(waited)
+    }
+
+    fn drop_dead(&mut self, now: Instant) {
+        for (p, why) in self.queue.drain_dead(now) {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            if why == Dropped::Expired {
+                let _ = p.item.reply.send(Err(GatewayError::DeadlineExceeded(
+                    "the request's deadline passed while it waited for a batch".into(),
+                )));
+            }
+        }
+    }
+
+    async fn run(mut self) {
+        loop {
+            if self.queue.is_empty() {
+                match self.inbox.recv().await {
+                    Some(p) => self.admit(p),
+                    None => return,
+                }
+                continue;
+            }
+            let now = Instant::now();
+            self.drop_dead(now);
+            if self.queue.is_empty() {
+                continue;
+            }
+            let wait = self.wait_left(now);
+            if !wait.is_zero() {
+                tokio::select! {
+                    p = self.inbox.recv() => match p {
+                        Some(p) => self.admit(p),
+                        None => return,
+                    },
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+            // A batch is due: wait for a call slot, taking in arrivals meanwhile (they make the
+            // batch bigger while Triton is busy).
+            tokio::select! {
+                biased;
+                permit = Arc::clone(&self.slots).acquire_owned() => {
+                    let permit = permit.expect("semaphore never closed");
+                    let now = Instant::now();
+                    self.drop_dead(now);
+                    let batch = self.queue.take_batch(now, self.settings.max_batch_size, &self.settings.preferred_batch_sizes);
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+                    let backend = Arc::clone(&self.backend);
+                    let observed = Arc::clone(&self.observed);
+                    tokio::spawn(async move {
+                        run_batch(backend, batch, observed).await;
+                        drop(permit);
+                    });
+                }
+                p = self.inbox.recv() => match p {
+                    Some(p) => self.admit(p),
+                    None => return,
+                },
+            }
+        }
+    }
+}
+
+/// Sends one batch and answers each member with its rows (or the shared error).
+async fn run_batch(backend: Arc<TritonPool>, batch: Vec<Pending<Job>>, observed: Arc<Observed>) {
+    let now = Instant::now();
+    let deadline = batch.iter().filter_map(|p| p.deadline).min();
+    let rows: Vec<i64> = batch.iter().map(|p| p.rows).collect();
+    let mut members: Vec<(String, Reply)> = Vec::with_capacity(batch.len());
+    let mut reqs: Vec<ModelInferRequest> = Vec::with_capacity(batch.len());
+    for p in batch {
+        let Job { req, reply } = p.item;
+        members.push((req.id.clone(), reply));
+        reqs.push(req);
+    }
+    let mut call = if reqs.len() == 1 {
+        reqs.pop().expect("one request")
+    } else {
+        split::concat_requests(&reqs.iter().collect::<Vec<_>>())
+    };
+    call.id.clear();
+    for p in OWN_PARAMS {
+        call.parameters.remove(*p);
+    }
+    let budget = deadline.map(|d| d.saturating_duration_since(now));
+    if let Some(b) = budget {
+        // Triton's own request timeout, in microseconds: the tightest member's budget.
+        call.parameters.insert(
+            "timeout".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(b.as_micros().max(1) as i64)),
+            },
+        );
+    }
+    let started = Instant::now();
+    let result = backend.infer(call, budget).await;
+    ewma(&observed.triton_ns, started.elapsed());
+    let parts = result.and_then(|resp| {
+        if members.len() == 1 {
+            Ok(vec![resp])
+        } else {
+            split::split_response(&resp, &rows)
+        }
+    });
+    match parts {
+        Ok(parts) => {
+            for ((id, reply), mut part) in members.into_iter().zip(parts) {
+                part.id = id;
+                let _ = reply.send(Ok(part));
+            }
+        }
+        Err(e) => {
+            for (_, reply) in members {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! Dynamic batching against a real Triton: hundreds of concurrent callers each get exactly
+//! their own rows back while Triton sees far fewer requests; deadlines, cancellation, overload,
+//! priorities with anti-starvation, and pass-through of requests that cannot be batched.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use infergate::{
+    config::{BatchMode, Config, ModelBatching},
+    proto::inference::{
+        InferParameter, ModelInferRequest, ModelStatisticsRequest,
+        infer_parameter::ParameterChoice, model_infer_request::InferInputTensor,
+    },
+};
+use tonic::Code;
+
+/// Tests that time the single-instance `slow` model run one at a time.
+static SLOW_MODEL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn add_sub(rows: usize, seed: u32) -> (ModelInferRequest, Vec<f32>, Vec<f32>) {
+    // Distinct values per caller, so a row returned to the wrong caller is caught.
+    let a: Vec<f32> = (0..rows * 16)
+        .map(|i| (seed * 10_000 + i as u32) as f32)
+        .collect();
+    let b: Vec<f32> = (0..rows * 16)
+        .map(|i| (i % 7) as f32 - seed as f32)
+        .collect();
+    let t = |n: &str| InferInputTensor {
+        name: n.into(),
+        datatype: "FP32".into(),
+        shape: vec![rows as i64, 16],
+        ..Default::default()
+    };
+    let req = ModelInferRequest {
+        model_name: "add_sub".into(),
+        id: format!("caller-{seed}"),
+        inputs: vec![t("INPUT0"), t("INPUT1")],
+        raw_input_contents: vec![f32_bytes(&a), f32_bytes(&b)],
+        ..Default::default()
+    };
+    (req, a, b)
+}
+
+fn param(v: i64) -> InferParameter {
+    InferParameter {
+        parameter_choice: Some(ParameterChoice::Int64Param(v)),
+    }
+}
+
+fn slow(value: f32, delay_ms: i64, priority: Option<i64>) -> ModelInferRequest {
+    let mut parameters = std::collections::HashMap::new();
+    parameters.insert("delay_ms".to_string(), param(delay_ms));
+    if let Some(p) = priority {
+        parameters.insert("priority".to_string(), param(p));
+    }
+    ModelInferRequest {
+        model_name: "slow".into(),
+        id: format!("v{value}"),
+        inputs: vec![InferInputTensor {
+            name: "INPUT".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 1],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![f32_bytes(&[value])],
+        parameters,
+        ..Default::default()
+    }
+}
+
+async fn stats(model: &str) -> (u64, u64, u64) {
+    let mut c = connect(&triton().grpc_url()).await;
+    let s = c
+        .model_statistics(ModelStatisticsRequest {
+            name: model.into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .model_stats[0]
+        .clone();
+    let requests = s.inference_stats.unwrap().success.unwrap().count;
+    (requests, s.inference_count, s.execution_count)
+}
+
+fn config_with(slow_override: ModelBatching, tweak: impl FnOnce(&mut Config)) -> Config {
+    let mut cfg = test_config(vec![triton().grpc_url()]);
+    cfg.batching.models = BTreeMap::from([("slow".to_string(), slow_override)]);
+    tweak(&mut cfg);
+    cfg
+}
+
+/// One slow call at a time, one request per call: makes queue order observable.
+fn one_by_one() -> ModelBatching {
+    ModelBatching {
+        max_batch_size: Some(1),
+        max_inflight_batches: Some(1),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_get_exactly_their_rows_and_batches_form() {
+    let gw = gateway().await;
+    let client = gw.client().await;
+    let (req_before, rows_before, _) = stats("add_sub").await;
+    let callers = 300u32;
+    let mut tasks = Vec::new();
+    let (mut total_rows, mut chunks) = (0u64, 0u64);
+    for seed in 0..callers {
+        // Pseudo-random row counts 1..=8, and every 25th caller 65..=100 rows (over add_sub's
+        // max_batch_size of 64, so split into two calls).
+        let x = seed as usize * 7919 + 13;
+        let rows = if seed % 25 == 0 {
+            65 + x % 36
+        } else {
+            1 + x % 8
+        };
+        total_rows += rows as u64;
+        chunks += rows.div_ceil(64) as u64;
+        let mut c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let (req, a, b) = add_sub(rows, seed);
+            let r = c.model_infer(req).await.unwrap().into_inner();
+            assert_eq!(r.id, format!("caller-{seed}"));
+            assert_eq!(r.outputs[0].shape, vec![rows as i64, 16]);
+            let sum = f32_from(&r.raw_output_contents[0]);
+            let diff = f32_from(&r.raw_output_contents[1]);
+            assert_eq!(sum.len(), a.len());
+            for i in 0..a.len() {
+                assert_eq!(sum[i], a[i] + b[i], "caller {seed} row element {i}");
+                assert_eq!(diff[i], a[i] - b[i], "caller {seed} row element {i}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (req_after, rows_after, _) = stats("add_sub").await;
+    let triton_requests = req_after - req_before;
+    assert_eq!(
+        rows_after - rows_before,
+        total_rows,
+        "every row inferred exactly once"
+    );
+    // Without batching Triton would get one request per chunk; with it, far fewer.
+    assert!(
+        triton_requests * 3 < chunks,
+        "Triton received {triton_requests} requests for {chunks} chunks of {callers} callers"
+    );
+    println!(
+        "{callers} callers, {chunks} chunks, {total_rows} rows -> {triton_requests} Triton requests"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_request_is_never_sent() {
+    let _g = SLOW_MODEL.lock().await;
+    let gw = gateway_with(config_with(one_by_one(), |_| {})).await;
+    let client = gw.client().await;
+    let (before, ..) = stats("slow").await;
+    let mut c1 = client.clone();
+    let busy = tokio::spawn(async move { c1.model_infer(slow(1.0, 400, None)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut c2 = client.clone();
+    let mut late = tonic::Request::new(slow(2.0, 0, None));
+    late.set_timeout(Duration::from_millis(100));
+    let started = Instant::now();
+    let err = c2.model_infer(late).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(350),
+        "answered at its deadline"
+    );
+    busy.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (after, ..) = stats("slow").await;
+    assert_eq!(after - before, 1, "only the first request reached Triton");
+
+    // Over HTTP the deadline header gives 504 the same way.
+    let mut c3 = client.clone();
+    let busy = tokio::spawn(async move { c3.model_infer(slow(3.0, 300, None)).await });
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/v2/models/slow/infer", gw.http_base()))
+        .header("infergate-timeout-ms", "50")
+        .json(&serde_json::json!({"inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [1]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    busy.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_caller_that_leaves_is_removed_before_its_batch_is_sent() {
+    let _g = SLOW_MODEL.lock().await;
+    let gw = gateway_with(config_with(one_by_one(), |_| {})).await;
+    let client = gw.client().await;
+    let (before, ..) = stats("slow").await;
+    let mut c1 = client.clone();
+    let busy = tokio::spawn(async move { c1.model_infer(slow(1.0, 300, None)).await });
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let mut c2 = client.clone();
+    let leaving = tokio::spawn(async move { c2.model_infer(slow(2.0, 0, None)).await });
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    leaving.abort();
+    busy.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (after, ..) = stats("slow").await;
+    assert_eq!(after - before, 1, "the abandoned request was not sent");
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_resource_exhausted_with_retry_after() {
+    let _g = SLOW_MODEL.lock().await;
+    let ov = ModelBatching {
+        max_queue_size: Some(2),
+        ..one_by_one()
+    };
+    let gw = gateway_with(config_with(ov, |_| {})).await;
+    let client = gw.client().await;
+    let mut waiting = Vec::new();
+    for v in 0..3 {
+        let mut c = client.clone();
+        waiting.push(tokio::spawn(async move {
+            c.model_infer(slow(v as f32, 200, None)).await
+        }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    // One running, two queued: the next is refused at once, not blocked.
+    let mut c = client.clone();
+    let started = Instant::now();
+    let err = c.model_infer(slow(9.0, 0, None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("queue of model 'slow' is full"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(err.metadata().get("retry-after").unwrap(), "1");
+    assert!(started.elapsed() < Duration::from_millis(100));
+    let r = reqwest::Client::new()
+        .post(format!("{}/v2/models/slow/infer", gw.http_base()))
+        .json(&serde_json::json!({"inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [1]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    for w in waiting {
+        w.await.unwrap().expect("admitted requests complete");
+    }
+}
+
+/// Sends requests one after another into a busy queue and returns their completion order.
+async fn completion_order(gw: &TestGateway, reqs: Vec<ModelInferRequest>) -> Vec<String> {
+    let client = gw.client().await;
+    let order = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let mut c0 = client.clone();
+    let busy = tokio::spawn(async move { c0.model_infer(slow(0.0, 150, None)).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut tasks = Vec::new();
+    for r in reqs {
+        let (mut c, order) = (client.clone(), Arc::clone(&order));
+        tasks.push(tokio::spawn(async move {
+            let id = c.model_infer(r).await.unwrap().into_inner().id;
+            order.lock().await.push(id);
+        }));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    busy.await.unwrap().unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    order.lock().await.clone()
+}
+
+#[tokio::test]
+async fn higher_priority_goes_first() {
+    let _g = SLOW_MODEL.lock().await;
+    let gw = gateway_with(config_with(one_by_one(), |c| {
+        c.batching.priority_levels = 3;
+        c.batching.max_priority_wait_ms = 10_000;
+    }))
+    .await;
+    let order = completion_order(
+        &gw,
+        vec![
+            slow(1.0, 20, Some(3)),
+            slow(2.0, 20, Some(2)),
+            slow(3.0, 20, Some(1)),
+            slow(4.0, 20, Some(3)),
+            slow(5.0, 20, Some(1)),
+        ],
+    )
+    .await;
+    assert_eq!(order, vec!["v3", "v5", "v2", "v1", "v4"]);
+
+    // A priority beyond the configured levels is a clear INVALID_ARGUMENT.
+    let mut c = gw.client().await;
+    let err = c.model_infer(slow(1.0, 0, Some(9))).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("'priority' is 9"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn a_low_priority_request_waits_no_longer_than_the_starvation_bound() {
+    let _g = SLOW_MODEL.lock().await;
+    let gw = gateway_with(config_with(one_by_one(), |c| {
+        c.batching.priority_levels = 2;
+        c.batching.max_priority_wait_ms = 120;
+    }))
+    .await;
+    // The low request arrives first; a stream of high ones follows. Each call takes ~60 ms.
+    let mut reqs = vec![slow(100.0, 60, Some(2))];
+    reqs.extend((1..=6).map(|i| slow(i as f32, 60, Some(1))));
+    let order = completion_order(&gw, reqs).await;
+    let low = order.iter().position(|id| id == "v100").unwrap();
+    // Without the bound it would finish last (index 6); aged past 120 ms it goes within the
+    // first few high ones.
+    assert!(
+        low <= 3,
+        "low-priority request finished at position {low}: {order:?}"
+    );
+    assert!(
+        low >= 1,
+        "high priority still went first at the start: {order:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_without_a_batch_dimension_pass_through_alone() {
+    let gw = gateway().await;
+    let client = gw.client().await;
+    let (before, _, exec_before) = stats("matrix_nobatch").await;
+    let mut tasks = Vec::new();
+    for k in 0..20i32 {
+        let mut c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = ModelInferRequest {
+                model_name: "matrix_nobatch".into(),
+                inputs: vec![InferInputTensor {
+                    name: "IN".into(),
+                    datatype: "INT32".into(),
+                    shape: vec![2, 3],
+                    ..Default::default()
+                }],
+                raw_input_contents: vec![
+                    (0..6)
+                        .flat_map(|i: i32| (i + k).to_le_bytes())
+                        .collect::<Vec<u8>>()
+                        .into(),
+                ],
+                ..Default::default()
+            };
+            let r = c.model_infer(req).await.unwrap().into_inner();
+            let out: Vec<i32> = r.raw_output_contents[0]
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            assert_eq!(out, (0..6).map(|i| 2 * (i + k) + 1).collect::<Vec<_>>());
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (after, _, exec_after) = stats("matrix_nobatch").await;
+    assert_eq!(after - before, 20);
+    assert_eq!(exec_after - exec_before, 20, "each request executed alone");
+
+    // With batching off, add_sub requests pass through one Triton request each.
+    let off = gateway_with({
+        let mut c = test_config(vec![triton().grpc_url()]);
+        c.batching.mode = BatchMode::Off;
+        c
+    })
+    .await;
+    let (before, ..) = stats("add_sub").await;
+    let mut tasks = Vec::new();
+    for seed in 0..10 {
+        let mut c = off.client().await;
+        tasks.push(tokio::spawn(async move {
+            c.model_infer(add_sub(2, seed).0).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (after, ..) = stats("add_sub").await;
+    assert_eq!(after - before, 10);
+}
