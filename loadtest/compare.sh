@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Measures, in one run and with the same load generator (perf_analyzer from tritonclient
-# 2.51.0), direct Triton against infergate in pass-through (--batching off), batched (on) and
-# adaptive modes, at concurrency 1, 8 and 64 on add_sub over gRPC. Targets are interleaved
-# within each round so they see the same machine conditions; each cell is the median of the
-# rounds. Writes the table to loadtest/results/compare-<date>.md and prints it.
+# Measures, in one run, direct Triton against infergate in pass-through (--batching off),
+# batched (on) and adaptive modes, at concurrency 1, 8 and 64 on add_sub over gRPC, with two
+# load generators: perf_analyzer (tritonclient 2.51.0) and infergate-load (this repo). Targets
+# and tools are interleaved within each round so they see the same machine conditions; each
+# cell is the median of the rounds. Writes loadtest/results/compare-<date>.md and prints it.
 #   loadtest/compare.sh [ROUNDS=3] [CONCURRENCIES="1 8 64"]
 # Everything listens on 127.0.0.1 only and stops when the script exits.
 set -euo pipefail
@@ -48,6 +48,8 @@ for round in $(seq 1 "$ROUNDS"); do
       timeout 120 "$PA" -m add_sub -i grpc -u "${target[$n]}" --concurrency-range "$c" \
         -p 2000 -s 25 --max-trials 6 -f "$csv" >"$work/$n-c$c-r$round.log" 2>&1 || true
       echo "round $round c=$c $n: $(grep -E '^Concurrency' "$work/$n-c$c-r$round.log" || echo 'no stable result')" >&2
+      timeout 60 target/release/infergate-load --grpc "${target[$n]}" -m add_sub -c "$c" \
+        -z 6s --warmup 1s -q --json "$work/$n-c$c-r$round.load.json" >/dev/null 2>&1 || true
     done
   done
 done
@@ -58,6 +60,22 @@ out="loadtest/results/compare-$(date -u +%Y%m%d-%H%M).md"
 import csv, glob, os, statistics, sys
 work, rounds, concs = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
 label = {"direct": "Triton direct", "off": "infergate pass-through", "on": "infergate batched", "adaptive": "infergate adaptive"}
+import json
+def load_cell(name, c):
+    thr, p50, p99 = [], [], []
+    for r in range(1, rounds + 1):
+        path = os.path.join(work, f"{name}-c{c}-r{r}.load.json")
+        if not os.path.exists(path):
+            continue
+        j = json.load(open(path))
+        if j.get("count", 0) == 0 or set(j["statusCodeDistribution"]) != {"OK"}:
+            continue
+        dist = {d["percentage"]: d["latency"] for d in j["latencyDistribution"]}
+        thr.append(j["rps"]); p50.append(dist[50] / 1e6); p99.append(dist[99] / 1e6)
+    if not thr:
+        return None
+    return statistics.median(thr), statistics.median(p50), statistics.median(p99), len(thr)
+
 def cell(name, c):
     thr, p50, p99 = [], [], []
     for r in range(1, rounds + 1):
@@ -72,19 +90,28 @@ def cell(name, c):
     if not thr:
         return None
     return statistics.median(thr), statistics.median(p50), statistics.median(p99), len(thr)
-print(f"perf_analyzer (tritonclient 2.51.0), add_sub FP32[16]x2, gRPC, median of {rounds} interleaved rounds, "
-      "all processes on the same 2 cores.\n")
-print("| target | c | infer/s | × direct | p50 ms | p99 ms |")
-print("|---|---|---|---|---|---|")
+print(f"add_sub FP32[16]x2, gRPC, median of {rounds} interleaved rounds, all processes on the same 2 cores.\n")
+for title, fn in [("perf_analyzer (tritonclient 2.51.0)", cell), ("infergate-load (this repo)", load_cell)]:
+    print(f"### {title}\n")
+    print("| target | c | infer/s | × direct | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for c in concs:
+        base = fn("direct", c)
+        for name in ["direct", "off", "on", "adaptive"]:
+            v = fn(name, c)
+            if v is None:
+                print(f"| {label[name]} | {c} | no stable measurement | | | |")
+                continue
+            ratio = f"{v[0] / base[0]:.2f}" if base else "–"
+            print(f"| {label[name]} | {c} | {v[0]:,.0f} | {ratio} | {v[1]:.2f} | {v[2]:.2f} |")
+    print()
+print("### The two generators on the same target (direct Triton)\n")
+print("| c | perf_analyzer infer/s | infergate-load req/s | difference |")
+print("|---|---|---|---|")
 for c in concs:
-    base = cell("direct", c)
-    for name in ["direct", "off", "on", "adaptive"]:
-        v = cell(name, c)
-        if v is None:
-            print(f"| {label[name]} | {c} | no stable measurement | | | |")
-            continue
-        ratio = f"{v[0] / base[0]:.2f}" if base else "–"
-        print(f"| {label[name]} | {c} | {v[0]:,.0f} | {ratio} | {v[1]:.2f} | {v[2]:.2f} |")
+    a, b = cell("direct", c), load_cell("direct", c)
+    if a and b:
+        print(f"| {c} | {a[0]:,.0f} | {b[0]:,.0f} | {100 * (b[0] - a[0]) / a[0]:+.1f}% |")
 PY
 cat "$out"
 echo "written to $out" >&2

@@ -40,7 +40,50 @@ pub struct Config {
     pub server: ServerConfig,
     pub triton: TritonConfig,
     pub batching: BatchingConfig,
+    pub tasks: TasksConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TasksConfig {
+    /// `memory` (in-process, the default), or `redis://host:port[/db]` (Redis Streams).
+    pub broker: String,
+    /// `memory` (the default) or `redis://host:port[/db]`.
+    pub task_store: String,
+    /// Worker loops inside `serve` (0: API only; tasks then need `infergate worker`).
+    pub workers: usize,
+    /// Tasks one worker loop runs at once.
+    pub worker_concurrency: usize,
+    /// Attempts before a task fails and its message is dead-lettered.
+    pub max_attempts: u32,
+    /// How long task records and results are kept.
+    pub ttl_ms: u64,
+    /// Largest result stored, in bytes (bigger ones fail the task with RESOURCE_EXHAUSTED).
+    pub max_result_bytes: usize,
+    /// Tasks waiting in the broker before submissions get 429.
+    pub queue_capacity: u64,
+    /// Redis broker: a pending message idle this long is reclaimed from its (dead) consumer.
+    pub visibility_timeout_ms: u64,
+    /// Prefix of every Redis key infergate uses.
+    pub redis_prefix: String,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        Self {
+            broker: "memory".into(),
+            task_store: "memory".into(),
+            workers: 1,
+            worker_concurrency: 256,
+            max_attempts: 3,
+            ttl_ms: 3_600_000,
+            max_result_bytes: 16 << 20,
+            queue_capacity: 100_000,
+            visibility_timeout_ms: 30_000,
+            redis_prefix: "infergate".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -258,6 +301,33 @@ pub struct ServeArgs {
     /// Batches of one model in flight per Triton endpoint [default: 2].
     #[arg(long, env = "INFERGATE_BATCH_MAX_INFLIGHT", value_name = "N")]
     pub batch_max_inflight: Option<usize>,
+    /// Task broker: `memory` or `redis://host:port` [default: memory].
+    #[arg(long, env = "INFERGATE_BROKER", value_name = "URL")]
+    pub broker: Option<String>,
+    /// Task store: `memory` or `redis://host:port` [default: memory].
+    #[arg(long, env = "INFERGATE_TASK_STORE", value_name = "URL")]
+    pub task_store: Option<String>,
+    /// Worker loops inside `serve`; 0 = API only [default: 1].
+    #[arg(long, env = "INFERGATE_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
+    /// Tasks one worker loop runs at once [default: 256].
+    #[arg(long, env = "INFERGATE_WORKER_CONCURRENCY", value_name = "N")]
+    pub worker_concurrency: Option<usize>,
+    /// Attempts before a task fails and is dead-lettered [default: 3].
+    #[arg(long, env = "INFERGATE_TASK_MAX_ATTEMPTS", value_name = "N")]
+    pub task_max_attempts: Option<u32>,
+    /// How long task records and results are kept, in ms [default: 3600000].
+    #[arg(long, env = "INFERGATE_TASK_TTL_MS", value_name = "MS")]
+    pub task_ttl_ms: Option<u64>,
+    /// Tasks waiting before submissions get 429 [default: 100000].
+    #[arg(long, env = "INFERGATE_QUEUE_CAPACITY", value_name = "N")]
+    pub queue_capacity: Option<u64>,
+    /// Redis broker: reclaim pending messages idle this long, in ms [default: 30000].
+    #[arg(long, env = "INFERGATE_VISIBILITY_TIMEOUT_MS", value_name = "MS")]
+    pub visibility_timeout_ms: Option<u64>,
+    /// Prefix of infergate's Redis keys [default: infergate].
+    #[arg(long, env = "INFERGATE_REDIS_PREFIX", value_name = "PREFIX")]
+    pub redis_prefix: Option<String>,
     /// Log format [default: text].
     #[arg(long, env = "INFERGATE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -319,6 +389,16 @@ impl Config {
         }
         set(&mut b.max_queue_size, &a.batch_max_queue_size);
         set(&mut b.max_inflight_batches, &a.batch_max_inflight);
+        let k = &mut self.tasks;
+        set(&mut k.broker, &a.broker);
+        set(&mut k.task_store, &a.task_store);
+        set(&mut k.workers, &a.workers);
+        set(&mut k.worker_concurrency, &a.worker_concurrency);
+        set(&mut k.max_attempts, &a.task_max_attempts);
+        set(&mut k.ttl_ms, &a.task_ttl_ms);
+        set(&mut k.queue_capacity, &a.queue_capacity);
+        set(&mut k.visibility_timeout_ms, &a.visibility_timeout_ms);
+        set(&mut k.redis_prefix, &a.redis_prefix);
         set(&mut l.format, &a.log_format);
         set(&mut l.level, &a.log_level);
     }
@@ -451,6 +531,43 @@ impl Config {
                 ));
             }
         }
+        let k = &self.tasks;
+        for (field, url) in [
+            ("tasks.broker", &k.broker),
+            ("tasks.task_store", &k.task_store),
+        ] {
+            if url == "memory" || url.starts_with("redis://") || url.starts_with("rediss://") {
+                continue;
+            }
+            let hint = if url.starts_with("amqp") {
+                "the RabbitMQ broker is not part of this build yet; use memory or redis://"
+            } else {
+                "use memory or redis://host:port"
+            };
+            return Err(invalid(field, format!("'{url}': {hint}")));
+        }
+        in_range("tasks.workers", k.workers as u64, 0, 256)?;
+        in_range(
+            "tasks.worker_concurrency",
+            k.worker_concurrency as u64,
+            1,
+            65_536,
+        )?;
+        in_range("tasks.max_attempts", k.max_attempts.into(), 1, 100)?;
+        in_range("tasks.ttl_ms", k.ttl_ms, 1_000, 30 * 86_400_000)?;
+        in_range(
+            "tasks.max_result_bytes",
+            k.max_result_bytes as u64,
+            1024,
+            512 << 20,
+        )?;
+        in_range("tasks.queue_capacity", k.queue_capacity, 1, 100_000_000)?;
+        in_range(
+            "tasks.visibility_timeout_ms",
+            k.visibility_timeout_ms,
+            100,
+            86_400_000,
+        )?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(())

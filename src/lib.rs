@@ -1,8 +1,9 @@
 //! infergate: a gRPC/HTTP front end for NVIDIA Triton speaking the Open Inference Protocol.
 //!
 //! Data flows one way: `api` (grpc, http) → `infer` (validation) → `batch` (dynamic batching)
-//! → `backend` (the pool of Triton endpoints). `server` wires the listeners, health and
-//! shutdown.
+//! → `backend` (the pool of Triton endpoints). Async: `api` → `tasks` (records) + `queue`
+//! (broker) → `worker` → `infer` → `batch` → `backend` → `tasks`. `server` wires the
+//! listeners, workers, health and shutdown.
 
 pub mod api;
 pub mod backend;
@@ -10,7 +11,11 @@ pub mod batch;
 pub mod config;
 pub mod error;
 pub mod infer;
+pub mod loadgen;
 pub mod proto;
+pub mod queue;
 pub mod server;
+pub mod tasks;
 pub mod telemetry;
 pub mod tensor;
+pub mod worker;

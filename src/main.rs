@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use infergate::{
     config::{Config, ServeArgs},
-    server::{Gateway, shutdown_signal},
+    server::{Gateway, run_workers, shutdown_signal},
     telemetry,
 };
 
@@ -24,12 +24,18 @@ struct Cli {
 enum Command {
     /// Serve the Open Inference Protocol on gRPC and HTTP in front of Triton.
     Serve(ServeArgs),
+    /// Run async task workers only (needs a shared broker, e.g. --broker redis://...).
+    Worker(ServeArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Serve(args) => {
+    let (args, worker) = match cli.command {
+        Command::Serve(args) => (args, false),
+        Command::Worker(args) => (args, true),
+    };
+    {
+        {
             let cfg = match Config::load(&args) {
                 Ok(cfg) => cfg,
                 Err(e) => {
@@ -49,6 +55,9 @@ fn main() -> ExitCode {
                 }
             };
             let result = rt.block_on(async {
+                if worker {
+                    return run_workers(cfg, shutdown_signal()).await;
+                }
                 let gw = Gateway::bind(cfg).await?;
                 gw.run(shutdown_signal()).await
             });

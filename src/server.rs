@@ -23,10 +23,108 @@ use crate::{
     proto::{
         FILE_DESCRIPTOR_SET, inference::grpc_inference_service_server::GrpcInferenceServiceServer,
     },
+    queue::{Broker, memory::MemoryBroker, redis::RedisBroker},
+    tasks::{TaskStore, memory::MemoryTaskStore, redis::RedisTaskStore},
+    worker::{Worker, WorkerConfig},
 };
 
 /// gRPC service names whose health follows readiness.
 const HEALTH_SERVICES: &[&str] = &["", "inference.GRPCInferenceService"];
+
+/// The task store and broker named by the config, connected.
+pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<(Arc<dyn TaskStore>, Arc<dyn Broker>)> {
+    let t = &cfg.tasks;
+    let ttl = Duration::from_millis(t.ttl_ms);
+    let store: Arc<dyn TaskStore> = if t.task_store == "memory" {
+        Arc::new(MemoryTaskStore::new(
+            ttl,
+            t.queue_capacity as usize * 2,
+            t.max_result_bytes,
+        ))
+    } else {
+        Arc::new(
+            RedisTaskStore::connect(&t.task_store, &t.redis_prefix, ttl, t.max_result_bytes)
+                .await
+                .with_context(|| format!("connecting the task store {}", t.task_store))?,
+        )
+    };
+    let broker: Arc<dyn Broker> = if t.broker == "memory" {
+        Arc::new(MemoryBroker::new(t.queue_capacity as usize))
+    } else {
+        let consumer = format!(
+            "worker-{}-{}",
+            std::process::id(),
+            crate::tasks::new_task_id()
+        );
+        Arc::new(
+            RedisBroker::connect(
+                &t.broker,
+                &t.redis_prefix,
+                &consumer,
+                t.queue_capacity,
+                Duration::from_millis(t.visibility_timeout_ms),
+            )
+            .await
+            .with_context(|| format!("connecting the broker {}", t.broker))?,
+        )
+    };
+    Ok((store, broker))
+}
+
+fn spawn_workers(
+    cfg: &Config,
+    infer: &InferService,
+    store: &Arc<dyn TaskStore>,
+    broker: &Arc<dyn Broker>,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..cfg.tasks.workers)
+        .map(|_| {
+            let w = Worker {
+                broker: Arc::clone(broker),
+                store: Arc::clone(store),
+                infer: infer.clone(),
+                cfg: WorkerConfig {
+                    concurrency: cfg.tasks.worker_concurrency,
+                    max_attempts: cfg.tasks.max_attempts,
+                    poll: Duration::from_millis(500),
+                },
+            };
+            tokio::spawn(w.run(stop.clone(), cfg.shutdown_grace()))
+        })
+        .collect()
+}
+
+/// `infergate worker`: task workers only, no listeners, until `shutdown` resolves.
+pub async fn run_workers(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        cfg.tasks.workers > 0,
+        "infergate worker needs --workers of at least 1"
+    );
+    anyhow::ensure!(
+        cfg.tasks.broker != "memory",
+        "infergate worker needs a shared broker (--broker redis://...); the memory broker lives inside one serve process"
+    );
+    let pool = TritonPool::new(&cfg.triton, cfg.server.max_response_bytes)?;
+    let stop = CancellationToken::new();
+    pool.probe_all().await;
+    let probe = pool.spawn_probe(stop.clone());
+    let (store, broker) = connect_tasks(&cfg).await?;
+    let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone());
+    let workers = spawn_workers(&cfg, &infer, &store, &broker, &stop);
+    tracing::info!(workers = workers.len(), broker = %cfg.tasks.broker, "infergate worker running");
+    shutdown.await;
+    tracing::info!("worker shutting down: finishing running tasks");
+    stop.cancel();
+    for w in workers {
+        let _ = w.await;
+    }
+    probe.abort();
+    Ok(())
+}
 
 /// A gateway whose listeners are bound (so tests can use port 0 and read the real ports).
 pub struct Gateway {
@@ -34,6 +132,8 @@ pub struct Gateway {
     pool: Arc<TritonPool>,
     grpc_listener: TcpListener,
     http_listener: TcpListener,
+    store: Arc<dyn TaskStore>,
+    broker: Arc<dyn Broker>,
 }
 
 impl Gateway {
@@ -45,11 +145,14 @@ impl Gateway {
         let http_listener = TcpListener::bind(cfg.server.http_addr)
             .await
             .with_context(|| format!("binding HTTP address {}", cfg.server.http_addr))?;
+        let (store, broker) = connect_tasks(&cfg).await?;
         Ok(Self {
             cfg,
             pool,
             grpc_listener,
             http_listener,
+            store,
+            broker,
         })
     }
 
@@ -72,6 +175,8 @@ impl Gateway {
             pool,
             grpc_listener,
             http_listener,
+            store,
+            broker,
         } = self;
         let stop = CancellationToken::new();
         let grpc_addr = grpc_listener.local_addr()?;
@@ -138,9 +243,12 @@ impl Gateway {
             .add_service(reflection_v1alpha)
             .add_service(inference)
             .serve_with_incoming_shutdown(nodelay(grpc_listener), stop.clone().cancelled_owned());
+        let worker_stop = CancellationToken::new();
+        let workers = spawn_workers(&cfg, &infer, &store, &broker, &worker_stop);
         let app = router(HttpState {
             infer,
             max_request_bytes: cfg.server.max_request_bytes,
+            tasks: Some(crate::api::http::tasks::TaskApi { store, broker }),
         });
         let http_listener = http_listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
@@ -168,7 +276,11 @@ impl Gateway {
                 .await;
         }
         stop.cancel();
+        worker_stop.cancel();
         let drained = tokio::time::timeout(cfg.shutdown_grace(), async {
+            for w in workers {
+                let _ = w.await;
+            }
             if !grpc_task.is_finished() {
                 let _ = (&mut grpc_task).await;
             }

@@ -332,14 +332,12 @@ async fn a_low_priority_request_waits_no_longer_than_the_starvation_bound() {
     let order = completion_order(&gw, reqs).await;
     let low = order.iter().position(|id| id == "v100").unwrap();
     // Without the bound it would finish last (index 6); aged past 120 ms it goes within the
-    // first few high ones.
+    // first few high ones. (That high priority goes first before anything has aged is checked
+    // by `higher_priority_goes_first`; here a loaded machine may age the low request before
+    // the first dispatch, which the rule rightly lets go first.)
     assert!(
         low <= 3,
         "low-priority request finished at position {low}: {order:?}"
-    );
-    assert!(
-        low >= 1,
-        "high priority still went first at the start: {order:?}"
     );
 }
 

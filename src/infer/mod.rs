@@ -65,6 +65,19 @@ impl InferService {
         &self.backend
     }
 
+    /// Validates a request (model known, tensors right) without running it: the task API
+    /// refuses bad requests before queueing them.
+    pub async fn check(&self, req: &mut ModelInferRequest) -> Result<Validated, GatewayError> {
+        if req.model_name.is_empty() {
+            return Err(GatewayError::invalid("model_name is empty"));
+        }
+        let info = self
+            .backend
+            .model_info(&req.model_name, &req.model_version)
+            .await?;
+        validate::validate(req, &info)
+    }
+
     /// Runs one request. `timeout` is the caller's remaining budget, if it gave one.
     pub async fn infer(
         &self,

@@ -273,11 +273,28 @@ fn params_json(params: &HashMap<String, InferParameter>) -> Map<String, Value> {
         .collect()
 }
 
+/// A protocol response as Triton's JSON body, all outputs inline (the task API's form).
+pub fn response_json(resp: &ModelInferResponse) -> Result<Value, GatewayError> {
+    let (body, _) = encode_parts(resp.clone(), &OutputPrefs::default())?;
+    Ok(Value::Object(body))
+}
+
 /// Encodes a protocol response as JSON, with binary outputs appended when asked for.
 pub fn encode_response(
     resp: ModelInferResponse,
     prefs: &OutputPrefs,
 ) -> Result<Response, GatewayError> {
+    let (body, tail) = encode_parts(resp, prefs)?;
+    let header_json = serde_json::to_vec(&Value::Object(body))
+        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+    finish_response(header_json, tail)
+}
+
+/// The JSON header of a response and the binary outputs that follow it.
+fn encode_parts(
+    resp: ModelInferResponse,
+    prefs: &OutputPrefs,
+) -> Result<(Map<String, Value>, Vec<Bytes>), GatewayError> {
     let mut outputs = Vec::with_capacity(resp.outputs.len());
     let mut tail: Vec<Bytes> = Vec::new();
     for (i, out) in resp.outputs.iter().enumerate() {
@@ -328,9 +345,10 @@ pub fn encode_response(
         );
     }
     body.insert("outputs".into(), Value::Array(outputs));
-    let header_json = serde_json::to_vec(&Value::Object(body))
-        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+    Ok((body, tail))
+}
 
+fn finish_response(header_json: Vec<u8>, tail: Vec<Bytes>) -> Result<Response, GatewayError> {
     if tail.is_empty() {
         return Ok((
             StatusCode::OK,

@@ -2,6 +2,7 @@
 //! perf_analyzer work against it unchanged.
 
 pub mod codec;
+pub mod tasks;
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -31,6 +32,8 @@ use crate::{
 pub struct HttpState {
     pub infer: InferService,
     pub max_request_bytes: usize,
+    /// The async task API; `None` when no broker/task store is configured.
+    pub tasks: Option<tasks::TaskApi>,
 }
 
 impl HttpState {
@@ -41,7 +44,7 @@ impl HttpState {
 
 type Params = Path<HashMap<String, String>>;
 
-fn model_and_version(p: &HashMap<String, String>) -> (String, String) {
+pub(crate) fn model_and_version(p: &HashMap<String, String>) -> (String, String) {
     (
         p.get("model").cloned().unwrap_or_default(),
         p.get("version").cloned().unwrap_or_default(),
@@ -65,6 +68,12 @@ pub fn router(state: HttpState) -> Router {
         .route("/v2/repository/index", post(repository_index))
         .merge(model_routes("/v2/models/{model}"))
         .merge(model_routes("/v2/models/{model}/versions/{version}"))
+        .route("/v1/models/{model}/tasks", post(tasks::submit))
+        .route(
+            "/v1/models/{model}/versions/{version}/tasks",
+            post(tasks::submit),
+        )
+        .route("/v1/tasks/{id}", get(tasks::get).delete(tasks::cancel))
         // The infer handler enforces max_request_bytes itself, with a JSON error.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
@@ -179,7 +188,11 @@ async fn repository_index(
     )))
 }
 
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, GatewayError> {
+pub(crate) async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
     let too_large = || {
         GatewayError::PayloadTooLarge(format!(
             "request body exceeds the limit of {limit} bytes (server.max_request_bytes)"

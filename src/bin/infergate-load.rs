@@ -1,0 +1,137 @@
+//! `infergate-load`: a load generator for Open Inference Protocol servers (infergate or Triton
+//! itself), over gRPC or HTTP, printing a ghz-like summary and optionally writing ghz-shaped
+//! JSON. Only meant for servers you run yourself (loopback, a test cluster).
+
+use std::{process::ExitCode, time::Duration};
+
+use clap::Parser;
+use infergate::loadgen::{LoadSpec, Protocol, run};
+
+#[derive(Parser)]
+#[command(
+    name = "infergate-load",
+    version,
+    about = "Load generator for KServe v2 / Triton endpoints"
+)]
+struct Args {
+    /// gRPC target (host:port).
+    #[arg(long, conflicts_with = "http", required_unless_present = "http")]
+    grpc: Option<String>,
+    /// HTTP target (host:port); requests use the binary tensor extension.
+    #[arg(long)]
+    http: Option<String>,
+    /// Model name.
+    #[arg(short, long)]
+    model: String,
+    /// Rows per request (models with a batch dimension).
+    #[arg(short, long, default_value_t = 1)]
+    batch: i64,
+    /// Requests in flight at once (closed loop), or the most outstanding with --rate.
+    #[arg(short, long, default_value_t = 8)]
+    concurrency: usize,
+    /// gRPC connections the workers share.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Measure for this long (e.g. 10s, 500ms).
+    #[arg(short = 'z', long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Measure this many requests.
+    #[arg(short = 'n', long)]
+    requests: Option<u64>,
+    /// Unmeasured warm-up before the run.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    warmup: Duration,
+    /// Open loop: requests started per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Per-request timeout.
+    #[arg(long, value_parser = parse_duration, default_value = "20s")]
+    timeout: Duration,
+    /// Write the summary as JSON (ghz's field names) to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// No progress line.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like 10s or 500ms"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" => v,
+        "m" => v * 60.0,
+        _ => return Err(format!("'{s}': unit must be ms, s or m")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    let (protocol, target) = match (a.grpc, a.http) {
+        (Some(g), _) => (Protocol::Grpc, g),
+        (None, Some(h)) => (Protocol::Http, h),
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let spec = LoadSpec {
+        protocol,
+        target,
+        model: a.model,
+        batch: a.batch.max(1),
+        concurrency: a.concurrency.max(1),
+        connections: a.connections.max(1),
+        duration: a.duration.or(if a.requests.is_none() {
+            Some(Duration::from_secs(10))
+        } else {
+            None
+        }),
+        requests: a.requests,
+        warmup: a.warmup,
+        rate: a.rate,
+        timeout: a.timeout,
+        progress: !a.quiet,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(&spec)) {
+        Ok(outcome) => {
+            let summary = outcome.summary();
+            print!("{}", summary.text());
+            if let Some(path) = a.json {
+                let text = serde_json::to_string_pretty(&summary).expect("summary serialises");
+                if let Err(e) = std::fs::write(&path, text) {
+                    eprintln!("infergate-load: cannot write {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("infergate-load: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("3h").is_err());
+    }
+}

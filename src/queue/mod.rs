@@ -1,0 +1,58 @@
+//! Brokers carry accepted tasks to workers. A message is acknowledged only after its result is
+//! stored, so a worker that dies leaves it to be delivered again; the task store's state
+//! machine keeps a redelivered task from running twice.
+
+pub mod memory;
+pub mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// One queued task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskMessage {
+    pub task_id: String,
+    pub model: String,
+    /// The encoded `ModelInferRequest`, already validated.
+    pub payload: Bytes,
+    /// W3C trace context of the submitting request, if any.
+    pub traceparent: Option<String>,
+}
+
+/// A message handed to a worker, to be acked, retried or dead-lettered.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub msg: TaskMessage,
+    /// True when the broker took it back from a consumer that stopped answering.
+    pub reclaimed: bool,
+    /// Broker-specific handle (stream entry id, delivery tag...).
+    pub tag: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QueueError {
+    #[error("the task queue is full ({0} messages)")]
+    Full(u64),
+    #[error("broker: {0}")]
+    Backend(String),
+}
+
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// Returns once the broker holds the message durably (publisher confirm, XADD reply).
+    async fn publish(&self, msg: &TaskMessage) -> Result<(), QueueError>;
+    /// Up to `max` messages, waiting at most `wait` for the first.
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError>;
+    /// Done with the message for good.
+    async fn ack(&self, d: &Delivery) -> Result<(), QueueError>;
+    /// Hand the message back for another delivery.
+    async fn retry(&self, d: &Delivery) -> Result<(), QueueError>;
+    /// Move the message to the dead-letter queue with a reason, and ack it.
+    async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), QueueError>;
+    /// Messages waiting or in flight.
+    async fn depth(&self) -> Result<u64, QueueError>;
+    /// Messages in the dead-letter queue.
+    async fn dead_letters(&self) -> Result<Vec<(TaskMessage, String)>, QueueError>;
+}

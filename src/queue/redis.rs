@@ -1,0 +1,320 @@
+//! Redis Streams broker: tasks are entries of one stream read by a consumer group. An entry is
+//! acknowledged (XACK) and deleted only after its result is stored; entries left pending by a
+//! consumer that stopped answering are reclaimed after `visibility` (XAUTOCLAIM). Dead letters
+//! go to a second stream with their reason. The stream is bounded: publishing past `capacity`
+//! waiting entries is refused (RESOURCE_EXHAUSTED), and XADD's MAXLEN only ever trims far
+//! beyond that, so it never drops a task that was accepted.
+
+use std::{collections::HashMap, time::Duration};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::{Value, aio::ConnectionManager};
+
+use super::{Broker, Delivery, QueueError, TaskMessage};
+
+pub struct RedisBroker {
+    conn: ConnectionManager,
+    /// XREADGROUP BLOCK holds its connection: it gets its own, with no response timeout.
+    reader: tokio::sync::Mutex<ConnectionManager>,
+    stream: String,
+    dead: String,
+    group: String,
+    consumer: String,
+    capacity: u64,
+    visibility: Duration,
+}
+
+fn backend(e: redis::RedisError) -> QueueError {
+    QueueError::Backend(e.to_string())
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Stream entries `[id, [field, value, ...]]` out of a reply, skipping deleted ones (nil).
+fn entries(list: &Value) -> Vec<(String, HashMap<String, Vec<u8>>)> {
+    let Value::Array(items) = list else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|e| {
+            let Value::Array(parts) = e else { return None };
+            let id = text(parts.first()?)?;
+            let Value::Array(kv) = parts.get(1)? else {
+                return None;
+            };
+            let mut fields = HashMap::new();
+            for pair in kv.chunks(2) {
+                if let [Value::BulkString(k), Value::BulkString(v)] = pair {
+                    fields.insert(String::from_utf8_lossy(k).into_owned(), v.clone());
+                }
+            }
+            Some((id, fields))
+        })
+        .collect()
+}
+
+fn message(fields: &HashMap<String, Vec<u8>>) -> Option<TaskMessage> {
+    let s = |k: &str| {
+        fields
+            .get(k)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    Some(TaskMessage {
+        task_id: s("task_id")?,
+        model: s("model").unwrap_or_default(),
+        payload: Bytes::from(fields.get("payload")?.clone()),
+        traceparent: s("traceparent").filter(|t| !t.is_empty()),
+    })
+}
+
+impl RedisBroker {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        consumer: &str,
+        capacity: u64,
+        visibility: Duration,
+    ) -> Result<Self, QueueError> {
+        let client = redis::Client::open(url).map_err(backend)?;
+        let base = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(6);
+        let conn = ConnectionManager::new_with_config(
+            client.clone(),
+            base.clone()
+                .set_response_timeout(Some(Duration::from_secs(5))),
+        )
+        .await
+        .map_err(backend)?;
+        let reader = ConnectionManager::new_with_config(client, base.set_response_timeout(None))
+            .await
+            .map_err(backend)?;
+        let b = Self {
+            conn,
+            reader: tokio::sync::Mutex::new(reader),
+            stream: format!("{prefix}:tasks"),
+            dead: format!("{prefix}:tasks:dead"),
+            group: "workers".to_string(),
+            consumer: consumer.to_string(),
+            capacity,
+            visibility,
+        };
+        b.ensure_group().await?;
+        Ok(b)
+    }
+
+    /// Creates the consumer group (from the stream's start, so nothing queued earlier is
+    /// missed); an existing group is fine.
+    async fn ensure_group(&self) -> Result<(), QueueError> {
+        let mut c = self.conn.clone();
+        let r: Result<Value, _> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut c)
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("BUSYGROUP") => Ok(()),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    fn fields(msg: &TaskMessage) -> Vec<(&'static str, Vec<u8>)> {
+        vec![
+            ("task_id", msg.task_id.as_bytes().to_vec()),
+            ("model", msg.model.as_bytes().to_vec()),
+            ("payload", msg.payload.to_vec()),
+            (
+                "traceparent",
+                msg.traceparent.clone().unwrap_or_default().into_bytes(),
+            ),
+        ]
+    }
+
+    async fn add(
+        &self,
+        stream: &str,
+        msg: &TaskMessage,
+        extra: Option<(&str, &str)>,
+    ) -> Result<(), QueueError> {
+        let mut c = self.conn.clone();
+        let mut cmd = redis::cmd("XADD");
+        // An approximate bound far above `capacity`: it trims only acknowledged history.
+        cmd.arg(stream)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.capacity * 4)
+            .arg("*");
+        for (k, v) in Self::fields(msg) {
+            cmd.arg(k).arg(v);
+        }
+        if let Some((k, v)) = extra {
+            cmd.arg(k).arg(v);
+        }
+        let _: String = cmd.query_async(&mut c).await.map_err(backend)?;
+        Ok(())
+    }
+
+    async fn ack_delete(&self, id: &str) -> Result<(), QueueError> {
+        let mut c = self.conn.clone();
+        let _: Value = redis::pipe()
+            .atomic()
+            .cmd("XACK")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(id)
+            .cmd("XDEL")
+            .arg(&self.stream)
+            .arg(id)
+            .query_async(&mut c)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn publish(&self, msg: &TaskMessage) -> Result<(), QueueError> {
+        let depth = self.depth().await?;
+        if depth >= self.capacity {
+            return Err(QueueError::Full(depth));
+        }
+        self.add(&self.stream, msg, None).await
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
+        let mut reader = self.reader.lock().await;
+        // First take back what a dead consumer left pending for longer than `visibility`.
+        let claimed: Value = redis::cmd("XAUTOCLAIM")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg(self.visibility.as_millis() as u64)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(max)
+            .query_async(&mut *reader)
+            .await
+            .map_err(backend)?;
+        let reclaimed = match &claimed {
+            Value::Array(parts) => parts.get(1).map(entries).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let (list, was_reclaimed) = if reclaimed.is_empty() {
+            let reply: Value = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(&self.group)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg(max)
+                .arg("BLOCK")
+                .arg(wait.as_millis().max(1) as u64)
+                .arg("STREAMS")
+                .arg(&self.stream)
+                .arg(">")
+                .query_async(&mut *reader)
+                .await
+                .map_err(backend)?;
+            let got = match &reply {
+                Value::Array(streams) => streams
+                    .iter()
+                    .filter_map(|s| match s {
+                        Value::Array(kv) => kv.get(1).map(entries),
+                        _ => None,
+                    })
+                    .flatten()
+                    .collect(),
+                Value::Map(streams) => streams.iter().flat_map(|(_, v)| entries(v)).collect(),
+                _ => Vec::new(),
+            };
+            (got, false)
+        } else {
+            (reclaimed, true)
+        };
+        drop(reader);
+        let mut out = Vec::with_capacity(list.len());
+        for (id, fields) in list {
+            match message(&fields) {
+                Some(msg) => out.push(Delivery {
+                    msg,
+                    reclaimed: was_reclaimed,
+                    tag: id,
+                }),
+                // An entry that is not ours (or is damaged) cannot be run: keep it aside.
+                None => {
+                    let mut c = self.conn.clone();
+                    let mut cmd = redis::cmd("XADD");
+                    cmd.arg(&self.dead)
+                        .arg("*")
+                        .arg("reason")
+                        .arg("malformed entry")
+                        .arg("entry_id")
+                        .arg(&id);
+                    let _: Result<String, _> = cmd.query_async(&mut c).await;
+                    self.ack_delete(&id).await?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ack(&self, d: &Delivery) -> Result<(), QueueError> {
+        self.ack_delete(&d.tag).await
+    }
+
+    async fn retry(&self, d: &Delivery) -> Result<(), QueueError> {
+        // Add the copy first: a crash in between leaves a duplicate entry (harmless: the task's
+        // state decides whether it runs), never a lost one.
+        self.add(&self.stream, &d.msg, None).await?;
+        self.ack_delete(&d.tag).await
+    }
+
+    async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), QueueError> {
+        self.add(&self.dead, &d.msg, Some(("reason", reason)))
+            .await?;
+        self.ack_delete(&d.tag).await
+    }
+
+    async fn depth(&self) -> Result<u64, QueueError> {
+        let mut c = self.conn.clone();
+        redis::cmd("XLEN")
+            .arg(&self.stream)
+            .query_async(&mut c)
+            .await
+            .map_err(backend)
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<(TaskMessage, String)>, QueueError> {
+        let mut c = self.conn.clone();
+        let v: Value = redis::cmd("XRANGE")
+            .arg(&self.dead)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut c)
+            .await
+            .map_err(backend)?;
+        Ok(entries(&v)
+            .into_iter()
+            .filter_map(|(_, f)| {
+                let reason = f
+                    .get("reason")
+                    .map(|r| String::from_utf8_lossy(r).into_owned())?;
+                Some((message(&f)?, reason))
+            })
+            .collect())
+    }
+}

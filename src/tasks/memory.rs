@@ -1,0 +1,270 @@
+//! In-process task store: the embedded default. Records and results expire after the TTL;
+//! the number of tasks kept is bounded.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{Change, StoreError, TaskRecord, TaskState, TaskStore, now_ms};
+
+struct Entry {
+    rec: TaskRecord,
+    result: Option<Bytes>,
+    expires: Instant,
+}
+
+pub struct MemoryTaskStore {
+    ttl: Duration,
+    max_tasks: usize,
+    max_result_bytes: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    tasks: HashMap<String, Entry>,
+    /// (tenant, idempotency key) → (task id, expiry)
+    keys: HashMap<(String, String), (String, Instant)>,
+}
+
+impl MemoryTaskStore {
+    pub fn new(ttl: Duration, max_tasks: usize, max_result_bytes: usize) -> Self {
+        Self {
+            ttl,
+            max_tasks,
+            max_result_bytes,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn purge(inner: &mut Inner, now: Instant) {
+        inner.tasks.retain(|_, e| e.expires > now);
+        inner.keys.retain(|_, (_, exp)| *exp > now);
+    }
+}
+
+#[async_trait]
+impl TaskStore for MemoryTaskStore {
+    async fn create(&self, rec: TaskRecord) -> Result<(TaskRecord, bool), StoreError> {
+        let now = Instant::now();
+        let mut inner = self.inner.lock().expect("task store lock");
+        if let Some(key) = &rec.idempotency_key {
+            let k = (rec.tenant.clone(), key.clone());
+            if let Some((id, exp)) = inner.keys.get(&k)
+                && *exp > now
+                && let Some(e) = inner.tasks.get(id)
+            {
+                return Ok((e.rec.clone(), false));
+            }
+        }
+        if inner.tasks.len() >= self.max_tasks {
+            Self::purge(&mut inner, now);
+            if inner.tasks.len() >= self.max_tasks {
+                return Err(StoreError::Backend(format!(
+                    "the in-memory task store holds its maximum of {} tasks",
+                    self.max_tasks
+                )));
+            }
+        }
+        if let Some(key) = &rec.idempotency_key {
+            inner.keys.insert(
+                (rec.tenant.clone(), key.clone()),
+                (rec.id.clone(), now + self.ttl),
+            );
+        }
+        inner.tasks.insert(
+            rec.id.clone(),
+            Entry {
+                rec: rec.clone(),
+                result: None,
+                expires: now + self.ttl,
+            },
+        );
+        Ok((rec, true))
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let inner = self.inner.lock().expect("task store lock");
+        Ok(inner
+            .tasks
+            .get(id)
+            .filter(|e| e.expires > Instant::now())
+            .map(|e| e.rec.clone()))
+    }
+
+    async fn result(&self, id: &str) -> Result<Option<Bytes>, StoreError> {
+        let inner = self.inner.lock().expect("task store lock");
+        Ok(inner.tasks.get(id).and_then(|e| e.result.clone()))
+    }
+
+    async fn transition(
+        &self,
+        id: &str,
+        to: TaskState,
+        change: Change,
+    ) -> Result<TaskRecord, StoreError> {
+        if let Some(r) = &change.result
+            && r.len() > self.max_result_bytes
+        {
+            return Err(StoreError::ResultTooLarge {
+                size: r.len(),
+                limit: self.max_result_bytes,
+            });
+        }
+        let mut inner = self.inner.lock().expect("task store lock");
+        let e = inner
+            .tasks
+            .get_mut(id)
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        if !e.rec.state.can_become(to) {
+            return Err(StoreError::Conflict {
+                id: id.to_string(),
+                from: e.rec.state,
+                to,
+            });
+        }
+        apply(&mut e.rec, to, &change);
+        if let Some(r) = change.result {
+            e.result = Some(r);
+        }
+        if to.is_final() {
+            e.expires = Instant::now() + self.ttl;
+        }
+        Ok(e.rec.clone())
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock().expect("task store lock");
+        inner.tasks.remove(id);
+        inner.keys.retain(|_, (task, _)| task != id);
+        Ok(())
+    }
+}
+
+/// Writes a transition into a record (shared with the tests of other stores).
+pub(crate) fn apply(rec: &mut TaskRecord, to: TaskState, change: &Change) {
+    let now = now_ms();
+    rec.state = to;
+    if change.count_attempt {
+        rec.attempts += 1;
+    }
+    match to {
+        TaskState::Running => rec.started_at_ms = Some(now),
+        TaskState::Queued => {}
+        _ => rec.finished_at_ms = Some(now),
+    }
+    if change.error.is_some() {
+        rec.error = change.error.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> MemoryTaskStore {
+        MemoryTaskStore::new(Duration::from_secs(60), 100, 16)
+    }
+
+    #[tokio::test]
+    async fn idempotency_keys_are_per_tenant() {
+        let s = store();
+        let a = TaskRecord::new("a".into(), "t1", "m", "", Some("k".into()));
+        let (_, created) = s.create(a).await.unwrap();
+        assert!(created);
+        let again = TaskRecord::new("b".into(), "t1", "m", "", Some("k".into()));
+        let (rec, created) = s.create(again).await.unwrap();
+        assert_eq!((rec.id.as_str(), created), ("a", false));
+        let other = TaskRecord::new("c".into(), "t2", "m", "", Some("k".into()));
+        assert!(
+            s.create(other).await.unwrap().1,
+            "another tenant's key is its own"
+        );
+    }
+
+    #[tokio::test]
+    async fn late_results_do_not_overwrite_a_cancelled_task() {
+        let s = store();
+        s.create(TaskRecord::new("a".into(), "t", "m", "", None))
+            .await
+            .unwrap();
+        s.transition(
+            "a",
+            TaskState::Running,
+            Change {
+                count_attempt: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        s.transition("a", TaskState::Cancelled, Change::default())
+            .await
+            .unwrap();
+        let err = s
+            .transition(
+                "a",
+                TaskState::Succeeded,
+                Change {
+                    result: Some(Bytes::from_static(b"x")),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            StoreError::Conflict {
+                from: TaskState::Cancelled,
+                ..
+            }
+        ));
+        assert_eq!(s.result("a").await.unwrap(), None);
+        let rec = s.get("a").await.unwrap().unwrap();
+        assert_eq!((rec.state, rec.attempts), (TaskState::Cancelled, 1));
+    }
+
+    #[tokio::test]
+    async fn oversize_results_are_refused_and_the_store_is_bounded() {
+        let s = store();
+        s.create(TaskRecord::new("a".into(), "t", "m", "", None))
+            .await
+            .unwrap();
+        s.transition("a", TaskState::Running, Change::default())
+            .await
+            .unwrap();
+        let err = s
+            .transition(
+                "a",
+                TaskState::Succeeded,
+                Change {
+                    result: Some(Bytes::from(vec![0; 17])),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            StoreError::ResultTooLarge {
+                size: 17,
+                limit: 16
+            }
+        );
+        for i in 0..99 {
+            s.create(TaskRecord::new(format!("x{i}"), "t", "m", "", None))
+                .await
+                .unwrap();
+        }
+        assert!(
+            s.create(TaskRecord::new("y".into(), "t", "m", "", None))
+                .await
+                .is_err()
+        );
+    }
+}

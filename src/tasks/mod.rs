@@ -1,0 +1,226 @@
+//! Async tasks: what a task is, the states it moves through, and where tasks are kept.
+//!
+//! The one state machine:
+//!
+//! ```text
+//! queued ──► running ──► succeeded
+//!   │  ▲        │ ├────► failed
+//!   │  └─retry──┘ ├────► cancelled
+//!   │             └────► expired
+//!   ├──► cancelled / expired / failed
+//! ```
+//!
+//! `running → running` is allowed only for a delivery the broker reclaimed from a worker that
+//! stopped answering. Final states never change, so a late result cannot overwrite a task that
+//! was cancelled or expired meanwhile.
+
+pub mod memory;
+pub mod redis;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Expired,
+}
+
+pub const ALL_STATES: [TaskState; 6] = [
+    TaskState::Queued,
+    TaskState::Running,
+    TaskState::Succeeded,
+    TaskState::Failed,
+    TaskState::Cancelled,
+    TaskState::Expired,
+];
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        ALL_STATES.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Cancelled | Self::Expired
+        )
+    }
+
+    /// The allowed transitions, all of them, in one place.
+    pub fn can_become(self, next: Self) -> bool {
+        use TaskState::*;
+        matches!(
+            (self, next),
+            (Queued, Running | Cancelled | Expired | Failed)
+                | (
+                    Running,
+                    Running | Queued | Succeeded | Failed | Cancelled | Expired
+                )
+        )
+    }
+
+    /// States from which `self` may be reached.
+    pub fn reachable_from(self) -> Vec<TaskState> {
+        ALL_STATES
+            .into_iter()
+            .filter(|s| s.can_become(self))
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskError {
+    /// gRPC code name, e.g. `INVALID_ARGUMENT`.
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: String,
+    pub tenant: String,
+    pub model: String,
+    pub version: String,
+    pub state: TaskState,
+    /// Times a worker started the task.
+    pub attempts: u32,
+    pub queued_at_ms: u64,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+    pub error: Option<TaskError>,
+    pub idempotency_key: Option<String>,
+}
+
+impl TaskRecord {
+    pub fn new(id: String, tenant: &str, model: &str, version: &str, key: Option<String>) -> Self {
+        Self {
+            id,
+            tenant: tenant.to_string(),
+            model: model.to_string(),
+            version: version.to_string(),
+            state: TaskState::Queued,
+            attempts: 0,
+            queued_at_ms: now_ms(),
+            started_at_ms: None,
+            finished_at_ms: None,
+            error: None,
+            idempotency_key: key,
+        }
+    }
+}
+
+/// What a transition writes besides the new state.
+#[derive(Debug, Clone, Default)]
+pub struct Change {
+    pub count_attempt: bool,
+    pub error: Option<TaskError>,
+    /// The encoded `ModelInferResponse` of a succeeded task.
+    pub result: Option<Bytes>,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum StoreError {
+    #[error("task {0} not found")]
+    NotFound(String),
+    /// The task is in a state that cannot become the requested one.
+    #[error("task {id} is {from:?} and cannot become {to:?}")]
+    Conflict {
+        id: String,
+        from: TaskState,
+        to: TaskState,
+    },
+    #[error("result of {size} bytes is over the limit of {limit} bytes")]
+    ResultTooLarge { size: usize, limit: usize },
+    #[error("task store: {0}")]
+    Backend(String),
+}
+
+/// Where task records and results are kept. Transitions are atomic: two workers racing on
+/// one task cannot both move it.
+#[async_trait]
+pub trait TaskStore: Send + Sync {
+    /// Stores a new task, unless its tenant already used its idempotency key (within the TTL):
+    /// then the existing task is returned and `false` says nothing was created.
+    async fn create(&self, rec: TaskRecord) -> Result<(TaskRecord, bool), StoreError>;
+    async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError>;
+    async fn result(&self, id: &str) -> Result<Option<Bytes>, StoreError>;
+    /// Moves the task to `to` if its current state allows it, writing `change`.
+    async fn transition(
+        &self,
+        id: &str,
+        to: TaskState,
+        change: Change,
+    ) -> Result<TaskRecord, StoreError>;
+    /// Removes a task (used when its message could not be queued, so no 202 was sent).
+    async fn remove(&self, id: &str) -> Result<(), StoreError>;
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// 128 random bits, hex: unguessable, so knowing one id tells nothing about another.
+pub fn new_task_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_states_never_change() {
+        for from in ALL_STATES.into_iter().filter(|s| s.is_final()) {
+            for to in ALL_STATES {
+                assert!(!from.can_become(to), "{from:?} -> {to:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_allowed_paths() {
+        use TaskState::*;
+        assert!(Queued.can_become(Running));
+        assert!(Queued.can_become(Cancelled));
+        assert!(
+            !Queued.can_become(Succeeded),
+            "a task runs before it succeeds"
+        );
+        assert!(Running.can_become(Queued), "retry");
+        assert!(Running.can_become(Succeeded));
+        assert_eq!(Succeeded.reachable_from(), vec![Running]);
+        assert_eq!(Cancelled.reachable_from(), vec![Queued, Running]);
+        for s in ALL_STATES {
+            assert_eq!(TaskState::parse(s.as_str()), Some(s));
+        }
+    }
+
+    #[test]
+    fn ids_are_random_and_long() {
+        let (a, b) = (new_task_id(), new_task_id());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+    }
+}

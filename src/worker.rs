@@ -1,0 +1,259 @@
+//! Workers: take task messages from the broker, run them through the same `InferService`
+//! (and so the same batcher) as the sync API, store the result, then acknowledge.
+//!
+//! - A task already final (cancelled, expired) is acknowledged and never sent to Triton.
+//! - A task another worker is running is skipped, unless the broker reclaimed the message
+//!   from a consumer that stopped answering.
+//! - A failed attempt goes back to the broker until `max_attempts`; then the task fails with
+//!   the reason and its message goes to the dead-letter queue.
+//! - On shutdown no new message is taken; running ones get the grace period, and anything not
+//!   acknowledged is delivered again later (to another worker).
+
+use std::{sync::Arc, time::Duration};
+
+use prost::Message;
+use tokio::{sync::Semaphore, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    error::GatewayError,
+    infer::InferService,
+    proto::inference::ModelInferRequest,
+    queue::{Broker, Delivery},
+    tasks::{Change, StoreError, TaskError, TaskState, TaskStore},
+};
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Tasks one worker runs at once.
+    pub concurrency: usize,
+    pub max_attempts: u32,
+    /// Longest wait for messages in one receive call.
+    pub poll: Duration,
+}
+
+#[derive(Clone)]
+pub struct Worker {
+    pub broker: Arc<dyn Broker>,
+    pub store: Arc<dyn TaskStore>,
+    pub infer: InferService,
+    pub cfg: WorkerConfig,
+}
+
+fn task_error(e: &GatewayError) -> TaskError {
+    TaskError {
+        code: format!("{:?}", e.grpc_code()),
+        message: e.to_string(),
+    }
+}
+
+impl Worker {
+    /// Runs until `stop` is cancelled, then waits up to `grace` for running tasks.
+    pub async fn run(self, stop: CancellationToken, grace: Duration) {
+        let slots = Arc::new(Semaphore::new(self.cfg.concurrency.max(1)));
+        let mut running = JoinSet::new();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            while running.try_join_next().is_some() {}
+            let first = tokio::select! {
+                _ = stop.cancelled() => break,
+                p = Arc::clone(&slots).acquire_owned() => p.expect("semaphore open"),
+            };
+            let mut permits = vec![first];
+            while let Ok(p) = Arc::clone(&slots).try_acquire_owned() {
+                permits.push(p);
+            }
+            let got = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = self.broker.receive(permits.len(), self.cfg.poll) => r,
+            };
+            match got {
+                Ok(deliveries) => {
+                    backoff = Duration::from_millis(100);
+                    for d in deliveries {
+                        let permit = permits.pop().expect("one permit per delivery");
+                        let w = self.clone();
+                        running.spawn(async move {
+                            w.handle(d).await;
+                            drop(permit);
+                        });
+                    }
+                }
+                Err(e) => {
+                    // Broker unreachable: back off (bounded) and try again; nothing is lost,
+                    // since nothing was taken.
+                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "receiving tasks failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let drained = tokio::time::timeout(grace, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("worker grace period over; unfinished tasks will be delivered again");
+            running.abort_all();
+        }
+    }
+
+    async fn finish(&self, d: &Delivery) {
+        if let Err(e) = self.broker.ack(d).await {
+            tracing::warn!(task = %d.msg.task_id, error = %e, "ack failed; the task may be delivered again");
+        }
+    }
+
+    /// Runs one delivery to its end: stored result and ack, retry, or dead letter.
+    pub async fn handle(&self, d: Delivery) {
+        let id = d.msg.task_id.clone();
+        let rec = match self.store.get(&id).await {
+            Ok(Some(rec)) => rec,
+            Ok(None) => {
+                // Expired from the store (TTL) or never stored: nothing to run it for.
+                self.finish(&d).await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(task = %id, error = %e, "task store unavailable; retrying later");
+                let _ = self.broker.retry(&d).await;
+                return;
+            }
+        };
+        let startable =
+            rec.state == TaskState::Queued || (rec.state == TaskState::Running && d.reclaimed);
+        if !startable {
+            self.finish(&d).await;
+            return;
+        }
+        if rec.attempts >= self.cfg.max_attempts {
+            self.give_up(&d, rec.error.map(|e| e.message).unwrap_or_default())
+                .await;
+            return;
+        }
+        let started = self
+            .store
+            .transition(
+                &id,
+                TaskState::Running,
+                Change {
+                    count_attempt: true,
+                    ..Default::default()
+                },
+            )
+            .await;
+        let rec = match started {
+            Ok(rec) => rec,
+            Err(StoreError::Conflict { .. }) => {
+                self.finish(&d).await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(task = %id, error = %e, "task store unavailable; retrying later");
+                let _ = self.broker.retry(&d).await;
+                return;
+            }
+        };
+        let req = match ModelInferRequest::decode(d.msg.payload.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail(
+                    &d,
+                    TaskError {
+                        code: "InvalidArgument".into(),
+                        message: format!("undecodable task payload: {e}"),
+                    },
+                )
+                .await;
+                return;
+            }
+        };
+        match self.infer.infer(req, None).await {
+            Ok(resp) => {
+                let change = Change {
+                    result: Some(resp.encode_to_vec().into()),
+                    ..Default::default()
+                };
+                match self
+                    .store
+                    .transition(&id, TaskState::Succeeded, change)
+                    .await
+                {
+                    // Cancelled or expired meanwhile: the late result is dropped.
+                    Ok(_) | Err(StoreError::Conflict { .. }) => self.finish(&d).await,
+                    Err(StoreError::ResultTooLarge { size, limit }) => {
+                        self.fail(&d, TaskError {
+                            code: "ResourceExhausted".into(),
+                            message: format!("result of {size} bytes is over the task store limit of {limit} bytes"),
+                        })
+                        .await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(task = %id, error = %e, "storing the result failed; retrying later");
+                        let _ = self
+                            .store
+                            .transition(&id, TaskState::Queued, Change::default())
+                            .await;
+                        let _ = self.broker.retry(&d).await;
+                    }
+                }
+            }
+            Err(e) => {
+                let err = task_error(&e);
+                if rec.attempts >= self.cfg.max_attempts {
+                    self.fail(&d, err).await;
+                } else {
+                    let back = self
+                        .store
+                        .transition(
+                            &id,
+                            TaskState::Queued,
+                            Change {
+                                error: Some(err),
+                                ..Default::default()
+                            },
+                        )
+                        .await;
+                    match back {
+                        Ok(_) => {
+                            let _ = self.broker.retry(&d).await;
+                        }
+                        Err(_) => self.finish(&d).await,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fail(&self, d: &Delivery, err: TaskError) {
+        let reason = format!("{}: {}", err.code, err.message);
+        let _ = self
+            .store
+            .transition(
+                &d.msg.task_id,
+                TaskState::Failed,
+                Change {
+                    error: Some(err),
+                    ..Default::default()
+                },
+            )
+            .await;
+        if let Err(e) = self.broker.dead_letter(d, &reason).await {
+            tracing::warn!(task = %d.msg.task_id, error = %e, "dead-lettering failed");
+        }
+    }
+
+    async fn give_up(&self, d: &Delivery, last: String) {
+        let err = TaskError {
+            code: "Aborted".into(),
+            message: format!(
+                "gave up after {} attempts; last error: {last}",
+                self.cfg.max_attempts
+            ),
+        };
+        self.fail(d, err).await;
+    }
+}

@@ -1,0 +1,433 @@
+//! The async path end to end, against a real Triton and the real Redis on 127.0.0.1:6379:
+//! accepted tasks all complete with correct results, idempotency keys never run a job twice,
+//! a cancelled task never reaches Triton, a poison message is dead-lettered after N attempts,
+//! and a worker killed with SIGKILL mid-batch loses nothing.
+
+mod common;
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use infergate::{
+    config::Config,
+    proto::inference::ModelStatisticsRequest,
+    queue::{Broker, redis::RedisBroker},
+};
+use serde_json::{Value, json};
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+
+/// Tests whose Triton statistics of the `slow` model must not mix run one at a time.
+static SLOW_MODEL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn prefix() -> String {
+    format!("igtest-{}", infergate::tasks::new_task_id())
+}
+
+fn redis_config(prefix: &str, workers: usize) -> Config {
+    let mut cfg = test_config(vec![triton().grpc_url()]);
+    cfg.tasks.broker = REDIS.into();
+    cfg.tasks.task_store = REDIS.into();
+    cfg.tasks.redis_prefix = prefix.into();
+    cfg.tasks.workers = workers;
+    cfg.tasks.visibility_timeout_ms = 1_500;
+    cfg
+}
+
+async fn rows_inferred(model: &str) -> u64 {
+    let mut c = connect(&triton().grpc_url()).await;
+    c.model_statistics(ModelStatisticsRequest {
+        name: model.into(),
+        version: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .model_stats[0]
+        .inference_count
+}
+
+fn linear_body(x: [f32; 4]) -> Value {
+    json!({"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": x}]})
+}
+
+fn linear_expected(x: [f32; 4]) -> Vec<f64> {
+    let b = [0.5f32, -1.0, 2.0];
+    (0..3)
+        .map(|j| {
+            let s: f32 = (0..4)
+                .map(|i| x[i] * ((i + 1) * (j + 1)) as f32 / 10.0)
+                .sum();
+            f64::from(s + b[j])
+        })
+        .collect()
+}
+
+async fn submit(
+    http: &reqwest::Client,
+    base: &str,
+    model: &str,
+    body: &Value,
+    key: Option<&str>,
+) -> (u16, Value) {
+    let mut r = http
+        .post(format!("{base}/v1/models/{model}/tasks"))
+        .json(body);
+    if let Some(k) = key {
+        r = r.header("Idempotency-Key", k);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    if status == 202 {
+        assert!(
+            r.headers()["location"]
+                .to_str()
+                .unwrap()
+                .starts_with("/v1/tasks/")
+        );
+        assert!(r.headers().contains_key("retry-after"));
+    }
+    (status, r.json().await.unwrap())
+}
+
+async fn task(http: &reqwest::Client, base: &str, id: &str) -> Value {
+    http.get(format!("{base}/v1/tasks/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Polls until every task is final; returns them.
+async fn wait_final(
+    http: &reqwest::Client,
+    base: &str,
+    ids: &[String],
+    limit: Duration,
+) -> Vec<Value> {
+    let deadline = Instant::now() + limit;
+    let mut done: Vec<Option<Value>> = vec![None; ids.len()];
+    loop {
+        for (i, id) in ids.iter().enumerate() {
+            if done[i].is_none() {
+                let t = task(http, base, id).await;
+                if ["succeeded", "failed", "cancelled", "expired"]
+                    .contains(&t["status"].as_str().unwrap_or(""))
+                {
+                    done[i] = Some(t);
+                }
+            }
+        }
+        let left = done.iter().filter(|d| d.is_none()).count();
+        if left == 0 {
+            return done.into_iter().map(Option::unwrap).collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} of {} tasks not final in time",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_memory_default_runs_tasks_and_reports_results() {
+    let gw = gateway().await; // memory broker and store, one worker loop inside serve
+    let http = reqwest::Client::new();
+    let base = gw.http_base();
+    let body = json!({"inputs": [
+        {"name": "TEXT", "shape": [2, 1], "datatype": "BYTES", "data": ["ab", "xyz"]}]});
+    let (s, t) = submit(&http, &base, "text_stats", &body, None).await;
+    assert_eq!(s, 202, "{t}");
+    assert_eq!(t["status"], "queued");
+    let id = t["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 32);
+    let done = wait_final(
+        &http,
+        &base,
+        std::slice::from_ref(&id),
+        Duration::from_secs(20),
+    )
+    .await;
+    let t = &done[0];
+    assert_eq!(t["status"], "succeeded", "{t}");
+    assert_eq!(t["attempts"], 1);
+    assert!(t["finished_at_ms"].as_u64() >= t["started_at_ms"].as_u64());
+    let outs = t["response"]["outputs"].as_array().unwrap();
+    let upper = outs.iter().find(|o| o["name"] == "UPPER").unwrap();
+    assert_eq!(upper["data"], json!(["AB", "XYZ"]));
+
+    // Bad requests are refused at submission, not queued.
+    let (s, e) = submit(
+        &http,
+        &base,
+        "text_stats",
+        &json!({"inputs": [
+        {"name": "TEXT", "shape": [2, 1], "datatype": "INT32", "data": [1, 2]}]}),
+        None,
+    )
+    .await;
+    assert_eq!(s, 400, "{e}");
+    let (s, _) = submit(&http, &base, "nope", &body, None).await;
+    assert_eq!(s, 404);
+    let r = http
+        .get(format!("{base}/v1/tasks/0123456789abcdef0123456789abcdef"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // A finished task cannot be cancelled.
+    let r = http
+        .delete(format!("{base}/v1/tasks/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_tasks_over_redis_streams_all_succeed_once() {
+    let p = prefix();
+    let gw = gateway_with(redis_config(&p, 2)).await;
+    let http = reqwest::Client::new();
+    let base = gw.http_base();
+    let before = rows_inferred("onnx_linear").await;
+    let n = 10_000usize;
+    let started = Instant::now();
+    let mut submitters = Vec::new();
+    for part in 0..32 {
+        let (http, base) = (http.clone(), base.clone());
+        submitters.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for k in (part..n).step_by(32) {
+                let x = [k as f32, 1.0, (k % 7) as f32, -1.0];
+                let (s, t) = submit(&http, &base, "onnx_linear", &linear_body(x), None).await;
+                assert_eq!(s, 202, "{t}");
+                ids.push((k, t["id"].as_str().unwrap().to_string()));
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::new();
+    for s in submitters {
+        ids.extend(s.await.unwrap());
+    }
+    ids.sort();
+    let submitted = started.elapsed();
+    let only_ids: Vec<String> = ids.iter().map(|(_, id)| id.clone()).collect();
+    let done = wait_final(&http, &base, &only_ids, Duration::from_secs(240)).await;
+    let mut succeeded = 0;
+    for ((k, _), t) in ids.iter().zip(&done) {
+        assert_eq!(t["status"], "succeeded", "{t}");
+        let x = [*k as f32, 1.0, (*k % 7) as f32, -1.0];
+        let y: Vec<f64> = t["response"]["outputs"][0]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        for (a, b) in y.iter().zip(linear_expected(x)) {
+            assert!((a - b).abs() < 1e-3 * b.abs().max(1.0), "task {k}: {y:?}");
+        }
+        succeeded += 1;
+    }
+    assert_eq!(succeeded, n);
+    // Exactly one row per task reached Triton: nothing lost, nothing run twice.
+    assert_eq!(rows_inferred("onnx_linear").await - before, n as u64);
+    println!(
+        "{n} tasks: submitted in {:.1} s, all succeeded after {:.1} s",
+        submitted.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_and_cancellation_never_run_a_job_twice_or_at_all() {
+    let p = prefix();
+    // API only: nothing runs until a worker starts.
+    let api = gateway_with(redis_config(&p, 0)).await;
+    let http = reqwest::Client::new();
+    let base = api.http_base();
+    let before = rows_inferred("seq_sum").await;
+    let body = json!({"inputs": [{"name": "SEQ", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]});
+    let (s1, a) = submit(&http, &base, "seq_sum", &body, Some("order-42")).await;
+    let (s2, b) = submit(&http, &base, "seq_sum", &body, Some("order-42")).await;
+    assert_eq!((s1, s2), (202, 202));
+    assert_eq!(a["id"], b["id"], "same key, same task");
+    let (_, other) = submit(&http, &base, "seq_sum", &body, Some("order-43")).await;
+    let (_, cancelled) = submit(&http, &base, "seq_sum", &body, None).await;
+    let cid = cancelled["id"].as_str().unwrap();
+    let r = http
+        .delete(format!("{base}/v1/tasks/{cid}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(task(&http, &base, cid).await["status"], "cancelled");
+
+    // Now a worker: it runs the two distinct jobs and skips the cancelled one.
+    let workers = gateway_with(redis_config(&p, 1)).await;
+    let ids = [
+        a["id"].as_str().unwrap().to_string(),
+        other["id"].as_str().unwrap().to_string(),
+    ];
+    let done = wait_final(&http, &base, &ids, Duration::from_secs(30)).await;
+    assert!(done.iter().all(|t| t["status"] == "succeeded"), "{done:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(task(&http, &base, cid).await["status"], "cancelled");
+    assert_eq!(
+        rows_inferred("seq_sum").await - before,
+        2,
+        "one run per key, none for the cancelled task"
+    );
+    drop(workers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_after_n_attempts() {
+    let _slow = SLOW_MODEL.lock().await;
+    let p = prefix();
+    let mut cfg = redis_config(&p, 1);
+    cfg.tasks.max_attempts = 2;
+    let gw = gateway_with(cfg).await;
+    let http = reqwest::Client::new();
+    let base = gw.http_base();
+    // The slow model parses `delay_ms` as an integer: a string makes Triton fail every time.
+    let poison = json!({"parameters": {"delay_ms": "not-a-number"},
+        "inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [1]}]});
+    let good = json!({"parameters": {"delay_ms": 1},
+        "inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [2]}]});
+    let (_, bad) = submit(&http, &base, "slow", &poison, None).await;
+    let (_, ok) = submit(&http, &base, "slow", &good, None).await;
+    let ids = [
+        bad["id"].as_str().unwrap().to_string(),
+        ok["id"].as_str().unwrap().to_string(),
+    ];
+    let done = wait_final(&http, &base, &ids, Duration::from_secs(30)).await;
+    assert_eq!(done[0]["status"], "failed", "{}", done[0]);
+    assert_eq!(done[0]["attempts"], 2);
+    assert!(!done[0]["error"]["message"].as_str().unwrap().is_empty());
+    assert_eq!(done[1]["status"], "succeeded", "{}", done[1]);
+    let broker = RedisBroker::connect(REDIS, &p, "inspector", 10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let dead = broker.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0.task_id, ids[0]);
+    assert!(!dead[0].1.is_empty(), "the dead letter carries its reason");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_batch_loses_nothing() {
+    let _slow = SLOW_MODEL.lock().await;
+    let p = prefix();
+    let api = gateway_with(redis_config(&p, 0)).await;
+    let http = reqwest::Client::new();
+    let base = api.http_base();
+    let before = rows_inferred("slow").await;
+    let n = 40;
+    let mut ids = Vec::new();
+    for k in 0..n {
+        // 150 ms per Triton execution of up to 8 rows: the run takes about a second.
+        let body = json!({"parameters": {"delay_ms": 150},
+            "inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [k]}]});
+        let (s, t) = submit(&http, &base, "slow", &body, None).await;
+        assert_eq!(s, 202);
+        ids.push(t["id"].as_str().unwrap().to_string());
+    }
+    let spawn_worker = || {
+        Command::new(env!("CARGO_BIN_EXE_infergate"))
+            .args([
+                "worker",
+                "--triton-url",
+                &triton().grpc_url(),
+                "--broker",
+                REDIS,
+                "--task-store",
+                REDIS,
+            ])
+            .args([
+                "--redis-prefix",
+                &p,
+                "--visibility-timeout-ms",
+                "1500",
+                "--workers",
+                "1",
+            ])
+            .args(["--worker-concurrency", "8", "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut doomed = spawn_worker();
+    // Kill it once its first batch has finished, while the next ones are in flight.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let unfinished_at_kill = loop {
+        let mut states = Vec::new();
+        for id in &ids {
+            states.push(
+                task(&http, &base, id).await["status"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            );
+        }
+        if states.iter().any(|s| s == "succeeded") {
+            unsafe_kill(doomed.id());
+            break states.iter().filter(|s| *s != "succeeded").count();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first worker never finished a task"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _ = doomed.wait();
+    assert!(
+        unfinished_at_kill >= 8,
+        "the kill must leave work behind ({unfinished_at_kill} left)"
+    );
+    let mut rescuer = spawn_worker();
+    let done = wait_final(&http, &base, &ids, Duration::from_secs(60)).await;
+    let _ = rescuer.kill();
+    let _ = rescuer.wait();
+    let mut reclaimed = 0;
+    for (k, t) in done.iter().enumerate() {
+        assert_eq!(t["status"], "succeeded", "task {k}: {t}");
+        assert_eq!(
+            t["response"]["outputs"][0]["data"][0],
+            json!(k as f64),
+            "task {k}"
+        );
+        if t["attempts"].as_u64().unwrap() > 1 {
+            reclaimed += 1;
+        }
+    }
+    let ran = rows_inferred("slow").await - before;
+    // Every task ran at least once; only those in flight at the kill (at most the dead
+    // worker's concurrency of 8) may have run twice.
+    assert!(
+        ran >= n as u64 && ran <= n as u64 + 8,
+        "Triton ran {ran} for {n} tasks"
+    );
+    println!(
+        "{n} tasks, worker SIGKILLed with {unfinished_at_kill} unfinished: all succeeded, \
+         {reclaimed} reclaimed from the dead worker, Triton ran {ran}"
+    );
+}
+
+fn unsafe_kill(pid: u32) {
+    // SIGKILL: no chance to ack, release or clean up.
+    let status = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
