@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite (the README's test command; .ci/run runs it after fmt and clippy).
-# Installs the CPU Triton and its Python clients once (cached), makes sure Redis answers on
-# 127.0.0.1:6379 (installing/starting it if needed), then runs every Rust unit and
+# Installs the CPU Triton and its Python clients once (cached), makes sure Redis (6379) and
+# RabbitMQ (5672) answer on 127.0.0.1 (installing/starting them if needed), then runs every
+# Rust unit and
 # end-to-end test; the end-to-end tests start their own Triton on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== Triton (CPU build) and clients: $(scripts/install-triton.sh)"
 scripts/ensure-services.sh
-echo "== Redis on 127.0.0.1:6379: up"
+echo "== Redis on 127.0.0.1:6379 and RabbitMQ on 127.0.0.1:5672: up"
 cargo test --locked "$@"

@@ -47,7 +47,8 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TasksConfig {
-    /// `memory` (in-process, the default), or `redis://host:port[/db]` (Redis Streams).
+    /// `memory` (in-process, the default), `redis://host:port[/db]` (Redis Streams) or
+    /// `amqp://user:pass@host:port/vhost` (RabbitMQ).
     pub broker: String,
     /// `memory` (the default) or `redis://host:port[/db]`.
     pub task_store: String,
@@ -65,7 +66,7 @@ pub struct TasksConfig {
     pub queue_capacity: u64,
     /// Redis broker: a pending message idle this long is reclaimed from its (dead) consumer.
     pub visibility_timeout_ms: u64,
-    /// Prefix of every Redis key infergate uses.
+    /// Prefix of every Redis key (and RabbitMQ queue name) infergate uses.
     pub redis_prefix: String,
 }
 
@@ -301,7 +302,7 @@ pub struct ServeArgs {
     /// Batches of one model in flight per Triton endpoint [default: 2].
     #[arg(long, env = "INFERGATE_BATCH_MAX_INFLIGHT", value_name = "N")]
     pub batch_max_inflight: Option<usize>,
-    /// Task broker: `memory` or `redis://host:port` [default: memory].
+    /// Task broker: `memory`, `redis://host:port` or `amqp://user:pass@host:port/%2f` [default: memory].
     #[arg(long, env = "INFERGATE_BROKER", value_name = "URL")]
     pub broker: Option<String>,
     /// Task store: `memory` or `redis://host:port` [default: memory].
@@ -532,19 +533,21 @@ impl Config {
             }
         }
         let k = &self.tasks;
-        for (field, url) in [
-            ("tasks.broker", &k.broker),
-            ("tasks.task_store", &k.task_store),
-        ] {
-            if url == "memory" || url.starts_with("redis://") || url.starts_with("rediss://") {
-                continue;
-            }
-            let hint = if url.starts_with("amqp") {
-                "the RabbitMQ broker is not part of this build yet; use memory or redis://"
-            } else {
-                "use memory or redis://host:port"
-            };
-            return Err(invalid(field, format!("'{url}': {hint}")));
+        let redis = |u: &str| u.starts_with("redis://") || u.starts_with("rediss://");
+        if !(k.broker == "memory" || redis(&k.broker) || k.broker.starts_with("amqp://")) {
+            return Err(invalid(
+                "tasks.broker",
+                format!(
+                    "'{}': use memory, redis://host:port or amqp://user:pass@host:port/vhost",
+                    k.broker
+                ),
+            ));
+        }
+        if !(k.task_store == "memory" || redis(&k.task_store)) {
+            return Err(invalid(
+                "tasks.task_store",
+                format!("'{}': use memory or redis://host:port", k.task_store),
+            ));
         }
         in_range("tasks.workers", k.workers as u64, 0, 256)?;
         in_range(

@@ -23,7 +23,7 @@ use crate::{
     proto::{
         FILE_DESCRIPTOR_SET, inference::grpc_inference_service_server::GrpcInferenceServiceServer,
     },
-    queue::{Broker, memory::MemoryBroker, redis::RedisBroker},
+    queue::{Broker, memory::MemoryBroker, rabbitmq::RabbitBroker, redis::RedisBroker},
     tasks::{TaskStore, memory::MemoryTaskStore, redis::RedisTaskStore},
     worker::{Worker, WorkerConfig},
 };
@@ -50,6 +50,13 @@ pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<(Arc<dyn TaskStore>, 
     };
     let broker: Arc<dyn Broker> = if t.broker == "memory" {
         Arc::new(MemoryBroker::new(t.queue_capacity as usize))
+    } else if t.broker.starts_with("amqp://") {
+        let prefetch = (t.worker_concurrency * 2).min(u16::MAX as usize) as u16;
+        Arc::new(
+            RabbitBroker::connect(&t.broker, &t.redis_prefix, t.queue_capacity, prefetch)
+                .await
+                .with_context(|| format!("connecting the broker {}", t.broker))?,
+        )
     } else {
         let consumer = format!(
             "worker-{}-{}",

@@ -11,14 +11,26 @@ use std::{
 };
 
 use common::*;
-use infergate::{
-    config::Config,
-    proto::inference::ModelStatisticsRequest,
-    queue::{Broker, redis::RedisBroker},
-};
+use infergate::{config::Config, proto::inference::ModelStatisticsRequest, server::connect_tasks};
 use serde_json::{Value, json};
 
 const REDIS: &str = "redis://127.0.0.1:6379";
+const RABBIT: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Tests using RabbitMQ hold this for reading; the restart test holds it for writing.
+static RABBIT_UP: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Holds RabbitMQ up for a test that uses it (a no-op guard for other brokers).
+async fn rabbit_up(broker: &str) -> Option<tokio::sync::RwLockReadGuard<'static, ()>> {
+    if broker.starts_with("amqp") {
+        Some(RABBIT_UP.read().await)
+    } else {
+        None
+    }
+}
+
+/// The 10,000-task runs count `onnx_linear` rows exactly: one at a time.
+static ONNX_MODEL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Tests whose Triton statistics of the `slow` model must not mix run one at a time.
 static SLOW_MODEL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -28,8 +40,13 @@ fn prefix() -> String {
 }
 
 fn redis_config(prefix: &str, workers: usize) -> Config {
+    broker_config(prefix, workers, REDIS)
+}
+
+/// Tasks kept in Redis, carried by `broker`.
+fn broker_config(prefix: &str, workers: usize, broker: &str) -> Config {
     let mut cfg = test_config(vec![triton().grpc_url()]);
-    cfg.tasks.broker = REDIS.into();
+    cfg.tasks.broker = broker.into();
     cfg.tasks.task_store = REDIS.into();
     cfg.tasks.redis_prefix = prefix.into();
     cfg.tasks.workers = workers;
@@ -193,8 +210,19 @@ async fn the_in_memory_default_runs_tasks_and_reports_results() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_tasks_over_redis_streams_all_succeed_once() {
+    ten_thousand_tasks(REDIS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_tasks_over_rabbitmq_all_succeed_once() {
+    ten_thousand_tasks(RABBIT).await;
+}
+
+async fn ten_thousand_tasks(broker: &str) {
+    let _onnx = ONNX_MODEL.lock().await;
+    let _up = rabbit_up(broker).await;
     let p = prefix();
-    let gw = gateway_with(redis_config(&p, 2)).await;
+    let gw = gateway_with(broker_config(&p, 2, broker)).await;
     let http = reqwest::Client::new();
     let base = gw.http_base();
     let before = rows_inferred("onnx_linear").await;
@@ -241,7 +269,7 @@ async fn ten_thousand_tasks_over_redis_streams_all_succeed_once() {
     // Exactly one row per task reached Triton: nothing lost, nothing run twice.
     assert_eq!(rows_inferred("onnx_linear").await - before, n as u64);
     println!(
-        "{n} tasks: submitted in {:.1} s, all succeeded after {:.1} s",
+        "{broker}: {n} tasks: submitted in {:.1} s, all succeeded after {:.1} s",
         submitted.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
@@ -290,12 +318,22 @@ async fn idempotency_keys_and_cancellation_never_run_a_job_twice_or_at_all() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_poison_message_is_dead_lettered_after_n_attempts() {
+async fn a_poison_message_is_dead_lettered_after_n_attempts_over_redis() {
+    poison(REDIS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_after_n_attempts_over_rabbitmq() {
+    poison(RABBIT).await;
+}
+
+async fn poison(broker: &str) {
     let _slow = SLOW_MODEL.lock().await;
+    let _up = rabbit_up(broker).await;
     let p = prefix();
-    let mut cfg = redis_config(&p, 1);
+    let mut cfg = broker_config(&p, 1, broker);
     cfg.tasks.max_attempts = 2;
-    let gw = gateway_with(cfg).await;
+    let gw = gateway_with(cfg.clone()).await;
     let http = reqwest::Client::new();
     let base = gw.http_base();
     // The slow model parses `delay_ms` as an integer: a string makes Triton fail every time.
@@ -314,20 +352,28 @@ async fn a_poison_message_is_dead_lettered_after_n_attempts() {
     assert_eq!(done[0]["attempts"], 2);
     assert!(!done[0]["error"]["message"].as_str().unwrap().is_empty());
     assert_eq!(done[1]["status"], "succeeded", "{}", done[1]);
-    let broker = RedisBroker::connect(REDIS, &p, "inspector", 10, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let dead = broker.dead_letters().await.unwrap();
+    let (_, queue) = connect_tasks(&cfg).await.unwrap();
+    let dead = queue.dead_letters().await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].0.task_id, ids[0]);
     assert!(!dead[0].1.is_empty(), "the dead letter carries its reason");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_mid_batch_loses_nothing() {
+async fn a_worker_killed_mid_batch_loses_nothing_over_redis() {
+    killed_worker(REDIS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_batch_loses_nothing_over_rabbitmq() {
+    killed_worker(RABBIT).await;
+}
+
+async fn killed_worker(broker: &str) {
     let _slow = SLOW_MODEL.lock().await;
+    let _up = rabbit_up(broker).await;
     let p = prefix();
-    let api = gateway_with(redis_config(&p, 0)).await;
+    let api = gateway_with(broker_config(&p, 0, broker)).await;
     let http = reqwest::Client::new();
     let base = api.http_base();
     let before = rows_inferred("slow").await;
@@ -341,6 +387,7 @@ async fn a_worker_killed_mid_batch_loses_nothing() {
         assert_eq!(s, 202);
         ids.push(t["id"].as_str().unwrap().to_string());
     }
+    let log = std::env::temp_dir().join(format!("{p}-worker.log"));
     let spawn_worker = || {
         Command::new(env!("CARGO_BIN_EXE_infergate"))
             .args([
@@ -348,21 +395,32 @@ async fn a_worker_killed_mid_batch_loses_nothing() {
                 "--triton-url",
                 &triton().grpc_url(),
                 "--broker",
-                REDIS,
-                "--task-store",
-                REDIS,
+                broker,
             ])
             .args([
+                "--task-store",
+                REDIS,
                 "--redis-prefix",
                 &p,
                 "--visibility-timeout-ms",
                 "1500",
+            ])
+            .args([
                 "--workers",
                 "1",
+                "--worker-concurrency",
+                "8",
+                "--log-level",
+                "warn",
             ])
-            .args(["--worker-concurrency", "8", "--log-level", "warn"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            ))
             .spawn()
             .unwrap()
     };
@@ -418,7 +476,7 @@ async fn a_worker_killed_mid_batch_loses_nothing() {
         "Triton ran {ran} for {n} tasks"
     );
     println!(
-        "{n} tasks, worker SIGKILLed with {unfinished_at_kill} unfinished: all succeeded, \
+        "{broker}: {n} tasks, worker SIGKILLed with {unfinished_at_kill} unfinished: all succeeded, \
          {reclaimed} reclaimed from the dead worker, Triton ran {ran}"
     );
 }
@@ -430,4 +488,56 @@ fn unsafe_kill(pid: u32) {
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_accepted_task_completes_across_a_rabbitmq_restart() {
+    let _onnx = ONNX_MODEL.lock().await;
+    let _restart = RABBIT_UP.write().await;
+    let p = prefix();
+    let gw = gateway_with(broker_config(&p, 1, RABBIT)).await;
+    let http = reqwest::Client::new();
+    let base = gw.http_base();
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for k in 0..300 {
+        if k == 100 {
+            rabbitmqctl("stop_app");
+        }
+        if k == 150 {
+            rabbitmqctl("start_app");
+        }
+        let x = [k as f32, 0.0, 0.0, 0.0];
+        let (s, t) = submit(&http, &base, "onnx_linear", &linear_body(x), None).await;
+        match s {
+            202 => accepted.push(t["id"].as_str().unwrap().to_string()),
+            // While RabbitMQ is down nothing is accepted, and the client is told so.
+            503 => refused += 1,
+            other => panic!("unexpected status {other}: {t}"),
+        }
+    }
+    assert!(refused > 0, "the restart was not observed");
+    let done = wait_final(&http, &base, &accepted, Duration::from_secs(120)).await;
+    assert!(done.iter().all(|t| t["status"] == "succeeded"));
+    println!(
+        "RabbitMQ restart: {} accepted (all succeeded), {refused} refused with 503",
+        accepted.len()
+    );
+}
+
+fn rabbitmqctl(cmd: &str) {
+    let ok = Command::new("rabbitmqctl")
+        .arg(cmd)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "rabbitmqctl {cmd}");
+    if cmd == "start_app" {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect("127.0.0.1:5672").is_err() {
+            assert!(Instant::now() < deadline, "RabbitMQ did not come back");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }

@@ -138,6 +138,7 @@ mod tests {
             model: "m".into(),
             payload: bytes::Bytes::new(),
             traceparent: None,
+            priority: 0,
         }
     }
 

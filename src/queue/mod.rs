@@ -3,6 +3,7 @@
 //! machine keeps a redelivered task from running twice.
 
 pub mod memory;
+pub mod rabbitmq;
 pub mod redis;
 
 use std::time::Duration;
@@ -19,6 +20,8 @@ pub struct TaskMessage {
     pub payload: Bytes,
     /// W3C trace context of the submitting request, if any.
     pub traceparent: Option<String>,
+    /// 0 (lowest) ..= 9; brokers with priority queues (RabbitMQ) deliver higher first.
+    pub priority: u8,
 }
 
 /// A message handed to a worker, to be acked, retried or dead-lettered.

@@ -72,6 +72,7 @@ fn message(fields: &HashMap<String, Vec<u8>>) -> Option<TaskMessage> {
         model: s("model").unwrap_or_default(),
         payload: Bytes::from(fields.get("payload")?.clone()),
         traceparent: s("traceparent").filter(|t| !t.is_empty()),
+        priority: s("priority").and_then(|p| p.parse().ok()).unwrap_or(0),
     })
 }
 

@@ -88,6 +88,22 @@ fn accepted(body: Value, id: &str, replayed: bool) -> Response {
     r
 }
 
+/// The request's `priority` parameter (Triton's: 1 is highest, 0 default) as a broker priority
+/// (0..=9, 9 highest; default 4).
+fn broker_priority(req: &crate::proto::inference::ModelInferRequest) -> u8 {
+    use crate::proto::inference::infer_parameter::ParameterChoice;
+    let level = match req
+        .parameters
+        .get("priority")
+        .and_then(|p| p.parameter_choice.clone())
+    {
+        Some(ParameterChoice::Int64Param(v)) if v > 0 => v as u64,
+        Some(ParameterChoice::Uint64Param(v)) if v > 0 => v,
+        _ => return 4,
+    };
+    9u64.saturating_sub(level - 1).min(9) as u8
+}
+
 pub async fn submit(
     State(s): State<HttpState>,
     Path(p): Path<HashMap<String, String>>,
@@ -124,6 +140,7 @@ pub async fn submit(
         return Ok(accepted(body, &rec.id, true));
     }
     let msg = TaskMessage {
+        priority: broker_priority(&req),
         task_id: rec.id.clone(),
         model: model.clone(),
         payload: req.encode_to_vec().into(),
