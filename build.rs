@@ -3,7 +3,11 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/grpc_service.proto", "proto/model_config.proto"];
+    let protos = [
+        "proto/grpc_service.proto",
+        "proto/model_config.proto",
+        "proto/tasks.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -6,6 +6,17 @@ pub mod inference {
     tonic::include_proto!("inference");
 }
 
+/// `infergate.tasks.v1`, nested as its package so its references to `inference` resolve.
+pub mod infergate {
+    pub mod tasks {
+        #[allow(clippy::all, clippy::pedantic, missing_docs)]
+        pub mod v1 {
+            tonic::include_proto!("infergate.tasks.v1");
+        }
+    }
+}
+pub use infergate::tasks::v1 as tasks;
+
 /// Encoded descriptors of every message in `proto/`, for gRPC reflection and proto→JSON.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/inference_descriptor.bin"));

@@ -15,6 +15,7 @@ use tonic_health::ServingStatus;
 use crate::{
     api::{
         grpc::GrpcApi,
+        grpc_tasks::GrpcTasks,
         http::{HttpState, router},
     },
     backend::triton::TritonPool,
@@ -22,6 +23,7 @@ use crate::{
     infer::InferService,
     proto::{
         FILE_DESCRIPTOR_SET, inference::grpc_inference_service_server::GrpcInferenceServiceServer,
+        tasks::task_service_server::TaskServiceServer,
     },
     queue::{Broker, memory::MemoryBroker, rabbitmq::RabbitBroker, redis::RedisBroker},
     tasks::{TaskStore, memory::MemoryTaskStore, redis::RedisTaskStore},
@@ -29,7 +31,11 @@ use crate::{
 };
 
 /// gRPC service names whose health follows readiness.
-const HEALTH_SERVICES: &[&str] = &["", "inference.GRPCInferenceService"];
+const HEALTH_SERVICES: &[&str] = &[
+    "",
+    "inference.GRPCInferenceService",
+    "infergate.tasks.v1.TaskService",
+];
 
 /// The task store and broker named by the config, connected.
 pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<(Arc<dyn TaskStore>, Arc<dyn Broker>)> {
@@ -228,6 +234,14 @@ impl Gateway {
             .build_v1alpha()?;
 
         let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone());
+        let front = crate::tasks::front::TaskFront {
+            store: Arc::clone(&store),
+            broker: Arc::clone(&broker),
+            infer: infer.clone(),
+        };
+        let task_service = TaskServiceServer::new(GrpcTasks::new(front.clone()))
+            .max_decoding_message_size(cfg.server.max_request_bytes)
+            .max_encoding_message_size(cfg.server.max_response_bytes);
         let inference = GrpcInferenceServiceServer::new(GrpcApi::new(
             infer.clone(),
             cfg.server.stream_concurrency,
@@ -249,13 +263,14 @@ impl Gateway {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(inference)
+            .add_service(task_service)
             .serve_with_incoming_shutdown(nodelay(grpc_listener), stop.clone().cancelled_owned());
         let worker_stop = CancellationToken::new();
         let workers = spawn_workers(&cfg, &infer, &store, &broker, &worker_stop);
         let app = router(HttpState {
             infer,
             max_request_bytes: cfg.server.max_request_bytes,
-            tasks: Some(crate::api::http::tasks::TaskApi { store, broker }),
+            tasks: Some(front.clone()),
         });
         let http_listener = http_listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);

@@ -98,6 +98,7 @@ async fn reflection_lists_the_services() {
     assert!(ok, "{out}");
     for svc in [
         "inference.GRPCInferenceService",
+        "infergate.tasks.v1.TaskService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     ] {

@@ -541,3 +541,118 @@ fn rabbitmqctl(cmd: &str) {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_task_service_submits_watches_and_cancels() {
+    use infergate::proto::{
+        inference::{ModelInferRequest, model_infer_request::InferInputTensor},
+        tasks::{
+            CancelRequest, GetRequest, SubmitRequest, TaskState, WatchRequest,
+            task_service_client::TaskServiceClient,
+        },
+    };
+    let gw = gateway().await; // memory broker and store, one worker inside
+    let ch = tonic::transport::Channel::from_shared(gw.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = TaskServiceClient::new(ch);
+    let text = |s: &str| {
+        let mut v = (s.len() as u32).to_le_bytes().to_vec();
+        v.extend_from_slice(s.as_bytes());
+        bytes::Bytes::from(v)
+    };
+    let req = ModelInferRequest {
+        model_name: "text_stats".into(),
+        inputs: vec![InferInputTensor {
+            name: "TEXT".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1, 1],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![text("watch me")],
+        ..Default::default()
+    };
+    let first = c
+        .submit(SubmitRequest {
+            request: Some(req.clone()),
+            idempotency_key: "grpc-key-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.state, TaskState::Queued as i32);
+    assert!(!first.replayed);
+    let again = c
+        .submit(SubmitRequest {
+            request: Some(req.clone()),
+            idempotency_key: "grpc-key-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.id.as_str(), again.replayed),
+        (first.id.as_str(), true)
+    );
+
+    let mut watch = c
+        .watch(WatchRequest {
+            id: first.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut states = Vec::new();
+    let mut last = None;
+    while let Some(t) = watch.message().await.unwrap() {
+        states.push(t.state);
+        last = Some(t);
+    }
+    let last = last.unwrap();
+    assert_eq!(
+        last.state,
+        TaskState::Succeeded as i32,
+        "states seen: {states:?}"
+    );
+    let resp = last.response.unwrap();
+    let upper = resp.outputs.iter().position(|o| o.name == "UPPER").unwrap();
+    assert_eq!(resp.raw_output_contents[upper], text("WATCH ME"));
+
+    let got = c
+        .get(GetRequest {
+            id: first.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state, TaskState::Succeeded as i32);
+    let err = c
+        .cancel(CancelRequest {
+            id: first.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let err = c.get(GetRequest { id: "nope".into() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let mut bad = req.clone();
+    bad.inputs[0].datatype = "FP32".into();
+    let err = c
+        .submit(SubmitRequest {
+            request: Some(bad),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let err = c
+        .submit(SubmitRequest {
+            request: None,
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}

@@ -53,6 +53,10 @@ struct Args {
     /// No progress line.
     #[arg(short, long)]
     quiet: bool,
+    /// Async-task mode (HTTP only): submit this many tasks at --concurrency, then poll until
+    /// all are final; reports completed tasks per second.
+    #[arg(long, value_name = "N")]
+    tasks: Option<u64>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -101,6 +105,29 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    if let Some(n) = a.tasks {
+        return match rt.block_on(infergate::loadgen::tasks::run_tasks(&spec, n)) {
+            Ok(run) => {
+                print!("{}", run.text());
+                if let Some(path) = a.json {
+                    let text = serde_json::to_string_pretty(&run).expect("run serialises");
+                    if let Err(e) = std::fs::write(&path, text) {
+                        eprintln!("infergate-load: cannot write {}: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
+                if run.failed > 0 || !run.refused.is_empty() {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+            Err(e) => {
+                eprintln!("infergate-load: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match rt.block_on(run(&spec)) {
         Ok(outcome) => {
             let summary = outcome.summary();

@@ -5,6 +5,7 @@
 //! taken from the system under test.
 
 pub mod report;
+pub mod tasks;
 
 use std::{
     collections::BTreeMap,

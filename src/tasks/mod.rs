@@ -14,6 +14,7 @@
 //! stopped answering. Final states never change, so a late result cannot overwrite a task that
 //! was cancelled or expired meanwhile.
 
+pub mod front;
 pub mod memory;
 pub mod redis;
 

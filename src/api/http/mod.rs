@@ -33,7 +33,7 @@ pub struct HttpState {
     pub infer: InferService,
     pub max_request_bytes: usize,
     /// The async task API; `None` when no broker/task store is configured.
-    pub tasks: Option<tasks::TaskApi>,
+    pub tasks: Option<crate::tasks::front::TaskFront>,
 }
 
 impl HttpState {

@@ -1,0 +1,156 @@
+//! `infergate.tasks.v1.TaskService`: the async task API over gRPC (logic in
+//! [`crate::tasks::front`]). Watch polls the task store every `WATCH_POLL` and sends each change;
+//! it ends after a final state, after `WATCH_LIMIT`, or when the client goes away.
+
+use std::{pin::Pin, time::Duration};
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    proto::{
+        inference::ModelInferResponse,
+        tasks::{
+            CancelRequest, GetRequest, SubmitRequest, Task, TaskError, TaskState as WireState,
+            WatchRequest, task_service_server::TaskService,
+        },
+    },
+    tasks::{
+        TaskRecord, TaskState,
+        front::{Cancelled, TaskFront},
+    },
+};
+
+const WATCH_POLL: Duration = Duration::from_millis(100);
+/// A watch is bounded: clients that need longer watch again.
+const WATCH_LIMIT: Duration = Duration::from_secs(3600);
+
+pub struct GrpcTasks {
+    front: TaskFront,
+}
+
+impl GrpcTasks {
+    pub fn new(front: TaskFront) -> Self {
+        Self { front }
+    }
+}
+
+fn wire_state(s: TaskState) -> WireState {
+    match s {
+        TaskState::Queued => WireState::Queued,
+        TaskState::Running => WireState::Running,
+        TaskState::Succeeded => WireState::Succeeded,
+        TaskState::Failed => WireState::Failed,
+        TaskState::Cancelled => WireState::Cancelled,
+        TaskState::Expired => WireState::Expired,
+    }
+}
+
+fn to_wire(rec: &TaskRecord, response: Option<ModelInferResponse>, replayed: bool) -> Task {
+    Task {
+        id: rec.id.clone(),
+        model: rec.model.clone(),
+        version: rec.version.clone(),
+        state: wire_state(rec.state) as i32,
+        attempts: rec.attempts,
+        queued_at_ms: rec.queued_at_ms,
+        started_at_ms: rec.started_at_ms.unwrap_or(0),
+        finished_at_ms: rec.finished_at_ms.unwrap_or(0),
+        error: rec.error.as_ref().map(|e| TaskError {
+            code: e.code.clone(),
+            message: e.message.clone(),
+        }),
+        response,
+        replayed,
+    }
+}
+
+fn not_found(id: &str) -> Status {
+    Status::not_found(format!("task '{id}' not found"))
+}
+
+#[tonic::async_trait]
+impl TaskService for GrpcTasks {
+    async fn submit(&self, req: Request<SubmitRequest>) -> Result<Response<Task>, Status> {
+        let traceparent = req
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let r = req.into_inner();
+        let infer = r
+            .request
+            .ok_or_else(|| Status::invalid_argument("field 'request' is missing"))?;
+        let key = Some(r.idempotency_key).filter(|k| !k.is_empty());
+        let (rec, created) = self.front.submit(infer, key, traceparent).await?;
+        Ok(Response::new(to_wire(&rec, None, !created)))
+    }
+
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<Task>, Status> {
+        let id = req.into_inner().id;
+        match self.front.get(&id).await? {
+            Some((rec, resp)) => Ok(Response::new(to_wire(&rec, resp, false))),
+            None => Err(not_found(&id)),
+        }
+    }
+
+    async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<Task>, Status> {
+        let id = req.into_inner().id;
+        match self.front.cancel(&id).await? {
+            Cancelled::Done(rec) => Ok(Response::new(to_wire(&rec, None, false))),
+            Cancelled::NotFound => Err(not_found(&id)),
+            Cancelled::AlreadyFinal(s) => Err(Status::failed_precondition(format!(
+                "task '{id}' is already {} and cannot be cancelled",
+                s.as_str()
+            ))),
+        }
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<Task, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let id = req.into_inner().id;
+        let Some((first, resp)) = self.front.get(&id).await? else {
+            return Err(not_found(&id));
+        };
+        let front = self.front.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let mut last = (first.state, first.attempts);
+            if tx.send(Ok(to_wire(&first, resp, false))).await.is_err() || first.state.is_final() {
+                return;
+            }
+            while started.elapsed() < WATCH_LIMIT {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(WATCH_POLL) => {}
+                }
+                let now = match front.get(&id).await {
+                    Ok(Some(v)) => v,
+                    Ok(None) => {
+                        let _ = tx.send(Err(not_found(&id))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                if (now.0.state, now.0.attempts) != last {
+                    last = (now.0.state, now.0.attempts);
+                    let done = now.0.state.is_final();
+                    if tx.send(Ok(to_wire(&now.0, now.1, false))).await.is_err() || done {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}

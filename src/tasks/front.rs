@@ -1,0 +1,138 @@
+//! The task API's one implementation, shared by HTTP and gRPC: check the request, create the
+//! record (or find it by idempotency key), queue it, and read or cancel tasks.
+
+use std::sync::Arc;
+
+use prost::Message;
+
+use super::{Change, StoreError, TaskRecord, TaskState, TaskStore, new_task_id};
+use crate::{
+    error::GatewayError,
+    infer::InferService,
+    proto::inference::{ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice},
+    queue::{Broker, QueueError, TaskMessage},
+};
+
+/// Tenants arrive with authentication; until then every caller is this one.
+pub const DEFAULT_TENANT: &str = "default";
+
+#[derive(Clone)]
+pub struct TaskFront {
+    pub store: Arc<dyn TaskStore>,
+    pub broker: Arc<dyn Broker>,
+    pub infer: InferService,
+}
+
+/// What a cancel found.
+pub enum Cancelled {
+    Done(Box<TaskRecord>),
+    AlreadyFinal(TaskState),
+    NotFound,
+}
+
+fn store_error(e: StoreError) -> GatewayError {
+    match e {
+        StoreError::Backend(m) => GatewayError::Unavailable(format!("task store unavailable: {m}")),
+        other => GatewayError::Internal(other.to_string()),
+    }
+}
+
+/// The request's `priority` parameter (Triton's: 1 is highest, 0 default) as a broker priority
+/// (0..=9, 9 highest; default 4).
+fn broker_priority(req: &ModelInferRequest) -> u8 {
+    let level = match req
+        .parameters
+        .get("priority")
+        .and_then(|p| p.parameter_choice.clone())
+    {
+        Some(ParameterChoice::Int64Param(v)) if v > 0 => v as u64,
+        Some(ParameterChoice::Uint64Param(v)) if v > 0 => v,
+        _ => return 4,
+    };
+    9u64.saturating_sub(level - 1).min(9) as u8
+}
+
+impl TaskFront {
+    /// Checks and queues a request. Returns the task and whether it was created now (false:
+    /// an earlier task with the same idempotency key).
+    pub async fn submit(
+        &self,
+        mut req: ModelInferRequest,
+        idempotency_key: Option<String>,
+        traceparent: Option<String>,
+    ) -> Result<(TaskRecord, bool), GatewayError> {
+        // Bad requests are refused now, not turned into failed tasks.
+        self.infer.check(&mut req).await?;
+        if let Some(k) = &idempotency_key
+            && (k.is_empty() || k.len() > 256)
+        {
+            return Err(GatewayError::invalid(
+                "the idempotency key must be 1..=256 characters",
+            ));
+        }
+        let rec = TaskRecord::new(
+            new_task_id(),
+            DEFAULT_TENANT,
+            &req.model_name,
+            &req.model_version,
+            idempotency_key,
+        );
+        let (rec, created) = self.store.create(rec).await.map_err(store_error)?;
+        if !created {
+            return Ok((rec, false));
+        }
+        let msg = TaskMessage {
+            task_id: rec.id.clone(),
+            model: req.model_name.clone(),
+            priority: broker_priority(&req),
+            payload: req.encode_to_vec().into(),
+            traceparent,
+        };
+        if let Err(e) = self.broker.publish(&msg).await {
+            // Not queued, so not accepted: forget the record and say why.
+            let _ = self.store.remove(&rec.id).await;
+            return Err(match e {
+                QueueError::Full(n) => {
+                    GatewayError::Overloaded(format!("the task queue is full ({n} tasks waiting)"))
+                }
+                QueueError::Backend(m) => {
+                    GatewayError::Unavailable(format!("broker unavailable: {m}"))
+                }
+            });
+        }
+        Ok((rec, true))
+    }
+
+    /// The task and, once it succeeded, its response.
+    pub async fn get(
+        &self,
+        id: &str,
+    ) -> Result<Option<(TaskRecord, Option<ModelInferResponse>)>, GatewayError> {
+        let Some(rec) = self.store.get(id).await.map_err(store_error)? else {
+            return Ok(None);
+        };
+        let resp = if rec.state == TaskState::Succeeded {
+            self.store
+                .result(id)
+                .await
+                .map_err(store_error)?
+                .and_then(|b| ModelInferResponse::decode(b).ok())
+        } else {
+            None
+        };
+        Ok(Some((rec, resp)))
+    }
+
+    pub async fn cancel(&self, id: &str) -> Result<Cancelled, GatewayError> {
+        match self
+            .store
+            .transition(id, TaskState::Cancelled, Change::default())
+            .await
+        {
+            Ok(rec) => Ok(Cancelled::Done(Box::new(rec))),
+            Err(StoreError::NotFound(_)) => Ok(Cancelled::NotFound),
+            Err(StoreError::Conflict { from, .. }) => Ok(Cancelled::AlreadyFinal(from)),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+}
