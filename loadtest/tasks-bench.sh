@@ -11,15 +11,9 @@ N="${1:-20000}"; C="${2:-32}"
 VENV="$(scripts/install-triton.sh)"
 scripts/ensure-services.sh
 cargo build --release --locked --quiet
-port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-work="$(mktemp -d)"; pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-tg=$(port); th=$(port); tm=$(port)
-INFERGATE_WATCH_PID=$$ scripts/start-triton.sh "$tg" "$th" "$tm" >"$work/triton.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 300); do curl -sf "127.0.0.1:$th/v2/health/ready" >/dev/null && break; sleep 0.2; done
+# shellcheck source=loadtest/lib.sh
+. loadtest/lib.sh
+start_triton
 
 cat >"$work/row.py" <<'PY'
 import json, sys

@@ -14,8 +14,8 @@ use common::*;
 use infergate::{
     config::{BatchMode, Config, ModelBatching},
     proto::inference::{
-        InferParameter, ModelInferRequest, ModelStatisticsRequest,
-        infer_parameter::ParameterChoice, model_infer_request::InferInputTensor,
+        InferParameter, ModelInferRequest, infer_parameter::ParameterChoice,
+        model_infer_request::InferInputTensor,
     },
 };
 use tonic::Code;
@@ -74,22 +74,6 @@ fn slow(value: f32, delay_ms: i64, priority: Option<i64>) -> ModelInferRequest {
     }
 }
 
-async fn stats(model: &str) -> (u64, u64, u64) {
-    let mut c = connect(&triton().grpc_url()).await;
-    let s = c
-        .model_statistics(ModelStatisticsRequest {
-            name: model.into(),
-            version: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .model_stats[0]
-        .clone();
-    let requests = s.inference_stats.unwrap().success.unwrap().count;
-    (requests, s.inference_count, s.execution_count)
-}
-
 fn config_with(slow_override: ModelBatching, tweak: impl FnOnce(&mut Config)) -> Config {
     let mut cfg = test_config(vec![triton().grpc_url()]);
     cfg.batching.models = BTreeMap::from([("slow".to_string(), slow_override)]);
@@ -110,7 +94,7 @@ fn one_by_one() -> ModelBatching {
 async fn concurrent_callers_get_exactly_their_rows_and_batches_form() {
     let gw = gateway().await;
     let client = gw.client().await;
-    let (req_before, rows_before, _) = stats("add_sub").await;
+    let (req_before, rows_before, _) = triton_stats("add_sub").await;
     let callers = 300u32;
     let mut tasks = Vec::new();
     let (mut total_rows, mut chunks) = (0u64, 0u64);
@@ -143,7 +127,7 @@ async fn concurrent_callers_get_exactly_their_rows_and_batches_form() {
     for t in tasks {
         t.await.unwrap();
     }
-    let (req_after, rows_after, _) = stats("add_sub").await;
+    let (req_after, rows_after, _) = triton_stats("add_sub").await;
     let triton_requests = req_after - req_before;
     assert_eq!(
         rows_after - rows_before,
@@ -165,7 +149,7 @@ async fn an_expired_request_is_never_sent() {
     let _g = SLOW_MODEL.lock().await;
     let gw = gateway_with(config_with(one_by_one(), |_| {})).await;
     let client = gw.client().await;
-    let (before, ..) = stats("slow").await;
+    let (before, ..) = triton_stats("slow").await;
     let mut c1 = client.clone();
     let busy = tokio::spawn(async move { c1.model_infer(slow(1.0, 400, None)).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -184,7 +168,7 @@ async fn an_expired_request_is_never_sent() {
     );
     busy.await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let (after, ..) = stats("slow").await;
+    let (after, ..) = triton_stats("slow").await;
     assert_eq!(after - before, 1, "only the first request reached Triton");
 
     // Over HTTP the deadline header gives 504 the same way.
@@ -207,7 +191,7 @@ async fn a_caller_that_leaves_is_removed_before_its_batch_is_sent() {
     let _g = SLOW_MODEL.lock().await;
     let gw = gateway_with(config_with(one_by_one(), |_| {})).await;
     let client = gw.client().await;
-    let (before, ..) = stats("slow").await;
+    let (before, ..) = triton_stats("slow").await;
     let mut c1 = client.clone();
     let busy = tokio::spawn(async move { c1.model_infer(slow(1.0, 300, None)).await });
     tokio::time::sleep(Duration::from_millis(80)).await;
@@ -217,7 +201,7 @@ async fn a_caller_that_leaves_is_removed_before_its_batch_is_sent() {
     leaving.abort();
     busy.await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let (after, ..) = stats("slow").await;
+    let (after, ..) = triton_stats("slow").await;
     assert_eq!(after - before, 1, "the abandoned request was not sent");
 }
 
@@ -345,7 +329,7 @@ async fn a_low_priority_request_waits_no_longer_than_the_starvation_bound() {
 async fn models_without_a_batch_dimension_pass_through_alone() {
     let gw = gateway().await;
     let client = gw.client().await;
-    let (before, _, exec_before) = stats("matrix_nobatch").await;
+    let (before, _, exec_before) = triton_stats("matrix_nobatch").await;
     let mut tasks = Vec::new();
     for k in 0..20i32 {
         let mut c = client.clone();
@@ -377,7 +361,7 @@ async fn models_without_a_batch_dimension_pass_through_alone() {
     for t in tasks {
         t.await.unwrap();
     }
-    let (after, _, exec_after) = stats("matrix_nobatch").await;
+    let (after, _, exec_after) = triton_stats("matrix_nobatch").await;
     assert_eq!(after - before, 20);
     assert_eq!(exec_after - exec_before, 20, "each request executed alone");
 
@@ -388,7 +372,7 @@ async fn models_without_a_batch_dimension_pass_through_alone() {
         c
     })
     .await;
-    let (before, ..) = stats("add_sub").await;
+    let (before, ..) = triton_stats("add_sub").await;
     let mut tasks = Vec::new();
     for seed in 0..10 {
         let mut c = off.client().await;
@@ -399,6 +383,6 @@ async fn models_without_a_batch_dimension_pass_through_alone() {
     for t in tasks {
         t.await.unwrap();
     }
-    let (after, ..) = stats("add_sub").await;
+    let (after, ..) = triton_stats("add_sub").await;
     assert_eq!(after - before, 10);
 }

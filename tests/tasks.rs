@@ -11,7 +11,7 @@ use std::{
 };
 
 use common::*;
-use infergate::{config::Config, proto::inference::ModelStatisticsRequest, server::connect_tasks};
+use infergate::{config::Config, server::connect_tasks};
 use serde_json::{Value, json};
 
 const REDIS: &str = "redis://127.0.0.1:6379";
@@ -55,16 +55,7 @@ fn broker_config(prefix: &str, workers: usize, broker: &str) -> Config {
 }
 
 async fn rows_inferred(model: &str) -> u64 {
-    let mut c = connect(&triton().grpc_url()).await;
-    c.model_statistics(ModelStatisticsRequest {
-        name: model.into(),
-        version: String::new(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .model_stats[0]
-        .inference_count
+    triton_stats(model).await.1
 }
 
 fn linear_body(x: [f32; 4]) -> Value {

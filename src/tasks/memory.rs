@@ -108,14 +108,7 @@ impl TaskStore for MemoryTaskStore {
         to: TaskState,
         change: Change,
     ) -> Result<TaskRecord, StoreError> {
-        if let Some(r) = &change.result
-            && r.len() > self.max_result_bytes
-        {
-            return Err(StoreError::ResultTooLarge {
-                size: r.len(),
-                limit: self.max_result_bytes,
-            });
-        }
+        change.check_result_size(self.max_result_bytes)?;
         let mut inner = self.inner.lock().expect("task store lock");
         let e = inner
             .tasks

@@ -176,6 +176,19 @@ pub trait TaskStore: Send + Sync {
     async fn remove(&self, id: &str) -> Result<(), StoreError>;
 }
 
+impl Change {
+    /// Refuses a result over the store's size limit (every store applies the same rule).
+    pub fn check_result_size(&self, limit: usize) -> Result<(), StoreError> {
+        match &self.result {
+            Some(r) if r.len() > limit => Err(StoreError::ResultTooLarge {
+                size: r.len(),
+                limit,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -167,14 +167,7 @@ impl TaskStore for RedisTaskStore {
         to: TaskState,
         change: Change,
     ) -> Result<TaskRecord, StoreError> {
-        if let Some(r) = &change.result
-            && r.len() > self.max_result_bytes
-        {
-            return Err(StoreError::ResultTooLarge {
-                size: r.len(),
-                limit: self.max_result_bytes,
-            });
-        }
+        change.check_result_size(self.max_result_bytes)?;
         let from: Vec<&str> = to
             .reachable_from()
             .into_iter()

@@ -203,3 +203,20 @@ pub fn f32_from(b: &[u8]) -> Vec<f32> {
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect()
 }
+
+/// Triton's statistics of one model: (requests that succeeded, rows inferred, executions).
+pub async fn triton_stats(model: &str) -> (u64, u64, u64) {
+    let mut c = connect(&triton().grpc_url()).await;
+    let s = c
+        .model_statistics(infergate::proto::inference::ModelStatisticsRequest {
+            name: model.into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .model_stats[0]
+        .clone();
+    let requests = s.inference_stats.unwrap().success.unwrap().count;
+    (requests, s.inference_count, s.execution_count)
+}
