@@ -2,7 +2,8 @@
 # infergate's main job on one machine: a real Triton serving triton-models/ on its standard
 # ports (8000 HTTP, 8001 gRPC), infergate in front of it with its embedded defaults
 # (HTTP 127.0.0.1:8080, gRPC 127.0.0.1:8081, Triton at 127.0.0.1:8001), then real requests
-# through infergate over HTTP/JSON and gRPC, with the results printed. Stops both at the end.
+# through infergate over HTTP/JSON and gRPC, and one async task (in-memory broker and store,
+# the embedded default), with the results printed. Stops both at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="$(scripts/install-triton.sh)"
@@ -67,5 +68,17 @@ r = c.infer("add_sub", ins)
 print("add_sub OUTPUT0 =", r.as_numpy("OUTPUT0").tolist())
 print("add_sub OUTPUT1 =", r.as_numpy("OUTPUT1").tolist())
 PY
+echo
+echo "== Async task: POST /v1/models/seq_sum/tasks (202 at once), then poll GET /v1/tasks/{id}"
+task=$(curl -s localhost:8080/v1/models/seq_sum/tasks -H 'Idempotency-Key: demo-1' -d '{
+  "inputs": [{"name": "SEQ", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}')
+echo "$task"
+id=$("$VENV/bin/python" -c 'import json,sys; print(json.loads(sys.argv[1])["id"])' "$task")
+for _ in $(seq 1 50); do
+  state=$(curl -s "localhost:8080/v1/tasks/$id")
+  case "$state" in *'"status":"succeeded"'*|*'"status":"failed"'*) break ;; esac
+  sleep 0.1
+done
+echo "$state"
 echo
 echo "demo finished; stopping infergate and Triton"
