@@ -107,6 +107,15 @@ impl Worker {
         }
     }
 
+    /// The task store failed: hand the message back for a later delivery. If even that fails,
+    /// the message stays unacknowledged and the broker delivers it again (reclaim/redelivery).
+    async fn retry_later(&self, d: &Delivery, cause: &StoreError) {
+        tracing::warn!(task = %d.msg.task_id, error = %cause, "task store unavailable; retrying later");
+        if let Err(e) = self.broker.retry(d).await {
+            tracing::warn!(task = %d.msg.task_id, error = %e, "handing the task back failed; it stays unacknowledged");
+        }
+    }
+
     /// Runs one delivery to its end: stored result and ack, retry, or dead letter.
     pub async fn handle(&self, d: Delivery) {
         let id = d.msg.task_id.clone();
@@ -118,8 +127,7 @@ impl Worker {
                 return;
             }
             Err(e) => {
-                tracing::warn!(task = %id, error = %e, "task store unavailable; retrying later");
-                let _ = self.broker.retry(&d).await;
+                self.retry_later(&d, &e).await;
                 return;
             }
         };
@@ -152,8 +160,7 @@ impl Worker {
                 return;
             }
             Err(e) => {
-                tracing::warn!(task = %id, error = %e, "task store unavailable; retrying later");
-                let _ = self.broker.retry(&d).await;
+                self.retry_later(&d, &e).await;
                 return;
             }
         };
@@ -192,12 +199,11 @@ impl Worker {
                         .await;
                     }
                     Err(e) => {
-                        tracing::warn!(task = %id, error = %e, "storing the result failed; retrying later");
                         let _ = self
                             .store
                             .transition(&id, TaskState::Queued, Change::default())
                             .await;
-                        let _ = self.broker.retry(&d).await;
+                        self.retry_later(&d, &e).await;
                     }
                 }
             }

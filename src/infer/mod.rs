@@ -68,6 +68,14 @@ impl InferService {
     /// Validates a request (model known, tensors right) without running it: the task API
     /// refuses bad requests before queueing them.
     pub async fn check(&self, req: &mut ModelInferRequest) -> Result<Validated, GatewayError> {
+        self.lookup(req).await.map(|(_, v)| v)
+    }
+
+    /// The model's description, and the request validated against it.
+    async fn lookup(
+        &self,
+        req: &mut ModelInferRequest,
+    ) -> Result<(Arc<ModelInfo>, Validated), GatewayError> {
         if req.model_name.is_empty() {
             return Err(GatewayError::invalid("model_name is empty"));
         }
@@ -75,7 +83,8 @@ impl InferService {
             .backend
             .model_info(&req.model_name, &req.model_version)
             .await?;
-        validate::validate(req, &info)
+        let validated = validate::validate(req, &info)?;
+        Ok((info, validated))
     }
 
     /// Runs one request. `timeout` is the caller's remaining budget, if it gave one.
@@ -86,14 +95,7 @@ impl InferService {
     ) -> Result<ModelInferResponse, GatewayError> {
         let now = Instant::now();
         let deadline = deadline_of(&req, timeout, now);
-        if req.model_name.is_empty() {
-            return Err(GatewayError::invalid("model_name is empty"));
-        }
-        let info = self
-            .backend
-            .model_info(&req.model_name, &req.model_version)
-            .await?;
-        let validated = validate::validate(&mut req, &info)?;
+        let (info, validated) = self.lookup(&mut req).await?;
         let settings = self
             .batcher
             .settings(&info)
