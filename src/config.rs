@@ -42,6 +42,33 @@ pub struct Config {
     pub batching: BatchingConfig,
     pub tasks: TasksConfig,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// OpenTelemetry tracing. Off unless `otlp_endpoint` is set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC collector, e.g. `http://otel-collector:4317`; unset: no spans are exported
+    /// and no trace context is sent to Triton.
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces recorded (0.0..=1.0); a sampled incoming `traceparent` is followed.
+    pub sample_ratio: f64,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Spans buffered for export; more are dropped (never blocking a request).
+    pub max_queue_size: usize,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sample_ratio: 1.0,
+            service_name: "infergate".into(),
+            max_queue_size: 4096,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -135,6 +162,8 @@ pub struct TritonConfig {
     pub connections_per_endpoint: usize,
     /// How long model metadata and config are cached before they are fetched again.
     pub model_cache_ttl_ms: u64,
+    /// Models that must be ready on Triton for `/readyz` to say ready (empty: server only).
+    pub ready_models: Vec<String>,
 }
 
 impl Default for TritonConfig {
@@ -147,6 +176,7 @@ impl Default for TritonConfig {
             probe_timeout_ms: 1_000,
             connections_per_endpoint: 2,
             model_cache_ttl_ms: 30_000,
+            ready_models: Vec::new(),
         }
     }
 }
@@ -240,9 +270,16 @@ impl Default for LogConfig {
 /// config file.
 #[derive(Debug, Clone, Default, Args)]
 pub struct ServeArgs {
-    /// TOML config file; its settings are overridden by environment variables and flags.
-    #[arg(long, env = "INFERGATE_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    /// TOML config file; repeat to layer several (later files win key by key, e.g. a
+    /// ConfigMap file then a Secret file with the broker URLs). Environment variables and
+    /// flags override them.
+    #[arg(
+        long,
+        env = "INFERGATE_CONFIG",
+        value_delimiter = ',',
+        value_name = "FILE"
+    )]
+    pub config: Vec<PathBuf>,
     /// gRPC endpoint of a Triton server. Repeat for several (comma-separated in the variable).
     #[arg(
         long = "triton-url",
@@ -335,29 +372,58 @@ pub struct ServeArgs {
     /// Log filter, e.g. `info` or `infergate=debug` [default: info].
     #[arg(long, env = "INFERGATE_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Models that must be ready for /readyz (comma-separated in the variable) [default: none].
+    #[arg(
+        long = "ready-model",
+        env = "INFERGATE_READY_MODELS",
+        value_delimiter = ',',
+        value_name = "MODEL"
+    )]
+    pub ready_models: Vec<String>,
+    /// OTLP/gRPC endpoint for traces, e.g. http://127.0.0.1:4317 [default: tracing off].
+    #[arg(long, env = "INFERGATE_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled, 0.0..=1.0 [default: 1.0].
+    #[arg(long, env = "INFERGATE_TRACE_SAMPLE_RATIO", value_name = "RATIO")]
+    pub trace_sample_ratio: Option<f64>,
+    /// service.name of exported spans [default: infergate].
+    #[arg(long, env = "INFERGATE_SERVICE_NAME", value_name = "NAME")]
+    pub service_name: Option<String>,
 }
 
 impl Config {
-    /// Defaults → file → environment/flags, then validation.
+    /// Defaults → files (in order) → environment/flags, then validation.
     pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
-        let mut cfg = match &args.config {
-            Some(path) => Self::from_file(path)?,
-            None => Self::default(),
-        };
+        let mut cfg = Self::from_files(&args.config)?;
         cfg.apply(args);
         cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        Self::from_files(&[path.to_path_buf()])
+    }
+
+    /// Several TOML files merged table by table, later files winning.
+    pub fn from_files(paths: &[PathBuf]) -> Result<Self, ConfigError> {
+        let mut merged = toml::Table::new();
+        for path in paths {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            merge(&mut merged, table);
+        }
+        toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: paths.last().cloned().unwrap_or_default(),
+                message: e.to_string(),
+            })
     }
 
     fn apply(&mut self, a: &ServeArgs) {
@@ -402,6 +468,15 @@ impl Config {
         set(&mut k.redis_prefix, &a.redis_prefix);
         set(&mut l.format, &a.log_format);
         set(&mut l.level, &a.log_level);
+        if !a.ready_models.is_empty() {
+            self.triton.ready_models = a.ready_models.clone();
+        }
+        let o = &mut self.telemetry;
+        if a.otlp_endpoint.is_some() {
+            o.otlp_endpoint = a.otlp_endpoint.clone();
+        }
+        set(&mut o.sample_ratio, &a.trace_sample_ratio);
+        set(&mut o.service_name, &a.service_name);
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -573,11 +648,50 @@ impl Config {
         )?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
+        let o = &self.telemetry;
+        if let Some(url) = &o.otlp_endpoint {
+            validate_url(url).map_err(|e| match e {
+                ConfigError::Invalid { message, .. } => {
+                    invalid("telemetry.otlp_endpoint", message.replace("8001", "4317"))
+                }
+                other => other,
+            })?;
+        }
+        if !(0.0..=1.0).contains(&o.sample_ratio) {
+            return Err(invalid(
+                "telemetry.sample_ratio",
+                format!("{} is outside 0.0..=1.0", o.sample_ratio),
+            ));
+        }
+        if o.service_name.trim().is_empty() {
+            return Err(invalid("telemetry.service_name", "must not be empty"));
+        }
+        in_range(
+            "telemetry.max_queue_size",
+            o.max_queue_size as u64,
+            1,
+            1 << 20,
+        )?;
         Ok(())
     }
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.server.shutdown_grace_ms)
+    }
+
+    pub fn triton_health_interval(&self) -> Duration {
+        Duration::from_millis(self.triton.health_interval_ms)
+    }
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
     }
 }
 
@@ -654,6 +768,30 @@ mod tests {
             cfg.triton.urls,
             vec!["http://127.0.0.1:1", "http://127.0.0.1:2"]
         );
+    }
+
+    #[test]
+    fn later_config_files_win_key_by_key() {
+        let dir = std::env::temp_dir().join(format!("infergate-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.toml"), dir.join("b.toml"));
+        std::fs::write(
+            &a,
+            "[tasks]\nbroker = \"memory\"\nworkers = 3\n[log]\nformat = \"json\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &b,
+            "[tasks]\nbroker = \"redis://10.0.0.2:6379\"\ntask_store = \"redis://10.0.0.2:6379\"\n",
+        )
+        .unwrap();
+        let cfg = Config::from_files(&[a.clone(), b]).unwrap();
+        assert_eq!(cfg.tasks.broker, "redis://10.0.0.2:6379");
+        assert_eq!(cfg.tasks.workers, 3, "kept from the first file");
+        assert_eq!(cfg.log.format, LogFormat::Json);
+        std::fs::write(&a, "[tasks]\nbrokr = 1\n").unwrap();
+        let err = Config::from_files(&[a]).unwrap_err().to_string();
+        assert!(err.contains("brokr"), "{err}");
     }
 
     #[test]

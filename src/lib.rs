@@ -10,6 +10,7 @@ pub mod backend;
 pub mod batch;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod infer;
 pub mod loadgen;
 pub mod proto;

@@ -34,41 +34,43 @@ fn main() -> ExitCode {
         Command::Serve(args) => (args, false),
         Command::Worker(args) => (args, true),
     };
+    let cfg = match Config::load(&args) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("infergate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
     {
-        {
-            let cfg = match Config::load(&args) {
-                Ok(cfg) => cfg,
-                Err(e) => {
-                    eprintln!("infergate: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            telemetry::init_logging(&cfg.log);
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("infergate: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let result = rt.block_on(async {
-                if worker {
-                    return run_workers(cfg, shutdown_signal()).await;
-                }
-                let gw = Gateway::bind(cfg).await?;
-                gw.run(shutdown_signal()).await
-            });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "infergate failed");
-                    eprintln!("infergate: {e:#}");
-                    ExitCode::FAILURE
-                }
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("infergate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        // The OTLP exporter's channel lives on this runtime.
+        let telemetry = telemetry::init(&cfg.log, &cfg.telemetry)?;
+        let served = if worker {
+            run_workers(cfg, shutdown_signal()).await
+        } else {
+            match Gateway::bind(cfg).await {
+                Ok(gw) => gw.run(shutdown_signal()).await,
+                Err(e) => Err(e),
             }
+        };
+        telemetry.shutdown();
+        served
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "infergate failed");
+            eprintln!("infergate: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -11,15 +11,17 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
 use tonic_health::ServingStatus;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::{
     api::{
         grpc::GrpcApi,
         grpc_tasks::GrpcTasks,
-        http::{HttpState, router},
+        http::{HttpState, ops_router, router},
     },
     backend::triton::TritonPool,
     config::Config,
+    health::{Health, broker_kind},
     infer::InferService,
     proto::{
         FILE_DESCRIPTOR_SET, inference::grpc_inference_service_server::GrpcInferenceServiceServer,
@@ -84,6 +86,15 @@ pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<(Arc<dyn TaskStore>, 
     Ok((store, broker))
 }
 
+fn health_of(cfg: &Config, pool: &Arc<TritonPool>, broker: &Arc<dyn Broker>) -> Arc<Health> {
+    Health::new(
+        Arc::clone(pool),
+        Some((Arc::clone(broker), broker_kind(&cfg.tasks.broker))),
+        cfg.triton.ready_models.clone(),
+        Duration::from_millis(cfg.triton.probe_timeout_ms),
+    )
+}
+
 fn spawn_workers(
     cfg: &Config,
     infer: &InferService,
@@ -94,6 +105,7 @@ fn spawn_workers(
     (0..cfg.tasks.workers)
         .map(|_| {
             let w = Worker {
+                broker_kind: broker_kind(&cfg.tasks.broker),
                 broker: Arc::clone(broker),
                 store: Arc::clone(store),
                 infer: infer.clone(),
@@ -122,20 +134,39 @@ pub async fn run_workers(
         "infergate worker needs a shared broker (--broker redis://...); the memory broker lives inside one serve process"
     );
     let pool = TritonPool::new(&cfg.triton, cfg.server.max_response_bytes)?;
+    // Probes and metrics for the orchestrator, on the HTTP address.
+    let ops_listener = TcpListener::bind(cfg.server.http_addr)
+        .await
+        .with_context(|| format!("binding HTTP address {}", cfg.server.http_addr))?;
     let stop = CancellationToken::new();
     pool.probe_all().await;
     let probe = pool.spawn_probe(stop.clone());
     let (store, broker) = connect_tasks(&cfg).await?;
+    let health = health_of(&cfg, &pool, &broker);
+    health.check().await;
+    let monitor = health.spawn(cfg.triton_health_interval(), stop.clone());
     let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone());
-    let workers = spawn_workers(&cfg, &infer, &store, &broker, &stop);
-    tracing::info!(workers = workers.len(), broker = %cfg.tasks.broker, "infergate worker running");
+    let ops = axum::serve(
+        ops_listener,
+        ops_router::<()>(Arc::clone(&health), Some(infer.clone())),
+    )
+    .with_graceful_shutdown(stop.clone().cancelled_owned())
+    .into_future();
+    let ops = tokio::spawn(ops);
+    let worker_stop = CancellationToken::new();
+    let workers = spawn_workers(&cfg, &infer, &store, &broker, &worker_stop);
+    tracing::info!(workers = workers.len(), broker = %cfg.tasks.broker, http_addr = %cfg.server.http_addr, "infergate worker running");
     shutdown.await;
     tracing::info!("worker shutting down: finishing running tasks");
-    stop.cancel();
+    health.drain();
+    worker_stop.cancel();
     for w in workers {
         let _ = w.await;
     }
+    stop.cancel();
+    let _ = ops.await;
     probe.abort();
+    monitor.abort();
     Ok(())
 }
 
@@ -197,14 +228,17 @@ impl Gateway {
 
         pool.probe_all().await;
         let probe = pool.spawn_probe(stop.clone());
+        let health = health_of(&cfg, &pool, &broker);
+        health.check().await;
+        let monitor = health.spawn(cfg.triton_health_interval(), stop.clone());
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health_sync = {
-            let (pool, stop, reporter) = (Arc::clone(&pool), stop.clone(), reporter.clone());
+            let (health, stop, reporter) = (Arc::clone(&health), stop.clone(), reporter.clone());
             tokio::spawn(async move {
                 let mut last = None;
                 loop {
-                    let ready = pool.is_ready();
+                    let ready = health.readiness().ready;
                     if last != Some(ready) {
                         let status = if ready {
                             ServingStatus::Serving
@@ -235,6 +269,7 @@ impl Gateway {
 
         let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone());
         let front = crate::tasks::front::TaskFront {
+            broker_kind: broker_kind(&cfg.tasks.broker),
             store: Arc::clone(&store),
             broker: Arc::clone(&broker),
             infer: infer.clone(),
@@ -258,6 +293,8 @@ impl Gateway {
             .layer(tower::util::MapResponseLayer::new(
                 oversize_is_resource_exhausted,
             ))
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(PropagateRequestIdLayer::x_request_id())
             .max_concurrent_streams(cfg.server.max_concurrent_streams)
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -271,7 +308,10 @@ impl Gateway {
             infer,
             max_request_bytes: cfg.server.max_request_bytes,
             tasks: Some(front.clone()),
-        });
+            health: Arc::clone(&health),
+        })
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
         let http_listener = http_listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
@@ -292,6 +332,7 @@ impl Gateway {
             grace_ms = cfg.server.shutdown_grace_ms,
             "shutting down: draining in-flight requests"
         );
+        health.drain();
         for svc in HEALTH_SERVICES {
             reporter
                 .set_service_status(*svc, ServingStatus::NotServing)
@@ -317,6 +358,7 @@ impl Gateway {
             http_task.abort();
         }
         probe.abort();
+        monitor.abort();
         health_sync.abort();
         match early {
             Some(reason) => anyhow::bail!(reason),

@@ -9,18 +9,23 @@
 //! - On shutdown no new message is taken; running ones get the grace period, and anything not
 //!   acknowledged is delivered again later (to another worker).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use prost::Message;
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{
     error::GatewayError,
     infer::InferService,
     proto::inference::ModelInferRequest,
     queue::{Broker, Delivery},
-    tasks::{Change, StoreError, TaskError, TaskState, TaskStore},
+    tasks::{Change, StoreError, TaskError, TaskState, TaskStore, now_ms},
+    telemetry::{metrics::metrics, trace},
 };
 
 #[derive(Debug, Clone)]
@@ -38,6 +43,8 @@ pub struct Worker {
     pub store: Arc<dyn TaskStore>,
     pub infer: InferService,
     pub cfg: WorkerConfig,
+    /// `memory`, `redis` or `rabbitmq`, for metric labels.
+    pub broker_kind: &'static str,
 }
 
 fn task_error(e: &GatewayError) -> TaskError {
@@ -82,6 +89,7 @@ impl Worker {
                 Err(e) => {
                     // Broker unreachable: back off (bounded) and try again; nothing is lost,
                     // since nothing was taken.
+                    metrics().broker_error(self.broker_kind, "receive");
                     tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "receiving tasks failed");
                     tokio::select! {
                         _ = stop.cancelled() => break,
@@ -103,6 +111,7 @@ impl Worker {
 
     async fn finish(&self, d: &Delivery) {
         if let Err(e) = self.broker.ack(d).await {
+            metrics().broker_error(self.broker_kind, "ack");
             tracing::warn!(task = %d.msg.task_id, error = %e, "ack failed; the task may be delivered again");
         }
     }
@@ -112,12 +121,30 @@ impl Worker {
     async fn retry_later(&self, d: &Delivery, cause: &StoreError) {
         tracing::warn!(task = %d.msg.task_id, error = %cause, "task store unavailable; retrying later");
         if let Err(e) = self.broker.retry(d).await {
+            metrics().broker_error(self.broker_kind, "retry");
             tracing::warn!(task = %d.msg.task_id, error = %e, "handing the task back failed; it stays unacknowledged");
         }
     }
 
-    /// Runs one delivery to its end: stored result and ack, retry, or dead letter.
+    /// Runs one delivery to its end (stored result and ack, retry, or dead letter) inside a
+    /// span that continues the submitter's trace.
     pub async fn handle(&self, d: Delivery) {
+        let span = tracing::info_span!(
+            "task",
+            otel.name = "task run",
+            otel.kind = "consumer",
+            otel.status_code = tracing::field::Empty,
+            task.id = %d.msg.task_id,
+            model = %d.msg.model,
+            messaging.system = self.broker_kind,
+            task.attempt = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        trace::continue_trace(&span, &d.msg.trace);
+        self.run_delivery(d).instrument(span).await
+    }
+
+    async fn run_delivery(&self, d: Delivery) {
         let id = d.msg.task_id.clone();
         let rec = match self.store.get(&id).await {
             Ok(Some(rec)) => rec,
@@ -154,7 +181,14 @@ impl Worker {
             )
             .await;
         let rec = match started {
-            Ok(rec) => rec,
+            Ok(rec) => {
+                let m = metrics();
+                m.task_state(TaskState::Running.as_str());
+                let waited = now_ms().saturating_sub(rec.queued_at_ms);
+                m.observe(&rec.model, "task_queue", Duration::from_millis(waited));
+                tracing::Span::current().record("task.attempt", rec.attempts);
+                rec
+            }
             Err(StoreError::Conflict { .. }) => {
                 self.finish(&d).await;
                 return;
@@ -178,19 +212,30 @@ impl Worker {
                 return;
             }
         };
-        match self.infer.infer(req, None).await {
+        let run_started = Instant::now();
+        let result = self.infer.infer(req, None).await;
+        metrics().observe(&rec.model, "task_run", run_started.elapsed());
+        match result {
             Ok(resp) => {
                 let change = Change {
                     result: Some(resp.encode_to_vec().into()),
                     ..Default::default()
                 };
-                match self
+                let stored = self
                     .store
                     .transition(&id, TaskState::Succeeded, change)
-                    .await
-                {
+                    .instrument(tracing::info_span!(
+                        "store_result",
+                        otel.name = "task store result"
+                    ))
+                    .await;
+                match stored {
+                    Ok(_) => {
+                        metrics().task_state(TaskState::Succeeded.as_str());
+                        self.finish(&d).await
+                    }
                     // Cancelled or expired meanwhile: the late result is dropped.
-                    Ok(_) | Err(StoreError::Conflict { .. }) => self.finish(&d).await,
+                    Err(StoreError::Conflict { .. }) => self.finish(&d).await,
                     Err(StoreError::ResultTooLarge { size, limit }) => {
                         self.fail(&d, TaskError {
                             code: "ResourceExhausted".into(),
@@ -208,6 +253,7 @@ impl Worker {
                 }
             }
             Err(e) => {
+                trace::record_error(&tracing::Span::current(), &e);
                 let err = task_error(&e);
                 if rec.attempts >= self.cfg.max_attempts {
                     self.fail(&d, err).await;
@@ -236,7 +282,7 @@ impl Worker {
 
     async fn fail(&self, d: &Delivery, err: TaskError) {
         let reason = format!("{}: {}", err.code, err.message);
-        let _ = self
+        let failed = self
             .store
             .transition(
                 &d.msg.task_id,
@@ -247,7 +293,11 @@ impl Worker {
                 },
             )
             .await;
+        if failed.is_ok() {
+            metrics().task_state(TaskState::Failed.as_str());
+        }
         if let Err(e) = self.broker.dead_letter(d, &reason).await {
+            metrics().broker_error(self.broker_kind, "dead_letter");
             tracing::warn!(task = %d.msg.task_id, error = %e, "dead-lettering failed");
         }
     }

@@ -1,6 +1,6 @@
 //! Real Triton clients against infergate: Python tritonclient (gRPC and HTTP, binary data on)
 //! gives identical results through infergate and directly, perf_analyzer runs with 0 errors,
-//! and a reflection client lists the services without proto files.
+//! a reflection client lists the services without proto files, and the ghz configs run.
 
 mod common;
 
@@ -73,7 +73,7 @@ async fn perf_analyzer_runs_against_infergate_with_no_errors() {
                 "-s",
                 "100",
                 "--max-trials",
-                "3",
+                "10",
             ])
             .env("LD_LIBRARY_PATH", format!("{v}/infergate-libs")))
         .await;
@@ -105,4 +105,22 @@ async fn reflection_lists_the_services() {
         assert!(out.lines().any(|l| l == svc), "{svc} missing from:\n{out}");
     }
     assert!(out.contains("resolved: grpc_service.proto"), "{out}");
+}
+
+/// The ghz configs of loadtest/ghz (ghz is not installable here): their `data` parses into
+/// the request type of their `call` and runs against infergate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ghz_configs_parse_and_run_against_infergate() {
+    let gw = gateway().await;
+    let v = venv();
+    let (ok, out) = run(Command::new(format!("{v}/bin/python"))
+        .arg(repo().join("loadtest/ghz/check.py"))
+        .arg(gw.grpc_addr.to_string()))
+    .await;
+    assert!(ok, "{out}");
+    assert!(out.contains("3 ghz configs parse and run"), "{out}");
+    assert!(
+        out.contains("task_submit.json: infergate.tasks.v1.TaskService/Submit -> OK"),
+        "{out}"
+    );
 }

@@ -22,6 +22,7 @@ fn spec(protocol: Protocol, target: String) -> LoadSpec {
         rate: None,
         timeout: Duration::from_secs(10),
         progress: false,
+        params: Vec::new(),
     }
 }
 

@@ -14,9 +14,6 @@ use common::*;
 use infergate::{config::Config, server::connect_tasks};
 use serde_json::{Value, json};
 
-const REDIS: &str = "redis://127.0.0.1:6379";
-const RABBIT: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
 /// Tests using RabbitMQ hold this for reading; the restart test holds it for writing.
 static RABBIT_UP: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
@@ -429,7 +426,7 @@ async fn killed_worker(broker: &str) {
             );
         }
         if states.iter().any(|s| s == "succeeded") {
-            unsafe_kill(doomed.id());
+            signal(doomed.id(), "KILL"); // no chance to ack, release or clean up
             break states.iter().filter(|s| *s != "succeeded").count();
         }
         assert!(
@@ -472,15 +469,6 @@ async fn killed_worker(broker: &str) {
     );
 }
 
-fn unsafe_kill(pid: u32) {
-    // SIGKILL: no chance to ack, release or clean up.
-    let status = Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_accepted_task_completes_across_a_rabbitmq_restart() {
     let _onnx = ONNX_MODEL.lock().await;
@@ -514,23 +502,6 @@ async fn every_accepted_task_completes_across_a_rabbitmq_restart() {
         "RabbitMQ restart: {} accepted (all succeeded), {refused} refused with 503",
         accepted.len()
     );
-}
-
-fn rabbitmqctl(cmd: &str) {
-    let ok = Command::new("rabbitmqctl")
-        .arg(cmd)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "rabbitmqctl {cmd}");
-    if cmd == "start_app" {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect("127.0.0.1:5672").is_err() {
-            assert!(Instant::now() < deadline, "RabbitMQ did not come back");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

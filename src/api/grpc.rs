@@ -8,7 +8,7 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
 
 use crate::{
-    api::narrow_extensions,
+    api::{narrow_extensions, observed},
     backend::triton::TritonPool,
     infer::InferService,
     proto::inference::{
@@ -108,7 +108,17 @@ impl GrpcInferenceService for GrpcApi {
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let timeout = grpc_timeout(req.metadata());
-        let resp = self.infer.infer(req.into_inner(), timeout).await?;
+        let (md, _, msg) = req.into_parts();
+        let headers = md.into_headers();
+        let model = msg.model_name.clone();
+        let resp = observed(
+            "grpc ModelInfer",
+            "grpc",
+            &model,
+            &headers,
+            self.infer.infer(msg, timeout),
+        )
+        .await?;
         Ok(Response::new(resp))
     }
 
@@ -122,15 +132,20 @@ impl GrpcInferenceService for GrpcApi {
         req: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let infer = self.infer.clone();
-        let out = req
-            .into_inner()
+        let (md, _, stream) = req.into_parts();
+        let headers = Arc::new(md.into_headers());
+        let out = stream
             .map(move |msg| {
-                let infer = infer.clone();
+                let (infer, headers) = (infer.clone(), Arc::clone(&headers));
                 async move {
                     let r = msg?;
                     let (model_name, model_version, id) =
                         (r.model_name.clone(), r.model_version.clone(), r.id.clone());
-                    Ok(match infer.infer(r, None).await {
+                    let call = infer.infer(r, None);
+                    let result =
+                        observed("grpc ModelStreamInfer", "grpc", &model_name, &headers, call)
+                            .await;
+                    Ok(match result {
                         Ok(resp) => ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(resp),

@@ -8,6 +8,7 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::{
+    api::{header_text, traced},
     proto::{
         inference::ModelInferResponse,
         tasks::{
@@ -19,6 +20,7 @@ use crate::{
         TaskRecord, TaskState,
         front::{Cancelled, TaskFront},
     },
+    telemetry::trace::TraceHeaders,
 };
 
 const WATCH_POLL: Duration = Duration::from_millis(100);
@@ -72,17 +74,25 @@ fn not_found(id: &str) -> Status {
 #[tonic::async_trait]
 impl TaskService for GrpcTasks {
     async fn submit(&self, req: Request<SubmitRequest>) -> Result<Response<Task>, Status> {
-        let traceparent = req
-            .metadata()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
+        let headers = md.into_headers();
         let infer = r
             .request
             .ok_or_else(|| Status::invalid_argument("field 'request' is missing"))?;
         let key = Some(r.idempotency_key).filter(|k| !k.is_empty());
-        let (rec, created) = self.front.submit(infer, key, traceparent).await?;
+        let incoming = TraceHeaders {
+            traceparent: header_text(&headers, "traceparent"),
+            tracestate: header_text(&headers, "tracestate"),
+        };
+        let model = infer.model_name.clone();
+        let (rec, created) = traced(
+            "grpc TaskService/Submit",
+            "grpc",
+            &model,
+            &headers,
+            self.front.submit(infer, key, incoming),
+        )
+        .await?;
         Ok(Response::new(to_wire(&rec, None, !created)))
     }
 

@@ -24,3 +24,69 @@ pub fn narrow_extensions(extensions: Vec<String>) -> Vec<String> {
         .filter(|e| EXTENSIONS.contains(&e.as_str()))
         .collect()
 }
+
+use std::{future::Future, time::Instant};
+
+use opentelemetry::propagation::Extractor;
+use tracing::Instrument;
+
+use crate::{
+    error::GatewayError,
+    telemetry::{metrics::metrics, trace},
+};
+
+/// The request id set (or passed on) by the `x-request-id` layer of both listeners.
+pub fn request_id(headers: &::http::HeaderMap) -> Option<&str> {
+    headers.get("x-request-id").and_then(|v| v.to_str().ok())
+}
+
+/// A header's value as text, if it is visible ASCII.
+pub fn header_text(headers: &::http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// Runs one API call inside its server span (child of the caller's trace context).
+pub async fn traced<T>(
+    name: &'static str,
+    protocol: &'static str,
+    model: &str,
+    headers: &::http::HeaderMap,
+    fut: impl Future<Output = Result<T, GatewayError>>,
+) -> Result<T, GatewayError> {
+    let span = trace::server_span(
+        name,
+        protocol,
+        model,
+        request_id(headers),
+        &trace::HeaderExtractor(headers) as &(dyn Extractor + Sync),
+    );
+    let result = fut.instrument(span.clone()).await;
+    if let Err(e) = &result {
+        trace::record_error(&span, e);
+    }
+    result
+}
+
+/// [`traced`], and counted in `infergate_requests_total` and the `total` phase histogram.
+pub async fn observed<T>(
+    name: &'static str,
+    protocol: &'static str,
+    model: &str,
+    headers: &::http::HeaderMap,
+    fut: impl Future<Output = Result<T, GatewayError>>,
+) -> Result<T, GatewayError> {
+    let started = Instant::now();
+    let result = traced(name, protocol, model, headers, fut).await;
+    let code = match (&result, protocol) {
+        (Ok(_), "http") => "200".to_string(),
+        (Ok(_), _) => "OK".to_string(),
+        (Err(e), "http") => e.http_status().as_u16().to_string(),
+        (Err(e), _) => format!("{:?}", e.grpc_code()),
+    };
+    tracing::debug!(target: "infergate::api", model, protocol, code = %code, "request answered");
+    metrics().request(model, protocol, code, started);
+    result
+}

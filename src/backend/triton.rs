@@ -15,6 +15,7 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+use tracing::Instrument;
 
 use crate::{
     config::TritonConfig,
@@ -28,6 +29,7 @@ use crate::{
         ServerMetadataResponse, ServerReadyRequest, StatisticDuration,
         grpc_inference_service_client::GrpcInferenceServiceClient,
     },
+    telemetry::{metrics::metrics, trace},
 };
 
 pub type TritonClient = GrpcInferenceServiceClient<Channel>;
@@ -202,12 +204,34 @@ impl TritonPool {
         req: ModelInferRequest,
         timeout: Option<Duration>,
     ) -> Result<ModelInferResponse, GatewayError> {
-        self.call(timeout, |mut c, budget| {
-            let mut r = tonic::Request::new(req);
-            r.set_timeout(budget);
-            async move { c.model_infer(r).await }
-        })
-        .await
+        let model = req.model_name.clone();
+        let span = if trace::enabled() {
+            tracing::info_span!(
+                "triton",
+                otel.name = "triton ModelInfer",
+                otel.kind = "client",
+                model = %model,
+                otel.status_code = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let started = Instant::now();
+        let result = self
+            .call(timeout, |mut c, budget| {
+                let mut r = tonic::Request::new(req);
+                r.set_timeout(budget);
+                // Triton continues the trace when it runs with --trace-config mode=opentelemetry.
+                trace::inject_into(r.metadata_mut());
+                async move { c.model_infer(r).await }
+            })
+            .instrument(span.clone())
+            .await;
+        metrics().observe(&model, "triton", started.elapsed());
+        if let Err(e) = &result {
+            trace::record_error(&span, e);
+        }
+        result
     }
 
     pub async fn server_metadata(&self) -> Result<ServerMetadataResponse, GatewayError> {

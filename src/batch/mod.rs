@@ -32,6 +32,7 @@ use std::{
 };
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::{
     backend::triton::TritonPool,
@@ -42,6 +43,7 @@ use crate::{
         InferParameter, ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice,
         model_config::SchedulingChoice,
     },
+    telemetry::metrics::{ModelLabel, metrics},
 };
 use queue::{BatchQueue, Dropped, Pending, Waiter};
 
@@ -50,6 +52,10 @@ type Reply = oneshot::Sender<Result<ModelInferResponse, GatewayError>>;
 struct Job {
     req: ModelInferRequest,
     reply: Reply,
+    /// The caller's trace context (tracing on only): parent and links of the batch span.
+    trace: Option<opentelemetry::Context>,
+    /// Open while the request waits for its batch (tracing on only).
+    _wait_span: Option<tracing::Span>,
 }
 
 impl Waiter for Job {
@@ -246,6 +252,16 @@ impl Batcher {
         }
     }
 
+    /// Requests waiting per model (all versions together), for the queue-depth gauge.
+    pub fn queue_depths(&self) -> Vec<(String, usize)> {
+        let models = self.models.lock().expect("batcher map lock");
+        let mut depths = std::collections::BTreeMap::<String, usize>::new();
+        for ((name, _), m) in models.iter() {
+            *depths.entry(name.clone()).or_default() += m.queued.load(Ordering::Relaxed);
+        }
+        depths.into_iter().collect()
+    }
+
     /// The batching settings for a model, or `None` when its requests pass through alone.
     pub fn settings(&self, info: &ModelInfo) -> Option<ModelSettings> {
         ModelSettings::for_model(info, &self.cfg)
@@ -310,7 +326,13 @@ impl Batcher {
             level,
             enqueued: Instant::now(),
             deadline,
-            item: Job { req, reply: tx },
+            item: Job {
+                req,
+                reply: tx,
+                trace: crate::telemetry::trace::current_context(),
+                _wait_span: crate::telemetry::trace::enabled()
+                    .then(|| tracing::info_span!("batch_wait", otel.name = "batch wait")),
+            },
         };
         if model.inbox.send(pending).is_err() {
             model.queued.fetch_sub(1, Ordering::AcqRel);
@@ -455,13 +477,44 @@ async fn run_batch(backend: Arc<TritonPool>, batch: Vec<Pending<Job>>, observed:
     let now = Instant::now();
     let deadline = batch.iter().filter_map(|p| p.deadline).min();
     let rows: Vec<i64> = batch.iter().map(|p| p.rows).collect();
+    let m = metrics();
+    let model = batch[0].item.req.model_name.clone();
     let mut members: Vec<(String, Reply)> = Vec::with_capacity(batch.len());
     let mut reqs: Vec<ModelInferRequest> = Vec::with_capacity(batch.len());
+    let mut traces = Vec::new();
     for p in batch {
-        let Job { req, reply } = p.item;
+        m.observe(
+            &model,
+            "batch_wait",
+            now.saturating_duration_since(p.enqueued),
+        );
+        // Dropping the job's wait span here ends it: the wait is over.
+        let Job {
+            req, reply, trace, ..
+        } = p.item;
+        traces.extend(trace);
         members.push((req.id.clone(), reply));
         reqs.push(req);
     }
+    let total_rows: i64 = rows.iter().sum();
+    m.batch_rows
+        .get_or_create(&ModelLabel {
+            model: model.clone(),
+        })
+        .observe(total_rows as f64);
+    let span = if traces.is_empty() {
+        tracing::Span::none()
+    } else {
+        let span = tracing::info_span!(
+            "batch",
+            otel.name = "batch",
+            model = %model,
+            batch.requests = members.len(),
+            batch.rows = total_rows,
+        );
+        crate::telemetry::trace::link_members(&span, &traces);
+        span
+    };
     let mut call = if reqs.len() == 1 {
         reqs.pop().expect("one request")
     } else {
@@ -482,7 +535,7 @@ async fn run_batch(backend: Arc<TritonPool>, batch: Vec<Pending<Job>>, observed:
         );
     }
     let started = Instant::now();
-    let result = backend.infer(call, budget).await;
+    let result = backend.infer(call, budget).instrument(span).await;
     ewma(&observed.triton_ns, started.elapsed());
     let parts = result.and_then(|resp| {
         if members.len() == 1 {

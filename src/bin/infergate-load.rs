@@ -50,6 +50,13 @@ struct Args {
     /// Write the summary as JSON (ghz's field names) to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// An integer request parameter sent with every request, e.g. `--param priority=1`
+    /// (repeat for several).
+    #[arg(long = "param", value_name = "KEY=INT", value_parser = parse_param)]
+    params: Vec<(String, i64)>,
+    /// Write an HTML report (summary, latency histogram, requests per second) to this file.
+    #[arg(long)]
+    html: Option<std::path::PathBuf>,
     /// No progress line.
     #[arg(short, long)]
     quiet: bool,
@@ -57,6 +64,17 @@ struct Args {
     /// all are final; reports completed tasks per second.
     #[arg(long, value_name = "N")]
     tasks: Option<u64>,
+}
+
+fn parse_param(s: &str) -> Result<(String, i64), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not KEY=INT"))?;
+    let v = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}': the value must be an integer"))?;
+    Ok((k.trim().to_string(), v))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -78,6 +96,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let a = Args::parse();
+    let run_title = format!(
+        "infergate-load: {} {} model {} batch {} concurrency {}{}",
+        if a.grpc.is_some() { "gRPC" } else { "HTTP" },
+        a.grpc.as_deref().or(a.http.as_deref()).unwrap_or(""),
+        a.model,
+        a.batch,
+        a.concurrency,
+        a.rate.map(|r| format!(" rate {r}/s")).unwrap_or_default(),
+    );
     let (protocol, target) = match (a.grpc, a.http) {
         (Some(g), _) => (Protocol::Grpc, g),
         (None, Some(h)) => (Protocol::Http, h),
@@ -100,6 +127,7 @@ fn main() -> ExitCode {
         rate: a.rate,
         timeout: a.timeout,
         progress: !a.quiet,
+        params: a.params,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -132,8 +160,15 @@ fn main() -> ExitCode {
         Ok(outcome) => {
             let summary = outcome.summary();
             print!("{}", summary.text());
-            if let Some(path) = a.json {
-                let text = serde_json::to_string_pretty(&summary).expect("summary serialises");
+            let files = [
+                a.json.map(|p| {
+                    let text = serde_json::to_string_pretty(&summary).expect("summary serialises");
+                    (p, text)
+                }),
+                a.html
+                    .map(|p| (p, infergate::loadgen::html::render(&run_title, &summary))),
+            ];
+            for (path, text) in files.into_iter().flatten() {
                 if let Err(e) = std::fs::write(&path, text) {
                     eprintln!("infergate-load: cannot write {}: {e}", path.display());
                     return ExitCode::FAILURE;

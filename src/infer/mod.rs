@@ -65,6 +65,11 @@ impl InferService {
         &self.backend
     }
 
+    /// Requests waiting in each model's batching queue.
+    pub fn queue_depths(&self) -> Vec<(String, usize)> {
+        self.batcher.queue_depths()
+    }
+
     /// Validates a request (model known, tensors right) without running it: the task API
     /// refuses bad requests before queueing them.
     pub async fn check(&self, req: &mut ModelInferRequest) -> Result<Validated, GatewayError> {

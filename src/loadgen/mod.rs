@@ -4,6 +4,7 @@
 //! warm-up. It is lean on purpose: on a 2-core machine every cycle the load generator spends is
 //! taken from the system under test.
 
+pub mod html;
 pub mod report;
 pub mod tasks;
 
@@ -22,9 +23,9 @@ use tonic::transport::Channel;
 
 use crate::{
     proto::inference::{
-        ModelConfigRequest, ModelInferRequest, ModelMetadataRequest,
+        InferParameter, ModelConfigRequest, ModelInferRequest, ModelMetadataRequest,
         grpc_inference_service_client::GrpcInferenceServiceClient,
-        model_infer_request::InferInputTensor,
+        infer_parameter::ParameterChoice, model_infer_request::InferInputTensor,
     },
     tensor::{DataType, element_count},
 };
@@ -54,6 +55,8 @@ pub struct LoadSpec {
     pub rate: Option<f64>,
     pub timeout: Duration,
     pub progress: bool,
+    /// Integer request parameters sent with every request (e.g. `priority`).
+    pub params: Vec<(String, i64)>,
 }
 
 /// One input as the model declares it.
@@ -180,8 +183,16 @@ impl Sender {
                         shape: t.shape.clone(),
                     })
                     .collect();
-                let req =
+                let mut req =
                     build_request(&spec.model, &inputs, cfg.max_batch_size.into(), spec.batch)?;
+                for (k, v) in &spec.params {
+                    req.parameters.insert(
+                        k.clone(),
+                        InferParameter {
+                            parameter_choice: Some(ParameterChoice::Int64Param(*v)),
+                        },
+                    );
+                }
                 Ok(Self::Grpc { clients, req })
             }
             Protocol::Http => {
@@ -227,7 +238,10 @@ impl Sender {
                         "name": i.name, "shape": i.shape, "datatype": i.datatype,
                         "parameters": {"binary_data_size": raw.len()},
                     })).collect::<Vec<_>>(),
-                    "parameters": {"binary_data_output": true},
+                    "parameters": spec.params.iter()
+                        .map(|(k, v)| (k.clone(), json!(v)))
+                        .chain([("binary_data_output".to_string(), json!(true))])
+                        .collect::<serde_json::Map<_, _>>(),
                 });
                 let header = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
                 let mut body = header.clone();

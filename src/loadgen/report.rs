@@ -19,6 +19,16 @@ pub struct Outcome {
     pub per_second: Vec<u64>,
 }
 
+/// One bar of the latency histogram, as ghz writes it.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Bucket {
+    /// Upper edge of the bar, seconds.
+    pub mark: f64,
+    pub count: u64,
+    /// Share of all measured requests.
+    pub frequency: f64,
+}
+
 #[derive(Debug, Serialize, PartialEq)]
 pub struct LatencyPoint {
     pub percentage: u32,
@@ -36,6 +46,7 @@ pub struct Summary {
     pub fastest: u64,
     pub slowest: u64,
     pub rps: f64,
+    pub histogram: Vec<Bucket>,
     pub latency_distribution: Vec<LatencyPoint>,
     pub status_code_distribution: BTreeMap<String, u64>,
     pub error_distribution: BTreeMap<String, u64>,
@@ -44,6 +55,31 @@ pub struct Summary {
 }
 
 pub const PERCENTILES: &[u32] = &[10, 25, 50, 75, 90, 95, 99];
+
+/// Bars of the histogram: equal widths from the fastest to the slowest request.
+const BARS: usize = 20;
+
+/// Equal-width buckets over `[first, last]` of sorted latencies (ns).
+pub fn histogram(sorted: &[u64]) -> Vec<Bucket> {
+    let (Some(&lo), Some(&hi)) = (sorted.first(), sorted.last()) else {
+        return Vec::new();
+    };
+    let width = ((hi - lo) / BARS as u64).max(1);
+    let mut counts = vec![0u64; BARS];
+    for &v in sorted {
+        counts[(((v - lo) / width) as usize).min(BARS - 1)] += 1;
+    }
+    let n = sorted.len() as f64;
+    counts
+        .into_iter()
+        .enumerate()
+        .map(|(i, count)| Bucket {
+            mark: (lo + width * (i as u64 + 1)) as f64 / 1e9,
+            count,
+            frequency: count as f64 / n,
+        })
+        .collect()
+}
 
 /// Nearest-rank percentile of sorted values.
 pub fn percentile(sorted: &[u64], pct: u32) -> u64 {
@@ -71,6 +107,7 @@ impl Outcome {
             fastest: sorted.first().copied().unwrap_or(0),
             slowest: sorted.last().copied().unwrap_or(0),
             rps: count as f64 / secs,
+            histogram: histogram(&sorted),
             latency_distribution: PERCENTILES
                 .iter()
                 .map(|&p| LatencyPoint {
@@ -80,7 +117,11 @@ impl Outcome {
                 .collect(),
             status_code_distribution: self.statuses.clone(),
             error_distribution: self.errors.clone(),
-            per_second: self.per_second.clone(),
+            // Whole seconds only: a last, partial second would read as a drop in throughput.
+            per_second: {
+                let whole = (self.elapsed.as_secs() as usize).max(1);
+                self.per_second.iter().copied().take(whole).collect()
+            },
         }
     }
 }
@@ -154,5 +195,27 @@ mod tests {
         assert!(json["latencyDistribution"].is_array());
         assert_eq!(json["statusCodeDistribution"]["OK"], 3);
         assert!(s.text().contains("Requests/sec: 2.00"));
+        assert_eq!(json["histogram"].as_array().unwrap().len(), 20);
+        let partial = Outcome {
+            elapsed: Duration::from_millis(3_010),
+            per_second: vec![10, 11, 12, 1],
+            ..Default::default()
+        };
+        assert_eq!(partial.summary().per_second, vec![10, 11, 12]);
+    }
+
+    #[test]
+    fn histogram_bars_cover_every_request() {
+        let v: Vec<u64> = (0..1000).map(|i| 1_000_000 + i * 1_000).collect();
+        let h = histogram(&v);
+        assert_eq!(h.len(), 20);
+        assert_eq!(h.iter().map(|b| b.count).sum::<u64>(), 1000);
+        assert!(h.windows(2).all(|w| w[0].mark < w[1].mark));
+        assert!((h.iter().map(|b| b.frequency).sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!(histogram(&[]).is_empty());
+        assert_eq!(
+            histogram(&[5, 5, 5]).iter().map(|b| b.count).sum::<u64>(),
+            3
+        );
     }
 }

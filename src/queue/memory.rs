@@ -137,7 +137,7 @@ mod tests {
             task_id: id.into(),
             model: "m".into(),
             payload: bytes::Bytes::new(),
-            traceparent: None,
+            trace: Default::default(),
             priority: 0,
         }
     }

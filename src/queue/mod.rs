@@ -18,8 +18,8 @@ pub struct TaskMessage {
     pub model: String,
     /// The encoded `ModelInferRequest`, already validated.
     pub payload: Bytes,
-    /// W3C trace context of the submitting request, if any.
-    pub traceparent: Option<String>,
+    /// W3C trace context (`traceparent`, `tracestate`) of the submitting request.
+    pub trace: crate::telemetry::trace::TraceHeaders,
     /// 0 (lowest) ..= 9; brokers with priority queues (RabbitMQ) deliver higher first.
     pub priority: u8,
 }

@@ -29,6 +29,7 @@ use lapin::{
 };
 
 use super::{Broker, Delivery, QueueError, TaskMessage};
+use crate::telemetry::{metrics::metrics, trace::TraceHeaders};
 
 pub struct RabbitBroker {
     url: String,
@@ -45,6 +46,20 @@ pub struct RabbitBroker {
 
 fn backend(e: impl std::fmt::Display) -> QueueError {
     QueueError::Backend(e.to_string())
+}
+
+/// Counts a lost connection, which the next call re-opens (with backoff).
+fn reconnecting(had_one: bool) {
+    if had_one {
+        metrics().broker_reconnect("rabbitmq");
+    }
+}
+
+fn trace_of(table: &FieldTable) -> TraceHeaders {
+    TraceHeaders {
+        traceparent: header(table, "traceparent"),
+        tracestate: header(table, "tracestate"),
+    }
 }
 
 fn header(table: &FieldTable, key: &str) -> Option<String> {
@@ -143,6 +158,7 @@ impl RabbitBroker {
         let ch = {
             let mut guard = self.publisher.lock().await;
             if guard.as_ref().is_none_or(|(c, _)| !c.status().connected()) {
+                reconnecting(guard.is_some());
                 *guard = Some(self.open().await?);
             }
             guard.as_ref().expect("just opened").1.clone()
@@ -150,8 +166,11 @@ impl RabbitBroker {
         let mut headers = FieldTable::default();
         headers.insert("task_id".into(), long(&msg.task_id));
         headers.insert("model".into(), long(&msg.model));
-        if let Some(t) = &msg.traceparent {
+        if let Some(t) = &msg.trace.traceparent {
             headers.insert("traceparent".into(), long(t));
+        }
+        if let Some(t) = &msg.trace.tracestate {
+            headers.insert("tracestate".into(), long(t));
         }
         if let Some(r) = reason {
             headers.insert("reason".into(), long(r));
@@ -178,6 +197,7 @@ impl RabbitBroker {
             Ok(Confirmation::NotRequested) => Err(backend("publisher confirms are off")),
             Err(e) => {
                 *self.publisher.lock().await = None;
+                reconnecting(true);
                 Err(backend(e))
             }
         }
@@ -197,6 +217,7 @@ impl Broker for RabbitBroker {
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
         let mut guard = self.consumer.lock().await;
         if guard.as_ref().is_none_or(|(c, ..)| !c.status().connected()) {
+            reconnecting(guard.is_some());
             let (conn, ch) = self.open().await?;
             ch.basic_qos(self.prefetch, BasicQosOptions::default())
                 .await
@@ -220,10 +241,12 @@ impl Broker for RabbitBroker {
             Err(_) => return Ok(Vec::new()),
             Ok(None) => {
                 *guard = None;
+                reconnecting(true);
                 return Err(backend("the RabbitMQ consumer was cancelled"));
             }
             Ok(Some(Err(e))) => {
                 *guard = None;
+                reconnecting(true);
                 return Err(backend(e));
             }
             Ok(Some(Ok(d))) => got.push(d),
@@ -253,7 +276,7 @@ impl Broker for RabbitBroker {
                 task_id,
                 model: header(&headers, "model").unwrap_or_default(),
                 payload: Bytes::from(d.data),
-                traceparent: header(&headers, "traceparent"),
+                trace: trace_of(&headers),
                 priority: d.properties.priority().unwrap_or(0),
             };
             self.ackers
@@ -331,7 +354,7 @@ impl Broker for RabbitBroker {
                     task_id: header(&headers, "task_id").unwrap_or_default(),
                     model: header(&headers, "model").unwrap_or_default(),
                     payload: Bytes::from(d.data),
-                    traceparent: header(&headers, "traceparent"),
+                    trace: trace_of(&headers),
                     priority: d.properties.priority().unwrap_or(0),
                 },
                 header(&headers, "reason").unwrap_or_default(),

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use redis::{Value, aio::ConnectionManager};
 
 use super::{Broker, Delivery, QueueError, TaskMessage};
+use crate::telemetry::trace::TraceHeaders;
 
 pub struct RedisBroker {
     conn: ConnectionManager,
@@ -71,7 +72,10 @@ fn message(fields: &HashMap<String, Vec<u8>>) -> Option<TaskMessage> {
         task_id: s("task_id")?,
         model: s("model").unwrap_or_default(),
         payload: Bytes::from(fields.get("payload")?.clone()),
-        traceparent: s("traceparent").filter(|t| !t.is_empty()),
+        trace: TraceHeaders {
+            traceparent: s("traceparent").filter(|t| !t.is_empty()),
+            tracestate: s("tracestate").filter(|t| !t.is_empty()),
+        },
         priority: s("priority").and_then(|p| p.parse().ok()).unwrap_or(0),
     })
 }
@@ -138,7 +142,19 @@ impl RedisBroker {
             ("payload", msg.payload.to_vec()),
             (
                 "traceparent",
-                msg.traceparent.clone().unwrap_or_default().into_bytes(),
+                msg.trace
+                    .traceparent
+                    .clone()
+                    .unwrap_or_default()
+                    .into_bytes(),
+            ),
+            (
+                "tracestate",
+                msg.trace
+                    .tracestate
+                    .clone()
+                    .unwrap_or_default()
+                    .into_bytes(),
             ),
         ]
     }

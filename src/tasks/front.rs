@@ -11,6 +11,7 @@ use crate::{
     infer::InferService,
     proto::inference::{ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice},
     queue::{Broker, QueueError, TaskMessage},
+    telemetry::{metrics::metrics, trace::TraceHeaders},
 };
 
 /// Tenants arrive with authentication; until then every caller is this one.
@@ -20,6 +21,8 @@ pub const DEFAULT_TENANT: &str = "default";
 pub struct TaskFront {
     pub store: Arc<dyn TaskStore>,
     pub broker: Arc<dyn Broker>,
+    /// `memory`, `redis` or `rabbitmq`, for metric labels.
+    pub broker_kind: &'static str,
     pub infer: InferService,
 }
 
@@ -59,7 +62,7 @@ impl TaskFront {
         &self,
         mut req: ModelInferRequest,
         idempotency_key: Option<String>,
-        traceparent: Option<String>,
+        incoming: TraceHeaders,
     ) -> Result<(TaskRecord, bool), GatewayError> {
         // Bad requests are refused now, not turned into failed tasks.
         self.infer.check(&mut req).await?;
@@ -86,9 +89,10 @@ impl TaskFront {
             model: req.model_name.clone(),
             priority: broker_priority(&req),
             payload: req.encode_to_vec().into(),
-            traceparent,
+            trace: TraceHeaders::outgoing(&incoming),
         };
         if let Err(e) = self.broker.publish(&msg).await {
+            metrics().broker_error(self.broker_kind, "publish");
             // Not queued, so not accepted: forget the record and say why.
             let _ = self.store.remove(&rec.id).await;
             return Err(match e {
@@ -100,6 +104,7 @@ impl TaskFront {
                 }
             });
         }
+        metrics().task_state(TaskState::Queued.as_str());
         Ok((rec, true))
     }
 
@@ -129,7 +134,10 @@ impl TaskFront {
             .transition(id, TaskState::Cancelled, Change::default())
             .await
         {
-            Ok(rec) => Ok(Cancelled::Done(Box::new(rec))),
+            Ok(rec) => {
+                metrics().task_state(TaskState::Cancelled.as_str());
+                Ok(Cancelled::Done(Box::new(rec)))
+            }
             Err(StoreError::NotFound(_)) => Ok(Cancelled::NotFound),
             Err(StoreError::Conflict { from, .. }) => Ok(Cancelled::AlreadyFinal(from)),
             Err(e) => Err(store_error(e)),

@@ -33,10 +33,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+pub const REDIS: &str = "redis://127.0.0.1:6379";
+pub const RABBIT: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
 pub struct Triton {
     pub grpc_port: u16,
     pub http_port: u16,
-    _child: Option<Child>,
+    pub metrics_port: u16,
+    child: Option<Child>,
 }
 
 impl Triton {
@@ -45,6 +49,90 @@ impl Triton {
     }
     pub fn http_base(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// A Triton of the caller's own on the given ports (fresh ones if `None`), with extra
+    /// tritonserver flags; waits until it is ready. Stopped when dropped.
+    pub fn start(ports: Option<(u16, u16, u16)>, extra: &[String]) -> Triton {
+        let (grpc_port, http_port, metrics_port) =
+            ports.unwrap_or_else(|| (free_port(), free_port(), free_port()));
+        let log = std::env::temp_dir().join(format!("infergate-triton-{grpc_port}.log"));
+        let child = Command::new(repo().join("scripts/start-triton.sh"))
+            .args([grpc_port, http_port, metrics_port].map(|p| p.to_string()))
+            .args(extra)
+            .env("INFERGATE_WATCH_PID", std::process::id().to_string())
+            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .stderr(Stdio::from(
+                std::fs::File::create(log.with_extension("err")).unwrap(),
+            ))
+            .spawn()
+            .expect("start scripts/start-triton.sh");
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while http_status(http_port, "/v2/health/ready") != Some(200) {
+            assert!(
+                Instant::now() < deadline,
+                "Triton did not become ready; see {}",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Triton {
+            grpc_port,
+            http_port,
+            metrics_port,
+            child: Some(child),
+        }
+    }
+
+    pub fn ports(&self) -> (u16, u16, u16) {
+        (self.grpc_port, self.http_port, self.metrics_port)
+    }
+
+    /// SIGTERM to the start script (its trap stops tritonserver), then waits for both.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "TERM");
+            let _ = child.wait();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while http_status(self.http_port, "/v2/health/live").is_some()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+impl Drop for Triton {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sends a signal (`TERM`, `KILL`...) to a process.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// `rabbitmqctl stop_app|start_app`; start_app waits until the AMQP port answers.
+pub fn rabbitmqctl(cmd: &str) {
+    let ok = Command::new("rabbitmqctl")
+        .arg(cmd)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "rabbitmqctl {cmd}");
+    if cmd == "start_app" {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect("127.0.0.1:5672").is_err() {
+            assert!(Instant::now() < deadline, "RabbitMQ did not come back");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -76,34 +164,11 @@ pub fn triton() -> &'static Triton {
             return Triton {
                 grpc_port: g.parse().unwrap(),
                 http_port: h.parse().unwrap(),
-                _child: None,
+                metrics_port: 0,
+                child: None,
             };
         }
-        let (grpc_port, http_port, metrics_port) = (free_port(), free_port(), free_port());
-        let log = std::env::temp_dir().join(format!("infergate-triton-{grpc_port}.log"));
-        let child = Command::new(repo().join("scripts/start-triton.sh"))
-            .args([grpc_port, http_port, metrics_port].map(|p| p.to_string()))
-            .env("INFERGATE_WATCH_PID", std::process::id().to_string())
-            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .stderr(Stdio::from(
-                std::fs::File::create(log.with_extension("err")).unwrap(),
-            ))
-            .spawn()
-            .expect("start scripts/start-triton.sh");
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while http_status(http_port, "/v2/health/ready") != Some(200) {
-            assert!(
-                Instant::now() < deadline,
-                "Triton did not become ready; see {}",
-                log.display()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Triton {
-            grpc_port,
-            http_port,
-            _child: Some(child),
-        }
+        Triton::start(None, &[])
     })
 }
 

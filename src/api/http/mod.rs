@@ -18,14 +18,16 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::{
-    api::narrow_extensions,
+    api::{narrow_extensions, observed},
     backend::triton::TritonPool,
     error::GatewayError,
+    health::Health,
     infer::InferService,
     proto::{
         inference::{ModelStatisticsRequest, RepositoryIndexRequest},
         to_triton_json,
     },
+    telemetry::metrics::{ModelLabel, metrics},
 };
 
 #[derive(Clone)]
@@ -34,6 +36,7 @@ pub struct HttpState {
     pub max_request_bytes: usize,
     /// The async task API; `None` when no broker/task store is configured.
     pub tasks: Option<crate::tasks::front::TaskFront>,
+    pub health: Arc<Health>,
 }
 
 impl HttpState {
@@ -76,7 +79,52 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/tasks/{id}", get(tasks::get).delete(tasks::cancel))
         // The infer handler enforces max_request_bytes itself, with a JSON error.
         .layer(DefaultBodyLimit::disable())
+        .merge(ops_router(
+            Arc::clone(&state.health),
+            Some(state.infer.clone()),
+        ))
         .with_state(state)
+}
+
+/// Probes and metrics: `/livez`, `/readyz`, `/metrics` (also served by `infergate worker`).
+/// What each probe checks, and why, is in [`crate::health`].
+pub fn ops_router<S: Clone + Send + Sync + 'static>(
+    health: Arc<Health>,
+    infer: Option<InferService>,
+) -> Router<S> {
+    let readyz = {
+        let health = Arc::clone(&health);
+        move || async move {
+            let r = health.readiness();
+            let code = if r.ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (code, Json(r))
+        }
+    };
+    let scrape = move || async move {
+        let m = metrics();
+        if let Some(infer) = &infer {
+            for (model, depth) in infer.queue_depths() {
+                m.batch_queue_depth
+                    .get_or_create(&ModelLabel { model })
+                    .set(depth as i64);
+            }
+        }
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            m.encode(),
+        )
+    };
+    Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(scrape))
 }
 
 async fn live() -> StatusCode {
@@ -236,8 +284,11 @@ async fn infer(
     body: Body,
 ) -> Result<Response, GatewayError> {
     let (m, v) = model_and_version(&p);
-    let bytes = read_body(body, &headers, s.max_request_bytes).await?;
-    let (req, prefs) = codec::decode_request(&m, &v, &headers, bytes)?;
-    let resp = s.infer.infer(req, timeout_header(&headers)?).await?;
-    Ok(codec::encode_response(resp, &prefs)?.into_response())
+    let work = async {
+        let bytes = read_body(body, &headers, s.max_request_bytes).await?;
+        let (req, prefs) = codec::decode_request(&m, &v, &headers, bytes)?;
+        let resp = s.infer.infer(req, timeout_header(&headers)?).await?;
+        Ok(codec::encode_response(resp, &prefs)?.into_response())
+    };
+    observed("http infer", "http", &m, &headers, work).await
 }

@@ -19,12 +19,14 @@ use serde_json::{Value, json};
 
 use super::{HttpState, codec, read_body};
 use crate::{
+    api::{header_text, traced},
     error::GatewayError,
     proto::inference::ModelInferResponse,
     tasks::{
         TaskRecord,
         front::{Cancelled, TaskFront},
     },
+    telemetry::trace::TraceHeaders,
 };
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -79,11 +81,18 @@ pub async fn submit(
                 .map_err(|_| GatewayError::invalid("header Idempotency-Key must be visible ASCII"))
         })
         .transpose()?;
-    let traceparent = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let (rec, created) = front.submit(req, key, traceparent).await?;
+    let incoming = TraceHeaders {
+        traceparent: header_text(&headers, "traceparent"),
+        tracestate: header_text(&headers, "tracestate"),
+    };
+    let (rec, created) = traced(
+        "http task submit",
+        "http",
+        &model,
+        &headers,
+        front.submit(req, key, incoming),
+    )
+    .await?;
     let mut r = (StatusCode::ACCEPTED, Json(task_json(&rec, None))).into_response();
     let h = r.headers_mut();
     if let Ok(loc) = HeaderValue::from_str(&format!("/v1/tasks/{}", rec.id)) {

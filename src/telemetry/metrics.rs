@@ -1,0 +1,264 @@
+//! Prometheus metrics (prometheus-client), one registry per process, served at `/metrics`.
+//! The names, labels and meanings are listed in the README ("Metrics").
+//!
+//! Counters and histograms are updated where the event happens; gauges that mirror some
+//! other state (queue depths, endpoint health) are refreshed by the health monitor and just
+//! before each scrape.
+
+use std::{
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub model: String,
+    /// `grpc` or `http`.
+    pub protocol: &'static str,
+    /// gRPC status name (`OK`, `InvalidArgument`...) or HTTP status (`200`, `400`...).
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub model: String,
+    /// `total` (API request), `batch_wait` (in the batcher), `triton` (one call),
+    /// `task_queue` (task accepted → started), `task_run` (started → result stored).
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BrokerLabel {
+    /// `memory`, `redis` or `rabbitmq`.
+    pub broker: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BrokerOpLabels {
+    pub broker: &'static str,
+    /// `publish`, `receive`, `ack`, `retry` or `dead_letter`.
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    pub endpoint: String,
+}
+
+type Hist<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency() -> Histogram {
+    // 100 µs .. ~52 s, doubling.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.0, 20,
+    ))
+}
+
+fn batch_rows() -> Histogram {
+    Histogram::new([
+        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+    ])
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Hist<PhaseLabels>,
+    pub batch_rows: Hist<ModelLabel>,
+    pub batch_queue_depth: Family<ModelLabel, Gauge>,
+    pub task_queue_depth: Family<BrokerLabel, Gauge>,
+    pub tasks: Family<StateLabel, Counter>,
+    pub broker_errors: Family<BrokerOpLabels, Counter>,
+    pub broker_reconnects: Family<BrokerLabel, Counter>,
+    pub triton_up: Family<EndpointLabel, Gauge>,
+    pub ready: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut m = Self {
+            registry: Registry::with_prefix("infergate"),
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency),
+            batch_rows: Family::new_with_constructor(batch_rows),
+            batch_queue_depth: Family::default(),
+            task_queue_depth: Family::default(),
+            tasks: Family::default(),
+            broker_errors: Family::default(),
+            broker_reconnects: Family::default(),
+            triton_up: Family::default(),
+            ready: Gauge::default(),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "requests",
+            "Inference requests answered, by model, protocol and status code",
+            m.requests.clone(),
+        );
+        r.register(
+            "phase_duration_seconds",
+            "Time spent per phase: total, batch_wait, triton, task_queue, task_run",
+            m.duration.clone(),
+        );
+        r.register(
+            "batch_rows",
+            "Rows (batch dimension) of each call sent to Triton through the batcher",
+            m.batch_rows.clone(),
+        );
+        r.register(
+            "batch_queue_depth",
+            "Requests waiting in a model's batching queue",
+            m.batch_queue_depth.clone(),
+        );
+        r.register(
+            "task_queue_depth",
+            "Task messages waiting or in flight in the broker",
+            m.task_queue_depth.clone(),
+        );
+        r.register(
+            "tasks",
+            "Task state changes made by this process, by the state entered",
+            m.tasks.clone(),
+        );
+        r.register(
+            "broker_errors",
+            "Failed broker operations, by broker and operation",
+            m.broker_errors.clone(),
+        );
+        r.register(
+            "broker_reconnects",
+            "Reconnections to the broker",
+            m.broker_reconnects.clone(),
+        );
+        r.register(
+            "triton_endpoint_up",
+            "1 when the Triton endpoint passed its last readiness probe",
+            m.triton_up.clone(),
+        );
+        r.register(
+            "ready",
+            "1 when this process reports ready on /readyz",
+            m.ready.clone(),
+        );
+        m
+    }
+
+    /// Creates this process's broker series at zero, so they are scraped (and `rate()`
+    /// works) before the first event.
+    pub fn init_broker(&self, broker: &'static str) {
+        for op in ["publish", "receive", "ack", "retry", "dead_letter"] {
+            let _ = self
+                .broker_errors
+                .get_or_create(&BrokerOpLabels { broker, op });
+        }
+        let _ = self
+            .broker_reconnects
+            .get_or_create(&BrokerLabel { broker });
+        for state in crate::tasks::ALL_STATES {
+            let _ = self.tasks.get_or_create(&StateLabel {
+                state: state.as_str(),
+            });
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn observe(&self, model: &str, phase: &'static str, d: Duration) {
+        self.duration
+            .get_or_create(&PhaseLabels {
+                model: model.to_owned(),
+                phase,
+            })
+            .observe(d.as_secs_f64());
+    }
+
+    /// One answered API request: its count by code and its total duration.
+    pub fn request(&self, model: &str, protocol: &'static str, code: String, started: Instant) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                model: model.to_owned(),
+                protocol,
+                code,
+            })
+            .inc();
+        self.observe(model, "total", started.elapsed());
+    }
+
+    pub fn task_state(&self, state: &'static str) {
+        self.tasks.get_or_create(&StateLabel { state }).inc();
+    }
+
+    pub fn broker_error(&self, broker: &'static str, op: &'static str) {
+        self.broker_errors
+            .get_or_create(&BrokerOpLabels { broker, op })
+            .inc();
+    }
+
+    pub fn broker_reconnect(&self, broker: &'static str) {
+        self.broker_reconnects
+            .get_or_create(&BrokerLabel { broker })
+            .inc();
+    }
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(Metrics::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_names_every_family() {
+        let m = Metrics::new();
+        m.request("add_sub", "grpc", "OK".into(), Instant::now());
+        m.batch_rows
+            .get_or_create(&ModelLabel {
+                model: "add_sub".into(),
+            })
+            .observe(3.0);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"infergate_requests_total{model="add_sub",protocol="grpc",code="OK"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"infergate_phase_duration_seconds_count{model="add_sub",phase="total"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"infergate_batch_rows_bucket{le="4.0",model="add_sub"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("# EOF"), "{text}");
+    }
+}
