@@ -10,8 +10,15 @@ grpc_port="${1:?grpc port}"; http_port="${2:?http port}"; metrics_port="${3:?met
 
 VENV="$("$here/scripts/install-triton.sh")"
 TS="$("$VENV/bin/python" -c 'import pytriton, os; print(os.path.join(os.path.dirname(pytriton.__file__), "tritonserver"))')"
-# pip reinstalls drop the python-backend stub from the backend folder: put it back every time.
-cp -f "$TS/python_backend_stubs/3.11/triton_python_backend_stub" "$TS/backends/python/"
+# pip reinstalls drop the python-backend stub from the backend folder: put it back when it is
+# missing or different. Copy then rename: another Triton may be running the old file, which a
+# plain overwrite refuses ("Text file busy") but a rename replaces safely.
+stub_src="$TS/python_backend_stubs/3.11/triton_python_backend_stub"
+stub_dst="$TS/backends/python/triton_python_backend_stub"
+if ! cmp -s "$stub_src" "$stub_dst"; then
+  tmp_stub="$(mktemp "$stub_dst.XXXXXX")"
+  cp -f "$stub_src" "$tmp_stub" && chmod 755 "$tmp_stub" && mv -f "$tmp_stub" "$stub_dst"
+fi
 export PATH="$VENV/bin:$PATH"
 export LD_LIBRARY_PATH="$TS/external_libs:${LD_LIBRARY_PATH:-}"
 

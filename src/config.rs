@@ -43,6 +43,42 @@ pub struct Config {
     pub tasks: TasksConfig,
     pub log: LogConfig,
     pub telemetry: TelemetryConfig,
+    pub auth: AuthConfig,
+}
+
+/// Who may call and how much. With no `keys`, calls need no key and all belong to the tenant
+/// `default`. Keep keys in a Secret-mounted config file (`--config main.toml,keys.toml`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub keys: Vec<ApiKey>,
+    /// Requests per second per tenant (token bucket refill); 0 = unlimited.
+    pub rate_per_s: f64,
+    /// Bucket size per tenant: requests that may arrive at once.
+    pub burst: u32,
+}
+
+/// One API key, sent as `Authorization: Bearer <key>` or `x-api-key: <key>`.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiKey {
+    pub key: String,
+    pub tenant: String,
+    /// Overrides `auth.rate_per_s` for this key's tenant.
+    pub rate_per_s: Option<f64>,
+    pub burst: Option<u32>,
+}
+
+/// Keys never reach logs, even through a debug print of the config.
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("key", &"<redacted>")
+            .field("tenant", &self.tenant)
+            .field("rate_per_s", &self.rate_per_s)
+            .field("burst", &self.burst)
+            .finish()
+    }
 }
 
 /// OpenTelemetry tracing. Off unless `otlp_endpoint` is set.
@@ -648,6 +684,27 @@ impl Config {
         )?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
+        let a = &self.auth;
+        let rate_ok = |r: f64| r.is_finite() && (0.0..=1e7).contains(&r);
+        if !rate_ok(a.rate_per_s) {
+            return Err(invalid("auth.rate_per_s", "must be 0 (unlimited) ..= 1e7"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, k) in a.keys.iter().enumerate() {
+            let bad = |m: &str| invalid("auth.keys", format!("key #{}: {m}", i + 1));
+            if k.key.len() < 16 || !k.key.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(bad("must be at least 16 visible ASCII characters"));
+            }
+            if k.tenant.trim().is_empty() || k.tenant.len() > 128 {
+                return Err(bad("tenant must be 1..=128 characters"));
+            }
+            if k.rate_per_s.is_some_and(|r| !rate_ok(r)) {
+                return Err(bad("rate_per_s must be 0 (unlimited) ..= 1e7"));
+            }
+            if !seen.insert(&k.key) {
+                return Err(bad("the same key is listed twice"));
+            }
+        }
         let o = &self.telemetry;
         if let Some(url) = &o.otlp_endpoint {
             validate_url(url).map_err(|e| match e {

@@ -18,6 +18,12 @@ pub enum GatewayError {
     PayloadTooLarge(String),
     #[error("{0}")]
     Overloaded(String),
+    /// The tenant's request rate is used up; `retry_after` in whole seconds.
+    #[error("{message}")]
+    RateLimited { message: String, retry_after: u64 },
+    /// No valid API key (the message never repeats what was presented).
+    #[error("{0}")]
+    Unauthenticated(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -47,7 +53,10 @@ impl GatewayError {
         match self {
             Self::ModelNotFound { .. } => Code::NotFound,
             Self::InvalidArgument(_) => Code::InvalidArgument,
-            Self::PayloadTooLarge(_) | Self::Overloaded(_) => Code::ResourceExhausted,
+            Self::PayloadTooLarge(_) | Self::Overloaded(_) | Self::RateLimited { .. } => {
+                Code::ResourceExhausted
+            }
+            Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::Unavailable(_) => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Backend { code, .. } => *code,
@@ -70,6 +79,8 @@ impl GatewayError {
             Self::InvalidArgument(_) => "invalid_argument",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Overloaded(_) => "overloaded",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Unauthenticated(_) => "unauthenticated",
             Self::Unavailable(_) => "unavailable",
             Self::DeadlineExceeded(_) => "deadline_exceeded",
             Self::Backend { .. } => "backend",
@@ -123,16 +134,26 @@ pub fn http_status_for(code: tonic::Code) -> StatusCode {
 }
 
 /// Seconds a client should wait before retrying an overloaded request.
-pub const RETRY_AFTER_SECS: &str = "1";
+pub const RETRY_AFTER_SECS: u64 = 1;
+
+impl GatewayError {
+    /// The `Retry-After` to send, for refusals that a later retry can pass.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Overloaded(_) => Some(RETRY_AFTER_SECS),
+            Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
 
 impl From<GatewayError> for tonic::Status {
     fn from(err: GatewayError) -> Self {
         let mut status = tonic::Status::new(err.grpc_code(), err.to_string());
-        if matches!(err, GatewayError::Overloaded(_)) {
-            status.metadata_mut().insert(
-                "retry-after",
-                tonic::metadata::MetadataValue::from_static(RETRY_AFTER_SECS),
-            );
+        if let Some(secs) = err.retry_after() {
+            status
+                .metadata_mut()
+                .insert("retry-after", tonic::metadata::MetadataValue::from(secs));
         }
         status
     }
@@ -143,10 +164,14 @@ impl IntoResponse for GatewayError {
         // Triton's HTTP API reports errors as {"error": "..."}; clients parse that shape.
         let body = Json(serde_json::json!({ "error": self.to_string() }));
         let mut resp = (self.http_status(), body).into_response();
-        if matches!(self, GatewayError::Overloaded(_)) {
+        if let Some(secs) = self.retry_after() {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        if matches!(self, GatewayError::Unauthenticated(_)) {
             resp.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static(RETRY_AFTER_SECS),
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
             );
         }
         resp

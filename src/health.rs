@@ -49,6 +49,8 @@ pub struct Health {
     timeout: Duration,
     draining: AtomicBool,
     state: RwLock<Readiness>,
+    /// Readiness changes, for grpc.health.v1.
+    ready_tx: tokio::sync::watch::Sender<bool>,
 }
 
 impl Health {
@@ -68,7 +70,13 @@ impl Health {
             timeout,
             draining: AtomicBool::new(false),
             state: RwLock::new(Readiness::default()),
+            ready_tx: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Follows readiness as it changes (the current value first).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.ready_tx.subscribe()
     }
 
     pub fn readiness(&self) -> Readiness {
@@ -82,6 +90,7 @@ impl Health {
         s.draining = true;
         s.ready = false;
         metrics().ready.set(0);
+        self.ready_tx.send_replace(false);
     }
 
     /// Checks everything once and stores the answer.
@@ -135,6 +144,9 @@ impl Health {
             }
         }
         *s = r.clone();
+        drop(s);
+        self.ready_tx
+            .send_if_modified(|v| std::mem::replace(v, ready) != ready);
         r
     }
 

@@ -6,6 +6,7 @@
 //! listeners, workers, health and shutdown.
 
 pub mod api;
+pub mod auth;
 pub mod backend;
 pub mod batch;
 pub mod config;

@@ -9,7 +9,7 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::codec::CompressionEncoding;
+use tonic::{codec::CompressionEncoding, service::interceptor::InterceptedService};
 use tonic_health::ServingStatus;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
@@ -19,6 +19,7 @@ use crate::{
         grpc_tasks::GrpcTasks,
         http::{HttpState, ops_router, router},
     },
+    auth::{Auth, interceptor},
     backend::triton::TritonPool,
     config::Config,
     health::{Health, broker_kind},
@@ -234,25 +235,20 @@ impl Gateway {
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health_sync = {
-            let (health, stop, reporter) = (Arc::clone(&health), stop.clone(), reporter.clone());
+            let (mut ready, stop, reporter) = (health.subscribe(), stop.clone(), reporter.clone());
             tokio::spawn(async move {
-                let mut last = None;
                 loop {
-                    let ready = health.readiness().ready;
-                    if last != Some(ready) {
-                        let status = if ready {
-                            ServingStatus::Serving
-                        } else {
-                            ServingStatus::NotServing
-                        };
-                        for svc in HEALTH_SERVICES {
-                            reporter.set_service_status(*svc, status).await;
-                        }
-                        last = Some(ready);
+                    let status = if *ready.borrow_and_update() {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
+                    for svc in HEALTH_SERVICES {
+                        reporter.set_service_status(*svc, status).await;
                     }
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        changed = ready.changed() => if changed.is_err() { return },
                     }
                 }
             })
@@ -274,9 +270,11 @@ impl Gateway {
             broker: Arc::clone(&broker),
             infer: infer.clone(),
         };
+        let auth = Auth::new(&cfg.auth);
         let task_service = TaskServiceServer::new(GrpcTasks::new(front.clone()))
             .max_decoding_message_size(cfg.server.max_request_bytes)
             .max_encoding_message_size(cfg.server.max_response_bytes);
+        let task_service = InterceptedService::new(task_service, interceptor(Arc::clone(&auth)));
         let inference = GrpcInferenceServiceServer::new(GrpcApi::new(
             infer.clone(),
             cfg.server.stream_concurrency,
@@ -287,6 +285,7 @@ impl Gateway {
         // clients advertise gzip by default, and deflating every tensor costs more CPU than
         // it saves on the short hop between client and gateway.
         .accept_compressed(CompressionEncoding::Gzip);
+        let inference = InterceptedService::new(inference, interceptor(Arc::clone(&auth)));
 
         let grpc = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -309,6 +308,7 @@ impl Gateway {
             max_request_bytes: cfg.server.max_request_bytes,
             tasks: Some(front.clone()),
             health: Arc::clone(&health),
+            auth,
         })
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));

@@ -501,16 +501,25 @@ async fn readiness_follows_triton_and_the_broker_while_liveness_stays() {
             .await
             .unwrap(),
     );
-    let grpc_status = |h: &mut HealthClient<tonic::transport::Channel>| {
+    // The gRPC health status follows /readyz within moments: wait for `want` (or time out).
+    let grpc_status = |h: &mut HealthClient<tonic::transport::Channel>, want: ServingStatus| {
         let mut h = h.clone();
         async move {
-            h.check(HealthCheckRequest {
-                service: "inference.GRPCInferenceService".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status()
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                let got = h
+                    .check(HealthCheckRequest {
+                        service: "inference.GRPCInferenceService".into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status();
+                if got == want || Instant::now() > deadline {
+                    return got;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     };
     let readyz = |http: reqwest::Client| async move {
@@ -526,7 +535,10 @@ async fn readiness_follows_triton_and_the_broker_while_liveness_stays() {
     tokio::task::spawn_blocking(move || wait_status(port, "/readyz", 200, wait))
         .await
         .unwrap();
-    assert_eq!(grpc_status(&mut health).await, ServingStatus::Serving);
+    assert_eq!(
+        grpc_status(&mut health, ServingStatus::Serving).await,
+        ServingStatus::Serving
+    );
     let (_, body) = readyz(http.clone()).await;
     assert_eq!(body["models"]["add_sub"], true, "{body}");
 
@@ -541,7 +553,10 @@ async fn readiness_follows_triton_and_the_broker_while_liveness_stays() {
     let (_, body) = readyz(http.clone()).await;
     assert_eq!(body["triton"], false, "{body}");
     assert_eq!(http_status(port, "/livez"), Some(200));
-    assert_eq!(grpc_status(&mut health).await, ServingStatus::NotServing);
+    assert_eq!(
+        grpc_status(&mut health, ServingStatus::NotServing).await,
+        ServingStatus::NotServing
+    );
 
     // Triton back on the same ports: ready again by itself.
     let own = tokio::task::spawn_blocking(move || {
@@ -551,7 +566,10 @@ async fn readiness_follows_triton_and_the_broker_while_liveness_stays() {
     })
     .await
     .unwrap();
-    assert_eq!(grpc_status(&mut health).await, ServingStatus::Serving);
+    assert_eq!(
+        grpc_status(&mut health, ServingStatus::Serving).await,
+        ServingStatus::Serving
+    );
 
     // The broker goes away: unready; back: ready.
     tokio::task::spawn_blocking(move || {

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     api::{header_text, traced},
+    auth::tenant_of,
     proto::{
         inference::ModelInferResponse,
         tasks::{
@@ -74,7 +75,8 @@ fn not_found(id: &str) -> Status {
 #[tonic::async_trait]
 impl TaskService for GrpcTasks {
     async fn submit(&self, req: Request<SubmitRequest>) -> Result<Response<Task>, Status> {
-        let (md, _, r) = req.into_parts();
+        let (md, ext, r) = req.into_parts();
+        let tenant = tenant_of(&ext);
         let headers = md.into_headers();
         let infer = r
             .request
@@ -90,23 +92,25 @@ impl TaskService for GrpcTasks {
             "grpc",
             &model,
             &headers,
-            self.front.submit(infer, key, incoming),
+            self.front.submit(infer, key, incoming, &tenant),
         )
         .await?;
         Ok(Response::new(to_wire(&rec, None, !created)))
     }
 
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<Task>, Status> {
+        let tenant = tenant_of(req.extensions());
         let id = req.into_inner().id;
-        match self.front.get(&id).await? {
+        match self.front.get(&id, &tenant).await? {
             Some((rec, resp)) => Ok(Response::new(to_wire(&rec, resp, false))),
             None => Err(not_found(&id)),
         }
     }
 
     async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<Task>, Status> {
+        let tenant = tenant_of(req.extensions());
         let id = req.into_inner().id;
-        match self.front.cancel(&id).await? {
+        match self.front.cancel(&id, &tenant).await? {
             Cancelled::Done(rec) => Ok(Response::new(to_wire(&rec, None, false))),
             Cancelled::NotFound => Err(not_found(&id)),
             Cancelled::AlreadyFinal(s) => Err(Status::failed_precondition(format!(
@@ -122,8 +126,9 @@ impl TaskService for GrpcTasks {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let tenant = tenant_of(req.extensions());
         let id = req.into_inner().id;
-        let Some((first, resp)) = self.front.get(&id).await? else {
+        let Some((first, resp)) = self.front.get(&id, &tenant).await? else {
             return Err(not_found(&id));
         };
         let front = self.front.clone();
@@ -139,7 +144,7 @@ impl TaskService for GrpcTasks {
                     _ = tx.closed() => return,
                     _ = tokio::time::sleep(WATCH_POLL) => {}
                 }
-                let now = match front.get(&id).await {
+                let now = match front.get(&id, &tenant).await {
                     Ok(Some(v)) => v,
                     Ok(None) => {
                         let _ = tx.send(Err(not_found(&id))).await;

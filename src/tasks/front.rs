@@ -14,7 +14,7 @@ use crate::{
     telemetry::{metrics::metrics, trace::TraceHeaders},
 };
 
-/// Tenants arrive with authentication; until then every caller is this one.
+/// The tenant of every caller when no API keys are configured.
 pub const DEFAULT_TENANT: &str = "default";
 
 #[derive(Clone)]
@@ -63,6 +63,7 @@ impl TaskFront {
         mut req: ModelInferRequest,
         idempotency_key: Option<String>,
         incoming: TraceHeaders,
+        tenant: &str,
     ) -> Result<(TaskRecord, bool), GatewayError> {
         // Bad requests are refused now, not turned into failed tasks.
         self.infer.check(&mut req).await?;
@@ -75,7 +76,7 @@ impl TaskFront {
         }
         let rec = TaskRecord::new(
             new_task_id(),
-            DEFAULT_TENANT,
+            tenant,
             &req.model_name,
             &req.model_version,
             idempotency_key,
@@ -108,14 +109,19 @@ impl TaskFront {
         Ok((rec, true))
     }
 
-    /// The task and, once it succeeded, its response.
+    /// The task and, once it succeeded, its response. Another tenant's task is `None`, as
+    /// if it did not exist.
     pub async fn get(
         &self,
         id: &str,
+        tenant: &str,
     ) -> Result<Option<(TaskRecord, Option<ModelInferResponse>)>, GatewayError> {
         let Some(rec) = self.store.get(id).await.map_err(store_error)? else {
             return Ok(None);
         };
+        if rec.tenant != tenant {
+            return Ok(None);
+        }
         let resp = if rec.state == TaskState::Succeeded {
             self.store
                 .result(id)
@@ -128,7 +134,12 @@ impl TaskFront {
         Ok(Some((rec, resp)))
     }
 
-    pub async fn cancel(&self, id: &str) -> Result<Cancelled, GatewayError> {
+    pub async fn cancel(&self, id: &str, tenant: &str) -> Result<Cancelled, GatewayError> {
+        // The tenant never changes, so checking it before the transition is enough.
+        match self.store.get(id).await.map_err(store_error)? {
+            Some(rec) if rec.tenant == tenant => {}
+            _ => return Ok(Cancelled::NotFound),
+        }
         match self
             .store
             .transition(id, TaskState::Cancelled, Change::default())

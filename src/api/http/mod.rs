@@ -11,6 +11,7 @@ use axum::{
     body::Body,
     extract::{DefaultBodyLimit, Path, State},
     http::{HeaderMap, StatusCode, header},
+    middleware,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -19,6 +20,7 @@ use serde_json::{Value, json};
 
 use crate::{
     api::{narrow_extensions, observed},
+    auth::Auth,
     backend::triton::TritonPool,
     error::GatewayError,
     health::Health,
@@ -37,6 +39,7 @@ pub struct HttpState {
     /// The async task API; `None` when no broker/task store is configured.
     pub tasks: Option<crate::tasks::front::TaskFront>,
     pub health: Arc<Health>,
+    pub auth: Arc<Auth>,
 }
 
 impl HttpState {
@@ -63,9 +66,7 @@ pub fn router(state: HttpState) -> Router {
             .route(&format!("{prefix}/stats"), get(model_stats))
             .route(&format!("{prefix}/infer"), post(infer))
     };
-    Router::new()
-        .route("/v2/health/live", get(live))
-        .route("/v2/health/ready", get(ready))
+    let api = Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/models/stats", get(all_stats))
         .route("/v2/repository/index", post(repository_index))
@@ -77,6 +78,15 @@ pub fn router(state: HttpState) -> Router {
             post(tasks::submit),
         )
         .route("/v1/tasks/{id}", get(tasks::get).delete(tasks::cancel))
+        // Every API route needs a key (when keys are configured) and a token of its tenant.
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state.auth),
+            authenticate,
+        ));
+    Router::new()
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .merge(api)
         // The infer handler enforces max_request_bytes itself, with a JSON error.
         .layer(DefaultBodyLimit::disable())
         .merge(ops_router(
@@ -84,6 +94,21 @@ pub fn router(state: HttpState) -> Router {
             Some(state.infer.clone()),
         ))
         .with_state(state)
+}
+
+/// Admits the request (API key, tenant rate) and records its tenant, or refuses it.
+async fn authenticate(
+    State(auth): State<Arc<Auth>>,
+    mut req: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    match auth.admit_http(req.headers()) {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Probes and metrics: `/livez`, `/readyz`, `/metrics` (also served by `infergate worker`).

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use axum::{
-    Json,
+    Extension, Json,
     body::Body,
     extract::{Path, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use super::{HttpState, codec, read_body};
 use crate::{
     api::{header_text, traced},
+    auth::Caller,
     error::GatewayError,
     proto::inference::ModelInferResponse,
     tasks::{
@@ -65,6 +66,7 @@ fn task_json(rec: &TaskRecord, resp: Option<&ModelInferResponse>) -> Value {
 
 pub async fn submit(
     State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
     Path(p): Path<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
@@ -90,7 +92,7 @@ pub async fn submit(
         "http",
         &model,
         &headers,
-        front.submit(req, key, incoming),
+        front.submit(req, key, incoming, &caller.tenant),
     )
     .await?;
     let mut r = (StatusCode::ACCEPTED, Json(task_json(&rec, None))).into_response();
@@ -107,9 +109,10 @@ pub async fn submit(
 
 pub async fn get(
     State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
-    Ok(match front(&s)?.get(&id).await? {
+    Ok(match front(&s)?.get(&id, &caller.tenant).await? {
         Some((rec, resp)) => Json(task_json(&rec, resp.as_ref())).into_response(),
         None => not_found(&id),
     })
@@ -117,9 +120,10 @@ pub async fn get(
 
 pub async fn cancel(
     State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
-    Ok(match front(&s)?.cancel(&id).await? {
+    Ok(match front(&s)?.cancel(&id, &caller.tenant).await? {
         Cancelled::Done(rec) => Json(task_json(&rec, None)).into_response(),
         Cancelled::NotFound => not_found(&id),
         Cancelled::AlreadyFinal(state) => (
