@@ -137,6 +137,24 @@ pub fn http_status_for(code: tonic::Code) -> StatusCode {
 pub const RETRY_AFTER_SECS: u64 = 1;
 
 impl GatewayError {
+    /// Failures that say more about Triton's state (down, shutting down, overloaded, a model
+    /// not loaded yet) than about the request: worth a retry after a pause.
+    pub fn is_transient(&self) -> bool {
+        use tonic::Code;
+        match self {
+            Self::Unavailable(_)
+            | Self::DeadlineExceeded(_)
+            | Self::Overloaded(_)
+            | Self::RateLimited { .. }
+            | Self::ModelNotFound { .. } => true,
+            Self::Backend { code, .. } => matches!(
+                code,
+                Code::Unavailable | Code::NotFound | Code::ResourceExhausted | Code::Aborted
+            ),
+            _ => false,
+        }
+    }
+
     /// The `Retry-After` to send, for refusals that a later retry can pass.
     pub fn retry_after(&self) -> Option<u64> {
         match self {

@@ -4,8 +4,11 @@
 //! - A task already final (cancelled, expired) is acknowledged and never sent to Triton.
 //! - A task another worker is running is skipped, unless the broker reclaimed the message
 //!   from a consumer that stopped answering.
-//! - A failed attempt goes back to the broker until `max_attempts`; then the task fails with
-//!   the reason and its message goes to the dead-letter queue.
+//! - A failed attempt goes back to the broker, after a pause that doubles with each attempt,
+//!   until `max_attempts`; then the task fails with the reason and its message goes to the
+//!   dead-letter queue.
+//! - While no Triton endpoint is ready, no message is taken: tasks wait in the broker through
+//!   a Triton outage and run when it is back.
 //! - On shutdown no new message is taken; running ones get the grace period, and anything not
 //!   acknowledged is delivered again later (to another worker).
 
@@ -62,6 +65,15 @@ impl Worker {
         let mut backoff = Duration::from_millis(100);
         loop {
             while running.try_join_next().is_some() {}
+            // No Triton endpoint ready: take nothing, so queued tasks wait in the broker for
+            // Triton to come back instead of spending their attempts on an outage.
+            if !self.infer.backend().is_ready() {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(self.cfg.poll.min(Duration::from_millis(200))) => {}
+                }
+                continue;
+            }
             let first = tokio::select! {
                 _ = stop.cancelled() => break,
                 p = Arc::clone(&slots).acquire_owned() => p.expect("semaphore open"),
@@ -254,6 +266,11 @@ impl Worker {
             }
             Err(e) => {
                 trace::record_error(&tracing::Span::current(), &e);
+                if e.is_transient() {
+                    // Triton may be going away: look now rather than at the next probe, so
+                    // the worker stops taking tasks (see `run`) instead of failing them.
+                    self.infer.backend().probe_all().await;
+                }
                 let err = task_error(&e);
                 if rec.attempts >= self.cfg.max_attempts {
                     self.fail(&d, err).await;
@@ -271,6 +288,11 @@ impl Worker {
                         .await;
                     match back {
                         Ok(_) => {
+                            // Back off before the next delivery: 250 ms, 500 ms, 1 s... ≤ 5 s.
+                            let pause = Duration::from_millis(250)
+                                .saturating_mul(1 << rec.attempts.saturating_sub(1).min(5))
+                                .min(Duration::from_secs(5));
+                            tokio::time::sleep(pause).await;
                             let _ = self.broker.retry(&d).await;
                         }
                         Err(_) => self.finish(&d).await,

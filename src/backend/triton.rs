@@ -335,10 +335,22 @@ impl TritonPool {
         {
             return Ok(Arc::clone(info));
         }
-        let (metadata, config) = tokio::try_join!(
+        let fetched = tokio::try_join!(
             self.model_metadata(name, version),
             self.model_config(name, version)
-        )?;
+        );
+        let (metadata, config) = match fetched {
+            Ok(v) => v,
+            // Triton unreachable: a description we had is still the best guess, so async
+            // tasks keep being accepted (and wait in the broker) through an outage.
+            Err(e @ GatewayError::Unavailable(_)) => {
+                return match self.models.read().expect("model cache lock").get(&key) {
+                    Some((_, info)) => Ok(Arc::clone(info)),
+                    None => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        };
         let info = Arc::new(ModelInfo::new(metadata, config.config.unwrap_or_default()));
         self.models
             .write()
