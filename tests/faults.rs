@@ -180,37 +180,11 @@ async fn a_triton_outage_fails_sync_calls_fast_and_async_tasks_complete_after_it
     );
     let refused = refused.lock().unwrap().clone();
     assert!(refused.is_empty(), "submissions refused: {refused:?}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut pending: Vec<String> = accepted.iter().map(|(_, id)| id.clone()).collect();
-    let total = pending.len();
-    while !pending.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {total} tasks not final",
-            pending.len()
-        );
-        let mut left = Vec::new();
-        for id in pending {
-            let t: Value = http
-                .get(format!("{base}/v1/tasks/{id}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            match t["status"].as_str().unwrap() {
-                "succeeded" => {
-                    assert_eq!(t["response"]["outputs"][0]["data"][0], 4.0, "{t}");
-                }
-                "queued" | "running" => left.push(id),
-                other => panic!("task {id} ended {other}: {t}"),
-            }
-        }
-        pending = left;
-        if !pending.is_empty() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    let ids: Vec<String> = accepted.iter().map(|(_, id)| id.clone()).collect();
+    let total = ids.len();
+    for t in wait_final(&http, &base, &ids, Duration::from_secs(60)).await {
+        assert_eq!(t["status"], "succeeded", "{t}");
+        assert_eq!(t["response"]["outputs"][0]["data"][0], 4.0, "{t}");
     }
     println!(
         "outage of {OUTAGE:?}: {} sync calls failed with UNAVAILABLE (p99 {p99:?}); {total} tasks \

@@ -202,14 +202,7 @@ async fn trace_crosses(broker: &str) {
         .to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let t: Value = http
-            .get(format!("{base}/v1/tasks/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let t = task(&http, &base, &id).await;
         if t["status"] == "succeeded" {
             break;
         }

@@ -98,49 +98,6 @@ async fn submit(
     (status, r.json().await.unwrap())
 }
 
-async fn task(http: &reqwest::Client, base: &str, id: &str) -> Value {
-    http.get(format!("{base}/v1/tasks/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-/// Polls until every task is final; returns them.
-async fn wait_final(
-    http: &reqwest::Client,
-    base: &str,
-    ids: &[String],
-    limit: Duration,
-) -> Vec<Value> {
-    let deadline = Instant::now() + limit;
-    let mut done: Vec<Option<Value>> = vec![None; ids.len()];
-    loop {
-        for (i, id) in ids.iter().enumerate() {
-            if done[i].is_none() {
-                let t = task(http, base, id).await;
-                if ["succeeded", "failed", "cancelled", "expired"]
-                    .contains(&t["status"].as_str().unwrap_or(""))
-                {
-                    done[i] = Some(t);
-                }
-            }
-        }
-        let left = done.iter().filter(|d| d.is_none()).count();
-        if left == 0 {
-            return done.into_iter().map(Option::unwrap).collect();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{left} of {} tasks not final in time",
-            ids.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_in_memory_default_runs_tasks_and_reports_results() {
     let gw = gateway().await; // memory broker and store, one worker loop inside serve

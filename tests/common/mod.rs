@@ -16,6 +16,7 @@ use infergate::{
     config::Config, proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient,
     server::Gateway,
 };
+use serde_json::Value;
 use tokio::sync::oneshot;
 
 pub type Client = GrpcInferenceServiceClient<Channel>;
@@ -284,4 +285,48 @@ pub async fn triton_stats(model: &str) -> (u64, u64, u64) {
         .clone();
     let requests = s.inference_stats.unwrap().success.unwrap().count;
     (requests, s.inference_count, s.execution_count)
+}
+
+/// `GET /v1/tasks/{id}` as JSON.
+pub async fn task(http: &reqwest::Client, base: &str, id: &str) -> Value {
+    http.get(format!("{base}/v1/tasks/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Polls until every task is final; returns them.
+pub async fn wait_final(
+    http: &reqwest::Client,
+    base: &str,
+    ids: &[String],
+    limit: Duration,
+) -> Vec<Value> {
+    let deadline = Instant::now() + limit;
+    let mut done: Vec<Option<Value>> = vec![None; ids.len()];
+    loop {
+        for (i, id) in ids.iter().enumerate() {
+            if done[i].is_none() {
+                let t = task(http, base, id).await;
+                if ["succeeded", "failed", "cancelled", "expired"]
+                    .contains(&t["status"].as_str().unwrap_or(""))
+                {
+                    done[i] = Some(t);
+                }
+            }
+        }
+        let left = done.iter().filter(|d| d.is_none()).count();
+        if left == 0 {
+            return done.into_iter().map(Option::unwrap).collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} of {} tasks not final in time",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
