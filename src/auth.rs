@@ -23,6 +23,17 @@ use crate::{config::AuthConfig, error::GatewayError, tasks::front::DEFAULT_TENAN
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub tenant: Arc<str>,
+    /// Tasks this tenant may have queued or running at once; 0 = unlimited.
+    pub max_open_tasks: u64,
+}
+
+impl Default for Caller {
+    fn default() -> Self {
+        Self {
+            tenant: DEFAULT_TENANT.into(),
+            max_open_tasks: 0,
+        }
+    }
 }
 
 struct Bucket {
@@ -100,6 +111,7 @@ impl Auth {
             tenants.push(Tenant {
                 caller: Caller {
                     tenant: DEFAULT_TENANT.into(),
+                    max_open_tasks: cfg.max_open_tasks,
                 },
                 bucket: Mutex::new(Bucket::new(cfg.rate_per_s, burst(None))),
             });
@@ -109,6 +121,7 @@ impl Auth {
                 tenants.push(Tenant {
                     caller: Caller {
                         tenant: k.tenant.as_str().into(),
+                        max_open_tasks: k.max_open_tasks.unwrap_or(cfg.max_open_tasks),
                     },
                     bucket: Mutex::new(Bucket::new(
                         k.rate_per_s.unwrap_or(cfg.rate_per_s),
@@ -169,11 +182,14 @@ impl Auth {
     }
 }
 
+/// The caller of a request that went through the auth layer (the default tenant otherwise).
+pub fn caller_of(ext: &http::Extensions) -> Caller {
+    ext.get::<Caller>().cloned().unwrap_or_default()
+}
+
 /// The tenant of a request that went through the auth layer (the default tenant otherwise).
 pub fn tenant_of(ext: &http::Extensions) -> Arc<str> {
-    ext.get::<Caller>()
-        .map(|c| Arc::clone(&c.tenant))
-        .unwrap_or_else(|| DEFAULT_TENANT.into())
+    caller_of(ext).tenant
 }
 
 /// The gRPC interceptor: admits the call or refuses it with the mapped status.
@@ -214,6 +230,7 @@ mod tests {
             ],
             rate_per_s: rate,
             burst,
+            max_open_tasks: 0,
         }
     }
 

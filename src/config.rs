@@ -56,6 +56,8 @@ pub struct AuthConfig {
     pub rate_per_s: f64,
     /// Bucket size per tenant: requests that may arrive at once.
     pub burst: u32,
+    /// Tasks a tenant may have queued or running at once; 0 = unlimited.
+    pub max_open_tasks: u64,
 }
 
 /// One API key, sent as `Authorization: Bearer <key>` or `x-api-key: <key>`.
@@ -67,6 +69,8 @@ pub struct ApiKey {
     /// Overrides `auth.rate_per_s` for this key's tenant.
     pub rate_per_s: Option<f64>,
     pub burst: Option<u32>,
+    /// Overrides `auth.max_open_tasks` for this key's tenant.
+    pub max_open_tasks: Option<u64>,
 }
 
 /// Keys never reach logs, even through a debug print of the config.
@@ -77,6 +81,7 @@ impl std::fmt::Debug for ApiKey {
             .field("tenant", &self.tenant)
             .field("rate_per_s", &self.rate_per_s)
             .field("burst", &self.burst)
+            .field("max_open_tasks", &self.max_open_tasks)
             .finish()
     }
 }

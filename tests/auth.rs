@@ -1,7 +1,8 @@
 //! API keys, tenants and per-tenant rates, on HTTP and gRPC alike, against a real Triton:
 //! no key or a wrong key is refused, probes need none, a tenant never sees another tenant's
 //! task (404, as if it did not exist), idempotency keys are per tenant, and a tenant over its
-//! rate gets 429 / RESOURCE_EXHAUSTED with Retry-After while others go on.
+//! rate gets 429 / RESOURCE_EXHAUSTED with Retry-After while others go on; so does a tenant at
+//! its open-task quota, counted in Redis across two front ends.
 
 mod common;
 
@@ -12,7 +13,7 @@ use infergate::{
         inference::{
             ModelMetadataRequest, grpc_inference_service_client::GrpcInferenceServiceClient,
         },
-        tasks::{GetRequest, task_service_client::TaskServiceClient},
+        tasks::{GetRequest, SubmitRequest, task_service_client::TaskServiceClient},
     },
 };
 use serde_json::{Value, json};
@@ -29,6 +30,7 @@ fn auth_config() -> Config {
         tenant: tenant.into(),
         rate_per_s: rate,
         burst: rate.map(|_| 3),
+        ..Default::default()
     };
     cfg.auth.keys = vec![
         key(KEY_A, "a", None),
@@ -270,6 +272,91 @@ async fn a_tenant_over_its_rate_is_refused_while_others_go_on() {
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.metadata().get("retry-after").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_task_quota_holds_across_front_ends() {
+    const KEY_Q: &str = "tenant-q-key-0123456789";
+    let prefix = format!("infergate-test-quota-{}", std::process::id());
+    let mut cfg = auth_config();
+    cfg.auth.keys.push(ApiKey {
+        key: KEY_Q.into(),
+        tenant: "q".into(),
+        max_open_tasks: Some(3),
+        ..Default::default()
+    });
+    // No workers: accepted tasks stay queued, so they stay open.
+    cfg.tasks.broker = REDIS.into();
+    cfg.tasks.task_store = REDIS.into();
+    cfg.tasks.redis_prefix = prefix.clone();
+    cfg.tasks.workers = 0;
+    cfg.validate().expect("valid config");
+    let one = gateway_with(cfg.clone()).await;
+    let two = gateway_with(cfg).await;
+    let http = reqwest::Client::new();
+    let submit = |base: String, key: &'static str| {
+        let http = http.clone();
+        async move {
+            http.post(format!("{base}/v1/models/add_sub/tasks"))
+                .header("x-api-key", key)
+                .json(&body(1.0))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let mut ids = Vec::new();
+    for base in [one.http_base(), one.http_base(), two.http_base()] {
+        let r = submit(base, KEY_Q).await;
+        assert_eq!(r.status(), 202);
+        ids.push(
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let r = submit(two.http_base(), KEY_Q).await;
+    assert_eq!(
+        r.status(),
+        429,
+        "the fourth open task, on the other front end"
+    );
+    assert_eq!(r.headers()["retry-after"], "1");
+    let msg = r.text().await.unwrap();
+    assert!(
+        msg.contains("tenant 'q' already has 3 tasks queued or running"),
+        "{msg}"
+    );
+    let ch = Channel::from_shared(one.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut tasks = TaskServiceClient::new(ch);
+    let err = tasks
+        .submit(with_key(
+            SubmitRequest {
+                request: Some(add_sub_request()),
+                ..Default::default()
+            },
+            KEY_Q,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // Other tenants are not held back.
+    assert_eq!(submit(one.http_base(), KEY_A).await.status(), 202);
+    // A cancelled task frees its place, on either front end.
+    let r = http
+        .delete(format!("{}/v1/tasks/{}", one.http_base(), ids[0]))
+        .header("x-api-key", KEY_Q)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(submit(two.http_base(), KEY_Q).await.status(), 202);
+    assert_eq!(submit(one.http_base(), KEY_Q).await.status(), 429);
 }
 
 #[test]

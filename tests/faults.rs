@@ -10,26 +10,10 @@ use std::{
 };
 
 use common::*;
-use infergate::proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 const OUTAGE: Duration = Duration::from_secs(30);
-
-fn add_sub_request() -> ModelInferRequest {
-    let input = |name: &str| InferInputTensor {
-        name: name.into(),
-        datatype: "FP32".into(),
-        shape: vec![1, 16],
-        ..Default::default()
-    };
-    ModelInferRequest {
-        model_name: "add_sub".into(),
-        inputs: vec![input("INPUT0"), input("INPUT1")],
-        raw_input_contents: vec![f32_bytes(&[2.0; 16]), f32_bytes(&[1.0; 16])],
-        ..Default::default()
-    }
-}
 
 /// (start, latency, gRPC code) of each sync call.
 type Calls = Arc<Mutex<Vec<(Instant, Duration, tonic::Code)>>>;

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     api::{header_text, traced},
-    auth::tenant_of,
+    auth::{caller_of, tenant_of},
     proto::{
         inference::ModelInferResponse,
         tasks::{
@@ -76,7 +76,7 @@ fn not_found(id: &str) -> Status {
 impl TaskService for GrpcTasks {
     async fn submit(&self, req: Request<SubmitRequest>) -> Result<Response<Task>, Status> {
         let (md, ext, r) = req.into_parts();
-        let tenant = tenant_of(&ext);
+        let caller = caller_of(&ext);
         let headers = md.into_headers();
         let infer = r
             .request
@@ -92,7 +92,7 @@ impl TaskService for GrpcTasks {
             "grpc",
             &model,
             &headers,
-            self.front.submit(infer, key, incoming, &tenant),
+            self.front.submit(infer, key, incoming, &caller),
         )
         .await?;
         Ok(Response::new(to_wire(&rec, None, !created)))

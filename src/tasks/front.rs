@@ -7,6 +7,7 @@ use prost::Message;
 
 use super::{Change, StoreError, TaskRecord, TaskState, TaskStore, new_task_id};
 use crate::{
+    auth::Caller,
     error::GatewayError,
     infer::InferService,
     proto::inference::{ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice},
@@ -36,6 +37,11 @@ pub enum Cancelled {
 fn store_error(e: StoreError) -> GatewayError {
     match e {
         StoreError::Backend(m) => GatewayError::Unavailable(format!("task store unavailable: {m}")),
+        // A task ends in milliseconds to seconds: a second is a fair first wait.
+        e @ StoreError::QuotaExceeded { .. } => GatewayError::RateLimited {
+            message: e.to_string(),
+            retry_after: 1,
+        },
         other => GatewayError::Internal(other.to_string()),
     }
 }
@@ -63,7 +69,7 @@ impl TaskFront {
         mut req: ModelInferRequest,
         idempotency_key: Option<String>,
         incoming: TraceHeaders,
-        tenant: &str,
+        caller: &Caller,
     ) -> Result<(TaskRecord, bool), GatewayError> {
         // Bad requests are refused now, not turned into failed tasks.
         self.infer.check(&mut req).await?;
@@ -76,12 +82,16 @@ impl TaskFront {
         }
         let rec = TaskRecord::new(
             new_task_id(),
-            tenant,
+            &caller.tenant,
             &req.model_name,
             &req.model_version,
             idempotency_key,
         );
-        let (rec, created) = self.store.create(rec).await.map_err(store_error)?;
+        let (rec, created) = self
+            .store
+            .create(rec, caller.max_open_tasks)
+            .await
+            .map_err(store_error)?;
         if !created {
             return Ok((rec, false));
         }

@@ -30,6 +30,19 @@ struct Inner {
     tasks: HashMap<String, Entry>,
     /// (tenant, idempotency key) → (task id, expiry)
     keys: HashMap<(String, String), (String, Instant)>,
+    /// Tasks queued or running, per tenant (the quota's count).
+    open: HashMap<String, u64>,
+}
+
+impl Inner {
+    fn closed(&mut self, tenant: &str) {
+        if let Some(n) = self.open.get_mut(tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.open.remove(tenant);
+            }
+        }
+    }
 }
 
 impl MemoryTaskStore {
@@ -43,14 +56,28 @@ impl MemoryTaskStore {
     }
 
     fn purge(inner: &mut Inner, now: Instant) {
-        inner.tasks.retain(|_, e| e.expires > now);
+        let mut gone_open = Vec::new();
+        inner.tasks.retain(|_, e| {
+            let keep = e.expires > now;
+            if !keep && !e.rec.state.is_final() {
+                gone_open.push(e.rec.tenant.clone());
+            }
+            keep
+        });
+        for t in gone_open {
+            inner.closed(&t);
+        }
         inner.keys.retain(|_, (_, exp)| *exp > now);
     }
 }
 
 #[async_trait]
 impl TaskStore for MemoryTaskStore {
-    async fn create(&self, rec: TaskRecord) -> Result<(TaskRecord, bool), StoreError> {
+    async fn create(
+        &self,
+        rec: TaskRecord,
+        max_open: u64,
+    ) -> Result<(TaskRecord, bool), StoreError> {
         let now = Instant::now();
         let mut inner = self.inner.lock().expect("task store lock");
         if let Some(key) = &rec.idempotency_key {
@@ -71,6 +98,14 @@ impl TaskStore for MemoryTaskStore {
                 )));
             }
         }
+        let open = inner.open.get(&rec.tenant).copied().unwrap_or(0);
+        if max_open > 0 && open >= max_open {
+            return Err(StoreError::QuotaExceeded {
+                tenant: rec.tenant.clone(),
+                limit: max_open,
+            });
+        }
+        *inner.open.entry(rec.tenant.clone()).or_default() += 1;
         if let Some(key) = &rec.idempotency_key {
             inner.keys.insert(
                 (rec.tenant.clone(), key.clone()),
@@ -121,6 +156,7 @@ impl TaskStore for MemoryTaskStore {
                 to,
             });
         }
+        let was_open = !e.rec.state.is_final();
         apply(&mut e.rec, to, &change);
         if let Some(r) = change.result {
             e.result = Some(r);
@@ -128,12 +164,20 @@ impl TaskStore for MemoryTaskStore {
         if to.is_final() {
             e.expires = Instant::now() + self.ttl;
         }
-        Ok(e.rec.clone())
+        let rec = e.rec.clone();
+        if was_open && to.is_final() {
+            inner.closed(&rec.tenant);
+        }
+        Ok(rec)
     }
 
     async fn remove(&self, id: &str) -> Result<(), StoreError> {
         let mut inner = self.inner.lock().expect("task store lock");
-        inner.tasks.remove(id);
+        if let Some(e) = inner.tasks.remove(id)
+            && !e.rec.state.is_final()
+        {
+            inner.closed(&e.rec.tenant);
+        }
         inner.keys.retain(|_, (task, _)| task != id);
         Ok(())
     }
@@ -165,17 +209,67 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_open_task_quota_counts_queued_and_running_tasks_per_tenant() {
+        let s = store();
+        for id in ["a", "b"] {
+            let key = Some(format!("key-{id}"));
+            s.create(TaskRecord::new(id.into(), "t1", "m", "", key), 2)
+                .await
+                .unwrap();
+        }
+        let err = s
+            .create(TaskRecord::new("c".into(), "t1", "m", "", None), 2)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::QuotaExceeded { limit: 2, .. }),
+            "{err:?}"
+        );
+        // Another tenant is not held back; a replayed key is answered despite the quota.
+        s.create(TaskRecord::new("d".into(), "t2", "m", "", None), 2)
+            .await
+            .unwrap();
+        let replay = TaskRecord::new("z".into(), "t1", "m", "", Some("key-a".into()));
+        let (rec, created) = s.create(replay, 2).await.unwrap();
+        assert_eq!((rec.id.as_str(), created), ("a", false));
+        // Running still counts; a final state frees a place; so does removal.
+        s.transition("a", TaskState::Running, Change::default())
+            .await
+            .unwrap();
+        assert!(
+            s.create(TaskRecord::new("c".into(), "t1", "m", "", None), 2)
+                .await
+                .is_err()
+        );
+        s.transition("a", TaskState::Succeeded, Change::default())
+            .await
+            .unwrap();
+        s.create(TaskRecord::new("c".into(), "t1", "m", "", None), 2)
+            .await
+            .unwrap();
+        s.remove("b").await.unwrap();
+        s.create(TaskRecord::new("e".into(), "t1", "m", "", None), 2)
+            .await
+            .unwrap();
+        assert!(
+            s.create(TaskRecord::new("f".into(), "t1", "m", "", None), 2)
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
     async fn idempotency_keys_are_per_tenant() {
         let s = store();
         let a = TaskRecord::new("a".into(), "t1", "m", "", Some("k".into()));
-        let (_, created) = s.create(a).await.unwrap();
+        let (_, created) = s.create(a, 0).await.unwrap();
         assert!(created);
         let again = TaskRecord::new("b".into(), "t1", "m", "", Some("k".into()));
-        let (rec, created) = s.create(again).await.unwrap();
+        let (rec, created) = s.create(again, 0).await.unwrap();
         assert_eq!((rec.id.as_str(), created), ("a", false));
         let other = TaskRecord::new("c".into(), "t2", "m", "", Some("k".into()));
         assert!(
-            s.create(other).await.unwrap().1,
+            s.create(other, 0).await.unwrap().1,
             "another tenant's key is its own"
         );
     }
@@ -183,7 +277,7 @@ mod tests {
     #[tokio::test]
     async fn late_results_do_not_overwrite_a_cancelled_task() {
         let s = store();
-        s.create(TaskRecord::new("a".into(), "t", "m", "", None))
+        s.create(TaskRecord::new("a".into(), "t", "m", "", None), 0)
             .await
             .unwrap();
         s.transition(
@@ -225,7 +319,7 @@ mod tests {
     #[tokio::test]
     async fn oversize_results_are_refused_and_the_store_is_bounded() {
         let s = store();
-        s.create(TaskRecord::new("a".into(), "t", "m", "", None))
+        s.create(TaskRecord::new("a".into(), "t", "m", "", None), 0)
             .await
             .unwrap();
         s.transition("a", TaskState::Running, Change::default())
@@ -250,12 +344,12 @@ mod tests {
             }
         );
         for i in 0..99 {
-            s.create(TaskRecord::new(format!("x{i}"), "t", "m", "", None))
+            s.create(TaskRecord::new(format!("x{i}"), "t", "m", "", None), 0)
                 .await
                 .unwrap();
         }
         assert!(
-            s.create(TaskRecord::new("y".into(), "t", "m", "", None))
+            s.create(TaskRecord::new("y".into(), "t", "m", "", None), 0)
                 .await
                 .is_err()
         );

@@ -150,6 +150,9 @@ pub enum StoreError {
         from: TaskState,
         to: TaskState,
     },
+    /// The tenant already has `limit` tasks queued or running.
+    #[error("tenant '{tenant}' already has {limit} tasks queued or running (its quota)")]
+    QuotaExceeded { tenant: String, limit: u64 },
     #[error("result of {size} bytes is over the limit of {limit} bytes")]
     ResultTooLarge { size: usize, limit: usize },
     #[error("task store: {0}")]
@@ -161,8 +164,14 @@ pub enum StoreError {
 #[async_trait]
 pub trait TaskStore: Send + Sync {
     /// Stores a new task, unless its tenant already used its idempotency key (within the TTL):
-    /// then the existing task is returned and `false` says nothing was created.
-    async fn create(&self, rec: TaskRecord) -> Result<(TaskRecord, bool), StoreError>;
+    /// then the existing task is returned and `false` says nothing was created. With
+    /// `max_open` > 0, a tenant that already has that many tasks queued or running gets
+    /// `QuotaExceeded` (a replayed idempotency key is answered first, quota or not).
+    async fn create(
+        &self,
+        rec: TaskRecord,
+        max_open: u64,
+    ) -> Result<(TaskRecord, bool), StoreError>;
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError>;
     async fn result(&self, id: &str) -> Result<Option<Bytes>, StoreError>;
     /// Moves the task to `to` if its current state allows it, writing `change`.

@@ -1,5 +1,8 @@
 //! Redis task store: one hash per task (`<prefix>:task:<id>`) with a TTL, state changes made
 //! atomic by Lua scripts, idempotency keys as `SET NX` entries per tenant with the same TTL.
+//! Each tenant's unfinished tasks are a sorted set (`<prefix>:open:<tenant>`, score = the
+//! task's expiry) so the open-task quota holds across every front end; an entry whose task
+//! expired unfinished drops out by its score, so the count cannot drift upwards.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -9,16 +12,22 @@ use redis::{AsyncCommands, Script, aio::ConnectionManager};
 
 use super::{Change, StoreError, TaskError, TaskRecord, TaskState, TaskStore};
 
-/// Creates the task unless the idempotency key (KEYS[2], if ARGV[3] == '1') names one already.
-/// Returns the id of the task that holds the key afterwards.
+/// Creates the task unless the idempotency key (KEYS[2], if ARGV[3] == '1') names one already,
+/// or the tenant's open tasks (KEYS[3]) number ARGV[5] (> 0) already. Returns the id of the
+/// task that holds the key afterwards, or '' when over the quota.
 const CREATE: &str = r#"
 if ARGV[3] == '1' then
   local existing = redis.call('GET', KEYS[2])
   if existing and redis.call('EXISTS', ARGV[4] .. existing) == 1 then return existing end
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 end
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])
+local quota = tonumber(ARGV[5])
+if quota > 0 and redis.call('ZCARD', KEYS[3]) >= quota then return '' end
+if ARGV[3] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[3], tonumber(ARGV[6]) + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
 return ARGV[1]
 "#;
 
@@ -33,7 +42,18 @@ if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], ARGV[4], ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'error_code', ARGV[6], 'error_message', ARGV[7]) end
 if ARGV[8] == '1' then redis.call('HSET', KEYS[1], 'result', ARGV[9]) end
-if ARGV[10] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[10]) end
+if ARGV[10] ~= '' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[10])
+  redis.call('ZREM', ARGV[11] .. redis.call('HGET', KEYS[1], 'tenant'), ARGV[12])
+end
+return 1
+"#;
+
+/// Deletes task KEYS[1] (id ARGV[2]) and its place among its tenant's open tasks.
+const REMOVE: &str = r#"
+local tenant = redis.call('HGET', KEYS[1], 'tenant')
+redis.call('DEL', KEYS[1])
+if tenant then redis.call('ZREM', ARGV[1] .. tenant, ARGV[2]) end
 return 1
 "#;
 
@@ -44,6 +64,7 @@ pub struct RedisTaskStore {
     max_result_bytes: usize,
     create: Script,
     transition: Script,
+    remove: Script,
 }
 
 fn backend(e: redis::RedisError) -> StoreError {
@@ -72,11 +93,16 @@ impl RedisTaskStore {
             max_result_bytes,
             create: Script::new(CREATE),
             transition: Script::new(TRANSITION),
+            remove: Script::new(REMOVE),
         })
     }
 
     fn key(&self, id: &str) -> String {
         format!("{}:task:{id}", self.prefix)
+    }
+
+    fn open_prefix(&self) -> String {
+        format!("{}:open:", self.prefix)
     }
 
     fn ttl_ms(&self) -> u64 {
@@ -108,7 +134,11 @@ fn parse(id: &str, h: &HashMap<String, Vec<u8>>) -> Option<TaskRecord> {
 
 #[async_trait]
 impl TaskStore for RedisTaskStore {
-    async fn create(&self, rec: TaskRecord) -> Result<(TaskRecord, bool), StoreError> {
+    async fn create(
+        &self,
+        rec: TaskRecord,
+        max_open: u64,
+    ) -> Result<(TaskRecord, bool), StoreError> {
         let mut conn = self.conn.clone();
         let idem_key = rec
             .idempotency_key
@@ -123,7 +153,10 @@ impl TaskStore for RedisTaskStore {
         .arg(&rec.id)
         .arg(self.ttl_ms())
         .arg(if idem_key.is_some() { "1" } else { "0" })
-        .arg(format!("{}:task:", self.prefix));
+        .key(format!("{}{}", self.open_prefix(), rec.tenant))
+        .arg(format!("{}:task:", self.prefix))
+        .arg(max_open)
+        .arg(super::now_ms());
         for (k, v) in [
             ("state", rec.state.as_str().to_string()),
             ("tenant", rec.tenant.clone()),
@@ -139,6 +172,12 @@ impl TaskStore for RedisTaskStore {
             inv.arg(k).arg(v);
         }
         let holder: String = inv.invoke_async(&mut conn).await.map_err(backend)?;
+        if holder.is_empty() {
+            return Err(StoreError::QuotaExceeded {
+                tenant: rec.tenant,
+                limit: max_open,
+            });
+        }
         if holder == rec.id {
             return Ok((rec, true));
         }
@@ -202,6 +241,8 @@ impl TaskStore for RedisTaskStore {
             } else {
                 String::new()
             })
+            .arg(self.open_prefix())
+            .arg(id)
             .invoke_async(&mut conn)
             .await
             .map_err(backend)?;
@@ -219,7 +260,14 @@ impl TaskStore for RedisTaskStore {
 
     async fn remove(&self, id: &str) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let _: () = conn.del(self.key(id)).await.map_err(backend)?;
+        let _: i64 = self
+            .remove
+            .key(self.key(id))
+            .arg(self.open_prefix())
+            .arg(id)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(backend)?;
         Ok(())
     }
 }

@@ -264,6 +264,23 @@ pub fn f32_bytes(v: &[f32]) -> bytes::Bytes {
         .into()
 }
 
+/// One row of `add_sub` (16 × 2.0 and 16 × 1.0) as a gRPC request.
+pub fn add_sub_request() -> infergate::proto::inference::ModelInferRequest {
+    use infergate::proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
+    let input = |name: &str| InferInputTensor {
+        name: name.into(),
+        datatype: "FP32".into(),
+        shape: vec![1, 16],
+        ..Default::default()
+    };
+    ModelInferRequest {
+        model_name: "add_sub".into(),
+        inputs: vec![input("INPUT0"), input("INPUT1")],
+        raw_input_contents: vec![f32_bytes(&[2.0; 16]), f32_bytes(&[1.0; 16])],
+        ..Default::default()
+    }
+}
+
 pub fn f32_from(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))

@@ -92,7 +92,7 @@ pub async fn submit(
         "http",
         &model,
         &headers,
-        front.submit(req, key, incoming, &caller.tenant),
+        front.submit(req, key, incoming, &caller),
     )
     .await?;
     let mut r = (StatusCode::ACCEPTED, Json(task_json(&rec, None))).into_response();
