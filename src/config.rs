@@ -250,6 +250,9 @@ pub struct BatchingConfig {
     pub priority_levels: u32,
     /// Anti-starvation: a request that has waited this long goes before any newer one.
     pub max_priority_wait_ms: u64,
+    /// Requests of one model inside infergate at once (batched or not), per instance; over
+    /// it, sync calls get RESOURCE_EXHAUSTED / 429 and workers wait. 0 = no cap.
+    pub max_concurrent_requests: usize,
     /// Per-model overrides, by model name.
     pub models: std::collections::BTreeMap<String, ModelBatching>,
 }
@@ -263,6 +266,7 @@ impl Default for BatchingConfig {
             max_inflight_batches: 2,
             priority_levels: 2,
             max_priority_wait_ms: 100,
+            max_concurrent_requests: 0,
             models: Default::default(),
         }
     }
@@ -279,6 +283,8 @@ pub struct ModelBatching {
     pub preferred_batch_sizes: Option<Vec<i64>>,
     pub max_queue_size: Option<usize>,
     pub max_inflight_batches: Option<usize>,
+    /// Overrides `batching.max_concurrent_requests` (0 = no cap).
+    pub max_concurrent_requests: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ValueEnum)]

@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::{
     error::GatewayError,
-    infer::InferService,
+    infer::{Admission, InferService},
     proto::inference::ModelInferRequest,
     queue::{Broker, Delivery},
     tasks::{Change, StoreError, TaskError, TaskState, TaskStore, now_ms},
@@ -225,7 +225,7 @@ impl Worker {
             }
         };
         let run_started = Instant::now();
-        let result = self.infer.infer(req, None).await;
+        let result = self.infer.infer_as(req, None, Admission::Wait).await;
         metrics().observe(&rec.model, "task_run", run_started.elapsed());
         match result {
             Ok(resp) => {

@@ -247,6 +247,59 @@ async fn a_full_queue_answers_resource_exhausted_with_retry_after() {
     }
 }
 
+#[tokio::test]
+async fn a_model_over_its_concurrency_cap_refuses_while_other_models_go_on() {
+    let _g = SLOW_MODEL.lock().await;
+    let ov = ModelBatching {
+        max_concurrent_requests: Some(2),
+        ..Default::default()
+    };
+    // Every other model is uncapped; `slow` takes two requests at a time.
+    let gw = gateway_with(config_with(ov, |_| {})).await;
+    let client = gw.client().await;
+    let mut admitted = Vec::new();
+    for v in 0..2 {
+        let mut c = client.clone();
+        admitted.push(tokio::spawn(async move {
+            c.model_infer(slow(v as f32, 400, None)).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut c = client.clone();
+    let err = c.model_infer(slow(9.0, 0, None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("model 'slow' already has 2 requests in flight"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(err.metadata().get("retry-after").unwrap(), "1");
+    let r = reqwest::Client::new()
+        .post(format!("{}/v2/models/slow/infer", gw.http_base()))
+        .json(&serde_json::json!({"inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [1]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    // Meanwhile another model is not held back.
+    let ok = c
+        .model_infer(add_sub_request())
+        .await
+        .expect("add_sub runs");
+    assert_eq!(
+        f32_from(&ok.into_inner().raw_output_contents[0]),
+        vec![3.0; 16]
+    );
+    for w in admitted {
+        w.await.unwrap().expect("admitted requests complete");
+    }
+    // The places are free again.
+    c.model_infer(slow(1.0, 0, None))
+        .await
+        .expect("under the cap again");
+}
+
 /// Sends requests one after another into a busy queue and returns their completion order.
 async fn completion_order(gw: &TestGateway, reqs: Vec<ModelInferRequest>) -> Vec<String> {
     let client = gw.client().await;

@@ -6,9 +6,12 @@
 pub mod validate;
 
 use std::{
-    sync::Arc,
+    collections::HashMap,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use validate::{ModelInfo, TensorSpec, Validated};
 
@@ -24,6 +27,68 @@ use crate::{
 pub struct InferService {
     backend: Arc<TritonPool>,
     batcher: Arc<Batcher>,
+    caps: Arc<ModelCaps>,
+}
+
+/// Per-model caps on requests inside infergate at once (`max_concurrent_requests`).
+struct ModelCaps {
+    global: usize,
+    per_model: HashMap<String, usize>,
+    /// One semaphore per capped model, made on first use (bounded by the models Triton has).
+    gates: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// Whether a caller over its model's cap is refused (sync APIs) or waits (task workers,
+/// whose own concurrency already bounds how many wait).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Refuse,
+    Wait,
+}
+
+impl ModelCaps {
+    fn new(cfg: &BatchingConfig) -> Self {
+        Self {
+            global: cfg.max_concurrent_requests,
+            per_model: cfg
+                .models
+                .iter()
+                .filter_map(|(m, o)| o.max_concurrent_requests.map(|c| (m.clone(), c)))
+                .collect(),
+            gates: Mutex::default(),
+        }
+    }
+
+    fn gate(&self, model: &str) -> Option<(Arc<Semaphore>, usize)> {
+        let cap = self.per_model.get(model).copied().unwrap_or(self.global);
+        if cap == 0 {
+            return None;
+        }
+        let mut gates = self.gates.lock().expect("model caps lock");
+        let gate = gates
+            .entry(model.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(cap)));
+        Some((Arc::clone(gate), cap))
+    }
+
+    async fn admit(
+        &self,
+        model: &str,
+        how: Admission,
+    ) -> Result<Option<OwnedSemaphorePermit>, GatewayError> {
+        let Some((gate, cap)) = self.gate(model) else {
+            return Ok(None);
+        };
+        match how {
+            Admission::Refuse => gate.try_acquire_owned().map(Some).map_err(|_| {
+                GatewayError::Overloaded(format!(
+                    "model '{model}' already has {cap} requests in flight \
+                     (max_concurrent_requests)"
+                ))
+            }),
+            Admission::Wait => Ok(gate.acquire_owned().await.ok()),
+        }
+    }
 }
 
 /// The earliest of the caller's deadline and Triton's `timeout` request parameter (µs).
@@ -57,8 +122,13 @@ fn expired() -> GatewayError {
 
 impl InferService {
     pub fn new(backend: Arc<TritonPool>, batching: BatchingConfig) -> Self {
+        let caps = Arc::new(ModelCaps::new(&batching));
         let batcher = Arc::new(Batcher::new(Arc::clone(&backend), batching));
-        Self { backend, batcher }
+        Self {
+            backend,
+            batcher,
+            caps,
+        }
     }
 
     pub fn backend(&self) -> &Arc<TritonPool> {
@@ -95,12 +165,23 @@ impl InferService {
     /// Runs one request. `timeout` is the caller's remaining budget, if it gave one.
     pub async fn infer(
         &self,
+        req: ModelInferRequest,
+        timeout: Option<Duration>,
+    ) -> Result<ModelInferResponse, GatewayError> {
+        self.infer_as(req, timeout, Admission::Refuse).await
+    }
+
+    /// [`InferService::infer`], choosing what a caller over the model's cap gets.
+    pub async fn infer_as(
+        &self,
         mut req: ModelInferRequest,
         timeout: Option<Duration>,
+        how: Admission,
     ) -> Result<ModelInferResponse, GatewayError> {
         let now = Instant::now();
         let deadline = deadline_of(&req, timeout, now);
         let (info, validated) = self.lookup(&mut req).await?;
+        let _permit = self.caps.admit(&info.name, how).await?;
         let settings = self
             .batcher
             .settings(&info)
