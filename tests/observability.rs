@@ -123,27 +123,6 @@ fn spans_seen(log: &PathBuf) -> Vec<SpanSeen> {
     out
 }
 
-fn infergate(args: &[String], log: &PathBuf) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_infergate"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
-        .spawn()
-        .unwrap()
-}
-
-fn wait_status(port: u16, path: &str, want: u16, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while http_status(port, path) != Some(want) {
-        assert!(
-            Instant::now() < deadline,
-            "127.0.0.1:{port}{path} did not answer {want} within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// API process + worker process over `broker`; one task with a client `traceparent`; then the
 /// spans of every hop must arrive under the client's trace id.
 async fn trace_crosses(broker: &str) {

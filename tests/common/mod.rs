@@ -155,6 +155,29 @@ pub fn http_status(port: u16, path: &str) -> Option<u16> {
     buf.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// An `infergate` process (this build's binary) with stderr to `log`.
+pub fn infergate(args: &[String], log: &PathBuf) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_infergate"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until a loopback HTTP GET answers `want`.
+pub fn wait_status(port: u16, path: &str, want: u16, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while http_status(port, path) != Some(want) {
+        assert!(
+            Instant::now() < deadline,
+            "127.0.0.1:{port}{path} did not answer {want} within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The Triton of this test binary. `INFERGATE_TEST_TRITON=GRPC_PORT,HTTP_PORT` reuses one
 /// already running (handy while developing).
 pub fn triton() -> &'static Triton {
