@@ -161,6 +161,13 @@ async fn metadata_and_health_routes_match_triton() {
             "{path}"
         );
     }
+    // As Triton: a model that is unknown or not ready answers 400 with a JSON error.
+    let (s, body) = get(format!("{}/v2/models/no_such_model/ready", gw.http_base())).await;
+    assert_eq!(s, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("no_such_model"),
+        "{body}"
+    );
     let (s, md) = get(format!("{}/v2", gw.http_base())).await;
     assert_eq!((s, md["name"].as_str()), (200, Some("triton")));
     let idx: Value = reqwest::Client::new()

@@ -2,6 +2,7 @@
 //! perf_analyzer work against it unchanged.
 
 pub mod codec;
+pub mod openapi;
 pub mod tasks;
 
 use std::{collections::HashMap, sync::Arc};
@@ -86,6 +87,15 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
+        .route(
+            "/openapi.json",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    openapi::document(),
+                )
+            }),
+        )
         .merge(api)
         // The infer handler enforces max_request_bytes itself, with a JSON error.
         .layer(DefaultBodyLimit::disable())
@@ -152,10 +162,25 @@ pub fn ops_router<S: Clone + Send + Sync + 'static>(
         .route("/metrics", get(scrape))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v2/health/live",
+    tag = "inference",
+    responses((status = 200, description = "the process answers")),
+)]
 async fn live() -> StatusCode {
     StatusCode::OK
 }
 
+#[utoipa::path(
+    get,
+    path = "/v2/health/ready",
+    tag = "inference",
+    responses(
+        (status = 200, description = "a Triton endpoint is ready"),
+        (status = 503, description = "no Triton endpoint is ready"),
+    ),
+)]
 async fn ready(State(s): State<HttpState>) -> StatusCode {
     if s.pool().is_ready() {
         StatusCode::OK
@@ -164,6 +189,19 @@ async fn ready(State(s): State<HttpState>) -> StatusCode {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v2",
+    tag = "inference",
+    responses(
+        (status = 200, body = openapi::ServerMetadataBody),
+        (status = 400, description = "malformed request; the message names the field", body = openapi::ErrorBody),
+        (status = 401, description = "no valid API key", body = openapi::ErrorBody),
+        (status = 404, description = "unknown model", body = openapi::ErrorBody),
+        (status = 429, description = "over a rate, quota or queue limit; see Retry-After", body = openapi::ErrorBody),
+        (status = 503, description = "no Triton endpoint answers", body = openapi::ErrorBody),
+    ),
+)]
 async fn server_metadata(State(s): State<HttpState>) -> Result<Json<Value>, GatewayError> {
     let md = s.pool().server_metadata().await?;
     Ok(Json(json!({
@@ -173,6 +211,20 @@ async fn server_metadata(State(s): State<HttpState>) -> Result<Json<Value>, Gate
     })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v2/models/{model}",
+    tag = "inference",
+    params(("model" = String, Path, description = "model name")),
+    responses(
+        (status = 200, body = openapi::ModelMetadataBody),
+        (status = 400, description = "malformed request; the message names the field", body = openapi::ErrorBody),
+        (status = 401, description = "no valid API key", body = openapi::ErrorBody),
+        (status = 404, description = "unknown model", body = openapi::ErrorBody),
+        (status = 429, description = "over a rate, quota or queue limit; see Retry-After", body = openapi::ErrorBody),
+        (status = 503, description = "no Triton endpoint answers", body = openapi::ErrorBody),
+    ),
+)]
 async fn model_metadata(
     State(s): State<HttpState>,
     Path(p): Params,
@@ -184,18 +236,47 @@ async fn model_metadata(
     )))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v2/models/{model}/ready",
+    tag = "inference",
+    params(("model" = String, Path, description = "model name")),
+    responses(
+        (status = 200, description = "ready"),
+        (status = 400, description = "unknown or not ready (as Triton answers)", body = openapi::ErrorBody),
+        (status = 401, description = "no valid API key", body = openapi::ErrorBody),
+        (status = 429, description = "over the tenant's rate; see Retry-After", body = openapi::ErrorBody),
+        (status = 503, description = "no Triton endpoint answers", body = openapi::ErrorBody),
+    )
+)]
 async fn model_ready(
     State(s): State<HttpState>,
     Path(p): Params,
-) -> Result<StatusCode, GatewayError> {
+) -> Result<Response, GatewayError> {
     let (m, v) = model_and_version(&p);
     Ok(if s.pool().model_ready(&m, &v).await? {
-        StatusCode::OK
+        StatusCode::OK.into_response()
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        // Triton answers 400 for a model that is unknown or not ready; clients expect that.
+        let error = format!("model '{m}' (version '{v}') is not ready");
+        (StatusCode::BAD_REQUEST, Json(json!({ "error": error }))).into_response()
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v2/models/{model}/config",
+    tag = "inference",
+    params(("model" = String, Path, description = "model name")),
+    responses(
+        (status = 200, description = "Triton's model configuration", body = Object),
+        (status = 400, description = "malformed request; the message names the field", body = openapi::ErrorBody),
+        (status = 401, description = "no valid API key", body = openapi::ErrorBody),
+        (status = 404, description = "unknown model", body = openapi::ErrorBody),
+        (status = 429, description = "over a rate, quota or queue limit; see Retry-After", body = openapi::ErrorBody),
+        (status = 503, description = "no Triton endpoint answers", body = openapi::ErrorBody),
+    ),
+)]
 async fn model_config(
     State(s): State<HttpState>,
     Path(p): Params,
@@ -208,6 +289,20 @@ async fn model_config(
     )))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v2/models/{model}/stats",
+    tag = "inference",
+    params(("model" = String, Path, description = "model name")),
+    responses(
+        (status = 200, description = "Triton's statistics, summed over endpoints", body = Object),
+        (status = 400, description = "malformed request; the message names the field", body = openapi::ErrorBody),
+        (status = 401, description = "no valid API key", body = openapi::ErrorBody),
+        (status = 404, description = "unknown model", body = openapi::ErrorBody),
+        (status = 429, description = "over a rate, quota or queue limit; see Retry-After", body = openapi::ErrorBody),
+        (status = 503, description = "no Triton endpoint answers", body = openapi::ErrorBody),
+    ),
+)]
 async fn model_stats(
     State(s): State<HttpState>,
     Path(p): Params,
@@ -223,6 +318,19 @@ async fn model_stats(
     )))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v2/models/stats",
+    tag = "inference",
+    responses(
+        (status = 200, description = "statistics of every model", body = Object),
+        (status = 400, description = "malformed request; the message names the field", body = openapi::ErrorBody),
+        (status = 401, description = "no valid API key", body = openapi::ErrorBody),
+        (status = 404, description = "unknown model", body = openapi::ErrorBody),
+        (status = 429, description = "over a rate, quota or queue limit; see Retry-After", body = openapi::ErrorBody),
+        (status = 503, description = "no Triton endpoint answers", body = openapi::ErrorBody),
+    ),
+)]
 async fn all_stats(State(s): State<HttpState>) -> Result<Json<Value>, GatewayError> {
     let stats = s
         .pool()
@@ -234,6 +342,20 @@ async fn all_stats(State(s): State<HttpState>) -> Result<Json<Value>, GatewayErr
     )))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v2/repository/index",
+    tag = "inference",
+    request_body(content = Option<openapi::RepositoryIndexBody>),
+    responses(
+        (status = 200, description = "the models of the repository", body = Vec<Object>),
+        (status = 400, description = "malformed request; the message names the field", body = openapi::ErrorBody),
+        (status = 401, description = "no valid API key", body = openapi::ErrorBody),
+        (status = 404, description = "unknown model", body = openapi::ErrorBody),
+        (status = 429, description = "over a rate, quota or queue limit; see Retry-After", body = openapi::ErrorBody),
+        (status = 503, description = "no Triton endpoint answers", body = openapi::ErrorBody),
+    ),
+)]
 async fn repository_index(
     State(s): State<HttpState>,
     body: Bytes,
@@ -302,6 +424,26 @@ fn timeout_header(headers: &HeaderMap) -> Result<Option<std::time::Duration>, Ga
         })
 }
 
+#[utoipa::path(
+    post,
+    path = "/v2/models/{model}/infer",
+    tag = "inference",
+    params(
+        ("model" = String, Path, description = "model name"),
+        ("Infergate-Timeout-Ms" = Option<u64>, Header, description = "deadline in milliseconds"),
+    ),
+    request_body(content = openapi::InferRequestBody, description = "JSON, or JSON + binary tensors (binary extension)"),
+    responses(
+        (status = 200, body = openapi::InferResponseBody),
+        (status = 413, description = "body over server.max_request_bytes", body = openapi::ErrorBody),
+        (status = 504, description = "deadline passed", body = openapi::ErrorBody),
+        (status = 400, description = "malformed request; the message names the field", body = openapi::ErrorBody),
+        (status = 401, description = "no valid API key", body = openapi::ErrorBody),
+        (status = 404, description = "unknown model", body = openapi::ErrorBody),
+        (status = 429, description = "over a rate, quota or queue limit; see Retry-After", body = openapi::ErrorBody),
+        (status = 503, description = "no Triton endpoint answers", body = openapi::ErrorBody),
+    ),
+)]
 async fn infer(
     State(s): State<HttpState>,
     Path(p): Params,

@@ -17,7 +17,7 @@ use axum::{
 };
 use serde_json::{Value, json};
 
-use super::{HttpState, codec, read_body};
+use super::{HttpState, codec, openapi, read_body};
 use crate::{
     api::{header_text, traced},
     auth::Caller,
@@ -64,6 +64,25 @@ fn task_json(rec: &TaskRecord, resp: Option<&ModelInferResponse>) -> Value {
     v
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/models/{model}/tasks",
+    tag = "tasks",
+    params(
+        ("model" = String, Path, description = "model name"),
+        ("Idempotency-Key" = Option<String>, Header, description = "1..=256 characters; the same key from the same tenant returns the same task"),
+    ),
+    request_body(content = openapi::InferRequestBody),
+    responses(
+        (status = 202, description = "queued; Location names the task", body = openapi::TaskBody),
+        (status = 400, description = "malformed request; the message names the field", body = openapi::ErrorBody),
+        (status = 401, description = "no valid API key", body = openapi::ErrorBody),
+        (status = 404, description = "unknown model", body = openapi::ErrorBody),
+        (status = 413, description = "body over server.max_request_bytes", body = openapi::ErrorBody),
+        (status = 429, description = "rate, open-task quota or queue full; see Retry-After", body = openapi::ErrorBody),
+        (status = 503, description = "broker or task store unavailable, or tasks not enabled", body = openapi::ErrorBody),
+    ),
+)]
 pub async fn submit(
     State(s): State<HttpState>,
     Extension(caller): Extension<Caller>,
@@ -107,6 +126,18 @@ pub async fn submit(
     Ok(r)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{id}",
+    tag = "tasks",
+    params(("id" = String, Path, description = "task id")),
+    responses(
+        (status = 200, body = openapi::TaskBody),
+        (status = 401, description = "no valid API key", body = openapi::ErrorBody),
+        (status = 404, description = "no such task (or another tenant's)", body = openapi::ErrorBody),
+        (status = 503, description = "task store unavailable", body = openapi::ErrorBody),
+    ),
+)]
 pub async fn get(
     State(s): State<HttpState>,
     Extension(caller): Extension<Caller>,
@@ -118,6 +149,19 @@ pub async fn get(
     })
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/tasks/{id}",
+    tag = "tasks",
+    params(("id" = String, Path, description = "task id")),
+    responses(
+        (status = 200, description = "cancelled", body = openapi::TaskBody),
+        (status = 409, description = "already finished", body = openapi::ErrorBody),
+        (status = 401, description = "no valid API key", body = openapi::ErrorBody),
+        (status = 404, description = "no such task (or another tenant's)", body = openapi::ErrorBody),
+        (status = 503, description = "task store unavailable", body = openapi::ErrorBody),
+    ),
+)]
 pub async fn cancel(
     State(s): State<HttpState>,
     Extension(caller): Extension<Caller>,
