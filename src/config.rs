@@ -172,6 +172,48 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     /// Requests of one ModelStreamInfer stream that run at once (answers keep request order).
     pub stream_concurrency: usize,
+    /// TLS on both listeners (gRPC and HTTP); plaintext when absent.
+    pub tls: Option<ServerTls>,
+}
+
+/// Certificates of the two listeners (PEM files; re-read only at start).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerTls {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA bundle for client certificates: when set, clients must present one it signed (mTLS).
+    pub client_ca: Option<PathBuf>,
+    /// A client that has not finished its handshake by then is dropped.
+    pub handshake_timeout_ms: u64,
+    /// HTTP handshakes in progress at once; more connections wait to be accepted.
+    pub max_handshakes: usize,
+}
+
+impl Default for ServerTls {
+    fn default() -> Self {
+        Self {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            client_ca: None,
+            handshake_timeout_ms: 10_000,
+            max_handshakes: 256,
+        }
+    }
+}
+
+/// TLS towards Triton (used for `https://` Triton URLs).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TritonTls {
+    /// CA bundle that signed Triton's certificate.
+    pub ca: PathBuf,
+    /// Client certificate and key, for Triton's `--grpc-use-ssl-mutual`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Name to check Triton's certificate against, when not the URL's host.
+    pub domain: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -184,6 +226,7 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 10_000,
             max_concurrent_streams: 1024,
             stream_concurrency: 16,
+            tls: None,
         }
     }
 }
@@ -205,6 +248,8 @@ pub struct TritonConfig {
     pub model_cache_ttl_ms: u64,
     /// Models that must be ready on Triton for `/readyz` to say ready (empty: server only).
     pub ready_models: Vec<String>,
+    /// Needed for `https://` URLs.
+    pub tls: Option<TritonTls>,
 }
 
 impl Default for TritonConfig {
@@ -218,6 +263,7 @@ impl Default for TritonConfig {
             connections_per_endpoint: 2,
             model_cache_ttl_ms: 30_000,
             ready_models: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -341,6 +387,25 @@ pub struct ServeArgs {
     /// Listen address of the HTTP API [default: 127.0.0.1:8080].
     #[arg(long, env = "INFERGATE_HTTP_ADDR", value_name = "ADDR")]
     pub http_addr: Option<SocketAddr>,
+    /// PEM certificate chain: serve both APIs over TLS (with --tls-key).
+    #[arg(long, env = "INFERGATE_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "INFERGATE_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: require client certificates signed by it (mTLS).
+    #[arg(long, env = "INFERGATE_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// PEM CA bundle that signed Triton's certificate (for https:// Triton URLs).
+    #[arg(long, env = "INFERGATE_TRITON_CA", value_name = "FILE")]
+    pub triton_ca: Option<PathBuf>,
+    /// PEM client certificate and key towards Triton (mTLS).
+    #[arg(long, env = "INFERGATE_TRITON_CERT", value_name = "FILE")]
+    pub triton_cert: Option<PathBuf>,
+    #[arg(long, env = "INFERGATE_TRITON_KEY", value_name = "FILE")]
+    pub triton_key: Option<PathBuf>,
+    /// Name to check Triton's certificate against, when not the URL's host.
+    #[arg(long, env = "INFERGATE_TRITON_DOMAIN", value_name = "NAME")]
+    pub triton_domain: Option<String>,
     /// Largest accepted request in bytes [default: 67108864].
     #[arg(long, env = "INFERGATE_MAX_REQUEST_BYTES", value_name = "BYTES")]
     pub max_request_bytes: Option<usize>,
@@ -496,6 +561,29 @@ impl Config {
         set(&mut t.probe_timeout_ms, &a.triton_probe_timeout_ms);
         set(&mut t.connections_per_endpoint, &a.triton_connections);
         set(&mut t.model_cache_ttl_ms, &a.model_cache_ttl_ms);
+        if a.tls_cert.is_some() || a.tls_key.is_some() || a.tls_client_ca.is_some() {
+            let tls = s.tls.get_or_insert_with(ServerTls::default);
+            set(&mut tls.cert, &a.tls_cert);
+            set(&mut tls.key, &a.tls_key);
+            if a.tls_client_ca.is_some() {
+                tls.client_ca = a.tls_client_ca.clone();
+            }
+        }
+        if a.triton_ca.is_some() || a.triton_cert.is_some() || a.triton_domain.is_some() {
+            let tls = t.tls.get_or_insert_with(TritonTls::default);
+            set(&mut tls.ca, &a.triton_ca);
+            for (slot, v) in [
+                (&mut tls.cert, &a.triton_cert),
+                (&mut tls.key, &a.triton_key),
+            ] {
+                if v.is_some() {
+                    *slot = v.clone();
+                }
+            }
+            if a.triton_domain.is_some() {
+                tls.domain = a.triton_domain.clone();
+            }
+        }
         let b = &mut self.batching;
         set(&mut b.mode, &a.batching);
         if a.batch_max_queue_delay_us.is_some() {
@@ -574,6 +662,7 @@ impl Config {
         for url in &t.urls {
             validate_url(url)?;
         }
+        validate_tls(s.tls.as_ref(), t)?;
         in_range(
             "triton.connect_timeout_ms",
             t.connect_timeout_ms,
@@ -768,6 +857,64 @@ fn in_range(field: &'static str, v: u64, min: u64, max: u64) -> Result<(), Confi
         return Err(invalid(field, format!("{v} is outside {min}..={max}")));
     }
     Ok(())
+}
+
+/// A PEM file that is named must be there; what is in it is checked when it is loaded.
+fn readable(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Err(invalid(field, "is required"));
+    }
+    std::fs::metadata(path)
+        .map(|_| ())
+        .map_err(|e| invalid(field, format!("cannot read '{}': {e}", path.display())))
+}
+
+fn validate_tls(server: Option<&ServerTls>, t: &TritonConfig) -> Result<(), ConfigError> {
+    if let Some(tls) = server {
+        readable("server.tls.cert", &tls.cert)?;
+        readable("server.tls.key", &tls.key)?;
+        if let Some(ca) = &tls.client_ca {
+            readable("server.tls.client_ca", ca)?;
+        }
+        in_range(
+            "server.tls.handshake_timeout_ms",
+            tls.handshake_timeout_ms,
+            1,
+            600_000,
+        )?;
+        in_range(
+            "server.tls.max_handshakes",
+            tls.max_handshakes as u64,
+            1,
+            65_536,
+        )?;
+    }
+    let https = t.urls.iter().filter(|u| u.starts_with("https://")).count();
+    match &t.tls {
+        None if https > 0 => Err(invalid(
+            "triton.tls.ca",
+            "https:// Triton URLs need the CA that signed Triton's certificate",
+        )),
+        Some(_) if https < t.urls.len() => Err(invalid(
+            "triton.urls",
+            "with triton.tls set, every Triton URL must be https://",
+        )),
+        Some(tls) => {
+            readable("triton.tls.ca", &tls.ca)?;
+            match (&tls.cert, &tls.key) {
+                (Some(c), Some(k)) => {
+                    readable("triton.tls.cert", c)?;
+                    readable("triton.tls.key", k)
+                }
+                (None, None) => Ok(()),
+                _ => Err(invalid(
+                    "triton.tls.cert",
+                    "a client certificate needs its key, and a key its certificate",
+                )),
+            }
+        }
+        None => Ok(()),
+    }
 }
 
 fn validate_url(url: &str) -> Result<(), ConfigError> {

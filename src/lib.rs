@@ -20,4 +20,5 @@ pub mod server;
 pub mod tasks;
 pub mod telemetry;
 pub mod tensor;
+pub mod tls;
 pub mod worker;

@@ -179,11 +179,21 @@ pub struct Gateway {
     http_listener: TcpListener,
     store: Arc<dyn TaskStore>,
     broker: Arc<dyn Broker>,
+    /// Loaded at bind time, so a bad certificate stops the start with its field named.
+    grpc_tls: Option<tonic::transport::ServerTlsConfig>,
+    http_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Gateway {
     pub async fn bind(cfg: Config) -> anyhow::Result<Self> {
         let pool = TritonPool::new(&cfg.triton, cfg.server.max_response_bytes)?;
+        let (grpc_tls, http_tls) = match &cfg.server.tls {
+            Some(t) => (
+                Some(crate::tls::grpc_server_config(t)?),
+                Some(crate::tls::http_server_config(t)?),
+            ),
+            None => (None, None),
+        };
         let grpc_listener = TcpListener::bind(cfg.server.grpc_addr)
             .await
             .with_context(|| format!("binding gRPC address {}", cfg.server.grpc_addr))?;
@@ -198,6 +208,8 @@ impl Gateway {
             http_listener,
             store,
             broker,
+            grpc_tls,
+            http_tls,
         })
     }
 
@@ -222,6 +234,8 @@ impl Gateway {
             http_listener,
             store,
             broker,
+            grpc_tls,
+            http_tls,
         } = self;
         let stop = CancellationToken::new();
         let grpc_addr = grpc_listener.local_addr()?;
@@ -287,7 +301,11 @@ impl Gateway {
         .accept_compressed(CompressionEncoding::Gzip);
         let inference = InterceptedService::new(inference, interceptor(Arc::clone(&auth)));
 
-        let grpc = tonic::transport::Server::builder()
+        let mut grpc = tonic::transport::Server::builder();
+        if let Some(tls) = grpc_tls {
+            grpc = grpc.tls_config(tls)?;
+        }
+        let grpc = grpc
             .tcp_nodelay(true)
             .layer(tower::util::MapResponseLayer::new(
                 oversize_is_resource_exhausted,
@@ -312,15 +330,27 @@ impl Gateway {
         })
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
-        let http_listener = http_listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let http = axum::serve(http_listener, app)
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .into_future();
-
+        let mut http_task = match (http_tls, &cfg.server.tls) {
+            (Some(config), Some(files)) => tokio::spawn(
+                axum::serve(
+                    crate::tls::TlsListener::new(http_listener, files, config),
+                    app,
+                )
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
+                .into_future(),
+            ),
+            _ => tokio::spawn(
+                axum::serve(
+                    http_listener.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    }),
+                    app,
+                )
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
+                .into_future(),
+            ),
+        };
         let mut grpc_task = tokio::spawn(grpc);
-        let mut http_task = tokio::spawn(http);
         tracing::info!(%grpc_addr, %http_addr, tritons = ?cfg.triton.urls, "infergate serving");
 
         let early = tokio::select! {

@@ -77,11 +77,23 @@ impl TritonPool {
     /// after failures, so infergate starts (not ready) while Triton is still loading.
     pub fn new(cfg: &TritonConfig, max_message_bytes: usize) -> Result<Arc<Self>, GatewayError> {
         let mut endpoints = Vec::with_capacity(cfg.urls.len());
+        let tls = cfg
+            .tls
+            .as_ref()
+            .map(crate::tls::triton_client_config)
+            .transpose()
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
         for url in &cfg.urls {
             let mut clients = Vec::with_capacity(cfg.connections_per_endpoint);
             for _ in 0..cfg.connections_per_endpoint {
-                let channel = TonicEndpoint::from_shared(url.clone())
-                    .map_err(|e| GatewayError::Internal(format!("triton url '{url}': {e}")))?
+                let mut endpoint = TonicEndpoint::from_shared(url.clone())
+                    .map_err(|e| GatewayError::Internal(format!("triton url '{url}': {e}")))?;
+                if let Some(tls) = &tls {
+                    endpoint = endpoint.tls_config(tls.clone()).map_err(|e| {
+                        GatewayError::Internal(format!("triton.tls for '{url}': {e}"))
+                    })?;
+                }
+                let channel = endpoint
                     .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(30))

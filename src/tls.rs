@@ -1,0 +1,208 @@
+//! TLS (rustls with the ring provider): on the gRPC listener through tonic, on the HTTP
+//! listener through [`TlsListener`], and towards Triton through tonic's client config.
+//!
+//! The HTTP listener does handshakes in their own tasks, at most `max_handshakes` at once and
+//! each within `handshake_timeout_ms`, so a client that connects and stalls holds neither the
+//! accept loop nor memory for long; only finished handshakes reach the server.
+
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, mpsc},
+};
+use tokio_rustls::{
+    TlsAcceptor,
+    rustls::{self, RootCertStore, server::WebPkiClientVerifier},
+    server::TlsStream,
+};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+use crate::config::{ServerTls, TritonTls};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct TlsError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| TlsError {
+        field,
+        message: format!("cannot read '{}': {e}", path.display()),
+    })
+}
+
+fn certs(field: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(field, path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError {
+            field,
+            message: format!("'{}' is not PEM certificates: {e}", path.display()),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError {
+            field,
+            message: format!("'{}' holds no certificate", path.display()),
+        });
+    }
+    Ok(certs)
+}
+
+fn key(field: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(&read(field, path)?).map_err(|e| TlsError {
+        field,
+        message: format!("'{}' is not a PEM private key: {e}", path.display()),
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The HTTP listener's rustls config: HTTP/2 and HTTP/1.1 by ALPN, client certificates
+/// required when `client_ca` is set.
+pub fn http_server_config(cfg: &ServerTls) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let chain = certs("server.tls.cert", &cfg.cert)?;
+    let key = key("server.tls.key", &cfg.key)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError {
+            field: "server.tls",
+            message: e.to_string(),
+        })?;
+    let builder = match &cfg.client_ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in certs("server.tls.client_ca", ca)? {
+                roots.add(c).map_err(|e| TlsError {
+                    field: "server.tls.client_ca",
+                    message: e.to_string(),
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| TlsError {
+                    field: "server.tls.client_ca",
+                    message: e.to_string(),
+                })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| TlsError {
+        field: "server.tls.key",
+        message: format!("does not match the certificate: {e}"),
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The gRPC listener's TLS (tonic). Loads the files through the same checks first, so a bad
+/// file is named the same way on both listeners.
+pub fn grpc_server_config(cfg: &ServerTls) -> Result<ServerTlsConfig, TlsError> {
+    http_server_config(cfg)?;
+    let identity = Identity::from_pem(
+        read("server.tls.cert", &cfg.cert)?,
+        read("server.tls.key", &cfg.key)?,
+    );
+    let mut tls = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &cfg.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read("server.tls.client_ca", ca)?));
+    }
+    Ok(tls)
+}
+
+/// TLS towards Triton: its CA, optionally a client identity (mTLS) and the name to check.
+pub fn triton_client_config(cfg: &TritonTls) -> Result<ClientTlsConfig, TlsError> {
+    certs("triton.tls.ca", &cfg.ca)?;
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("triton.tls.ca", &cfg.ca)?));
+    if let (Some(cert), Some(k)) = (&cfg.cert, &cfg.key) {
+        certs("triton.tls.cert", cert)?;
+        key("triton.tls.key", k)?;
+        tls = tls.identity(Identity::from_pem(
+            read("triton.tls.cert", cert)?,
+            read("triton.tls.key", k)?,
+        ));
+    }
+    if let Some(d) = &cfg.domain {
+        tls = tls.domain_name(d.clone());
+    }
+    Ok(tls)
+}
+
+/// A TCP listener whose connections come out already through a TLS handshake.
+pub struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    pub fn new(listener: TcpListener, cfg: &ServerTls, config: Arc<rustls::ServerConfig>) -> Self {
+        let local = listener
+            .local_addr()
+            .expect("a bound listener has an address");
+        let acceptor = TlsAcceptor::from(config);
+        let limit = Arc::new(Semaphore::new(cfg.max_handshakes));
+        let timeout = Duration::from_millis(cfg.handshake_timeout_ms);
+        let (tx, ready) = mpsc::channel(cfg.max_handshakes);
+        tokio::spawn(async move {
+            loop {
+                // Wait for a handshake slot before accepting: the backlog holds the rest.
+                let permit = tokio::select! {
+                    _ = tx.closed() => return,
+                    p = Arc::clone(&limit).acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                };
+                let (tcp, addr) = tokio::select! {
+                    _ = tx.closed() => return,
+                    r = listener.accept() => match r {
+                        Ok(c) => c,
+                        Err(e) => {
+                            // Out of descriptors and the like: pause rather than spin.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send((stream, addr)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Self { ready, local }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            // The accept loop ended (it never does while this listener lives).
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
