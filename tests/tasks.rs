@@ -461,6 +461,129 @@ async fn every_accepted_task_completes_across_a_rabbitmq_restart() {
     );
 }
 
+/// A private redis-server on a free loopback port, persisting every write (AOF, fsync always)
+/// into its own directory, so it can be killed and restarted like a real deployment's.
+struct PrivateRedis {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    fn start(port: u16, dir: &std::path::Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/ensure-services.sh installs it)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            port,
+            dir: dir.to_path_buf(),
+            child: Some(child),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: no chance to save anything beyond what each write already made durable.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_accepted_task_completes_across_a_redis_restart() {
+    let _onnx = ONNX_MODEL.lock().await;
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("infergate-redis-{port}"));
+    let mut redis = PrivateRedis::start(port, &dir);
+    let p = prefix();
+    let mut cfg = broker_config(&p, 1, &redis.url());
+    cfg.tasks.task_store = redis.url();
+    let gw = gateway_with(cfg).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let base = gw.http_base();
+    let before = rows_inferred("onnx_linear").await;
+    let (mut accepted, mut refused) = (Vec::new(), 0);
+    let mut down_since = None;
+    for k in 0..300 {
+        if k == 100 {
+            redis.kill();
+            down_since = Some(std::time::Instant::now());
+        }
+        // Down for at least 2 s of submissions, then back on the same port and files.
+        if down_since.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
+            redis = PrivateRedis::start(port, &dir);
+            down_since = None;
+        }
+        let x = [k as f32, 1.0, 0.0, 0.0];
+        let (s, t) = submit(&http, &base, "onnx_linear", &linear_body(x), None).await;
+        match s {
+            202 => accepted.push((t["id"].as_str().unwrap().to_string(), x)),
+            // While Redis is down nothing is accepted, and the client is told so.
+            503 => refused += 1,
+            other => panic!("unexpected status {other}: {t}"),
+        }
+    }
+    assert!(refused > 0, "the restart was not observed");
+    assert!(down_since.is_none(), "Redis was restarted");
+    let ids: Vec<String> = accepted.iter().map(|(id, _)| id.clone()).collect();
+    let done = wait_final(&http, &base, &ids, Duration::from_secs(120)).await;
+    for (t, (_, x)) in done.iter().zip(&accepted) {
+        assert_eq!(t["status"], "succeeded", "{t}");
+        let got: Vec<f64> = t["response"]["outputs"][0]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        for (g, w) in got.iter().zip(linear_expected(*x)) {
+            assert!((g - w).abs() < 1e-4, "{got:?}");
+        }
+    }
+    let ran = rows_inferred("onnx_linear").await - before;
+    assert!(ran >= accepted.len() as u64);
+    println!(
+        "Redis restart (SIGKILL, AOF fsync always): {} accepted (all succeeded with the right \
+         rows), {refused} refused with 503 while down; Triton ran {ran} rows",
+        accepted.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_task_service_submits_watches_and_cancels() {
     use infergate::proto::{
