@@ -263,7 +263,7 @@ async fn ten_times_overload_for_60s_sheds_with_429_keeps_p99_bounded_and_memory_
         "shed at once: {shed_p99:?}"
     );
     assert!(
-        late <= early + early / 10 + 4096,
+        late <= early + 1024,
         "RSS grew from {early} KiB to {late} KiB"
     );
 }
@@ -400,8 +400,10 @@ async fn a_steady_soak_keeps_memory_and_sockets_flat() {
         errors.len()
     );
     assert!(errors.is_empty(), "{:?}", &errors[..errors.len().min(5)]);
+    // Tight on purpose: expired tasks kept until the in-memory store filled showed up here as
+    // about 1 MiB per 5 minutes at this load.
     assert!(
-        rss_b <= rss_a + rss_a / 10 + 4096,
+        rss_b <= rss_a + 512,
         "RSS grew from {rss_a} KiB to {rss_b} KiB"
     );
     assert!(

@@ -32,6 +32,9 @@ struct Inner {
     keys: HashMap<(String, String), (String, Instant)>,
     /// Tasks queued or running, per tenant (the quota's count).
     open: HashMap<String, u64>,
+    /// Expired entries are swept at most once a second (on a create), so memory follows the
+    /// live tasks rather than everything seen since the store was last full.
+    last_purge: Option<Instant>,
 }
 
 impl Inner {
@@ -88,6 +91,13 @@ impl TaskStore for MemoryTaskStore {
             {
                 return Ok((e.rec.clone(), false));
             }
+        }
+        if inner
+            .last_purge
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+        {
+            Self::purge(&mut inner, now);
+            inner.last_purge = Some(now);
         }
         if inner.tasks.len() >= self.max_tasks {
             Self::purge(&mut inner, now);
@@ -256,6 +266,23 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn expired_tasks_are_swept_without_waiting_for_the_store_to_fill() {
+        let s = MemoryTaskStore::new(Duration::from_millis(50), 1000, 16);
+        for i in 0..10 {
+            s.create(TaskRecord::new(format!("t{i}"), "t", "m", "", None), 0)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        s.create(TaskRecord::new("new".into(), "t", "m", "", None), 0)
+            .await
+            .unwrap();
+        let inner = s.inner.lock().unwrap();
+        assert_eq!(inner.tasks.len(), 1, "only the live task is kept");
+        assert!(inner.open.get("t").is_some_and(|n| *n == 1));
     }
 
     #[tokio::test]
