@@ -44,7 +44,9 @@ if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'error_code', ARGV[6], 'error_
 if ARGV[8] == '1' then redis.call('HSET', KEYS[1], 'result', ARGV[9]) end
 if ARGV[10] ~= '' then
   redis.call('PEXPIRE', KEYS[1], ARGV[10])
-  redis.call('ZREM', ARGV[11] .. redis.call('HGET', KEYS[1], 'tenant'), ARGV[12])
+  -- Records written before tenants existed have no tenant field, and no place to free.
+  local tenant = redis.call('HGET', KEYS[1], 'tenant')
+  if tenant then redis.call('ZREM', ARGV[11] .. tenant, ARGV[12]) end
 end
 return 1
 "#;
