@@ -27,7 +27,7 @@ use crate::{
     infer::{Admission, InferService},
     proto::inference::ModelInferRequest,
     queue::{Broker, Delivery},
-    tasks::{Change, StoreError, TaskError, TaskState, TaskStore, now_ms},
+    tasks::{Change, Start, StoreError, TaskError, TaskState, TaskStore, now_ms},
     telemetry::{metrics::metrics, trace},
 };
 
@@ -89,11 +89,17 @@ impl Worker {
             match got {
                 Ok(deliveries) => {
                     backoff = Duration::from_millis(100);
-                    for d in deliveries {
+                    // The whole batch starts in one store call.
+                    let ids: Vec<(&str, bool)> = deliveries
+                        .iter()
+                        .map(|d| (d.msg.task_id.as_str(), d.reclaimed))
+                        .collect();
+                    let starts = self.store.start_many(&ids, self.cfg.max_attempts).await;
+                    for (d, started) in deliveries.into_iter().zip(starts) {
                         let permit = permits.pop().expect("one permit per delivery");
                         let w = self.clone();
                         running.spawn(async move {
-                            w.handle(d).await;
+                            w.handle(d, started).await;
                             drop(permit);
                         });
                     }
@@ -138,9 +144,9 @@ impl Worker {
         }
     }
 
-    /// Runs one delivery to its end (stored result and ack, retry, or dead letter) inside a
-    /// span that continues the submitter's trace.
-    pub async fn handle(&self, d: Delivery) {
+    /// Runs one delivery, as `start_many` found it, to its end (stored result and ack, retry,
+    /// or dead letter) inside a span that continues the submitter's trace.
+    pub async fn handle(&self, d: Delivery, started: Result<Start, StoreError>) {
         let span = tracing::info_span!(
             "task",
             otel.name = "task run",
@@ -153,47 +159,13 @@ impl Worker {
             trace_id = tracing::field::Empty,
         );
         trace::continue_trace(&span, &d.msg.trace);
-        self.run_delivery(d).instrument(span).await
+        self.run_delivery(d, started).instrument(span).await
     }
 
-    async fn run_delivery(&self, d: Delivery) {
+    async fn run_delivery(&self, d: Delivery, started: Result<Start, StoreError>) {
         let id = d.msg.task_id.clone();
-        let rec = match self.store.get(&id).await {
-            Ok(Some(rec)) => rec,
-            Ok(None) => {
-                // Expired from the store (TTL) or never stored: nothing to run it for.
-                self.finish(&d).await;
-                return;
-            }
-            Err(e) => {
-                self.retry_later(&d, &e).await;
-                return;
-            }
-        };
-        let startable =
-            rec.state == TaskState::Queued || (rec.state == TaskState::Running && d.reclaimed);
-        if !startable {
-            self.finish(&d).await;
-            return;
-        }
-        if rec.attempts >= self.cfg.max_attempts {
-            self.give_up(&d, rec.error.map(|e| e.message).unwrap_or_default())
-                .await;
-            return;
-        }
-        let started = self
-            .store
-            .transition(
-                &id,
-                TaskState::Running,
-                Change {
-                    count_attempt: true,
-                    ..Default::default()
-                },
-            )
-            .await;
         let rec = match started {
-            Ok(rec) => {
+            Ok(Start::Started(rec)) => {
                 let m = metrics();
                 m.task_state(TaskState::Running.as_str());
                 let waited = now_ms().saturating_sub(rec.queued_at_ms);
@@ -201,8 +173,14 @@ impl Worker {
                 tracing::Span::current().record("task.attempt", rec.attempts);
                 rec
             }
-            Err(StoreError::Conflict { .. }) => {
+            // Expired from the store, final, or running elsewhere: nothing to run it for.
+            Ok(Start::Skip) => {
                 self.finish(&d).await;
+                return;
+            }
+            Ok(Start::Exhausted(rec)) => {
+                self.give_up(&d, rec.error.map(|e| e.message).unwrap_or_default())
+                    .await;
                 return;
             }
             Err(e) => {

@@ -20,7 +20,8 @@ pub struct MemoryBroker {
 
 #[derive(Default)]
 struct Inner {
-    queue: VecDeque<(u64, TaskMessage)>,
+    /// (tag, message, handed back by a worker)
+    queue: VecDeque<(u64, TaskMessage, bool)>,
     in_flight: HashMap<u64, TaskMessage>,
     dead: Vec<(TaskMessage, String)>,
     next: u64,
@@ -47,7 +48,7 @@ impl Broker for MemoryBroker {
             }
             inner.next += 1;
             let n = inner.next;
-            inner.queue.push_back((n, msg.clone()));
+            inner.queue.push_back((n, msg.clone(), false));
         }
         self.ready.notify_one();
         Ok(())
@@ -61,13 +62,13 @@ impl Broker for MemoryBroker {
                 let mut inner = self.inner.lock().expect("broker lock");
                 let n = max.min(inner.queue.len());
                 if n > 0 {
-                    let taken: Vec<(u64, TaskMessage)> = inner.queue.drain(..n).collect();
+                    let taken: Vec<(u64, TaskMessage, bool)> = inner.queue.drain(..n).collect();
                     let mut out = Vec::with_capacity(n);
-                    for (tag, msg) in taken {
+                    for (tag, msg, handed_back) in taken {
                         inner.in_flight.insert(tag, msg.clone());
                         out.push(Delivery {
                             msg,
-                            reclaimed: false,
+                            reclaimed: handed_back,
                             tag: tag.to_string(),
                         });
                     }
@@ -98,7 +99,7 @@ impl Broker for MemoryBroker {
         {
             let mut inner = self.inner.lock().expect("broker lock");
             if let Some(msg) = inner.in_flight.remove(&tag) {
-                inner.queue.push_back((tag, msg));
+                inner.queue.push_back((tag, msg, true));
             }
         }
         self.ready.notify_one();

@@ -28,7 +28,9 @@ pub struct TaskMessage {
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub msg: TaskMessage,
-    /// True when the broker took it back from a consumer that stopped answering.
+    /// True when the broker took it back from a consumer that stopped answering, or a
+    /// worker handed it back (`retry`): no worker holds it, so a `running` task may be
+    /// taken over.
     pub reclaimed: bool,
     /// Broker-specific handle (stream entry id, delivery tag...).
     pub tag: String,

@@ -5,25 +5,47 @@
 //! waiting entries is refused (RESOURCE_EXHAUSTED), and XADD's MAXLEN only ever trims far
 //! beyond that, so it never drops a task that was accepted.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::{Value, aio::ConnectionManager};
+use redis::{Script, Value, aio::ConnectionManager};
 
 use super::{Broker, Delivery, QueueError, TaskMessage};
 use crate::telemetry::trace::TraceHeaders;
 
+/// XADD to KEYS[1] unless it holds ARGV[1] entries or more already (then -1 - its length).
+/// ARGV[2] is MAXLEN's approximate bound, ARGV[3..] the entry's fields and values. One call,
+/// so the bound costs no extra round trip and two publishers cannot both pass it at the edge.
+const PUBLISH: &str = r#"
+local depth = redis.call('XLEN', KEYS[1])
+if depth >= tonumber(ARGV[1]) then return -1 - depth end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+return depth
+"#;
+
+/// XACK and XDEL of entry ARGV[2] of stream KEYS[1], group ARGV[1].
+const ACK: &str = r#"
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('XDEL', KEYS[1], ARGV[2])
+"#;
+
 pub struct RedisBroker {
     conn: ConnectionManager,
     /// XREADGROUP BLOCK holds its connection: it gets its own, with no response timeout.
-    reader: tokio::sync::Mutex<ConnectionManager>,
+    /// With it, when the pending entries were last checked for reclaiming.
+    reader: tokio::sync::Mutex<(ConnectionManager, Option<Instant>)>,
     stream: String,
     dead: String,
     group: String,
     consumer: String,
     capacity: u64,
     visibility: Duration,
+    publish: Script,
+    ack: Script,
 }
 
 fn backend(e: redis::RedisError) -> QueueError {
@@ -102,12 +124,15 @@ impl RedisBroker {
         let reader = ConnectionManager::new_with_config(client, base.set_response_timeout(None))
             .await
             .map_err(backend)?;
+        let (stream, group) = (format!("{prefix}:tasks"), "workers".to_string());
         let b = Self {
+            publish: Script::new(PUBLISH),
+            ack: Script::new(ACK),
             conn,
-            reader: tokio::sync::Mutex::new(reader),
-            stream: format!("{prefix}:tasks"),
+            reader: tokio::sync::Mutex::new((reader, None)),
+            stream,
             dead: format!("{prefix}:tasks:dead"),
-            group: "workers".to_string(),
+            group,
             consumer: consumer.to_string(),
             capacity,
             visibility,
@@ -135,11 +160,13 @@ impl RedisBroker {
         }
     }
 
-    fn fields(msg: &TaskMessage) -> Vec<(&'static str, Vec<u8>)> {
-        vec![
+    fn fields(msg: &TaskMessage) -> [(&'static str, Vec<u8>); 6] {
+        [
             ("task_id", msg.task_id.as_bytes().to_vec()),
             ("model", msg.model.as_bytes().to_vec()),
             ("payload", msg.payload.to_vec()),
+            // Streams deliver in order; the level still travels, e.g. to a dead letter.
+            ("priority", msg.priority.to_string().into_bytes()),
             (
                 "traceparent",
                 msg.trace
@@ -185,16 +212,12 @@ impl RedisBroker {
 
     async fn ack_delete(&self, id: &str) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
-        let _: Value = redis::pipe()
-            .atomic()
-            .cmd("XACK")
-            .arg(&self.stream)
+        let _: Value = self
+            .ack
+            .key(&self.stream)
             .arg(&self.group)
             .arg(id)
-            .cmd("XDEL")
-            .arg(&self.stream)
-            .arg(id)
-            .query_async(&mut c)
+            .invoke_async(&mut c)
             .await
             .map_err(backend)?;
         Ok(())
@@ -204,30 +227,47 @@ impl RedisBroker {
 #[async_trait]
 impl Broker for RedisBroker {
     async fn publish(&self, msg: &TaskMessage) -> Result<(), QueueError> {
-        let depth = self.depth().await?;
-        if depth >= self.capacity {
-            return Err(QueueError::Full(depth));
+        let mut c = self.conn.clone();
+        let mut inv = self.publish.key(&self.stream);
+        inv.arg(self.capacity).arg(self.capacity * 4);
+        for (k, v) in Self::fields(msg) {
+            inv.arg(k).arg(v);
         }
-        self.add(&self.stream, msg, None).await
+        let depth: i64 = inv.invoke_async(&mut c).await.map_err(backend)?;
+        if depth < 0 {
+            return Err(QueueError::Full((-1 - depth) as u64));
+        }
+        Ok(())
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
-        let mut reader = self.reader.lock().await;
+        let mut guard = self.reader.lock().await;
+        let (reader, last_claim) = &mut *guard;
         // First take back what a dead consumer left pending for longer than `visibility`.
-        let claimed: Value = redis::cmd("XAUTOCLAIM")
-            .arg(&self.stream)
-            .arg(&self.group)
-            .arg(&self.consumer)
-            .arg(self.visibility.as_millis() as u64)
-            .arg("0-0")
-            .arg("COUNT")
-            .arg(max)
-            .query_async(&mut *reader)
-            .await
-            .map_err(backend)?;
-        let reclaimed = match &claimed {
-            Value::Array(parts) => parts.get(1).map(entries).unwrap_or_default(),
-            _ => Vec::new(),
+        // XAUTOCLAIM scans the pending list, so it runs at most every `visibility / 4` (and
+        // at least once a second), unless the last scan filled its batch: reclaiming is late
+        // by that much at most, instead of costing a scan per receive.
+        let every = (self.visibility / 4).min(Duration::from_secs(1));
+        let reclaimed = if last_claim.is_none_or(|t| t.elapsed() >= every) {
+            let claimed: Value = redis::cmd("XAUTOCLAIM")
+                .arg(&self.stream)
+                .arg(&self.group)
+                .arg(&self.consumer)
+                .arg(self.visibility.as_millis() as u64)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(max)
+                .query_async(reader)
+                .await
+                .map_err(backend)?;
+            let got = match &claimed {
+                Value::Array(parts) => parts.get(1).map(entries).unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            *last_claim = (got.len() < max).then(Instant::now);
+            got
+        } else {
+            Vec::new()
         };
         let (list, was_reclaimed) = if reclaimed.is_empty() {
             let reply: Value = redis::cmd("XREADGROUP")
@@ -241,7 +281,7 @@ impl Broker for RedisBroker {
                 .arg("STREAMS")
                 .arg(&self.stream)
                 .arg(">")
-                .query_async(&mut *reader)
+                .query_async(reader)
                 .await
                 .map_err(backend)?;
             let got = match &reply {
@@ -260,13 +300,14 @@ impl Broker for RedisBroker {
         } else {
             (reclaimed, true)
         };
-        drop(reader);
+        drop(guard);
         let mut out = Vec::with_capacity(list.len());
         for (id, fields) in list {
             match message(&fields) {
                 Some(msg) => out.push(Delivery {
                     msg,
-                    reclaimed: was_reclaimed,
+                    reclaimed: was_reclaimed
+                        || fields.get("handed_back").is_some_and(|v| v == b"1"),
                     tag: id,
                 }),
                 // An entry that is not ours (or is damaged) cannot be run: keep it aside.
@@ -293,8 +334,11 @@ impl Broker for RedisBroker {
 
     async fn retry(&self, d: &Delivery) -> Result<(), QueueError> {
         // Add the copy first: a crash in between leaves a duplicate entry (harmless: the task's
-        // state decides whether it runs), never a lost one.
-        self.add(&self.stream, &d.msg, None).await?;
+        // state decides whether it runs), never a lost one. The copy is marked as handed
+        // back: the worker that held it may have left the task `running` (a store write whose
+        // answer was lost), and the copy must be able to take it over, as a reclaim would.
+        self.add(&self.stream, &d.msg, Some(("handed_back", "1")))
+            .await?;
         self.ack_delete(&d.tag).await
     }
 

@@ -126,21 +126,15 @@ impl TaskFront {
         id: &str,
         tenant: &str,
     ) -> Result<Option<(TaskRecord, Option<ModelInferResponse>)>, GatewayError> {
-        let Some(rec) = self.store.get(id).await.map_err(store_error)? else {
+        let Some((rec, result)) = self.store.get_with_result(id).await.map_err(store_error)? else {
             return Ok(None);
         };
         if rec.tenant != tenant {
             return Ok(None);
         }
-        let resp = if rec.state == TaskState::Succeeded {
-            self.store
-                .result(id)
-                .await
-                .map_err(store_error)?
-                .and_then(|b| ModelInferResponse::decode(b).ok())
-        } else {
-            None
-        };
+        let resp = result
+            .filter(|_| rec.state == TaskState::Succeeded)
+            .and_then(|b| ModelInferResponse::decode(b).ok());
         Ok(Some((rec, resp)))
     }
 

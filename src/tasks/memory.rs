@@ -10,7 +10,7 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Change, StoreError, TaskRecord, TaskState, TaskStore, now_ms};
+use super::{Change, Start, StoreError, TaskRecord, TaskState, TaskStore, now_ms};
 
 struct Entry {
     rec: TaskRecord,
@@ -142,9 +142,46 @@ impl TaskStore for MemoryTaskStore {
             .map(|e| e.rec.clone()))
     }
 
-    async fn result(&self, id: &str) -> Result<Option<Bytes>, StoreError> {
+    async fn get_with_result(
+        &self,
+        id: &str,
+    ) -> Result<Option<(TaskRecord, Option<Bytes>)>, StoreError> {
         let inner = self.inner.lock().expect("task store lock");
-        Ok(inner.tasks.get(id).and_then(|e| e.result.clone()))
+        Ok(inner
+            .tasks
+            .get(id)
+            .filter(|e| e.expires > Instant::now())
+            .map(|e| (e.rec.clone(), e.result.clone())))
+    }
+
+    async fn start(
+        &self,
+        id: &str,
+        reclaimed: bool,
+        max_attempts: u32,
+    ) -> Result<Start, StoreError> {
+        let mut inner = self.inner.lock().expect("task store lock");
+        let Some(e) = inner
+            .tasks
+            .get_mut(id)
+            .filter(|e| e.expires > Instant::now())
+        else {
+            return Ok(Start::Skip);
+        };
+        let startable =
+            e.rec.state == TaskState::Queued || (reclaimed && e.rec.state == TaskState::Running);
+        if !startable {
+            return Ok(Start::Skip);
+        }
+        if e.rec.attempts >= max_attempts {
+            return Ok(Start::Exhausted(e.rec.clone()));
+        }
+        let change = Change {
+            count_attempt: true,
+            ..Default::default()
+        };
+        apply(&mut e.rec, TaskState::Running, &change);
+        Ok(Start::Started(e.rec.clone()))
     }
 
     async fn transition(
@@ -338,8 +375,8 @@ mod tests {
                 ..
             }
         ));
-        assert_eq!(s.result("a").await.unwrap(), None);
-        let rec = s.get("a").await.unwrap().unwrap();
+        let (rec, result) = s.get_with_result("a").await.unwrap().unwrap();
+        assert_eq!(result, None);
         assert_eq!((rec.state, rec.attempts), (TaskState::Cancelled, 1));
     }
 

@@ -130,6 +130,17 @@ impl TaskRecord {
     }
 }
 
+/// What `TaskStore::start` found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Start {
+    /// Now running; the record counts this attempt.
+    Started(TaskRecord),
+    /// Gone (expired), final, or running elsewhere: nothing to run.
+    Skip,
+    /// Every attempt was used; the record is unchanged (its last error says why).
+    Exhausted(TaskRecord),
+}
+
 /// What a transition writes besides the new state.
 #[derive(Debug, Clone, Default)]
 pub struct Change {
@@ -173,7 +184,34 @@ pub trait TaskStore: Send + Sync {
         max_open: u64,
     ) -> Result<(TaskRecord, bool), StoreError>;
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError>;
-    async fn result(&self, id: &str) -> Result<Option<Bytes>, StoreError>;
+    /// The task and its stored result (the encoded response of a succeeded task), read
+    /// together: a polling client needs both, and one read is one round trip.
+    async fn get_with_result(
+        &self,
+        id: &str,
+    ) -> Result<Option<(TaskRecord, Option<Bytes>)>, StoreError>;
+    /// A worker starts a delivered task in one atomic step: `queued → running` (and
+    /// `running → running` when the broker `reclaimed` the delivery from a consumer that
+    /// stopped answering), counting an attempt, unless `max_attempts` were made already.
+    async fn start(
+        &self,
+        id: &str,
+        reclaimed: bool,
+        max_attempts: u32,
+    ) -> Result<Start, StoreError>;
+    /// `start` for every delivery of a batch, `(id, reclaimed)`, answered in order: one
+    /// round trip for the batch where the store can do it.
+    async fn start_many(
+        &self,
+        tasks: &[(&str, bool)],
+        max_attempts: u32,
+    ) -> Vec<Result<Start, StoreError>> {
+        let mut out = Vec::with_capacity(tasks.len());
+        for (id, reclaimed) in tasks {
+            out.push(self.start(id, *reclaimed, max_attempts).await);
+        }
+        out
+    }
     /// Moves the task to `to` if its current state allows it, writing `change`.
     async fn transition(
         &self,

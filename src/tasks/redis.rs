@@ -8,9 +8,9 @@ use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use redis::{Script, Value, aio::ConnectionManager};
 
-use super::{Change, StoreError, TaskError, TaskRecord, TaskState, TaskStore};
+use super::{Change, Start, StoreError, TaskError, TaskRecord, TaskState, TaskStore};
 
 /// Creates the task unless the idempotency key (KEYS[2], if ARGV[3] == '1') names one already,
 /// or the tenant's open tasks (KEYS[3]) number ARGV[5] (> 0) already. Returns the id of the
@@ -20,35 +20,93 @@ if ARGV[3] == '1' then
   local existing = redis.call('GET', KEYS[2])
   if existing and redis.call('EXISTS', ARGV[4] .. existing) == 1 then return existing end
 end
+-- Entries of tasks that expired unfinished leave by their score (every time, quota or not,
+-- so the set stays as small as the tenant's live tasks).
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])
 local quota = tonumber(ARGV[5])
 if quota > 0 and redis.call('ZCARD', KEYS[3]) >= quota then return '' end
 if ARGV[3] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[3], tonumber(ARGV[6]) + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
 return ARGV[1]
 "#;
 
+/// The record's fields, in the order the scripts return them (after a status code) and
+/// `get` reads them; the result, often large, is read only when asked for.
+const FIELDS: [&str; 11] = [
+    "state",
+    "tenant",
+    "model",
+    "version",
+    "attempts",
+    "queued_at_ms",
+    "started_at_ms",
+    "finished_at_ms",
+    "error_code",
+    "error_message",
+    "idempotency_key",
+];
+
+/// Prepended to the scripts below: `record(key, code)` is `{code, HMGET key FIELDS...}`, so a
+/// state change answers with the record it left and needs no second read.
+fn record_prelude() -> String {
+    let names: Vec<String> = FIELDS.iter().map(|f| format!("'{f}'")).collect();
+    format!(
+        "local F = {{{}}}\nlocal function record(key, code)\n  local r = redis.call('HMGET', key, unpack(F))\n  table.insert(r, 1, code)\n  return r\nend\n",
+        names.join(", ")
+    )
+}
+
 /// Moves KEYS[1] to ARGV[1] if its state is one of ARGV[2] (comma-separated).
-/// Returns 1 on success, 0 if the state forbids it, -1 if the task does not exist.
+/// Returns record(KEYS[1], 1) on success, record(KEYS[1], 0) if the state forbids it, {-1} if
+/// there is no task.
 const TRANSITION: &str = r#"
-local cur = redis.call('HGET', KEYS[1], 'state')
-if not cur then return -1 end
-if not string.find(',' .. ARGV[2] .. ',', ',' .. cur .. ',', 1, true) then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[1])
+local cur, tenant = unpack(redis.call('HMGET', KEYS[1], 'state', 'tenant'))
+if not cur then return {-1} end
+if not string.find(',' .. ARGV[2] .. ',', ',' .. cur .. ',', 1, true) then return record(KEYS[1], 0) end
+local set = {'state', ARGV[1]}
+if ARGV[4] ~= '' then table.insert(set, ARGV[4]); table.insert(set, ARGV[5]) end
+if ARGV[6] ~= '' then
+  table.insert(set, 'error_code'); table.insert(set, ARGV[6])
+  table.insert(set, 'error_message'); table.insert(set, ARGV[7])
+end
+if ARGV[8] == '1' then table.insert(set, 'result'); table.insert(set, ARGV[9]) end
+redis.call('HSET', KEYS[1], unpack(set))
 if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], ARGV[4], ARGV[5]) end
-if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'error_code', ARGV[6], 'error_message', ARGV[7]) end
-if ARGV[8] == '1' then redis.call('HSET', KEYS[1], 'result', ARGV[9]) end
 if ARGV[10] ~= '' then
   redis.call('PEXPIRE', KEYS[1], ARGV[10])
   -- Records written before tenants existed have no tenant field, and no place to free.
-  local tenant = redis.call('HGET', KEYS[1], 'tenant')
   if tenant then redis.call('ZREM', ARGV[11] .. tenant, ARGV[12]) end
 end
-return 1
+return record(KEYS[1], 1)
+"#;
+
+/// Starts each task KEYS[i] if its state allows (queued; also running when ARGV[2 + i] is
+/// '1', a reclaimed delivery) and fewer than ARGV[1] attempts were made: running, attempts + 1,
+/// started at ARGV[2]. Answers, per key in order, record(key, 1) when started, {0} when the
+/// state forbids it, record(key, 2) when the attempts are used up, {-1} if there is no task.
+const START: &str = r#"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local from = ARGV[2 + i] == '1' and ',queued,running,' or ',queued,'
+  local cur, attempts = unpack(redis.call('HMGET', key, 'state', 'attempts'))
+  if not cur then
+    out[i] = {-1}
+  elseif not string.find(from, ',' .. cur .. ',', 1, true) then
+    out[i] = {0}
+  else
+    attempts = tonumber(attempts or '0')
+    if attempts >= tonumber(ARGV[1]) then
+      out[i] = record(key, 2)
+    else
+      redis.call('HSET', key, 'state', 'running', 'started_at_ms', ARGV[2], 'attempts', attempts + 1)
+      out[i] = record(key, 1)
+    end
+  end
+end
+return out
 "#;
 
 /// Deletes task KEYS[1] (id ARGV[2]) and its place among its tenant's open tasks.
@@ -66,6 +124,7 @@ pub struct RedisTaskStore {
     max_result_bytes: usize,
     create: Script,
     transition: Script,
+    start: Script,
     remove: Script,
 }
 
@@ -94,7 +153,8 @@ impl RedisTaskStore {
             ttl,
             max_result_bytes,
             create: Script::new(CREATE),
-            transition: Script::new(TRANSITION),
+            transition: Script::new(&(record_prelude() + TRANSITION)),
+            start: Script::new(&(record_prelude() + START)),
             remove: Script::new(REMOVE),
         })
     }
@@ -112,7 +172,7 @@ impl RedisTaskStore {
     }
 }
 
-fn parse(id: &str, h: &HashMap<String, Vec<u8>>) -> Option<TaskRecord> {
+fn parse(id: &str, h: &HashMap<&str, Vec<u8>>) -> Option<TaskRecord> {
     let s = |k: &str| h.get(k).map(|v| String::from_utf8_lossy(v).into_owned());
     let n = |k: &str| s(k).and_then(|v| v.parse::<u64>().ok());
     let state = TaskState::parse(&s("state")?)?;
@@ -134,6 +194,36 @@ fn parse(id: &str, h: &HashMap<String, Vec<u8>>) -> Option<TaskRecord> {
     })
 }
 
+/// Pairs `values` (as HMGET answers: nil for a missing field) with `FIELDS` and any `extra`
+/// names read after them.
+fn fields<'a>(values: Vec<Value>, extra: &[&'a str]) -> HashMap<&'a str, Vec<u8>> {
+    FIELDS
+        .iter()
+        .chain(extra)
+        .zip(values)
+        .filter_map(|(k, v)| match v {
+            Value::BulkString(b) => Some((*k, b)),
+            Value::SimpleString(s) => Some((*k, s.into_bytes())),
+            Value::Int(i) => Some((*k, i.to_string().into_bytes())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A script's `{code, fields...}` answer.
+fn coded(reply: Vec<Value>) -> Result<(i64, HashMap<&'static str, Vec<u8>>), StoreError> {
+    let mut it = reply.into_iter();
+    let code = match it.next() {
+        Some(Value::Int(c)) => c,
+        other => {
+            return Err(StoreError::Backend(format!(
+                "unexpected script reply {other:?}"
+            )));
+        }
+    };
+    Ok((code, fields(it.collect(), &[])))
+}
+
 #[async_trait]
 impl TaskStore for RedisTaskStore {
     async fn create(
@@ -141,7 +231,6 @@ impl TaskStore for RedisTaskStore {
         rec: TaskRecord,
         max_open: u64,
     ) -> Result<(TaskRecord, bool), StoreError> {
-        let mut conn = self.conn.clone();
         let idem_key = rec
             .idempotency_key
             .as_ref()
@@ -173,6 +262,7 @@ impl TaskStore for RedisTaskStore {
         ] {
             inv.arg(k).arg(v);
         }
+        let mut conn = self.conn.clone();
         let holder: String = inv.invoke_async(&mut conn).await.map_err(backend)?;
         if holder.is_empty() {
             return Err(StoreError::QuotaExceeded {
@@ -192,14 +282,83 @@ impl TaskStore for RedisTaskStore {
 
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
         let mut conn = self.conn.clone();
-        let h: HashMap<String, Vec<u8>> = conn.hgetall(self.key(id)).await.map_err(backend)?;
-        Ok(parse(id, &h))
+        let values: Vec<Value> = redis::cmd("HMGET")
+            .arg(self.key(id))
+            .arg(&FIELDS[..])
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        Ok(parse(id, &fields(values, &[])))
     }
 
-    async fn result(&self, id: &str) -> Result<Option<Bytes>, StoreError> {
+    async fn get_with_result(
+        &self,
+        id: &str,
+    ) -> Result<Option<(TaskRecord, Option<Bytes>)>, StoreError> {
         let mut conn = self.conn.clone();
-        let r: Option<Vec<u8>> = conn.hget(self.key(id), "result").await.map_err(backend)?;
-        Ok(r.map(Bytes::from))
+        let values: Vec<Value> = redis::cmd("HMGET")
+            .arg(self.key(id))
+            .arg(&FIELDS[..])
+            .arg("result")
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        let mut h = fields(values, &["result"]);
+        let result = h.remove("result").map(Bytes::from);
+        Ok(parse(id, &h).map(|rec| (rec, result)))
+    }
+
+    async fn start(
+        &self,
+        id: &str,
+        reclaimed: bool,
+        max_attempts: u32,
+    ) -> Result<Start, StoreError> {
+        self.start_many(&[(id, reclaimed)], max_attempts)
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Backend("empty script reply".into())))
+    }
+
+    async fn start_many(
+        &self,
+        tasks: &[(&str, bool)],
+        max_attempts: u32,
+    ) -> Vec<Result<Start, StoreError>> {
+        if tasks.is_empty() {
+            return Vec::new();
+        }
+        let mut conn = self.conn.clone();
+        let mut inv = self.start.prepare_invoke();
+        inv.arg(max_attempts).arg(super::now_ms());
+        for (id, reclaimed) in tasks {
+            inv.key(self.key(id))
+                .arg(if *reclaimed { "1" } else { "0" });
+        }
+        let replies: Vec<Vec<Value>> = match inv.invoke_async(&mut conn).await {
+            Ok(r) => r,
+            Err(e) => return tasks.iter().map(|_| Err(backend(e.clone()))).collect(),
+        };
+        if replies.len() != tasks.len() {
+            let e = format!("{} answers for {} tasks", replies.len(), tasks.len());
+            return tasks
+                .iter()
+                .map(|_| Err(StoreError::Backend(e.clone())))
+                .collect();
+        }
+        tasks
+            .iter()
+            .zip(replies)
+            .map(|((id, _), reply)| {
+                let (code, h) = coded(reply)?;
+                let rec = || parse(id, &h).ok_or_else(|| StoreError::NotFound(id.to_string()));
+                Ok(match code {
+                    1 => Start::Started(rec()?),
+                    2 => Start::Exhausted(rec()?),
+                    _ => Start::Skip,
+                })
+            })
+            .collect()
     }
 
     async fn transition(
@@ -226,7 +385,7 @@ impl TaskStore for RedisTaskStore {
                 (e.code.clone(), e.message.clone())
             });
         let mut conn = self.conn.clone();
-        let done: i64 = self
+        let reply: Vec<Value> = self
             .transition
             .key(self.key(id))
             .arg(to.as_str())
@@ -248,8 +407,8 @@ impl TaskStore for RedisTaskStore {
             .invoke_async(&mut conn)
             .await
             .map_err(backend)?;
-        let rec = self.get(id).await?;
-        match (done, rec) {
+        let (code, h) = coded(reply)?;
+        match (code, parse(id, &h)) {
             (1, Some(rec)) => Ok(rec),
             (0, Some(rec)) => Err(StoreError::Conflict {
                 id: id.to_string(),

@@ -362,11 +362,18 @@ pub async fn wait_final(
         if left == 0 {
             return done.into_iter().map(Option::unwrap).collect();
         }
-        assert!(
-            Instant::now() < deadline,
-            "{left} of {} tasks not final in time",
-            ids.len()
-        );
+        if Instant::now() >= deadline {
+            // Say where the stragglers are stuck (state, attempts), not only how many.
+            let mut stuck = Vec::new();
+            for (id, _) in ids.iter().zip(&done).filter(|(_, d)| d.is_none()).take(5) {
+                stuck.push(task(http, base, id).await.to_string());
+            }
+            panic!(
+                "{left} of {} tasks not final in time; first ones: {}",
+                ids.len(),
+                stuck.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

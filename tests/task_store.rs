@@ -1,0 +1,166 @@
+//! The task store contract, run the same way against the in-memory store and the Redis store
+//! (the real Redis on 127.0.0.1:6379, a fresh key prefix per run): a worker's start is one
+//! atomic step that counts attempts and respects reclaims, state changes answer with the
+//! record they left, and a poll reads the record and its result together.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use infergate::{
+    queue::{Broker, QueueError, TaskMessage, redis::RedisBroker},
+    tasks::{
+        Change, Start, StoreError, TaskError, TaskRecord, TaskState, TaskStore,
+        memory::MemoryTaskStore, new_task_id, redis::RedisTaskStore,
+    },
+};
+
+fn rec(id: &str) -> TaskRecord {
+    TaskRecord::new(id.to_string(), "tenant", "add_sub", "", None)
+}
+
+async fn contract(s: &dyn TaskStore) {
+    let a = new_task_id();
+    s.create(rec(&a), 0).await.unwrap();
+
+    // Unknown tasks are skipped, not errors: the worker acks their messages.
+    assert_eq!(
+        s.start("no-such-task", false, 3).await.unwrap(),
+        Start::Skip
+    );
+
+    let Start::Started(r) = s.start(&a, false, 3).await.unwrap() else {
+        panic!("a queued task starts")
+    };
+    assert_eq!((r.state, r.attempts), (TaskState::Running, 1));
+    assert!(r.started_at_ms.is_some());
+    // Running elsewhere: a plain delivery skips it, a reclaimed one takes it over.
+    assert_eq!(s.start(&a, false, 3).await.unwrap(), Start::Skip);
+    let Start::Started(r) = s.start(&a, true, 3).await.unwrap() else {
+        panic!("a reclaimed delivery restarts a running task")
+    };
+    assert_eq!(r.attempts, 2);
+
+    // A transition answers with the record as it left it.
+    let done = s
+        .transition(
+            &a,
+            TaskState::Succeeded,
+            Change {
+                result: Some(Bytes::from_static(b"the response")),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((done.state, done.attempts), (TaskState::Succeeded, 2));
+    assert!(done.finished_at_ms.is_some());
+    assert_eq!(done.tenant, "tenant");
+    let (got, result) = s.get_with_result(&a).await.unwrap().unwrap();
+    assert_eq!(got, done);
+    assert_eq!(result.as_deref(), Some(&b"the response"[..]));
+    assert_eq!(s.get(&a).await.unwrap(), Some(done));
+    // Final is final: no restart, even reclaimed, and no late overwrite.
+    assert_eq!(s.start(&a, true, 3).await.unwrap(), Start::Skip);
+    let err = s
+        .transition(&a, TaskState::Failed, Change::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Conflict {
+                from: TaskState::Succeeded,
+                to: TaskState::Failed,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    // Attempts used up: the record comes back unchanged, with its last error.
+    let b = new_task_id();
+    s.create(rec(&b), 0).await.unwrap();
+    assert!(matches!(
+        s.start(&b, false, 1).await.unwrap(),
+        Start::Started(_)
+    ));
+    let error = TaskError {
+        code: "Unavailable".into(),
+        message: "triton went away".into(),
+    };
+    let back = s
+        .transition(
+            &b,
+            TaskState::Queued,
+            Change {
+                error: Some(error.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(back.state, TaskState::Queued);
+    let Start::Exhausted(r) = s.start(&b, false, 1).await.unwrap() else {
+        panic!("one attempt allowed, one made")
+    };
+    assert_eq!((r.state, r.attempts), (TaskState::Queued, 1));
+    assert_eq!(r.error, Some(error));
+    let (r, result) = s.get_with_result(&b).await.unwrap().unwrap();
+    assert_eq!((r.state, result), (TaskState::Queued, None));
+
+    assert!(matches!(
+        s.transition("no-such-task", TaskState::Cancelled, Change::default())
+            .await
+            .unwrap_err(),
+        StoreError::NotFound(_)
+    ));
+    assert_eq!(s.get_with_result("no-such-task").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn the_memory_store_keeps_the_contract() {
+    contract(&MemoryTaskStore::new(Duration::from_secs(60), 100, 1024)).await;
+}
+
+#[tokio::test]
+async fn the_redis_store_keeps_the_contract() {
+    let prefix = format!("igtest-{}", new_task_id());
+    let s = RedisTaskStore::connect(common::REDIS, &prefix, Duration::from_secs(60), 1024)
+        .await
+        .unwrap();
+    contract(&s).await;
+}
+
+#[tokio::test]
+async fn the_redis_stream_refuses_publishing_past_its_capacity() {
+    let prefix = format!("igtest-{}", new_task_id());
+    let b = RedisBroker::connect(common::REDIS, &prefix, "c1", 3, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let msg = |i: usize| TaskMessage {
+        task_id: format!("t{i}"),
+        model: "add_sub".into(),
+        payload: Bytes::from(vec![i as u8; 16]),
+        trace: Default::default(),
+        priority: 4,
+    };
+    for i in 0..3 {
+        b.publish(&msg(i)).await.unwrap();
+    }
+    let err = b.publish(&msg(3)).await.unwrap_err();
+    assert!(matches!(err, QueueError::Full(3)), "{err:?}");
+    // Taking and acking one entry makes room for exactly one more.
+    let got = b.receive(1, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].msg, msg(0));
+    assert_eq!(b.depth().await.unwrap(), 3, "in flight still counts");
+    b.ack(&got[0]).await.unwrap();
+    assert_eq!(b.depth().await.unwrap(), 2);
+    b.publish(&msg(4)).await.unwrap();
+    assert!(matches!(b.publish(&msg(5)).await, Err(QueueError::Full(3))));
+    let rest = b.receive(10, Duration::from_millis(100)).await.unwrap();
+    let ids: Vec<_> = rest.iter().map(|d| d.msg.task_id.as_str()).collect();
+    assert_eq!(ids, ["t1", "t2", "t4"]);
+}
