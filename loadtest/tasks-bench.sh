@@ -2,12 +2,17 @@
 # End-to-end async throughput per broker: infergate serve (release, 2 worker loops inside)
 # with the memory broker, Redis Streams and RabbitMQ in turn, each given the same load by
 # infergate-load --tasks (submit N tasks at concurrency C, poll until all are final) on
-# add_sub. Writes loadtest/results/tasks-<date>.md and prints it.
-#   loadtest/tasks-bench.sh [TASKS=20000] [CONCURRENCY=32]
+# add_sub. Also reports the CPU each process spent per completed task (from /proc), since
+# on this shared 2-core machine that, not wall time, says where a task's cost goes.
+# With BASELINE=<dir holding another build's infergate>, each round runs that build too,
+# right before this one, with the same generator: compare them by ratio within a round.
+# Writes loadtest/results/tasks-<date>.md and prints it.
+#   [BASELINE=dir] loadtest/tasks-bench.sh [TASKS=20000] [CONCURRENCY=32] [ROUNDS=1] [BROKERS]
 # Needs Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672): scripts/ensure-services.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N="${1:-20000}"; C="${2:-32}"
+N="${1:-20000}"; C="${2:-32}"; ROUNDS="${3:-1}"
+BROKERS="${4:-memory redis://127.0.0.1:6379 amqp://guest:guest@127.0.0.1:5672/%2f}"
 VENV="$(scripts/install-triton.sh)"
 scripts/ensure-services.sh
 cargo build --release --locked --quiet
@@ -15,36 +20,64 @@ cargo build --release --locked --quiet
 . loadtest/lib.sh
 start_triton
 
+builds=("this=target/release/infergate")
+[[ -n ${BASELINE:-} ]] && builds=("baseline=$BASELINE/infergate" "${builds[@]}")
+# CPU ticks (user + system) of the given processes together.
+cpu() {
+  local t=0 p
+  for p in "$@"; do [[ -r /proc/$p/stat ]] && t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done
+  echo "$t"
+}
+# Triton runs python-backend models (add_sub) in stub processes of its own: count them too.
+triton_pid=$(pgrep -f "tritonserver.*--grpc-port=$tg" | head -1 || true)
+triton_pids="$triton_pid $(pgrep -P "${triton_pid:-0}" | tr '\n' ' ' || true)"
+redis_pid=$(pgrep -x redis-server | head -1 || true)
+rabbit_pid=$(pgrep -f beam.smp | head -1 || true)
+
 cat >"$work/row.py" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 refused = sum(r["refused"].values())
-print(f"| {sys.argv[2]} | {r['submitted']:,} | {r['succeeded']:,} | {r['failed']} | {refused} "
-      f"| {r['submitSeconds']:.1f} | {r['totalSeconds']:.1f} | {r['tasksPerSecond']:,.0f} |")
+done = max(r["succeeded"] + r["failed"], 1)
+us = lambda ticks: f"{float(ticks) / 100 / done * 1e6:.0f}"
+load = sum(map(float, sys.argv[9].split()))
+print(f"| {sys.argv[2]} | {sys.argv[3]} | {r['submitted']:,} | {r['succeeded']:,} | {r['failed']} | {refused} "
+      f"| {r['submitSeconds']:.1f} | {r['totalSeconds']:.1f} | {r['tasksPerSecond']:,.0f} "
+      f"| {us(sys.argv[4])} | {load / done * 1e6:.0f} | {us(sys.argv[5])} | {us(sys.argv[6])} | {us(sys.argv[7])} |")
 PY
 rows=()
-for broker in memory redis://127.0.0.1:6379 "amqp://guest:guest@127.0.0.1:5672/%2f"; do
-  store=memory; [[ $broker != memory ]] && store=redis://127.0.0.1:6379
-  prefix="bench-$RANDOM$RANDOM"
-  g=$(port); h=$(port)
-  target/release/infergate serve --triton-url "http://127.0.0.1:$tg" --grpc-addr "127.0.0.1:$g" \
-    --http-addr "127.0.0.1:$h" --broker "$broker" --task-store "$store" --redis-prefix "$prefix" \
-    --workers 2 --worker-concurrency 512 --queue-capacity 1000000 --log-level warn >"$work/ig.log" 2>&1 &
-  ig=$!
-  for _ in $(seq 1 100); do curl -sf "127.0.0.1:$h/v2/health/ready" >/dev/null && break; sleep 0.1; done
-  timeout 600 target/release/infergate-load --http "127.0.0.1:$h" -m add_sub --tasks "$N" -c "$C" \
-    --timeout 300s --json "$work/run.json" -q >&2 || true
-  kill "$ig"; wait "$ig" 2>/dev/null || true
-  rows+=("$("$VENV/bin/python" "$work/row.py" "$work/run.json" "${broker%%://*}")")
+for round in $(seq 1 "$ROUNDS"); do
+  for broker in $BROKERS; do
+    for build in "${builds[@]}"; do
+      name="${build%%=*}"; bin="${build#*=}"
+      store=memory; [[ $broker != memory ]] && store=redis://127.0.0.1:6379
+      prefix="bench-$RANDOM$RANDOM"
+      g=$(port); h=$(port)
+      "$bin" serve --triton-url "http://127.0.0.1:$tg" --grpc-addr "127.0.0.1:$g" \
+        --http-addr "127.0.0.1:$h" --broker "$broker" --task-store "$store" --redis-prefix "$prefix" \
+        --workers 2 --worker-concurrency 512 --queue-capacity 1000000 --log-level warn >"$work/ig.log" 2>&1 &
+      ig=$!
+      for _ in $(seq 1 100); do curl -sf "127.0.0.1:$h/v2/health/ready" >/dev/null && break; sleep 0.1; done
+      before=("$(cpu $ig)" "$(cpu "$redis_pid")" "$(cpu "$rabbit_pid")" "$(cpu $triton_pids)")
+      /usr/bin/time -f "%U %S" -o "$work/load-cpu" timeout 600 target/release/infergate-load \
+        --http "127.0.0.1:$h" -m add_sub --tasks "$N" -c "$C" --timeout 300s --json "$work/run.json" -q >&2 || true
+      after=("$(cpu $ig)" "$(cpu "$redis_pid")" "$(cpu "$rabbit_pid")" "$(cpu $triton_pids)")
+      kill "$ig"; wait "$ig" 2>/dev/null || true
+      rows+=("$("$VENV/bin/python" "$work/row.py" "$work/run.json" "${broker%%://*}" "$name" \
+        $((after[0] - before[0])) $((after[1] - before[1])) $((after[2] - before[2])) \
+        $((after[3] - before[3])) x "$(tail -1 "$work/load-cpu")")")
+    done
+  done
 done
 
 mkdir -p loadtest/results
 out="loadtest/results/tasks-$(date -u +%Y%m%d-%H%M).md"
 {
-  echo "infergate-load --tasks $N -c $C against infergate serve (release, 2 worker loops of 512), add_sub, all on the same 2 cores."
+  echo "infergate-load --tasks $N -c $C against infergate serve (release, 2 worker loops of 512), add_sub, all on the same 2 cores; $ROUNDS round(s), builds interleaved${BASELINE:+ (baseline: $BASELINE)}."
+  echo "CPU columns: microseconds of CPU each process spent per completed task (user + system)."
   echo
-  echo "| broker | submitted | succeeded | failed | refused | submit s | total s | completed tasks/s |"
-  echo "|---|---|---|---|---|---|---|---|"
+  echo "| broker | build | submitted | succeeded | failed | refused | submit s | total s | completed tasks/s | CPU µs infergate | load generator | redis | rabbitmq | triton |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
 } >"$out"
 cat "$out"
