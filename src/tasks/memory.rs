@@ -168,9 +168,7 @@ impl TaskStore for MemoryTaskStore {
         else {
             return Ok(Start::Skip);
         };
-        let startable =
-            e.rec.state == TaskState::Queued || (reclaimed && e.rec.state == TaskState::Running);
-        if !startable {
+        if !e.rec.state.startable(reclaimed) {
             return Ok(Start::Skip);
         }
         if e.rec.attempts >= max_attempts {

@@ -80,6 +80,13 @@ impl TaskState {
         )
     }
 
+    /// Whether a worker holding a delivery of the task may start it from this state: when
+    /// queued, or when running and `reclaimed` (no worker holds the delivery any more: the
+    /// broker took it back from a dead consumer, or a worker handed it back).
+    pub fn startable(self, reclaimed: bool) -> bool {
+        self.can_become(TaskState::Running) && (self != TaskState::Running || reclaimed)
+    }
+
     /// States from which `self` may be reached.
     pub fn reachable_from(self) -> Vec<TaskState> {
         ALL_STATES
@@ -276,6 +283,15 @@ mod tests {
         for s in ALL_STATES {
             assert_eq!(TaskState::parse(s.as_str()), Some(s));
         }
+        // A worker starts queued tasks; a running one only when no other worker holds it.
+        let startable = |reclaimed| -> Vec<TaskState> {
+            ALL_STATES
+                .into_iter()
+                .filter(|s| s.startable(reclaimed))
+                .collect()
+        };
+        assert_eq!(startable(false), vec![Queued]);
+        assert_eq!(startable(true), vec![Queued, Running]);
     }
 
     #[test]

@@ -83,14 +83,14 @@ end
 return record(KEYS[1], 1)
 "#;
 
-/// Starts each task KEYS[i] if its state allows (queued; also running when ARGV[2 + i] is
-/// '1', a reclaimed delivery) and fewer than ARGV[1] attempts were made: running, attempts + 1,
+/// Starts each task KEYS[i] if its state is one of ARGV[2 + i] (comma-delimited, from
+/// `TaskState::startable`) and fewer than ARGV[1] attempts were made: running, attempts + 1,
 /// started at ARGV[2]. Answers, per key in order, record(key, 1) when started, {0} when the
 /// state forbids it, record(key, 2) when the attempts are used up, {-1} if there is no task.
 const START: &str = r#"
 local out = {}
 for i, key in ipairs(KEYS) do
-  local from = ARGV[2 + i] == '1' and ',queued,running,' or ',queued,'
+  local from = ARGV[2 + i]
   local cur, attempts = unpack(redis.call('HMGET', key, 'state', 'attempts'))
   if not cur then
     out[i] = {-1}
@@ -329,11 +329,21 @@ impl TaskStore for RedisTaskStore {
             return Vec::new();
         }
         let mut conn = self.conn.clone();
+        // The states each delivery may start from, as the script matches them.
+        let from = |reclaimed: bool| {
+            let names: Vec<&str> = super::ALL_STATES
+                .into_iter()
+                .filter(|s| s.startable(reclaimed))
+                .map(TaskState::as_str)
+                .collect();
+            format!(",{},", names.join(","))
+        };
+        let (fresh, reclaimed) = (from(false), from(true));
         let mut inv = self.start.prepare_invoke();
         inv.arg(max_attempts).arg(super::now_ms());
-        for (id, reclaimed) in tasks {
+        for (id, was_reclaimed) in tasks {
             inv.key(self.key(id))
-                .arg(if *reclaimed { "1" } else { "0" });
+                .arg(if *was_reclaimed { &reclaimed } else { &fresh });
         }
         let replies: Vec<Vec<Value>> = match inv.invoke_async(&mut conn).await {
             Ok(r) => r,
