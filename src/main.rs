@@ -9,11 +9,6 @@ use infergate::{
     telemetry,
 };
 
-// glibc malloc was a fifth of the gateway's CPU on the task path (perf, 2026-11-24): every
-// request allocates many small short-lived buffers, which mimalloc serves from per-thread pages.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "infergate",
