@@ -43,7 +43,8 @@ us = lambda ticks: f"{float(ticks) / 100 / done * 1e6:.0f}"
 load = sum(map(float, sys.argv[9].split()))
 print(f"| {sys.argv[2]} | {sys.argv[3]} | {r['submitted']:,} | {r['succeeded']:,} | {r['failed']} | {refused} "
       f"| {r['submitSeconds']:.1f} | {r['totalSeconds']:.1f} | {r['tasksPerSecond']:,.0f} "
-      f"| {us(sys.argv[4])} | {load / done * 1e6:.0f} | {us(sys.argv[5])} | {us(sys.argv[6])} | {us(sys.argv[7])} |")
+      f"| {us(sys.argv[4])} | {load / done * 1e6:.0f} | {us(sys.argv[5])} | {us(sys.argv[6])} | {us(sys.argv[7])} "
+      f"| {int(sys.argv[8]) / 1024:.0f} |")
 PY
 rows=()
 for round in $(seq 1 "$ROUNDS"); do
@@ -62,10 +63,11 @@ for round in $(seq 1 "$ROUNDS"); do
       /usr/bin/time -f "%U %S" -o "$work/load-cpu" timeout 600 target/release/infergate-load \
         --http "127.0.0.1:$h" -m add_sub --tasks "$N" -c "$C" --timeout 300s --json "$work/run.json" -q >&2 || true
       after=("$(cpu $ig)" "$(cpu "$redis_pid")" "$(cpu "$rabbit_pid")" "$(cpu $triton_pids)")
+      hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$ig/status")
       kill "$ig"; wait "$ig" 2>/dev/null || true
       rows+=("$("$VENV/bin/python" "$work/row.py" "$work/run.json" "${broker%%://*}" "$name" \
         $((after[0] - before[0])) $((after[1] - before[1])) $((after[2] - before[2])) \
-        $((after[3] - before[3])) x "$(tail -1 "$work/load-cpu")")")
+        $((after[3] - before[3])) "$hwm" "$(tail -1 "$work/load-cpu")")")
     done
   done
 done
@@ -74,10 +76,10 @@ mkdir -p loadtest/results
 out="loadtest/results/tasks-$(date -u +%Y%m%d-%H%M).md"
 {
   echo "infergate-load --tasks $N -c $C against infergate serve (release, 2 worker loops of 512), add_sub, all on the same 2 cores; $ROUNDS round(s), builds interleaved${BASELINE:+ (baseline: $BASELINE)}."
-  echo "CPU columns: microseconds of CPU each process spent per completed task (user + system)."
+  echo "CPU columns: microseconds of CPU each process spent per completed task (user + system). Peak RSS: infergate's VmHWM over the run."
   echo
-  echo "| broker | build | submitted | succeeded | failed | refused | submit s | total s | completed tasks/s | CPU µs infergate | load generator | redis | rabbitmq | triton |"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+  echo "| broker | build | submitted | succeeded | failed | refused | submit s | total s | completed tasks/s | CPU µs infergate | load generator | redis | rabbitmq | triton | infergate peak RSS MiB |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
 } >"$out"
 cat "$out"

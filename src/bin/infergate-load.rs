@@ -7,6 +7,11 @@ use std::{process::ExitCode, time::Duration};
 use clap::Parser;
 use infergate::loadgen::{LoadSpec, Protocol, run};
 
+// The generator shares the machine with what it measures: jemalloc's per-thread caches keep its
+// own CPU per request lower than glibc malloc's (same reason as in the gateway's main.rs).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "infergate-load",

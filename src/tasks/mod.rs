@@ -249,7 +249,9 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// 128 random bits, hex: unguessable, so knowing one id tells nothing about another.
+/// 122 random bits (UUID v4), hex: unguessable, so knowing one id tells nothing about another.
+/// uuid's `fast-rng` draws them from rand's thread-local CSPRNG (ChaCha, reseeded from the OS)
+/// rather than one `getrandom` system call per id.
 pub fn new_task_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }

@@ -5,7 +5,7 @@ pub mod codec;
 pub mod openapi;
 pub mod tasks;
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use axum::{
     Json, Router,
@@ -49,13 +49,21 @@ impl HttpState {
     }
 }
 
-type Params = Path<HashMap<String, String>>;
+/// What the handlers share. Behind one `Arc` because axum clones the state for every request.
+type Shared = Arc<HttpState>;
 
-pub(crate) fn model_and_version(p: &HashMap<String, String>) -> (String, String) {
-    (
-        p.get("model").cloned().unwrap_or_default(),
-        p.get("version").cloned().unwrap_or_default(),
-    )
+/// `{model}` and, on the versioned routes, `{version}` ("" when absent: Triton's default).
+#[derive(serde::Deserialize)]
+pub struct ModelPath {
+    model: String,
+    #[serde(default)]
+    version: String,
+}
+
+type Params = Path<ModelPath>;
+
+pub(crate) fn model_and_version(p: ModelPath) -> (String, String) {
+    (p.model, p.version)
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -103,7 +111,7 @@ pub fn router(state: HttpState) -> Router {
             Arc::clone(&state.health),
             Some(state.infer.clone()),
         ))
-        .with_state(state)
+        .with_state(Arc::new(state))
 }
 
 /// Admits the request (API key, tenant rate) and records its tenant, or refuses it.
@@ -181,7 +189,7 @@ async fn live() -> StatusCode {
         (status = 503, description = "no Triton endpoint is ready"),
     ),
 )]
-async fn ready(State(s): State<HttpState>) -> StatusCode {
+async fn ready(State(s): State<Shared>) -> StatusCode {
     if s.pool().is_ready() {
         StatusCode::OK
     } else {
@@ -202,7 +210,7 @@ async fn ready(State(s): State<HttpState>) -> StatusCode {
         (status = 503, description = "no Triton endpoint answers", body = openapi::ErrorBody),
     ),
 )]
-async fn server_metadata(State(s): State<HttpState>) -> Result<Json<Value>, GatewayError> {
+async fn server_metadata(State(s): State<Shared>) -> Result<Json<Value>, GatewayError> {
     let md = s.pool().server_metadata().await?;
     Ok(Json(json!({
         "name": md.name,
@@ -226,10 +234,10 @@ async fn server_metadata(State(s): State<HttpState>) -> Result<Json<Value>, Gate
     ),
 )]
 async fn model_metadata(
-    State(s): State<HttpState>,
+    State(s): State<Shared>,
     Path(p): Params,
 ) -> Result<Json<Value>, GatewayError> {
-    let (m, v) = model_and_version(&p);
+    let (m, v) = model_and_version(p);
     Ok(Json(to_triton_json(
         &s.pool().model_metadata(&m, &v).await?,
         "inference.ModelMetadataResponse",
@@ -249,11 +257,8 @@ async fn model_metadata(
         (status = 503, description = "no Triton endpoint answers", body = openapi::ErrorBody),
     )
 )]
-async fn model_ready(
-    State(s): State<HttpState>,
-    Path(p): Params,
-) -> Result<Response, GatewayError> {
-    let (m, v) = model_and_version(&p);
+async fn model_ready(State(s): State<Shared>, Path(p): Params) -> Result<Response, GatewayError> {
+    let (m, v) = model_and_version(p);
     Ok(if s.pool().model_ready(&m, &v).await? {
         StatusCode::OK.into_response()
     } else {
@@ -278,10 +283,10 @@ async fn model_ready(
     ),
 )]
 async fn model_config(
-    State(s): State<HttpState>,
+    State(s): State<Shared>,
     Path(p): Params,
 ) -> Result<Json<Value>, GatewayError> {
-    let (m, v) = model_and_version(&p);
+    let (m, v) = model_and_version(p);
     let cfg = s.pool().model_config(&m, &v).await?;
     Ok(Json(to_triton_json(
         &cfg.config.unwrap_or_default(),
@@ -304,10 +309,10 @@ async fn model_config(
     ),
 )]
 async fn model_stats(
-    State(s): State<HttpState>,
+    State(s): State<Shared>,
     Path(p): Params,
 ) -> Result<Json<Value>, GatewayError> {
-    let (name, version) = model_and_version(&p);
+    let (name, version) = model_and_version(p);
     let stats = s
         .pool()
         .model_statistics(ModelStatisticsRequest { name, version })
@@ -331,7 +336,7 @@ async fn model_stats(
         (status = 503, description = "no Triton endpoint answers", body = openapi::ErrorBody),
     ),
 )]
-async fn all_stats(State(s): State<HttpState>) -> Result<Json<Value>, GatewayError> {
+async fn all_stats(State(s): State<Shared>) -> Result<Json<Value>, GatewayError> {
     let stats = s
         .pool()
         .model_statistics(ModelStatisticsRequest::default())
@@ -357,7 +362,7 @@ async fn all_stats(State(s): State<HttpState>) -> Result<Json<Value>, GatewayErr
     ),
 )]
 async fn repository_index(
-    State(s): State<HttpState>,
+    State(s): State<Shared>,
     body: Bytes,
 ) -> Result<Json<Value>, GatewayError> {
     let ready = if body.is_empty() {
@@ -445,12 +450,12 @@ fn timeout_header(headers: &HeaderMap) -> Result<Option<std::time::Duration>, Ga
     ),
 )]
 async fn infer(
-    State(s): State<HttpState>,
+    State(s): State<Shared>,
     Path(p): Params,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
-    let (m, v) = model_and_version(&p);
+    let (m, v) = model_and_version(p);
     let work = async {
         let bytes = read_body(body, &headers, s.max_request_bytes).await?;
         let (req, prefs) = codec::decode_request(&m, &v, &headers, bytes)?;

@@ -6,8 +6,6 @@
 //! | `GET /v1/tasks/{id}` | 200 with state, timestamps (ms since the epoch), attempts, error, and the inference response once succeeded; 404 if unknown or expired |
 //! | `DELETE /v1/tasks/{id}` | 200 with the cancelled task; 409 if it already finished; 404 if unknown |
 
-use std::collections::HashMap;
-
 use axum::{
     Extension, Json,
     body::Body,
@@ -17,7 +15,7 @@ use axum::{
 };
 use serde_json::{Value, json};
 
-use super::{HttpState, codec, openapi, read_body};
+use super::{HttpState, Shared, codec, openapi, read_body};
 use crate::{
     api::{header_text, traced},
     auth::Caller,
@@ -84,14 +82,14 @@ fn task_json(rec: &TaskRecord, resp: Option<&ModelInferResponse>) -> Value {
     ),
 )]
 pub async fn submit(
-    State(s): State<HttpState>,
+    State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
-    Path(p): Path<HashMap<String, String>>,
+    Path(p): Path<super::ModelPath>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
     let front = front(&s)?;
-    let (model, version) = super::model_and_version(&p);
+    let (model, version) = super::model_and_version(p);
     let bytes = read_body(body, &headers, s.max_request_bytes).await?;
     let (req, _) = codec::decode_request(&model, &version, &headers, bytes)?;
     let key = headers
@@ -139,7 +137,7 @@ pub async fn submit(
     ),
 )]
 pub async fn get(
-    State(s): State<HttpState>,
+    State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
@@ -163,7 +161,7 @@ pub async fn get(
     ),
 )]
 pub async fn cancel(
-    State(s): State<HttpState>,
+    State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
