@@ -134,6 +134,9 @@ pub struct TasksConfig {
     pub queue_capacity: u64,
     /// Redis broker: a pending message idle this long is reclaimed from its (dead) consumer.
     pub visibility_timeout_ms: u64,
+    /// RabbitMQ broker: up to this many concurrent submissions may share one message (1: one
+    /// message per task). The queue bound then counts messages, not tasks.
+    pub amqp_group_max: usize,
     /// Prefix of every Redis key (and RabbitMQ queue name) infergate uses.
     pub redis_prefix: String,
 }
@@ -150,6 +153,7 @@ impl Default for TasksConfig {
             max_result_bytes: 16 << 20,
             queue_capacity: 100_000,
             visibility_timeout_ms: 30_000,
+            amqp_group_max: 1,
             redis_prefix: "infergate".into(),
         }
     }
@@ -463,6 +467,9 @@ pub struct ServeArgs {
     /// Tasks one worker loop runs at once [default: 256].
     #[arg(long, env = "INFERGATE_WORKER_CONCURRENCY", value_name = "N")]
     pub worker_concurrency: Option<usize>,
+    /// RabbitMQ: concurrent submissions that may share one message [default: 1].
+    #[arg(long, env = "INFERGATE_AMQP_GROUP_MAX", value_name = "N")]
+    pub amqp_group_max: Option<usize>,
     /// Attempts before a task fails and is dead-lettered [default: 3].
     #[arg(long, env = "INFERGATE_TASK_MAX_ATTEMPTS", value_name = "N")]
     pub task_max_attempts: Option<u32>,
@@ -596,6 +603,7 @@ impl Config {
         set(&mut k.task_store, &a.task_store);
         set(&mut k.workers, &a.workers);
         set(&mut k.worker_concurrency, &a.worker_concurrency);
+        set(&mut k.amqp_group_max, &a.amqp_group_max);
         set(&mut k.max_attempts, &a.task_max_attempts);
         set(&mut k.ttl_ms, &a.task_ttl_ms);
         set(&mut k.queue_capacity, &a.queue_capacity);
@@ -768,6 +776,7 @@ impl Config {
             65_536,
         )?;
         in_range("tasks.max_attempts", k.max_attempts.into(), 1, 100)?;
+        in_range("tasks.amqp_group_max", k.amqp_group_max as u64, 1, 1_000)?;
         in_range("tasks.ttl_ms", k.ttl_ms, 1_000, 30 * 86_400_000)?;
         in_range(
             "tasks.max_result_bytes",

@@ -62,9 +62,15 @@ pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<(Arc<dyn TaskStore>, 
     } else if t.broker.starts_with("amqp://") {
         let prefetch = (t.worker_concurrency * 2).min(u16::MAX as usize) as u16;
         Arc::new(
-            RabbitBroker::connect(&t.broker, &t.redis_prefix, t.queue_capacity, prefetch)
-                .await
-                .with_context(|| format!("connecting the broker {}", t.broker))?,
+            RabbitBroker::connect(
+                &t.broker,
+                &t.redis_prefix,
+                t.queue_capacity,
+                prefetch,
+                t.amqp_group_max,
+            )
+            .await
+            .with_context(|| format!("connecting the broker {}", t.broker))?,
         )
     } else {
         let consumer = format!(

@@ -155,19 +155,27 @@ async fn the_in_memory_default_runs_tasks_and_reports_results() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_tasks_over_redis_streams_all_succeed_once() {
-    ten_thousand_tasks(REDIS).await;
+    ten_thousand_tasks(REDIS, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_tasks_over_rabbitmq_all_succeed_once() {
-    ten_thousand_tasks(RABBIT).await;
+    ten_thousand_tasks(RABBIT, 1).await;
 }
 
-async fn ten_thousand_tasks(broker: &str) {
+/// Up to 16 concurrent submissions per RabbitMQ message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_tasks_over_grouped_rabbitmq_all_succeed_once() {
+    ten_thousand_tasks(RABBIT, 16).await;
+}
+
+async fn ten_thousand_tasks(broker: &str, group: usize) {
     let _onnx = ONNX_MODEL.lock().await;
     let _up = rabbit_up(broker).await;
     let p = prefix();
-    let gw = gateway_with(broker_config(&p, 2, broker)).await;
+    let mut cfg = broker_config(&p, 2, broker);
+    cfg.tasks.amqp_group_max = group;
+    let gw = gateway_with(cfg).await;
     let http = reqwest::Client::new();
     let base = gw.http_base();
     let before = rows_inferred("onnx_linear").await;
@@ -214,7 +222,7 @@ async fn ten_thousand_tasks(broker: &str) {
     // Exactly one row per task reached Triton: nothing lost, nothing run twice.
     assert_eq!(rows_inferred("onnx_linear").await - before, n as u64);
     println!(
-        "{broker}: {n} tasks: submitted in {:.1} s, all succeeded after {:.1} s",
+        "{broker} (group {group}): {n} tasks: submitted in {:.1} s, all succeeded after {:.1} s",
         submitted.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
@@ -306,30 +314,46 @@ async fn poison(broker: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_batch_loses_nothing_over_redis() {
-    killed_worker(REDIS).await;
+    killed_worker(REDIS, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_batch_loses_nothing_over_rabbitmq() {
-    killed_worker(RABBIT).await;
+    killed_worker(RABBIT, 1).await;
 }
 
-async fn killed_worker(broker: &str) {
+/// Messages of up to 8 tasks: a dead worker's messages come back whole, and the task store
+/// skips the members that had finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_batch_loses_nothing_over_grouped_rabbitmq() {
+    killed_worker(RABBIT, 8).await;
+}
+
+async fn killed_worker(broker: &str, group: usize) {
     let _slow = SLOW_MODEL.lock().await;
     let _up = rabbit_up(broker).await;
     let p = prefix();
-    let api = gateway_with(broker_config(&p, 0, broker)).await;
+    let mut cfg = broker_config(&p, 0, broker);
+    cfg.tasks.amqp_group_max = group;
+    let api = gateway_with(cfg).await;
     let http = reqwest::Client::new();
     let base = api.http_base();
     let before = rows_inferred("slow").await;
     let n = 40;
+    // Submitted all at once, so that grouped submissions share messages.
+    let submitted = futures::future::join_all((0..n).map(|k| {
+        let (http, base) = (&http, &base);
+        async move {
+            // 150 ms per Triton execution of up to 8 rows: the run takes about a second.
+            let body = json!({"parameters": {"delay_ms": 150},
+                "inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [k]}]});
+            submit(http, base, "slow", &body, None).await
+        }
+    }))
+    .await;
     let mut ids = Vec::new();
-    for k in 0..n {
-        // 150 ms per Triton execution of up to 8 rows: the run takes about a second.
-        let body = json!({"parameters": {"delay_ms": 150},
-            "inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [k]}]});
-        let (s, t) = submit(&http, &base, "slow", &body, None).await;
-        assert_eq!(s, 202);
+    for (s, t) in submitted {
+        assert_eq!(s, 202, "{t}");
         ids.push(t["id"].as_str().unwrap().to_string());
     }
     let log = std::env::temp_dir().join(format!("{p}-worker.log"));
@@ -355,6 +379,8 @@ async fn killed_worker(broker: &str) {
                 "1",
                 "--worker-concurrency",
                 "8",
+                "--amqp-group-max",
+                &group.to_string(),
                 "--log-level",
                 "warn",
             ])
@@ -421,7 +447,7 @@ async fn killed_worker(broker: &str) {
         "Triton ran {ran} for {n} tasks"
     );
     println!(
-        "{broker}: {n} tasks, worker SIGKILLed with {unfinished_at_kill} unfinished: all succeeded, \
+        "{broker} (group {group}): {n} tasks, worker SIGKILLed with {unfinished_at_kill} unfinished: all succeeded, \
          {reclaimed} reclaimed from the dead worker, Triton ran {ran}"
     );
 }

@@ -6,11 +6,22 @@
 //! queue nacks the publish (→ 429) instead of dropping old tasks. Dead letters go to a second
 //! durable queue with their reason in a header. Publishing and consuming use their own
 //! connections, each re-established with bounded backoff when RabbitMQ goes away.
+//!
+//! Grouping (`tasks.amqp_group_max` > 1): much of RabbitMQ's work is per persistent message
+//! (store, confirm, delivery, ack), so concurrent submissions may share one message: a publisher loop keeps at most
+//! `GROUPS_IN_FLIGHT` publishes awaiting their confirm, and while they are out, new
+//! submissions wait and then leave together (up to the group size, same priority), each
+//! answered by that one confirm. A lone submission never waits for company. A consumer splits a
+//! group into one delivery per task and acks the message when every member is acked or
+//! dead-lettered; a member handed back (`retry`) is republished on its own. A redelivered group
+//! (its worker died) comes back whole, and the task store skips members that already finished.
+//! The queue bound (`x-max-length`) and prefetch count messages, so with grouping a queue may
+//! hold up to `queue_capacity × group size` tasks.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -19,6 +30,8 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
 use lapin::{
     Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
     options::{
@@ -31,7 +44,20 @@ use lapin::{
 use super::{Broker, Delivery, QueueError, TaskMessage};
 use crate::telemetry::{metrics::metrics, trace::TraceHeaders};
 
+/// Publishes that may await their confirm at once when grouping; more submissions wait and
+/// then share a message.
+const GROUPS_IN_FLIGHT: usize = 2;
+
+/// A submission waiting for its group's confirm.
+type Pending = (TaskMessage, oneshot::Sender<Result<(), QueueError>>);
+
 pub struct RabbitBroker {
+    inner: Arc<Inner>,
+    /// The grouping publisher loop's inbox (bounded), when grouping is on.
+    grouper: Option<mpsc::Sender<Pending>>,
+}
+
+struct Inner {
     url: String,
     queue: String,
     dead: String,
@@ -41,6 +67,12 @@ pub struct RabbitBroker {
     consumer: tokio::sync::Mutex<Option<(Connection, Channel, Consumer, u64)>>,
     /// Ackers of delivered messages, by our tag (`<connection generation>:<delivery tag>`).
     ackers: Mutex<HashMap<String, Acker>>,
+    /// Ackers of delivered groups and how many members are still out, by the group's tag;
+    /// a member's tag is `<group tag>#<index>`.
+    groups: Mutex<HashMap<String, (Acker, usize)>>,
+    /// Members of received groups beyond what `receive` was asked for (at most prefetch ×
+    /// group size), handed out first next time.
+    buffered: Mutex<VecDeque<Delivery>>,
     generation: AtomicU64,
 }
 
@@ -75,13 +107,15 @@ fn long(s: &str) -> AMQPValue {
 }
 
 impl RabbitBroker {
+    /// `group_max` > 1 lets up to that many concurrent submissions share one message.
     pub async fn connect(
         url: &str,
         prefix: &str,
         capacity: u64,
         prefetch: u16,
+        group_max: usize,
     ) -> Result<Self, QueueError> {
-        let b = Self {
+        let b = Inner {
             url: url.to_string(),
             queue: format!("{prefix}.tasks"),
             dead: format!("{prefix}.tasks.dead"),
@@ -90,14 +124,136 @@ impl RabbitBroker {
             publisher: tokio::sync::Mutex::new(None),
             consumer: tokio::sync::Mutex::new(None),
             ackers: Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
+            buffered: Mutex::new(VecDeque::new()),
             generation: AtomicU64::new(0),
         };
         // Fail at start with a clear message when RabbitMQ is not there at all.
         let (conn, ch) = b.open().await?;
         *b.publisher.lock().await = Some((conn, ch));
-        Ok(b)
+        let inner = Arc::new(b);
+        let grouper = (group_max > 1).then(|| {
+            let (tx, rx) = mpsc::channel(group_max * GROUPS_IN_FLIGHT * 2);
+            tokio::spawn(group_loop(Arc::clone(&inner), rx, group_max));
+            tx
+        });
+        Ok(Self { inner, grouper })
     }
 
+    /// Closes both connections; RabbitMQ puts back whatever was delivered and not acked.
+    pub async fn close(&self) {
+        if let Some((conn, ..)) = self.inner.consumer.lock().await.take() {
+            let _ = conn.close(200, "".into()).await;
+        }
+        if let Some((conn, _)) = self.inner.publisher.lock().await.take() {
+            let _ = conn.close(200, "".into()).await;
+        }
+    }
+}
+
+/// Forms groups from waiting submissions while earlier groups await their confirms.
+async fn group_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<Pending>, max: usize) {
+    let slots = Arc::new(Semaphore::new(GROUPS_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+            break;
+        };
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let inner = Arc::clone(&inner);
+        tokio::spawn(async move {
+            let mut by_priority: BTreeMap<u8, Vec<Pending>> = BTreeMap::new();
+            for p in batch {
+                by_priority.entry(p.0.priority.min(9)).or_default().push(p);
+            }
+            let sends = by_priority.into_values().map(|group| {
+                let inner = &inner;
+                async move {
+                    let msgs: Vec<&TaskMessage> = group.iter().map(|(m, _)| m).collect();
+                    let r = inner.publish_group(&msgs).await;
+                    for (_, tx) in group {
+                        let _ = tx.send(r.clone());
+                    }
+                }
+            });
+            futures::future::join_all(sends).await;
+            drop(permit);
+        });
+    }
+}
+
+/// A group's body: `IGG1`, the member count (u32), then per member its task id, model,
+/// traceparent and tracestate (u16 length + bytes; empty = none) and its payload (u32 length +
+/// bytes). Big-endian.
+const GROUP_MAGIC: &[u8; 4] = b"IGG1";
+
+fn encode_group(msgs: &[&TaskMessage]) -> Vec<u8> {
+    let size: usize = msgs
+        .iter()
+        .map(|m| 16 + m.task_id.len() + m.model.len() + m.payload.len() + 64)
+        .sum();
+    let mut out = Vec::with_capacity(8 + size);
+    out.extend_from_slice(GROUP_MAGIC);
+    out.extend_from_slice(&(msgs.len() as u32).to_be_bytes());
+    let short = |out: &mut Vec<u8>, s: &str| {
+        let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+        out.extend_from_slice(&(b.len() as u16).to_be_bytes());
+        out.extend_from_slice(b);
+    };
+    for m in msgs {
+        short(&mut out, &m.task_id);
+        short(&mut out, &m.model);
+        short(&mut out, m.trace.traceparent.as_deref().unwrap_or(""));
+        short(&mut out, m.trace.tracestate.as_deref().unwrap_or(""));
+        out.extend_from_slice(&(m.payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(&m.payload);
+    }
+    out
+}
+
+/// The members of a group body, or `None` when it is not a well-formed one.
+fn decode_group(body: &Bytes, priority: u8) -> Option<Vec<TaskMessage>> {
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Option<std::ops::Range<usize>> {
+        let r = at..at.checked_add(n)?;
+        (r.end <= body.len()).then(|| {
+            at = r.end;
+            r
+        })
+    };
+    if body.get(take(4)?)? != GROUP_MAGIC {
+        return None;
+    }
+    let count = u32::from_be_bytes(body.get(take(4)?)?.try_into().ok()?) as usize;
+    let mut out = Vec::with_capacity(count.min(body.len() / 14));
+    for _ in 0..count {
+        let mut short = || -> Option<String> {
+            let n = u16::from_be_bytes(body.get(take(2)?)?.try_into().ok()?) as usize;
+            String::from_utf8(body.get(take(n)?)?.to_vec()).ok()
+        };
+        let (task_id, model, tp, ts) = (short()?, short()?, short()?, short()?);
+        let n = u32::from_be_bytes(body.get(take(4)?)?.try_into().ok()?) as usize;
+        let payload = body.slice(take(n)?);
+        out.push(TaskMessage {
+            task_id,
+            model,
+            payload,
+            trace: TraceHeaders {
+                traceparent: (!tp.is_empty()).then_some(tp),
+                tracestate: (!ts.is_empty()).then_some(ts),
+            },
+            priority,
+        });
+    }
+    (at == body.len()).then_some(out)
+}
+
+impl Inner {
     /// A new connection and channel with the queues declared (idempotent).
     async fn open(&self) -> Result<(Connection, Channel), QueueError> {
         let mut delay = Duration::from_millis(100);
@@ -147,44 +303,37 @@ impl RabbitBroker {
         Ok((conn, ch))
     }
 
-    async fn publish_to(
-        &self,
-        queue: &str,
-        msg: &TaskMessage,
-        reason: Option<&str>,
-    ) -> Result<(), QueueError> {
+    /// The publishing channel, (re)connecting if needed.
+    async fn publish_channel(&self) -> Result<Channel, QueueError> {
         // The lock covers (re)connecting only: publishes and their confirms run concurrently
         // on the shared channel.
-        let ch = {
-            let mut guard = self.publisher.lock().await;
-            if guard.as_ref().is_none_or(|(c, _)| !c.status().connected()) {
-                reconnecting(guard.is_some());
-                *guard = Some(self.open().await?);
-            }
-            guard.as_ref().expect("just opened").1.clone()
-        };
-        let mut headers = FieldTable::default();
-        headers.insert("task_id".into(), long(&msg.task_id));
-        headers.insert("model".into(), long(&msg.model));
-        if let Some(t) = &msg.trace.traceparent {
-            headers.insert("traceparent".into(), long(t));
+        let mut guard = self.publisher.lock().await;
+        if guard.as_ref().is_none_or(|(c, _)| !c.status().connected()) {
+            reconnecting(guard.is_some());
+            *guard = Some(self.open().await?);
         }
-        if let Some(t) = &msg.trace.tracestate {
-            headers.insert("tracestate".into(), long(t));
-        }
-        if let Some(r) = reason {
-            headers.insert("reason".into(), long(r));
-        }
+        Ok(guard.as_ref().expect("just opened").1.clone())
+    }
+
+    /// One persistent message, returning once RabbitMQ confirms it.
+    async fn publish_raw(
+        &self,
+        queue: &str,
+        body: &[u8],
+        priority: u8,
+        headers: FieldTable,
+    ) -> Result<(), QueueError> {
+        let ch = self.publish_channel().await?;
         let props = BasicProperties::default()
             .with_delivery_mode(2)
-            .with_priority(msg.priority.min(9))
+            .with_priority(priority.min(9))
             .with_headers(headers);
         let sent = async {
             ch.basic_publish(
                 ShortString::from(""),
                 ShortString::from(queue),
                 BasicPublishOptions::default(),
-                &msg.payload,
+                body,
                 props,
             )
             .await?
@@ -203,35 +352,183 @@ impl RabbitBroker {
         }
     }
 
+    /// One task as one message. `reclaimed` marks a task handed back by a worker, which
+    /// may take over its `running` record.
+    async fn publish_to(
+        &self,
+        queue: &str,
+        msg: &TaskMessage,
+        reason: Option<&str>,
+        reclaimed: bool,
+    ) -> Result<(), QueueError> {
+        let mut headers = FieldTable::default();
+        headers.insert("task_id".into(), long(&msg.task_id));
+        headers.insert("model".into(), long(&msg.model));
+        if let Some(t) = &msg.trace.traceparent {
+            headers.insert("traceparent".into(), long(t));
+        }
+        if let Some(t) = &msg.trace.tracestate {
+            headers.insert("tracestate".into(), long(t));
+        }
+        if let Some(r) = reason {
+            headers.insert("reason".into(), long(r));
+        }
+        if reclaimed {
+            headers.insert("reclaimed".into(), long("1"));
+        }
+        self.publish_raw(queue, &msg.payload, msg.priority, headers)
+            .await
+    }
+
+    /// Tasks of one priority as one message (a lone task goes out in the plain format).
+    async fn publish_group(&self, msgs: &[&TaskMessage]) -> Result<(), QueueError> {
+        if let [one] = msgs {
+            return self.publish_to(&self.queue, one, None, false).await;
+        }
+        let mut headers = FieldTable::default();
+        headers.insert("group".into(), AMQPValue::LongUInt(msgs.len() as u32));
+        let priority = msgs.first().map_or(0, |m| m.priority);
+        self.publish_raw(&self.queue, &encode_group(msgs), priority, headers)
+            .await
+    }
+
     fn take_acker(&self, tag: &str) -> Option<Acker> {
         self.ackers.lock().expect("ackers lock").remove(tag)
+    }
+}
+
+impl Inner {
+    /// Counts one member of a group as done; acks the group's message after the last one.
+    async fn member_done(&self, group: &str) -> Result<(), QueueError> {
+        let acker = {
+            let mut groups = self.groups.lock().expect("groups lock");
+            match groups.get_mut(group) {
+                Some((_, left)) if *left > 1 => {
+                    *left -= 1;
+                    None
+                }
+                Some(_) => groups.remove(group).map(|(a, _)| a),
+                None => None,
+            }
+        };
+        if let Some(a) = acker {
+            a.ack(BasicAckOptions::default()).await.map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    /// Our deliveries for one AMQP delivery: one task, or every member of a group.
+    async fn deliveries(
+        &self,
+        d: lapin::message::Delivery,
+        generation: u64,
+        out: &mut Vec<Delivery>,
+    ) {
+        let tag = format!("{generation}:{}", d.delivery_tag);
+        let headers = d.properties.headers().clone().unwrap_or_default();
+        let priority = d.properties.priority().unwrap_or(0);
+        let data = Bytes::from(d.data);
+        let members = if headers.inner().contains_key("group") {
+            decode_group(&data, priority).filter(|m| !m.is_empty())
+        } else {
+            header(&headers, "task_id").map(|task_id| {
+                vec![TaskMessage {
+                    task_id,
+                    model: header(&headers, "model").unwrap_or_default(),
+                    payload: data,
+                    trace: trace_of(&headers),
+                    priority,
+                }]
+            })
+        };
+        let Some(members) = members else {
+            // Not one of ours: keep it aside rather than loop on it.
+            let _ = d
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: false,
+                    ..Default::default()
+                })
+                .await;
+            return;
+        };
+        let reclaimed = d.redelivered || header(&headers, "reclaimed").is_some();
+        if members.len() == 1 && !headers.inner().contains_key("group") {
+            self.ackers
+                .lock()
+                .expect("ackers lock")
+                .insert(tag.clone(), d.acker);
+            let msg = members.into_iter().next().expect("one member");
+            out.push(Delivery {
+                msg,
+                reclaimed,
+                tag,
+            });
+            return;
+        }
+        self.groups
+            .lock()
+            .expect("groups lock")
+            .insert(tag.clone(), (d.acker, members.len()));
+        for (i, msg) in members.into_iter().enumerate() {
+            out.push(Delivery {
+                msg,
+                reclaimed,
+                tag: format!("{tag}#{i}"),
+            });
+        }
     }
 }
 
 #[async_trait]
 impl Broker for RabbitBroker {
     async fn publish(&self, msg: &TaskMessage) -> Result<(), QueueError> {
-        self.publish_to(&self.queue, msg, None).await
+        let Some(grouper) = &self.grouper else {
+            return self
+                .inner
+                .publish_to(&self.inner.queue, msg, None, false)
+                .await;
+        };
+        let (tx, rx) = oneshot::channel();
+        grouper
+            .send((msg.clone(), tx))
+            .await
+            .map_err(|_| backend("the RabbitMQ publisher stopped"))?;
+        rx.await
+            .map_err(|_| backend("the RabbitMQ publisher stopped"))?
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
-        let mut guard = self.consumer.lock().await;
+        let b = &self.inner;
+        let max = max.max(1);
+        {
+            let mut buffered = b.buffered.lock().expect("buffered lock");
+            if !buffered.is_empty() {
+                let n = max.min(buffered.len());
+                return Ok(buffered.drain(..n).collect());
+            }
+        }
+        let mut guard = b.consumer.lock().await;
         if guard.as_ref().is_none_or(|(c, ..)| !c.status().connected()) {
             reconnecting(guard.is_some());
-            let (conn, ch) = self.open().await?;
-            ch.basic_qos(self.prefetch, BasicQosOptions::default())
+            // What the old connection delivered RabbitMQ delivers again: forget it all.
+            b.ackers.lock().expect("ackers lock").clear();
+            b.groups.lock().expect("groups lock").clear();
+            b.buffered.lock().expect("buffered lock").clear();
+            let (conn, ch) = b.open().await?;
+            ch.basic_qos(b.prefetch, BasicQosOptions::default())
                 .await
                 .map_err(backend)?;
             let consumer = ch
                 .basic_consume(
-                    self.queue.as_str().into(),
+                    b.queue.as_str().into(),
                     ShortString::from(""),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
                 )
                 .await
                 .map_err(backend)?;
-            let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+            let generation = b.generation.fetch_add(1, Ordering::Relaxed) + 1;
             *guard = Some((conn, ch, consumer, generation));
         }
         let (_, _, consumer, generation) = guard.as_mut().expect("just opened");
@@ -259,50 +556,40 @@ impl Broker for RabbitBroker {
         }
         let mut out = Vec::with_capacity(got.len());
         for d in got {
-            let tag = format!("{generation}:{}", d.delivery_tag);
-            let headers = d.properties.headers().clone().unwrap_or_default();
-            let Some(task_id) = header(&headers, "task_id") else {
-                // Not one of ours: keep it aside rather than loop on it.
-                let _ = d
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: false,
-                        ..Default::default()
-                    })
-                    .await;
-                continue;
-            };
-            let msg = TaskMessage {
-                task_id,
-                model: header(&headers, "model").unwrap_or_default(),
-                payload: Bytes::from(d.data),
-                trace: trace_of(&headers),
-                priority: d.properties.priority().unwrap_or(0),
-            };
-            self.ackers
-                .lock()
-                .expect("ackers lock")
-                .insert(tag.clone(), d.acker);
-            out.push(Delivery {
-                msg,
-                reclaimed: d.redelivered,
-                tag,
-            });
+            b.deliveries(d, generation, &mut out).await;
+        }
+        if out.len() > max {
+            let rest = out.split_off(max);
+            b.buffered.lock().expect("buffered lock").extend(rest);
         }
         Ok(out)
     }
 
     async fn ack(&self, d: &Delivery) -> Result<(), QueueError> {
+        let b = &self.inner;
+        if let Some((group, _)) = d.tag.split_once('#') {
+            return b.member_done(group).await;
+        }
         // After a reconnect the old acker is gone; RabbitMQ redelivers that message and the
         // task's state makes the second delivery a no-op.
-        if let Some(a) = self.take_acker(&d.tag) {
+        if let Some(a) = b.take_acker(&d.tag) {
             a.ack(BasicAckOptions::default()).await.map_err(backend)?;
         }
         Ok(())
     }
 
     async fn retry(&self, d: &Delivery) -> Result<(), QueueError> {
-        if let Some(a) = self.take_acker(&d.tag) {
+        let b = &self.inner;
+        if let Some((group, _)) = d.tag.split_once('#') {
+            // One member cannot be requeued alone: it goes back as its own message. If that
+            // fails, the group stays unacknowledged and comes back whole after a reconnect.
+            if !b.groups.lock().expect("groups lock").contains_key(group) {
+                return Ok(());
+            }
+            b.publish_to(&b.queue, &d.msg, None, true).await?;
+            return b.member_done(group).await;
+        }
+        if let Some(a) = b.take_acker(&d.tag) {
             a.nack(BasicNackOptions {
                 requeue: true,
                 ..Default::default()
@@ -314,15 +601,18 @@ impl Broker for RabbitBroker {
     }
 
     async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), QueueError> {
-        self.publish_to(&self.dead, &d.msg, Some(reason)).await?;
+        self.inner
+            .publish_to(&self.inner.dead, &d.msg, Some(reason), false)
+            .await?;
         self.ack(d).await
     }
 
     async fn depth(&self) -> Result<u64, QueueError> {
-        let (conn, ch) = self.open().await?;
+        let b = &self.inner;
+        let (conn, ch) = b.open().await?;
         let q = ch
             .queue_declare(
-                self.queue.as_str().into(),
+                b.queue.as_str().into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..Default::default()
@@ -337,11 +627,12 @@ impl Broker for RabbitBroker {
 
     async fn dead_letters(&self) -> Result<Vec<(TaskMessage, String)>, QueueError> {
         // Read without acknowledging; closing the channel puts them all back.
-        let (conn, ch) = self.open().await?;
+        let b = &self.inner;
+        let (conn, ch) = b.open().await?;
         let mut out = Vec::new();
         while out.len() < 10_000 {
             let Some(m) = ch
-                .basic_get(self.dead.as_str().into(), BasicGetOptions { no_ack: false })
+                .basic_get(b.dead.as_str().into(), BasicGetOptions { no_ack: false })
                 .await
                 .map_err(backend)?
             else {
@@ -362,5 +653,62 @@ impl Broker for RabbitBroker {
         }
         let _ = conn.close(200, "".into()).await;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(i: usize, payload: &[u8], traced: bool) -> TaskMessage {
+        TaskMessage {
+            task_id: format!("task-{i}"),
+            model: "add_sub".into(),
+            payload: Bytes::copy_from_slice(payload),
+            trace: TraceHeaders {
+                traceparent: traced
+                    .then(|| "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+                tracestate: None,
+            },
+            priority: 3,
+        }
+    }
+
+    #[test]
+    fn a_group_body_gives_back_its_members() {
+        let msgs = [
+            msg(0, b"abc", true),
+            msg(1, b"", false),
+            msg(2, &[0u8; 300], true),
+        ];
+        let refs: Vec<&TaskMessage> = msgs.iter().collect();
+        let body = Bytes::from(encode_group(&refs));
+        assert_eq!(decode_group(&body, 3).unwrap(), msgs.to_vec());
+    }
+
+    #[test]
+    fn a_damaged_group_body_is_refused() {
+        let msgs = [msg(0, b"abc", true), msg(1, b"defg", false)];
+        let refs: Vec<&TaskMessage> = msgs.iter().collect();
+        let body = encode_group(&refs);
+        // Cut short anywhere, one byte too many, or a wrong magic: never a panic, never a
+        // member made of the wrong bytes.
+        for n in 0..body.len() {
+            assert_eq!(
+                decode_group(&Bytes::copy_from_slice(&body[..n]), 3),
+                None,
+                "{n}"
+            );
+        }
+        let mut long = body.clone();
+        long.push(0);
+        assert_eq!(decode_group(&Bytes::from(long), 3), None);
+        let mut wrong = body.clone();
+        wrong[0] = b'X';
+        assert_eq!(decode_group(&Bytes::from(wrong), 3), None);
+        // A count far beyond the body does not allocate for it.
+        let mut huge = body;
+        huge[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(decode_group(&Bytes::from(huge), 3), None);
     }
 }

@@ -1,0 +1,172 @@
+//! RabbitMQ with grouping on (`tasks.amqp_group_max` > 1), against the real RabbitMQ on
+//! 127.0.0.1:5672: concurrent submissions share messages, every task comes back exactly once
+//! with its own payload and trace, and the members of one message are acked, handed back and
+//! dead-lettered one by one.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use common::*;
+use infergate::{
+    queue::{Broker, Delivery, TaskMessage, rabbitmq::RabbitBroker},
+    telemetry::trace::TraceHeaders,
+};
+
+fn task(i: usize) -> TaskMessage {
+    TaskMessage {
+        task_id: format!("t{i:03}"),
+        model: "add_sub".into(),
+        payload: Bytes::from(format!("payload of task {i}").into_bytes()),
+        trace: TraceHeaders {
+            traceparent: Some(format!("00-{:032x}-00f067aa0ba902b7-01", i + 1)),
+            tracestate: None,
+        },
+        priority: 0,
+    }
+}
+
+/// Receives until `n` deliveries arrived (or 10 s passed).
+async fn receive_n(b: &RabbitBroker, n: usize) -> Vec<Delivery> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < n && Instant::now() < deadline {
+        got.extend(
+            b.receive(n - got.len(), Duration::from_millis(200))
+                .await
+                .unwrap(),
+        );
+    }
+    got
+}
+
+/// A member's tag is `<message tag>#<index>`; a lone task's tag has no `#`.
+fn group_of(d: &Delivery) -> Option<&str> {
+    d.tag.split_once('#').map(|(g, _)| g)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_submissions_come_back_one_by_one_and_are_settled_one_by_one() {
+    let prefix = format!("iggroup-{}", infergate::tasks::new_task_id());
+    let b = RabbitBroker::connect(RABBIT, &prefix, 1_000, 64, 8)
+        .await
+        .unwrap();
+    let n = 40;
+    let published = futures::future::join_all((0..n).map(|i| {
+        let b = &b;
+        async move { b.publish(&task(i)).await }
+    }))
+    .await;
+    assert!(published.iter().all(Result::is_ok), "{published:?}");
+    // Fewer messages than tasks: submissions that waited for a confirm left together.
+    let messages = b.depth().await.unwrap() as usize;
+    assert!(
+        (n / 8..n).contains(&messages),
+        "{messages} messages for {n} tasks"
+    );
+
+    // Asked for at most 5 at a time, the consumer hands out members in pieces; each task
+    // comes back exactly once, with its own payload and trace.
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < n && Instant::now() < deadline {
+        let part = b.receive(5, Duration::from_millis(200)).await.unwrap();
+        assert!(part.len() <= 5);
+        got.extend(part);
+    }
+    let by_id: BTreeMap<String, &Delivery> =
+        got.iter().map(|d| (d.msg.task_id.clone(), d)).collect();
+    assert_eq!((got.len(), by_id.len()), (n, n), "every task exactly once");
+    for i in 0..n {
+        assert_eq!(by_id[&task(i).task_id].msg, task(i));
+        assert!(!by_id[&task(i).task_id].reclaimed);
+    }
+    let mut groups: BTreeMap<&str, Vec<&Delivery>> = BTreeMap::new();
+    for d in &got {
+        if let Some(g) = group_of(d) {
+            groups.entry(g).or_default().push(d);
+        }
+    }
+    let (_, members) = groups
+        .iter()
+        .max_by_key(|(_, m)| m.len())
+        .expect("at least one group");
+    assert!(members.len() >= 2);
+
+    // In the largest group: one member is handed back, one dead-lettered, the rest acked.
+    let (back, dead) = (members[0].clone(), members[1].clone());
+    b.retry(&back).await.unwrap();
+    b.dead_letter(&dead, "Triton rejected it").await.unwrap();
+    let settled: BTreeSet<&str> = [back.tag.as_str(), dead.tag.as_str()].into();
+    for d in got.iter().filter(|d| !settled.contains(d.tag.as_str())) {
+        b.ack(d).await.unwrap();
+    }
+    // The handed-back member returns alone, flagged as reclaimed; nothing else returns.
+    let again = receive_n(&b, 1).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].msg, back.msg);
+    assert!(again[0].reclaimed);
+    assert_eq!(group_of(&again[0]), None);
+    assert!(
+        b.receive(10, Duration::from_millis(500))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    b.ack(&again[0]).await.unwrap();
+    let dead_letters = b.dead_letters().await.unwrap();
+    assert_eq!(dead_letters.len(), 1);
+    assert_eq!(dead_letters[0].0, dead.msg);
+    assert_eq!(dead_letters[0].1, "Triton rejected it");
+    // Every message was acked once all its members were settled: the queue drains to 0.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.depth().await.unwrap() > 0 {
+        assert!(Instant::now() < deadline, "messages left unacknowledged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_consumer_goes_away_comes_back_whole() {
+    let prefix = format!("iggroup-{}", infergate::tasks::new_task_id());
+    let producer = RabbitBroker::connect(RABBIT, &prefix, 1_000, 64, 8)
+        .await
+        .unwrap();
+    let n = 16;
+    let published = futures::future::join_all((0..n).map(|i| {
+        let p = &producer;
+        async move { p.publish(&task(i)).await }
+    }))
+    .await;
+    assert!(published.iter().all(Result::is_ok));
+    // A consumer takes everything, settles one member, and disappears (its connection closes).
+    {
+        let doomed = RabbitBroker::connect(RABBIT, &prefix, 1_000, 64, 8)
+            .await
+            .unwrap();
+        let got = receive_n(&doomed, n).await;
+        assert_eq!(got.len(), n);
+        let member = got
+            .iter()
+            .find(|d| group_of(d).is_some())
+            .expect("a grouped member");
+        doomed.ack(member).await.unwrap();
+        doomed.close().await;
+    }
+    // Another consumer gets every task again, the settled member included (its message was
+    // not acked), each flagged as reclaimed: the task store decides what still runs.
+    let rescuer = RabbitBroker::connect(RABBIT, &prefix, 1_000, 64, 8)
+        .await
+        .unwrap();
+    let again = receive_n(&rescuer, n).await;
+    let ids: BTreeSet<String> = again.iter().map(|d| d.msg.task_id.clone()).collect();
+    assert_eq!((again.len(), ids.len()), (n, n));
+    assert!(again.iter().all(|d| d.reclaimed));
+    for d in &again {
+        rescuer.ack(d).await.unwrap();
+    }
+}
