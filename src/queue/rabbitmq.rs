@@ -4,8 +4,9 @@
 //! a worker holds unacknowledged; a consumer that dies has its messages redelivered (flagged
 //! `redelivered`). The queue is bounded with `x-max-length` and `reject-publish`, so a full
 //! queue nacks the publish (→ 429) instead of dropping old tasks. Dead letters go to a second
-//! durable queue with their reason in a header. Publishing and consuming use their own
-//! connections, each re-established with bounded backoff when RabbitMQ goes away.
+//! durable queue with their reason in a header. Publishing, consuming and the readiness probe
+//! use their own long-lived connections (named `infergate <role> <queue>` in RabbitMQ), each
+//! re-established with bounded backoff when RabbitMQ goes away.
 //!
 //! Grouping (`tasks.amqp_group_max` > 1): much of RabbitMQ's work is per persistent message
 //! (store, confirm, delivery, ack), so concurrent submissions may share one message: a publisher loop keeps at most
@@ -65,6 +66,9 @@ struct Inner {
     prefetch: u16,
     publisher: tokio::sync::Mutex<Option<(Connection, Channel)>>,
     consumer: tokio::sync::Mutex<Option<(Connection, Channel, Consumer, u64)>>,
+    /// The readiness probe's own connection, kept open: a probe every second must not be a
+    /// connection every second (RabbitMQ warns about connection churn).
+    probe: tokio::sync::Mutex<Option<(Connection, Channel)>>,
     /// Ackers of delivered messages, by our tag (`<connection generation>:<delivery tag>`).
     ackers: Mutex<HashMap<String, Acker>>,
     /// Ackers of delivered groups and how many members are still out, by the group's tag;
@@ -123,13 +127,14 @@ impl RabbitBroker {
             prefetch: prefetch.max(1),
             publisher: tokio::sync::Mutex::new(None),
             consumer: tokio::sync::Mutex::new(None),
+            probe: tokio::sync::Mutex::new(None),
             ackers: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
             buffered: Mutex::new(VecDeque::new()),
             generation: AtomicU64::new(0),
         };
         // Fail at start with a clear message when RabbitMQ is not there at all.
-        let (conn, ch) = b.open().await?;
+        let (conn, ch) = b.open("publish").await?;
         *b.publisher.lock().await = Some((conn, ch));
         let inner = Arc::new(b);
         let grouper = (group_max > 1).then(|| {
@@ -146,6 +151,9 @@ impl RabbitBroker {
             let _ = conn.close(200, "".into()).await;
         }
         if let Some((conn, _)) = self.inner.publisher.lock().await.take() {
+            let _ = conn.close(200, "".into()).await;
+        }
+        if let Some((conn, _)) = self.inner.probe.lock().await.take() {
             let _ = conn.close(200, "".into()).await;
         }
     }
@@ -254,12 +262,13 @@ fn decode_group(body: &Bytes, priority: u8) -> Option<Vec<TaskMessage>> {
 }
 
 impl Inner {
-    /// A new connection and channel with the queues declared (idempotent).
-    async fn open(&self) -> Result<(Connection, Channel), QueueError> {
+    /// A new connection and channel with the queues declared (idempotent). `role` names the
+    /// connection as RabbitMQ shows it (`infergate <role> <queue>`).
+    async fn open(&self, role: &str) -> Result<(Connection, Channel), QueueError> {
         let mut delay = Duration::from_millis(100);
         let mut last = String::new();
         for _ in 0..6 {
-            match self.try_open().await {
+            match self.try_open(role).await {
                 Ok(v) => return Ok(v),
                 Err(e) => last = e.to_string(),
             }
@@ -272,8 +281,10 @@ impl Inner {
         )))
     }
 
-    async fn try_open(&self) -> Result<(Connection, Channel), lapin::Error> {
-        let conn = Connection::connect(&self.url, ConnectionProperties::default()).await?;
+    async fn try_open(&self, role: &str) -> Result<(Connection, Channel), lapin::Error> {
+        let props = ConnectionProperties::default()
+            .with_connection_name(format!("infergate {role} {}", self.queue).into());
+        let conn = Connection::connect(&self.url, props).await?;
         let ch = conn.create_channel().await?;
         let mut args = FieldTable::default();
         args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
@@ -310,7 +321,7 @@ impl Inner {
         let mut guard = self.publisher.lock().await;
         if guard.as_ref().is_none_or(|(c, _)| !c.status().connected()) {
             reconnecting(guard.is_some());
-            *guard = Some(self.open().await?);
+            *guard = Some(self.open("publish").await?);
         }
         Ok(guard.as_ref().expect("just opened").1.clone())
     }
@@ -515,7 +526,7 @@ impl Broker for RabbitBroker {
             b.ackers.lock().expect("ackers lock").clear();
             b.groups.lock().expect("groups lock").clear();
             b.buffered.lock().expect("buffered lock").clear();
-            let (conn, ch) = b.open().await?;
+            let (conn, ch) = b.open("consume").await?;
             ch.basic_qos(b.prefetch, BasicQosOptions::default())
                 .await
                 .map_err(backend)?;
@@ -609,26 +620,30 @@ impl Broker for RabbitBroker {
 
     async fn depth(&self) -> Result<u64, QueueError> {
         let b = &self.inner;
-        let (conn, ch) = b.open().await?;
+        let mut guard = b.probe.lock().await;
+        // Taken out while in use and put back only after an answer: a probe that fails, or is
+        // cancelled by its caller's timeout, drops the connection (lapin closes it on drop)
+        // and the next probe opens a fresh one instead of waiting on a wedged one.
+        let (conn, ch) = match guard.take() {
+            Some((c, ch)) if c.status().connected() && ch.status().connected() => (c, ch),
+            _ => b.open("probe").await?,
+        };
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
         let q = ch
-            .queue_declare(
-                b.queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+            .queue_declare(b.queue.as_str().into(), passive, FieldTable::default())
             .await
             .map_err(backend)?;
-        let _ = conn.close(200, "".into()).await;
+        *guard = Some((conn, ch));
         Ok(u64::from(q.message_count()))
     }
 
     async fn dead_letters(&self) -> Result<Vec<(TaskMessage, String)>, QueueError> {
         // Read without acknowledging; closing the channel puts them all back.
         let b = &self.inner;
-        let (conn, ch) = b.open().await?;
+        let (conn, ch) = b.open("dead-letter reader").await?;
         let mut out = Vec::new();
         while out.len() < 10_000 {
             let Some(m) = ch

@@ -1,7 +1,8 @@
-//! RabbitMQ with grouping on (`tasks.amqp_group_max` > 1), against the real RabbitMQ on
-//! 127.0.0.1:5672: concurrent submissions share messages, every task comes back exactly once
-//! with its own payload and trace, and the members of one message are acked, handed back and
-//! dead-lettered one by one.
+//! The RabbitMQ broker itself, against the real RabbitMQ on 127.0.0.1:5672:
+//! - with grouping on (`tasks.amqp_group_max` > 1), concurrent submissions share messages,
+//!   every task comes back exactly once with its own payload and trace, and the members of one
+//!   message are acked, handed back and dead-lettered one by one;
+//! - the readiness probe keeps one named connection instead of opening one per probe.
 
 mod common;
 
@@ -169,4 +170,47 @@ async fn a_group_whose_consumer_goes_away_comes_back_whole() {
     for d in &again {
         rescuer.ack(d).await.unwrap();
     }
+}
+
+/// RabbitMQ's own list of the connections whose client-given name is `name`: one line each,
+/// with the connection's ports and the time it was opened.
+fn connections_named(name: &str) -> Vec<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "--quiet", "--no-table-headers"])
+        .args(["name", "connected_at", "client_properties"])
+        .output()
+        .expect("rabbitmqctl (installed with RabbitMQ by scripts/ensure-services.sh)");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("\"{name}\"")))
+        .map(|l| l.split('\t').take(2).collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readiness_probe_reuses_one_named_connection() {
+    let prefix = format!("igprobe-{}", infergate::tasks::new_task_id());
+    let b = RabbitBroker::connect(RABBIT, &prefix, 1_000, 8, 1)
+        .await
+        .unwrap();
+    let name = format!("infergate probe {prefix}.tasks");
+    b.publish(&task(0)).await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(b.depth().await.unwrap(), 1);
+    }
+    let first = connections_named(&name);
+    assert_eq!(first.len(), 1, "{first:?}");
+    for _ in 0..5 {
+        assert_eq!(b.depth().await.unwrap(), 1);
+    }
+    // The same connection (same ports, same opening time), not one per probe.
+    assert_eq!(connections_named(&name), first);
+    // The publishing connection is named as well.
+    assert_eq!(
+        connections_named(&format!("infergate publish {prefix}.tasks")).len(),
+        1
+    );
+    b.close().await;
+    assert!(connections_named(&name).is_empty());
 }
