@@ -55,6 +55,28 @@ async fn rows_inferred(model: &str) -> u64 {
     triton_stats(model).await.1
 }
 
+/// `infergate_amqp_group_tasks` (sum, count) from `/metrics`: tasks and the messages they
+/// were published in with grouping on.
+async fn group_metrics(http: &reqwest::Client, base: &str) -> (f64, f64) {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("infergate_amqp_group_tasks_sum "),
+        value("infergate_amqp_group_tasks_count "),
+    )
+}
+
 fn linear_body(x: [f32; 4]) -> Value {
     json!({"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": x}]})
 }
@@ -179,6 +201,7 @@ async fn ten_thousand_tasks(broker: &str, group: usize) {
     let http = reqwest::Client::new();
     let base = gw.http_base();
     let before = rows_inferred("onnx_linear").await;
+    let groups_before = group_metrics(&http, &base).await;
     let n = 10_000usize;
     let started = Instant::now();
     let mut submitters = Vec::new();
@@ -221,6 +244,19 @@ async fn ten_thousand_tasks(broker: &str, group: usize) {
     assert_eq!(succeeded, n);
     // Exactly one row per task reached Triton: nothing lost, nothing run twice.
     assert_eq!(rows_inferred("onnx_linear").await - before, n as u64);
+    let (tasks, messages) = {
+        let after = group_metrics(&http, &base).await;
+        (after.0 - groups_before.0, after.1 - groups_before.1)
+    };
+    if group > 1 {
+        // Every task left in a group message, and messages carried more than one on average
+        // (other tests in this binary may add theirs, hence ≥).
+        assert!(
+            tasks >= n as f64 && messages < tasks,
+            "{tasks} tasks in {messages} messages"
+        );
+        println!("grouping: {tasks} tasks in {messages} messages");
+    }
     println!(
         "{broker} (group {group}): {n} tasks: submitted in {:.1} s, all succeeded after {:.1} s",
         submitted.as_secs_f64(),

@@ -184,6 +184,9 @@ async fn group_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<Pending>, max: usi
                 async move {
                     let msgs: Vec<&TaskMessage> = group.iter().map(|(m, _)| m).collect();
                     let r = inner.publish_group(&msgs).await;
+                    if r.is_ok() {
+                        metrics().amqp_group_tasks.observe(msgs.len() as f64);
+                    }
                     for (_, tx) in group {
                         let _ = tx.send(r.clone());
                     }

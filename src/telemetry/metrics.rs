@@ -88,6 +88,8 @@ pub struct Metrics {
     pub broker_reconnects: Family<BrokerLabel, Counter>,
     pub triton_up: Family<EndpointLabel, Gauge>,
     pub ready: Gauge,
+    /// Tasks per RabbitMQ message published with grouping on (`tasks.amqp_group_max` > 1).
+    pub amqp_group_tasks: Histogram,
 }
 
 impl Metrics {
@@ -104,6 +106,7 @@ impl Metrics {
             broker_reconnects: Family::default(),
             triton_up: Family::default(),
             ready: Gauge::default(),
+            amqp_group_tasks: batch_rows(),
         };
         let r = &mut m.registry;
         r.register(
@@ -155,6 +158,11 @@ impl Metrics {
             "ready",
             "1 when this process reports ready on /readyz",
             m.ready.clone(),
+        );
+        r.register(
+            "amqp_group_tasks",
+            "Tasks per RabbitMQ message published with grouping on",
+            m.amqp_group_tasks.clone(),
         );
         m
     }
