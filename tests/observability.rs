@@ -306,23 +306,6 @@ async fn one_trace_from_client_through_rabbitmq_worker_and_triton() {
     trace_crosses(RABBIT).await;
 }
 
-/// `name{labels} value` lines of a Prometheus text exposition, by the full series name.
-fn series(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
-async fn scrape(http: &reqwest::Client, base: &str) -> BTreeMap<String, f64> {
-    let r = http.get(format!("{base}/metrics")).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    series(&r.text().await.unwrap())
-}
-
 fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, key: &str) -> f64 {
     after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0)
 }

@@ -58,22 +58,11 @@ async fn rows_inferred(model: &str) -> u64 {
 /// `infergate_amqp_group_tasks` (sum, count) from `/metrics`: tasks and the messages they
 /// were published in with grouping on.
 async fn group_metrics(http: &reqwest::Client, base: &str) -> (f64, f64) {
-    let text = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let m = scrape(http, base).await;
+    let value = |k: &str| m.get(k).copied().unwrap_or(0.0);
     (
-        value("infergate_amqp_group_tasks_sum "),
-        value("infergate_amqp_group_tasks_count "),
+        value("infergate_amqp_group_tasks_sum"),
+        value("infergate_amqp_group_tasks_count"),
     )
 }
 

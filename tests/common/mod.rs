@@ -327,6 +327,24 @@ pub async fn triton_stats(model: &str) -> (u64, u64, u64) {
     (requests, s.inference_count, s.execution_count)
 }
 
+/// `name{labels} value` lines of a Prometheus text exposition, by the full series name.
+pub fn series(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `GET /metrics`, as [`series`].
+pub async fn scrape(http: &reqwest::Client, base: &str) -> std::collections::BTreeMap<String, f64> {
+    let r = http.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    series(&r.text().await.unwrap())
+}
+
 /// `GET /v1/tasks/{id}` as JSON.
 pub async fn task(http: &reqwest::Client, base: &str, id: &str) -> Value {
     http.get(format!("{base}/v1/tasks/{id}"))
