@@ -137,6 +137,8 @@ pub struct TasksConfig {
     /// RabbitMQ broker: up to this many concurrent submissions may share one message (1: one
     /// message per task). The queue bound then counts messages, not tasks.
     pub amqp_group_max: usize,
+    /// RabbitMQ broker: longest wait for a publisher confirm before the submission gets 503.
+    pub publish_timeout_ms: u64,
     /// Prefix of every Redis key (and RabbitMQ queue name) infergate uses.
     pub redis_prefix: String,
 }
@@ -154,6 +156,7 @@ impl Default for TasksConfig {
             queue_capacity: 100_000,
             visibility_timeout_ms: 30_000,
             amqp_group_max: 1,
+            publish_timeout_ms: 10_000,
             redis_prefix: "infergate".into(),
         }
     }
@@ -470,6 +473,9 @@ pub struct ServeArgs {
     /// RabbitMQ: concurrent submissions that may share one message [default: 1].
     #[arg(long, env = "INFERGATE_AMQP_GROUP_MAX", value_name = "N")]
     pub amqp_group_max: Option<usize>,
+    /// RabbitMQ: longest wait for a publisher confirm, in ms [default: 10000].
+    #[arg(long, env = "INFERGATE_PUBLISH_TIMEOUT_MS", value_name = "MS")]
+    pub publish_timeout_ms: Option<u64>,
     /// Attempts before a task fails and is dead-lettered [default: 3].
     #[arg(long, env = "INFERGATE_TASK_MAX_ATTEMPTS", value_name = "N")]
     pub task_max_attempts: Option<u32>,
@@ -604,6 +610,7 @@ impl Config {
         set(&mut k.workers, &a.workers);
         set(&mut k.worker_concurrency, &a.worker_concurrency);
         set(&mut k.amqp_group_max, &a.amqp_group_max);
+        set(&mut k.publish_timeout_ms, &a.publish_timeout_ms);
         set(&mut k.max_attempts, &a.task_max_attempts);
         set(&mut k.ttl_ms, &a.task_ttl_ms);
         set(&mut k.queue_capacity, &a.queue_capacity);
@@ -777,6 +784,12 @@ impl Config {
         )?;
         in_range("tasks.max_attempts", k.max_attempts.into(), 1, 100)?;
         in_range("tasks.amqp_group_max", k.amqp_group_max as u64, 1, 1_000)?;
+        in_range(
+            "tasks.publish_timeout_ms",
+            k.publish_timeout_ms,
+            100,
+            600_000,
+        )?;
         in_range("tasks.ttl_ms", k.ttl_ms, 1_000, 30 * 86_400_000)?;
         in_range(
             "tasks.max_result_bytes",

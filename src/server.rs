@@ -68,6 +68,7 @@ pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<(Arc<dyn TaskStore>, 
                 t.queue_capacity,
                 prefetch,
                 t.amqp_group_max,
+                Duration::from_millis(t.publish_timeout_ms),
             )
             .await
             .with_context(|| format!("connecting the broker {}", t.broker))?,

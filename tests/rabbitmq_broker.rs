@@ -50,19 +50,26 @@ fn group_of(d: &Delivery) -> Option<&str> {
     d.tag.split_once('#').map(|(g, _)| g)
 }
 
+/// A broker with grouping on (up to 8 tasks per message) on its own queues.
+async fn grouping_broker(prefix: &str) -> RabbitBroker {
+    RabbitBroker::connect(RABBIT, prefix, 1_000, 64, 8, Duration::from_secs(10))
+        .await
+        .unwrap()
+}
+
+/// Publishes tasks 0..n all at once, so that they may share messages.
+async fn publish_at_once(b: &RabbitBroker, n: usize) {
+    let published =
+        futures::future::join_all((0..n).map(|i| async move { b.publish(&task(i)).await })).await;
+    assert!(published.iter().all(Result::is_ok), "{published:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grouped_submissions_come_back_one_by_one_and_are_settled_one_by_one() {
     let prefix = format!("iggroup-{}", infergate::tasks::new_task_id());
-    let b = RabbitBroker::connect(RABBIT, &prefix, 1_000, 64, 8)
-        .await
-        .unwrap();
+    let b = grouping_broker(&prefix).await;
     let n = 40;
-    let published = futures::future::join_all((0..n).map(|i| {
-        let b = &b;
-        async move { b.publish(&task(i)).await }
-    }))
-    .await;
-    assert!(published.iter().all(Result::is_ok), "{published:?}");
+    publish_at_once(&b, n).await;
     // Fewer messages than tasks: submissions that waited for a confirm left together.
     let messages = b.depth().await.unwrap() as usize;
     assert!(
@@ -134,21 +141,12 @@ async fn grouped_submissions_come_back_one_by_one_and_are_settled_one_by_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_whose_consumer_goes_away_comes_back_whole() {
     let prefix = format!("iggroup-{}", infergate::tasks::new_task_id());
-    let producer = RabbitBroker::connect(RABBIT, &prefix, 1_000, 64, 8)
-        .await
-        .unwrap();
+    let producer = grouping_broker(&prefix).await;
     let n = 16;
-    let published = futures::future::join_all((0..n).map(|i| {
-        let p = &producer;
-        async move { p.publish(&task(i)).await }
-    }))
-    .await;
-    assert!(published.iter().all(Result::is_ok));
+    publish_at_once(&producer, n).await;
     // A consumer takes everything, settles one member, and disappears (its connection closes).
     {
-        let doomed = RabbitBroker::connect(RABBIT, &prefix, 1_000, 64, 8)
-            .await
-            .unwrap();
+        let doomed = grouping_broker(&prefix).await;
         let got = receive_n(&doomed, n).await;
         assert_eq!(got.len(), n);
         let member = got
@@ -160,9 +158,7 @@ async fn a_group_whose_consumer_goes_away_comes_back_whole() {
     }
     // Another consumer gets every task again, the settled member included (its message was
     // not acked), each flagged as reclaimed: the task store decides what still runs.
-    let rescuer = RabbitBroker::connect(RABBIT, &prefix, 1_000, 64, 8)
-        .await
-        .unwrap();
+    let rescuer = grouping_broker(&prefix).await;
     let again = receive_n(&rescuer, n).await;
     let ids: BTreeSet<String> = again.iter().map(|d| d.msg.task_id.clone()).collect();
     assert_eq!((again.len(), ids.len()), (n, n));
@@ -191,7 +187,7 @@ fn connections_named(name: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readiness_probe_reuses_one_named_connection() {
     let prefix = format!("igprobe-{}", infergate::tasks::new_task_id());
-    let b = RabbitBroker::connect(RABBIT, &prefix, 1_000, 8, 1)
+    let b = RabbitBroker::connect(RABBIT, &prefix, 1_000, 8, 1, Duration::from_secs(10))
         .await
         .unwrap();
     let name = format!("infergate probe {prefix}.tasks");

@@ -64,6 +64,8 @@ struct Inner {
     dead: String,
     capacity: u64,
     prefetch: u16,
+    /// Longest wait for a publisher confirm.
+    publish_timeout: Duration,
     publisher: tokio::sync::Mutex<Option<(Connection, Channel)>>,
     consumer: tokio::sync::Mutex<Option<(Connection, Channel, Consumer, u64)>>,
     /// The readiness probe's own connection, kept open: a probe every second must not be a
@@ -118,6 +120,7 @@ impl RabbitBroker {
         capacity: u64,
         prefetch: u16,
         group_max: usize,
+        publish_timeout: Duration,
     ) -> Result<Self, QueueError> {
         let b = Inner {
             url: url.to_string(),
@@ -125,6 +128,7 @@ impl RabbitBroker {
             dead: format!("{prefix}.tasks.dead"),
             capacity,
             prefetch: prefetch.max(1),
+            publish_timeout,
             publisher: tokio::sync::Mutex::new(None),
             consumer: tokio::sync::Mutex::new(None),
             probe: tokio::sync::Mutex::new(None),
@@ -352,8 +356,17 @@ impl Inner {
             )
             .await?
             .await
-        }
-        .await;
+        };
+        // Bounded: a broker that stops confirming turns into 503s, not submissions that hang
+        // (and, with grouping, hold up every submission behind them).
+        let Ok(sent) = tokio::time::timeout(self.publish_timeout, sent).await else {
+            *self.publisher.lock().await = None;
+            reconnecting(true);
+            return Err(backend(format!(
+                "no publisher confirm within {} ms",
+                self.publish_timeout.as_millis()
+            )));
+        };
         match sent {
             Ok(Confirmation::Ack(_)) => Ok(()),
             Ok(Confirmation::Nack(_)) => Err(QueueError::Full(self.capacity)),
@@ -442,7 +455,8 @@ impl Inner {
         let headers = d.properties.headers().clone().unwrap_or_default();
         let priority = d.properties.priority().unwrap_or(0);
         let data = Bytes::from(d.data);
-        let members = if headers.inner().contains_key("group") {
+        let grouped = headers.inner().contains_key("group");
+        let members = if grouped {
             decode_group(&data, priority).filter(|m| !m.is_empty())
         } else {
             header(&headers, "task_id").map(|task_id| {
@@ -467,7 +481,7 @@ impl Inner {
             return;
         };
         let reclaimed = d.redelivered || header(&headers, "reclaimed").is_some();
-        if members.len() == 1 && !headers.inner().contains_key("group") {
+        if !grouped {
             self.ackers
                 .lock()
                 .expect("ackers lock")
