@@ -63,6 +63,7 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(self.cfg.concurrency.max(1)));
         let mut running = JoinSet::new();
         let mut backoff = Duration::from_millis(100);
+        let mut store_backoff = backoff;
         loop {
             while running.try_join_next().is_some() {}
             // No Triton endpoint ready: take nothing, so queued tasks wait in the broker for
@@ -95,6 +96,7 @@ impl Worker {
                         .map(|d| (d.msg.task_id.as_str(), d.reclaimed))
                         .collect();
                     let starts = self.store.start_many(&ids, self.cfg.max_attempts).await;
+                    let store_down = starts.iter().any(Result::is_err);
                     for (d, started) in deliveries.into_iter().zip(starts) {
                         let permit = permits.pop().expect("one permit per delivery");
                         let w = self.clone();
@@ -102,6 +104,18 @@ impl Worker {
                             w.handle(d, started).await;
                             drop(permit);
                         });
+                    }
+                    // The store failed: those tasks go back to the broker, and this worker
+                    // waits (bounded, growing) before taking more, rather than cycling the
+                    // same messages through a store that is down.
+                    if store_down {
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(store_backoff) => {}
+                        }
+                        store_backoff = (store_backoff * 2).min(Duration::from_secs(5));
+                    } else {
+                        store_backoff = Duration::from_millis(100);
                     }
                 }
                 Err(e) => {
@@ -137,6 +151,7 @@ impl Worker {
     /// The task store failed: hand the message back for a later delivery. If even that fails,
     /// the message stays unacknowledged and the broker delivers it again (reclaim/redelivery).
     async fn retry_later(&self, d: &Delivery, cause: &StoreError) {
+        metrics().task_store_errors.inc();
         tracing::warn!(task = %d.msg.task_id, error = %cause, "task store unavailable; retrying later");
         if let Err(e) = self.broker.retry(d).await {
             metrics().broker_error(self.broker_kind, "retry");

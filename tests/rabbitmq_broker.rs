@@ -1,7 +1,9 @@
 //! The RabbitMQ broker itself, against the real RabbitMQ on 127.0.0.1:5672:
 //! - with grouping on (`tasks.amqp_group_max` > 1), concurrent submissions share messages,
 //!   every task comes back exactly once with its own payload and trace, and the members of one
-//!   message are acked, handed back and dead-lettered one by one;
+//!   message are acked, handed back and dead-lettered one by one; a member RabbitMQ refuses to
+//!   take back alone brings its whole message back;
+//! - a message that is not a task is moved to the dead-letter queue, not dropped or redelivered;
 //! - the readiness probe keeps one named connection instead of opening one per probe.
 
 mod common;
@@ -209,4 +211,142 @@ async fn the_readiness_probe_reuses_one_named_connection() {
     );
     b.close().await;
     assert!(connections_named(&name).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_cannot_be_handed_back_alone_brings_its_whole_message_back() {
+    let prefix = format!("iggroup-{}", infergate::tasks::new_task_id());
+    let capacity = 20;
+    // Prefetch 1: the consumer holds one message at a time and the rest stay ready.
+    let consumer = RabbitBroker::connect(RABBIT, &prefix, capacity, 1, 8, Duration::from_secs(10))
+        .await
+        .unwrap();
+    publish_at_once(&consumer, 16).await;
+    // Take messages one by one (acking lone tasks) until one is a group.
+    let mut members = Vec::new();
+    for _ in 0..16 {
+        let got = consumer.receive(64, Duration::from_secs(2)).await.unwrap();
+        if got.first().and_then(group_of).is_some() {
+            members = got;
+            break;
+        }
+        for d in &got {
+            consumer.ack(d).await.unwrap();
+        }
+    }
+    assert!(
+        members.len() >= 2,
+        "no group among 16 concurrent submissions"
+    );
+    // Fill the queue to its bound: RabbitMQ now refuses publishes (reject-publish).
+    let filler = RabbitBroker::connect(RABBIT, &prefix, capacity, 1, 1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut fillers = 0;
+    loop {
+        match filler.publish(&task(100 + fillers)).await {
+            Ok(()) => fillers += 1,
+            Err(infergate::queue::QueueError::Full(_)) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(fillers <= capacity as usize, "the queue never filled");
+    }
+    // The first member cannot be republished alone; the broker takes that in hand (no
+    // error for the worker) and the others are acked as usual.
+    consumer.retry(&members[0]).await.unwrap();
+    for d in &members[1..] {
+        consumer.ack(d).await.unwrap();
+    }
+    // The whole message comes back (not lost, not stuck unacknowledged): every member again,
+    // flagged as reclaimed, so the task store can skip those that finished.
+    let mut drained = Vec::new();
+    loop {
+        let got = consumer.receive(64, Duration::from_secs(1)).await.unwrap();
+        if got.is_empty() {
+            break;
+        }
+        for d in &got {
+            consumer.ack(d).await.unwrap();
+        }
+        drained.extend(got);
+        assert!(drained.len() <= 64, "{} deliveries", drained.len());
+    }
+    let ids: Vec<&str> = drained.iter().map(|d| d.msg.task_id.as_str()).collect();
+    let unique: BTreeSet<&str> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), unique.len(), "each message once: {ids:?}");
+    for m in &members {
+        let again = drained
+            .iter()
+            .find(|d| d.msg == m.msg)
+            .unwrap_or_else(|| panic!("{} did not come back", m.msg.task_id));
+        assert!(again.reclaimed && group_of(again).is_some());
+    }
+    for i in 0..fillers {
+        assert!(unique.contains(task(100 + i).task_id.as_str()));
+    }
+    assert_eq!(consumer.depth().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_is_not_a_task_is_moved_to_the_dead_letter_queue() {
+    use lapin::{
+        BasicProperties, Connection, ConnectionProperties,
+        options::BasicPublishOptions,
+        types::{AMQPValue, FieldTable, ShortString},
+    };
+    let prefix = format!("igforeign-{}", infergate::tasks::new_task_id());
+    let b = grouping_broker(&prefix).await;
+    assert_eq!(b.depth().await.unwrap(), 0, "queues declared");
+    // Two messages infergate did not write: a cut group body and a body with no task header.
+    let conn = Connection::connect(RABBIT, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut group = FieldTable::default();
+    group.insert("group".into(), AMQPValue::LongUInt(2));
+    for (body, headers) in [
+        (&b"IGG1\0\0"[..], group),
+        (&b"hello"[..], FieldTable::default()),
+    ] {
+        ch.basic_publish(
+            ShortString::from(""),
+            ShortString::from(format!("{prefix}.tasks")),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let _ = conn.close(200, "".into()).await;
+    b.publish(&task(0)).await.unwrap();
+    // Only the real task is handed out; the two others end up as dead letters, bodies intact.
+    let got = receive_n(&b, 1).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].msg, task(0));
+    assert!(
+        b.receive(10, Duration::from_millis(500))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    b.ack(&got[0]).await.unwrap();
+    let mut dead: Vec<(Vec<u8>, String)> = b
+        .dead_letters()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(m, reason)| (m.payload.to_vec(), reason))
+        .collect();
+    dead.sort();
+    assert_eq!(
+        dead,
+        [
+            (b"IGG1\0\0".to_vec(), "malformed task group".to_string()),
+            (b"hello".to_vec(), "no task_id header".to_string()),
+        ]
+    );
+    assert_eq!(b.depth().await.unwrap(), 0);
 }

@@ -1,7 +1,8 @@
 //! The task store contract, run the same way against the in-memory store and the Redis store
 //! (the real Redis on 127.0.0.1:6379, a fresh key prefix per run): a worker's start is one
 //! atomic step that counts attempts and respects reclaims, state changes answer with the
-//! record they left, and a poll reads the record and its result together.
+//! record they left, and a poll reads the record and its result together. Also the Redis
+//! stream broker's bound and its handling of entries that are not tasks.
 
 mod common;
 
@@ -163,4 +164,68 @@ async fn the_redis_stream_refuses_publishing_past_its_capacity() {
     let rest = b.receive(10, Duration::from_millis(100)).await.unwrap();
     let ids: Vec<_> = rest.iter().map(|d| d.msg.task_id.as_str()).collect();
     assert_eq!(ids, ["t1", "t2", "t4"]);
+}
+
+#[tokio::test]
+async fn a_stream_entry_that_is_not_a_task_is_moved_to_the_dead_letter_stream() {
+    let prefix = format!("igtest-{}", new_task_id());
+    let b = RedisBroker::connect(common::REDIS, &prefix, "c1", 100, Duration::from_secs(30))
+        .await
+        .unwrap();
+    // An entry infergate did not write (no task_id, no payload), then a real task.
+    let mut c = redis::Client::open(common::REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let foreign: String = redis::cmd("XADD")
+        .arg(format!("{prefix}:tasks"))
+        .arg("*")
+        .arg("hello")
+        .arg("world")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let task = TaskMessage {
+        task_id: "t0".into(),
+        model: "add_sub".into(),
+        payload: Bytes::from_static(b"payload"),
+        trace: Default::default(),
+        priority: 0,
+    };
+    b.publish(&task).await.unwrap();
+    // Only the task is handed out; the other entry leaves the stream for the dead letters,
+    // with its reason, its id and its own fields.
+    let got = b.receive(10, Duration::from_millis(500)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].msg, task);
+    b.ack(&got[0]).await.unwrap();
+    assert_eq!(b.depth().await.unwrap(), 0);
+    let dead = b.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].0.task_id.as_str(), dead[0].1.as_str()),
+        ("", "malformed entry")
+    );
+    let kept: Vec<Vec<String>> = redis::cmd("XRANGE")
+        .arg(format!("{prefix}:tasks:dead"))
+        .arg("-")
+        .arg("+")
+        .query_async::<Vec<(String, Vec<String>)>>(&mut c)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, f)| f)
+        .collect();
+    assert_eq!(
+        kept,
+        [vec![
+            "reason",
+            "malformed entry",
+            "entry_id",
+            &foreign,
+            "hello",
+            "world"
+        ]]
+    );
 }

@@ -1,7 +1,8 @@
 //! The async path end to end, against a real Triton and the real Redis on 127.0.0.1:6379:
 //! accepted tasks all complete with correct results, idempotency keys never run a job twice,
 //! a cancelled task never reaches Triton, a poison message is dead-lettered after N attempts,
-//! and a worker killed with SIGKILL mid-batch loses nothing.
+//! a worker killed with SIGKILL mid-batch loses nothing, and neither does a broker or task
+//! store restart.
 
 mod common;
 
@@ -11,6 +12,7 @@ use std::{
 };
 
 use common::*;
+use futures::StreamExt;
 use infergate::{config::Config, server::connect_tasks};
 use serde_json::{Value, json};
 
@@ -633,6 +635,62 @@ async fn every_accepted_task_completes_across_a_redis_restart() {
          rows), {refused} refused with 503 while down; Triton ran {ran} rows",
         accepted.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_store_outage_under_a_rabbitmq_worker_loses_nothing_and_does_not_spin() {
+    let _onnx = ONNX_MODEL.lock().await;
+    let _rabbit = rabbit_up(RABBIT).await;
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("infergate-store-{port}"));
+    let mut store = PrivateRedis::start(port, &dir);
+    let p = prefix();
+    let mut cfg = broker_config(&p, 0, RABBIT);
+    cfg.tasks.task_store = store.url();
+    // An API process with no worker queues 2,000 tasks over RabbitMQ.
+    let api = gateway_with(cfg.clone()).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let base = api.http_base();
+    let n = 2_000;
+    let accepted: Vec<(String, [f32; 4])> = futures::stream::iter(0..n)
+        .map(|k| {
+            let (http, base) = (&http, &base);
+            async move {
+                let x = [k as f32, 2.0, 0.0, 0.0];
+                let (s, t) = submit(http, base, "onnx_linear", &linear_body(x), None).await;
+                assert_eq!(s, 202, "{t}");
+                (t["id"].as_str().unwrap().to_string(), x)
+            }
+        })
+        .buffered(32)
+        .collect()
+        .await;
+    // A worker starts, and the store goes away under it: the tasks it takes cannot start.
+    let before = scrape(&http, &base).await["infergate_task_store_errors_total"];
+    cfg.tasks.workers = 1;
+    let worker = gateway_with(cfg).await;
+    store.kill();
+    let down = Duration::from_secs(4);
+    tokio::time::sleep(down).await;
+    let errors = scrape(&http, &base).await["infergate_task_store_errors_total"] - before;
+    println!("store down {down:?}: {errors} tasks handed back");
+    // Each failed start hands its task back; the store client's reconnect backoff paces the
+    // worker, so an outage is a few hand-backs, not a redelivery loop.
+    assert!(errors > 0.0, "the outage was not seen");
+    assert!(errors < 200.0, "{errors} hand-backs in {down:?}");
+    // Back on the same port and files: every task completes, with the right rows.
+    store = PrivateRedis::start(port, &dir);
+    let ids: Vec<String> = accepted.iter().map(|(id, _)| id.clone()).collect();
+    let done = wait_final(&http, &base, &ids, Duration::from_secs(60)).await;
+    for (t, (_, x)) in done.iter().zip(&accepted) {
+        assert_eq!(t["status"], "succeeded", "{t}");
+        let got = t["response"]["outputs"][0]["data"][0].as_f64().unwrap();
+        assert!((got - linear_expected(*x)[0]).abs() < 1e-4, "{t}");
+    }
+    drop((worker, store));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,8 @@
 //! submissions wait and then leave together (up to the group size, same priority), each
 //! answered by that one confirm. A lone submission never waits for company. A consumer splits a
 //! group into one delivery per task and acks the message when every member is acked or
-//! dead-lettered; a member handed back (`retry`) is republished on its own. A redelivered group
+//! dead-lettered; a member handed back (`retry`) is republished on its own (if that fails, the
+//! message is requeued whole once the other members settle). A redelivered group
 //! (its worker died) comes back whole, and the task store skips members that already finished.
 //! The queue bound (`x-max-length`) and prefetch count messages, so with grouping a queue may
 //! hold up to `queue_capacity × group size` tasks.
@@ -73,13 +74,23 @@ struct Inner {
     probe: tokio::sync::Mutex<Option<(Connection, Channel)>>,
     /// Ackers of delivered messages, by our tag (`<connection generation>:<delivery tag>`).
     ackers: Mutex<HashMap<String, Acker>>,
-    /// Ackers of delivered groups and how many members are still out, by the group's tag;
-    /// a member's tag is `<group tag>#<index>`.
-    groups: Mutex<HashMap<String, (Acker, usize)>>,
+    /// Delivered groups by the group's tag; a member's tag is `<group tag>#<index>`.
+    groups: Mutex<HashMap<String, Group>>,
     /// Members of received groups beyond what `receive` was asked for (at most prefetch ×
     /// group size), handed out first next time.
     buffered: Mutex<VecDeque<Delivery>>,
     generation: AtomicU64,
+}
+
+/// A delivered group message and what its members still need.
+struct Group {
+    acker: Acker,
+    /// Members not yet settled.
+    left: usize,
+    /// A member could not be republished alone (`retry`) or dead-lettered: once the others
+    /// settle, the message goes back whole rather than being acked, so that member runs again
+    /// (the task store skips the members that finished).
+    requeue: bool,
 }
 
 fn backend(e: impl std::fmt::Display) -> QueueError {
@@ -425,36 +436,66 @@ impl Inner {
 }
 
 impl Inner {
-    /// Counts one member of a group as done; acks the group's message after the last one.
-    async fn member_done(&self, group: &str) -> Result<(), QueueError> {
-        let acker = {
+    /// Counts one member of a group as settled (`requeue`: it could not be, see [`Group`]);
+    /// after the last one the message is acked, or requeued whole.
+    async fn member_done(&self, group: &str, requeue: bool) -> Result<(), QueueError> {
+        let done = {
             let mut groups = self.groups.lock().expect("groups lock");
-            match groups.get_mut(group) {
-                Some((_, left)) if *left > 1 => {
-                    *left -= 1;
-                    None
-                }
-                Some(_) => groups.remove(group).map(|(a, _)| a),
-                None => None,
+            let Some(g) = groups.get_mut(group) else {
+                return Ok(());
+            };
+            g.requeue |= requeue;
+            g.left = g.left.saturating_sub(1);
+            if g.left > 0 {
+                return Ok(());
             }
+            groups.remove(group).expect("present")
         };
-        if let Some(a) = acker {
-            a.ack(BasicAckOptions::default()).await.map_err(backend)?;
+        let settled = if done.requeue {
+            let back = BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            done.acker.nack(back).await
+        } else {
+            done.acker.ack(BasicAckOptions::default()).await
+        };
+        settled.map(drop).map_err(backend)
+    }
+
+    /// A message that is not a task we can read (a damaged group body, a foreign publisher's
+    /// message): moved as it is to the dead-letter queue with the reason, then acked, so it is
+    /// neither dropped unseen nor delivered forever. If the move fails it stays unacknowledged
+    /// and returns after a reconnect.
+    async fn set_aside(&self, d: lapin::message::Delivery, body: &[u8], reason: &str) {
+        metrics().broker_error("rabbitmq", "malformed");
+        tracing::warn!(queue = %self.queue, reason, "a message that is not a task goes to the dead-letter queue");
+        let mut headers = d.properties.headers().clone().unwrap_or_default();
+        headers.insert("reason".into(), long(reason));
+        let priority = d.properties.priority().unwrap_or(0);
+        match self.publish_raw(&self.dead, body, priority, headers).await {
+            Ok(()) => {
+                if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(error = %e, "acking a message moved to the dead-letter queue failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "moving a message that is not a task failed; it stays unacknowledged")
+            }
         }
-        Ok(())
     }
 
     /// Our deliveries for one AMQP delivery: one task, or every member of a group.
     async fn deliveries(
         &self,
-        d: lapin::message::Delivery,
+        mut d: lapin::message::Delivery,
         generation: u64,
         out: &mut Vec<Delivery>,
     ) {
         let tag = format!("{generation}:{}", d.delivery_tag);
         let headers = d.properties.headers().clone().unwrap_or_default();
         let priority = d.properties.priority().unwrap_or(0);
-        let data = Bytes::from(d.data);
+        let data = Bytes::from(std::mem::take(&mut d.data));
         let grouped = headers.inner().contains_key("group");
         let members = if grouped {
             decode_group(&data, priority).filter(|m| !m.is_empty())
@@ -463,21 +504,19 @@ impl Inner {
                 vec![TaskMessage {
                     task_id,
                     model: header(&headers, "model").unwrap_or_default(),
-                    payload: data,
+                    payload: data.clone(),
                     trace: trace_of(&headers),
                     priority,
                 }]
             })
         };
         let Some(members) = members else {
-            // Not one of ours: keep it aside rather than loop on it.
-            let _ = d
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: false,
-                    ..Default::default()
-                })
-                .await;
+            let reason = if grouped {
+                "malformed task group"
+            } else {
+                "no task_id header"
+            };
+            self.set_aside(d, &data, reason).await;
             return;
         };
         let reclaimed = d.redelivered || header(&headers, "reclaimed").is_some();
@@ -494,10 +533,15 @@ impl Inner {
             });
             return;
         }
+        let group = Group {
+            acker: d.acker,
+            left: members.len(),
+            requeue: false,
+        };
         self.groups
             .lock()
             .expect("groups lock")
-            .insert(tag.clone(), (d.acker, members.len()));
+            .insert(tag.clone(), group);
         for (i, msg) in members.into_iter().enumerate() {
             out.push(Delivery {
                 msg,
@@ -596,7 +640,7 @@ impl Broker for RabbitBroker {
     async fn ack(&self, d: &Delivery) -> Result<(), QueueError> {
         let b = &self.inner;
         if let Some((group, _)) = d.tag.split_once('#') {
-            return b.member_done(group).await;
+            return b.member_done(group, false).await;
         }
         // After a reconnect the old acker is gone; RabbitMQ redelivers that message and the
         // task's state makes the second delivery a no-op.
@@ -610,12 +654,17 @@ impl Broker for RabbitBroker {
         let b = &self.inner;
         if let Some((group, _)) = d.tag.split_once('#') {
             // One member cannot be requeued alone: it goes back as its own message. If that
-            // fails, the group stays unacknowledged and comes back whole after a reconnect.
+            // fails (a full queue, a broker that stops confirming), the whole message goes
+            // back once its other members settle.
             if !b.groups.lock().expect("groups lock").contains_key(group) {
                 return Ok(());
             }
-            b.publish_to(&b.queue, &d.msg, None, true).await?;
-            return b.member_done(group).await;
+            let alone = b.publish_to(&b.queue, &d.msg, None, true).await;
+            if let Err(e) = &alone {
+                metrics().broker_error("rabbitmq", "retry");
+                tracing::warn!(task = %d.msg.task_id, error = %e, "handing a grouped task back alone failed; its message will be requeued whole");
+            }
+            return b.member_done(group, alone.is_err()).await;
         }
         if let Some(a) = b.take_acker(&d.tag) {
             a.nack(BasicNackOptions {
@@ -629,9 +678,15 @@ impl Broker for RabbitBroker {
     }
 
     async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), QueueError> {
-        self.inner
-            .publish_to(&self.inner.dead, &d.msg, Some(reason), false)
-            .await?;
+        let b = &self.inner;
+        if let Err(e) = b.publish_to(&b.dead, &d.msg, Some(reason), false).await {
+            // A group must not wait on this member forever: as in `retry`, its message goes
+            // back whole (the store already holds this task's failure, so it is skipped).
+            if let Some((group, _)) = d.tag.split_once('#') {
+                b.member_done(group, true).await?;
+            }
+            return Err(e);
+        }
         self.ack(d).await
     }
 

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use redis::{Script, Value, aio::ConnectionManager};
 
 use super::{Broker, Delivery, QueueError, TaskMessage};
-use crate::telemetry::trace::TraceHeaders;
+use crate::telemetry::{metrics::metrics, trace::TraceHeaders};
 
 /// XADD to KEYS[1] unless it holds ARGV[1] entries or more already (then -1 - its length).
 /// ARGV[2] is MAXLEN's approximate bound, ARGV[3..] the entry's fields and values. One call,
@@ -310,8 +310,11 @@ impl Broker for RedisBroker {
                         || fields.get("handed_back").is_some_and(|v| v == b"1"),
                     tag: id,
                 }),
-                // An entry that is not ours (or is damaged) cannot be run: keep it aside.
+                // An entry that is not ours (or is damaged) cannot be run: keep it aside,
+                // and drop it from the stream only once the dead-letter stream has its note.
                 None => {
+                    metrics().broker_error("redis", "malformed");
+                    tracing::warn!(stream = %self.stream, entry = %id, "an entry that is not a task goes to the dead-letter stream");
                     let mut c = self.conn.clone();
                     let mut cmd = redis::cmd("XADD");
                     cmd.arg(&self.dead)
@@ -320,8 +323,17 @@ impl Broker for RedisBroker {
                         .arg("malformed entry")
                         .arg("entry_id")
                         .arg(&id);
-                    let _: Result<String, _> = cmd.query_async(&mut c).await;
-                    self.ack_delete(&id).await?;
+                    // Its own fields travel with it, for whoever inspects the dead letters.
+                    for (k, v) in fields
+                        .iter()
+                        .filter(|(k, _)| *k != "reason" && *k != "entry_id")
+                    {
+                        cmd.arg(k).arg(v);
+                    }
+                    let noted: Result<String, _> = cmd.query_async(&mut c).await;
+                    if noted.is_ok() {
+                        self.ack_delete(&id).await?;
+                    }
                 }
             }
         }
@@ -374,7 +386,15 @@ impl Broker for RedisBroker {
                 let reason = f
                     .get("reason")
                     .map(|r| String::from_utf8_lossy(r).into_owned())?;
-                Some((message(&f)?, reason))
+                // An entry set aside as malformed has no task to show: an empty one.
+                let msg = message(&f).unwrap_or_else(|| TaskMessage {
+                    task_id: String::new(),
+                    model: String::new(),
+                    payload: Bytes::new(),
+                    trace: TraceHeaders::default(),
+                    priority: 0,
+                });
+                Some((msg, reason))
             })
             .collect())
     }

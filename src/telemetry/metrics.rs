@@ -86,6 +86,8 @@ pub struct Metrics {
     pub tasks: Family<StateLabel, Counter>,
     pub broker_errors: Family<BrokerOpLabels, Counter>,
     pub broker_reconnects: Family<BrokerLabel, Counter>,
+    /// Tasks a worker handed back to the broker because the task store failed.
+    pub task_store_errors: Counter,
     pub triton_up: Family<EndpointLabel, Gauge>,
     pub ready: Gauge,
     /// Tasks per RabbitMQ message published with grouping on (`tasks.amqp_group_max` > 1).
@@ -104,6 +106,7 @@ impl Metrics {
             tasks: Family::default(),
             broker_errors: Family::default(),
             broker_reconnects: Family::default(),
+            task_store_errors: Counter::default(),
             triton_up: Family::default(),
             ready: Gauge::default(),
             amqp_group_tasks: batch_rows(),
@@ -150,6 +153,11 @@ impl Metrics {
             m.broker_reconnects.clone(),
         );
         r.register(
+            "task_store_errors",
+            "Tasks a worker handed back to the broker because the task store failed",
+            m.task_store_errors.clone(),
+        );
+        r.register(
             "triton_endpoint_up",
             "1 when the Triton endpoint passed its last readiness probe",
             m.triton_up.clone(),
@@ -170,7 +178,14 @@ impl Metrics {
     /// Creates this process's broker series at zero, so they are scraped (and `rate()`
     /// works) before the first event.
     pub fn init_broker(&self, broker: &'static str) {
-        for op in ["publish", "receive", "ack", "retry", "dead_letter"] {
+        for op in [
+            "publish",
+            "receive",
+            "ack",
+            "retry",
+            "dead_letter",
+            "malformed",
+        ] {
             let _ = self
                 .broker_errors
                 .get_or_create(&BrokerOpLabels { broker, op });
