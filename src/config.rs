@@ -532,6 +532,7 @@ impl Config {
     /// Several TOML files merged table by table, later files winning.
     pub fn from_files(paths: &[PathBuf]) -> Result<Self, ConfigError> {
         let mut merged = toml::Table::new();
+        let mut tables = Vec::with_capacity(paths.len());
         for path in paths {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.to_path_buf(),
@@ -541,13 +542,25 @@ impl Config {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             })?;
+            tables.push(table.clone());
             merge(&mut merged, table);
         }
         toml::Value::Table(merged)
             .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse {
-                path: paths.last().cloned().unwrap_or_default(),
-                message: e.to_string(),
+            .map_err(|e: toml::de::Error| {
+                // Name the file at fault: every key has a default, so the one that does not load
+                // on its own holds the bad key or value.
+                let culprit = paths
+                    .iter()
+                    .zip(tables)
+                    .find(|(_, t)| toml::Value::Table(t.clone()).try_into::<Self>().is_err())
+                    .map(|(p, _)| p.clone());
+                ConfigError::Parse {
+                    path: culprit
+                        .or_else(|| paths.last().cloned())
+                        .unwrap_or_default(),
+                    message: e.to_string(),
+                }
             })
     }
 
@@ -1022,13 +1035,15 @@ mod tests {
             "[tasks]\nbroker = \"redis://10.0.0.2:6379\"\ntask_store = \"redis://10.0.0.2:6379\"\n",
         )
         .unwrap();
-        let cfg = Config::from_files(&[a.clone(), b]).unwrap();
+        let cfg = Config::from_files(&[a.clone(), b.clone()]).unwrap();
         assert_eq!(cfg.tasks.broker, "redis://10.0.0.2:6379");
         assert_eq!(cfg.tasks.workers, 3, "kept from the first file");
         assert_eq!(cfg.log.format, LogFormat::Json);
+        // A bad key in the first of two files: the error names that file, not the last one.
         std::fs::write(&a, "[tasks]\nbrokr = 1\n").unwrap();
-        let err = Config::from_files(&[a]).unwrap_err().to_string();
+        let err = Config::from_files(&[a.clone(), b]).unwrap_err().to_string();
         assert!(err.contains("brokr"), "{err}");
+        assert!(err.contains("a.toml") && !err.contains("b.toml"), "{err}");
     }
 
     #[test]

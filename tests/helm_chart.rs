@@ -1,0 +1,231 @@
+//! The Helm chart and the binary agree. In every mode `scripts/check-helm.sh` renders, each
+//! infergate container's environment is parsed the way the pod's `infergate` parses it (every
+//! `INFERGATE_*` name must be one infergate reads, every value must parse), the config files it
+//! points at (the ConfigMap's `infergate.toml`, the Secret's `tasks.toml`) are taken from the
+//! rendered objects, and the whole must load and validate with infergate's own loader, where an
+//! unknown key is an error. Values set on the chart must reach the settings they name.
+//!
+//! Needs the Helm binary that `scripts/check-helm.sh` installs (`scripts/test.sh` runs it first).
+
+use std::{collections::BTreeMap, path::PathBuf, process::Command};
+
+use clap::{Args, FromArgMatches};
+use infergate::config::{BatchMode, Config, ServeArgs};
+
+fn helm() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
+    let helm = cache.join("infergate/helm-3.17.2/helm");
+    assert!(
+        helm.is_file(),
+        "{} is missing: run scripts/check-helm.sh (scripts/test.sh runs it before the tests)",
+        helm.display()
+    );
+    helm
+}
+
+/// `helm template` of the chart with a values file from `helm/ci` and `--set` overrides.
+fn render(values: Option<&str>, set: &[&str]) -> String {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", "rel", &format!("{root}/helm/infergate")])
+        .args(["--namespace", "inference", "--kube-version", "1.32.0"])
+        .args(["--api-versions", "keda.sh/v1alpha1/ScaledObject"])
+        .args(["--api-versions", "keda.sh/v1alpha1/TriggerAuthentication"]);
+    if let Some(v) = values {
+        cmd.args(["-f", &format!("{root}/helm/ci/{v}")]);
+    }
+    for s in set {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().expect("run helm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The block scalar under `key: |` in a rendered document, de-indented.
+fn block(doc: &str, key: &str) -> Option<String> {
+    let mut lines = doc.lines().skip_while(|l| l.trim() != format!("{key}: |"));
+    let head = lines.next()?;
+    let indent = head.len() - head.trim_start().len();
+    let body: Vec<&str> = lines
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > indent)
+        .collect();
+    let strip = body
+        .iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.len() - l.trim_start().len())
+        .min()
+        .unwrap_or(0);
+    Some(
+        body.iter()
+            .map(|l| l.get(strip..).unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
+/// `INFERGATE_*` variables of a Deployment, in order: a literal value, or `None` when it
+/// comes from a Secret.
+fn infergate_env(doc: &str) -> Vec<(String, Option<String>)> {
+    let lines: Vec<&str> = doc.lines().map(str::trim).collect();
+    let mut env = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let Some(name) = l.strip_prefix("- name: INFERGATE_") else {
+            continue;
+        };
+        let value = lines
+            .get(i + 1)
+            .and_then(|v| v.strip_prefix("value: "))
+            .map(|v| v.trim_matches('"').to_string());
+        env.push((format!("INFERGATE_{name}"), value));
+    }
+    env
+}
+
+/// Each infergate Deployment of a rendering (by name) and the config it would run with.
+fn configs(rendered: &str) -> BTreeMap<String, Config> {
+    let dir = std::env::temp_dir().join(format!(
+        "infergate-helm-{}",
+        infergate::tasks::new_task_id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let docs: Vec<&str> = rendered.split("\n---").collect();
+    let file = |kind: &str, key: &str| {
+        let text = docs
+            .iter()
+            .filter(|d| d.contains(&format!("\nkind: {kind}\n")))
+            .find_map(|d| block(d, key))?;
+        let path = dir.join(key);
+        std::fs::write(&path, text).unwrap();
+        Some(path)
+    };
+    let main = file("ConfigMap", "infergate.toml").expect("the ConfigMap's infergate.toml");
+    let secret = file("Secret", "tasks.toml");
+    // clap's own view of `infergate serve`: which variable feeds which flag.
+    let cli = ServeArgs::augment_args(clap::Command::new("infergate"));
+    let flag_of: BTreeMap<String, String> = cli
+        .get_arguments()
+        .filter_map(|a| {
+            let env = a.get_env()?.to_str()?.to_string();
+            Some((env, format!("--{}", a.get_long()?)))
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for doc in docs.iter().filter(|d| d.contains("\nkind: Deployment\n")) {
+        let env = infergate_env(doc);
+        if env.is_empty() {
+            continue;
+        }
+        let name = doc
+            .lines()
+            .find_map(|l| l.strip_prefix("  name: "))
+            .unwrap()
+            .to_string();
+        let mut argv = vec!["infergate".to_string()];
+        for (var, value) in env {
+            let flag = flag_of
+                .get(&var)
+                .unwrap_or_else(|| panic!("{name}: {var} is not a variable infergate reads"));
+            let value = match (var.as_str(), value) {
+                // The pod's paths, here the files just taken from the rendering.
+                ("INFERGATE_CONFIG", Some(v)) => v
+                    .split(',')
+                    .map(|p| match p {
+                        "/etc/infergate/infergate.toml" => main.display().to_string(),
+                        "/etc/infergate/secret/tasks.toml" => secret
+                            .as_ref()
+                            .expect("the Secret's tasks.toml")
+                            .display()
+                            .to_string(),
+                        other => panic!("{name}: unknown config path {other}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+                (_, Some(v)) => v,
+                // From a Secret the user brings: a URL of the kind it names.
+                ("INFERGATE_BROKER", None) if doc.contains("name: infergate-rabbitmq") => {
+                    "amqp://u:p@rabbitmq:5672/%2f".into()
+                }
+                (_, None) => "redis://redis:6379/0".into(),
+            };
+            argv.extend([flag.clone(), value]);
+        }
+        let matches = cli
+            .clone()
+            .try_get_matches_from(&argv)
+            .unwrap_or_else(|e| panic!("{name}: {argv:?}: {e}"));
+        let args = ServeArgs::from_arg_matches(&matches).unwrap();
+        let cfg = Config::load(&args).unwrap_or_else(|e| panic!("{name}: {e}"));
+        out.insert(name, cfg);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+#[test]
+fn every_chart_mode_renders_a_config_infergate_loads() {
+    for values in [
+        None,
+        Some("redis-keda.yaml"),
+        Some("rabbitmq-incluster-keda.yaml"),
+        Some("rabbitmq-external.yaml"),
+        Some("redis-external-url.yaml"),
+    ] {
+        let cfgs = configs(&render(values, &[]));
+        let names: Vec<&str> = cfgs.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            ["rel-infergate-frontend", "rel-infergate-worker"],
+            "{values:?}"
+        );
+        let (front, workers) = (
+            &cfgs["rel-infergate-frontend"],
+            &cfgs["rel-infergate-worker"],
+        );
+        // The frontend only accepts; the workers run tasks; both share one broker and store,
+        // which outside the default in-memory mode is a real one.
+        assert_eq!((front.tasks.workers, workers.tasks.workers), (0, 1));
+        assert_eq!(front.tasks.broker, workers.tasks.broker);
+        assert_eq!(front.tasks.task_store, workers.tasks.task_store);
+        assert!(
+            ["redis://", "amqp://"]
+                .iter()
+                .any(|s| front.tasks.broker.starts_with(s)),
+            "{values:?}: broker {}",
+            front.tasks.broker
+        );
+        assert!(!front.triton.urls.is_empty());
+        // values.yaml's defaults, as infergate reads them.
+        assert_eq!(front.batching.mode, BatchMode::Adaptive);
+        assert_eq!(front.tasks.queue_capacity, 100_000);
+        assert_eq!(front.tasks.publish_timeout_ms, 10_000);
+        assert_eq!(workers.tasks.worker_concurrency, 256);
+    }
+}
+
+#[test]
+fn chart_values_reach_the_settings_they_name() {
+    let cfgs = configs(&render(
+        Some("rabbitmq-incluster-keda.yaml"),
+        &[
+            "config.amqpGroupMax=16",
+            "config.publishTimeoutMs=2500",
+            "config.queueCapacity=5000",
+            "config.batching=off",
+            "workers.concurrency=32",
+        ],
+    ));
+    for cfg in cfgs.values() {
+        assert_eq!(cfg.tasks.amqp_group_max, 16);
+        assert_eq!(cfg.tasks.publish_timeout_ms, 2_500);
+        assert_eq!(cfg.tasks.queue_capacity, 5_000);
+        assert_eq!(cfg.batching.mode, BatchMode::Off);
+    }
+    assert_eq!(cfgs["rel-infergate-worker"].tasks.worker_concurrency, 32);
+}
