@@ -4,6 +4,7 @@
 //!   message are acked, handed back and dead-lettered one by one; a member RabbitMQ refuses to
 //!   take back alone brings its whole message back;
 //! - a message that is not a task is moved to the dead-letter queue, not dropped or redelivered;
+//! - a task the dead-letter queue refuses is handed back, not held unacknowledged;
 //! - the readiness probe keeps one named connection instead of opening one per probe.
 
 mod common;
@@ -349,4 +350,93 @@ async fn a_message_that_is_not_a_task_is_moved_to_the_dead_letter_queue() {
         ]
     );
     assert_eq!(b.depth().await.unwrap(), 0);
+}
+
+/// A RabbitMQ policy for the test's dead-letter queue, cleared on drop.
+struct Policy(String);
+
+impl Policy {
+    fn set(name: &str, pattern: &str, definition: &str) -> Self {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args([
+                "set_policy",
+                "--apply-to",
+                "queues",
+                name,
+                pattern,
+                definition,
+            ])
+            .output()
+            .expect("rabbitmqctl");
+        assert!(out.status.success(), "{out:?}");
+        Self(name.to_string())
+    }
+}
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["clear_policy", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_the_dead_letter_queue_refuses_goes_back_instead_of_hanging() {
+    let prefix = format!("igdead-{}", infergate::tasks::new_task_id());
+    // A policy makes the dead-letter queue refuse publishes once it holds 2 messages, so
+    // dead-lettering fails the way it does on a broker that refuses them.
+    let _policy = Policy::set(
+        &prefix,
+        &format!("^{prefix}\\.tasks\\.dead$"),
+        r#"{"overflow":"reject-publish","max-length":2}"#,
+    );
+    let plain = RabbitBroker::connect(RABBIT, &prefix, 1_000, 64, 1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    for i in 0..2 {
+        plain.publish(&task(i)).await.unwrap();
+    }
+    for d in receive_n(&plain, 2).await {
+        plain.dead_letter(&d, "full up").await.unwrap();
+    }
+    // A lone task: the error is reported and the message is handed back, not held.
+    plain.publish(&task(2)).await.unwrap();
+    let got = receive_n(&plain, 1).await;
+    let err = plain.dead_letter(&got[0], "no room").await.unwrap_err();
+    assert!(
+        matches!(err, infergate::queue::QueueError::Full(_)),
+        "{err}"
+    );
+    let again = receive_n(&plain, 1).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].msg, task(2));
+    assert!(again[0].reclaimed);
+    plain.ack(&again[0]).await.unwrap();
+    plain.close().await;
+
+    // A grouped member: its message comes back whole once the other members are acked.
+    let grouping = grouping_broker(&prefix).await;
+    publish_at_once(&grouping, 16).await;
+    let got = receive_n(&grouping, 16).await;
+    let group = got.iter().find_map(group_of).expect("a group").to_string();
+    let members: Vec<&Delivery> = got
+        .iter()
+        .filter(|d| group_of(d) == Some(group.as_str()))
+        .collect();
+    assert!(grouping.dead_letter(members[0], "no room").await.is_err());
+    for d in &got[..] {
+        if d.tag != members[0].tag {
+            grouping.ack(d).await.unwrap();
+        }
+    }
+    let back = receive_n(&grouping, members.len()).await;
+    let want: BTreeSet<&str> = members.iter().map(|d| d.msg.task_id.as_str()).collect();
+    let came: BTreeSet<&str> = back.iter().map(|d| d.msg.task_id.as_str()).collect();
+    assert_eq!(came, want);
+    assert!(back.iter().all(|d| d.reclaimed));
+    for d in &back {
+        grouping.ack(d).await.unwrap();
+    }
+    assert_eq!(grouping.depth().await.unwrap(), 0);
 }

@@ -680,10 +680,12 @@ impl Broker for RabbitBroker {
     async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), QueueError> {
         let b = &self.inner;
         if let Err(e) = b.publish_to(&b.dead, &d.msg, Some(reason), false).await {
-            // A group must not wait on this member forever: as in `retry`, its message goes
-            // back whole (the store already holds this task's failure, so it is skipped).
-            if let Some((group, _)) = d.tag.split_once('#') {
-                b.member_done(group, true).await?;
+            // Not held unacknowledged until some reconnect: the message goes back (a group's
+            // whole, once its other members settle, as in `retry`). The store already holds
+            // this task's failure, so its next delivery is skipped and acked.
+            match d.tag.split_once('#') {
+                Some((group, _)) => b.member_done(group, true).await?,
+                None => self.retry(d).await?,
             }
             return Err(e);
         }
