@@ -1,3 +1,4 @@
 //! What infergate forwards to. Today one implementation: a pool of Triton gRPC endpoints.
 
+pub mod h2_infer;
 pub mod triton;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 use tracing::Instrument;
 
+use super::h2_infer::{H2Infer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use crate::{
     config::TritonConfig,
     error::GatewayError,
@@ -38,6 +39,8 @@ pub type TritonClient = GrpcInferenceServiceClient<Channel>;
 pub struct Endpoint {
     pub url: String,
     clients: Vec<TritonClient>,
+    /// ModelInfer's own connections (plaintext endpoints only; see [`H2Infer`]).
+    infer_conns: Vec<Arc<H2Infer>>,
     next_client: AtomicUsize,
     healthy: AtomicBool,
     in_flight: AtomicUsize,
@@ -52,6 +55,17 @@ impl Endpoint {
         let i = self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len();
         self.clients[i].clone()
     }
+
+    fn infer_conn(&self) -> Option<&Arc<H2Infer>> {
+        let n = self.infer_conns.len();
+        (n > 0).then(|| &self.infer_conns[self.next_client.fetch_add(1, Ordering::Relaxed) % n])
+    }
+}
+
+/// How a ModelInfer call reaches Triton.
+enum Via {
+    Lean(Arc<H2Infer>),
+    Tonic(TritonClient),
 }
 
 /// Counts a call against its endpoint while it runs.
@@ -84,8 +98,29 @@ impl TritonPool {
             .transpose()
             .map_err(|e| GatewayError::Internal(e.to_string()))?;
         for url in &cfg.urls {
-            let mut clients = Vec::with_capacity(cfg.connections_per_endpoint);
-            for _ in 0..cfg.connections_per_endpoint {
+            let infer_conns = if tls.is_some() {
+                Vec::new()
+            } else {
+                (0..cfg.connections_per_endpoint)
+                    .filter_map(|_| {
+                        H2Infer::new(
+                            url,
+                            Duration::from_millis(cfg.connect_timeout_ms),
+                            max_message_bytes,
+                        )
+                    })
+                    .map(Arc::new)
+                    .collect()
+            };
+            // Where ModelInfer has its own connections, tonic's carry only probes, metadata
+            // and statistics: one is enough.
+            let tonic_conns = if infer_conns.is_empty() {
+                cfg.connections_per_endpoint
+            } else {
+                1
+            };
+            let mut clients = Vec::with_capacity(tonic_conns);
+            for _ in 0..tonic_conns {
                 let mut endpoint = TonicEndpoint::from_shared(url.clone())
                     .map_err(|e| GatewayError::Internal(format!("triton url '{url}': {e}")))?;
                 if let Some(tls) = &tls {
@@ -96,7 +131,8 @@ impl TritonPool {
                 let channel = endpoint
                     .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
                     .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
                     .keep_alive_while_idle(true)
                     .connect_lazy();
                 clients.push(
@@ -108,6 +144,7 @@ impl TritonPool {
             endpoints.push(Arc::new(Endpoint {
                 url: url.clone(),
                 clients,
+                infer_conns,
                 next_client: AtomicUsize::new(0),
                 healthy: AtomicBool::new(false),
                 in_flight: AtomicUsize::new(0),
@@ -192,13 +229,26 @@ impl TritonPool {
         F: FnOnce(TritonClient, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.call_on(timeout, |ep, budget| {
+            let call = f(ep.client(), budget);
+            async move { call.await.map(tonic::Response::into_inner) }
+        })
+        .await
+    }
+
+    /// [`TritonPool::call`] with the endpoint itself, for calls that choose their connection.
+    async fn call_on<T, F, Fut>(&self, timeout: Option<Duration>, f: F) -> Result<T, GatewayError>
+    where
+        F: FnOnce(&Endpoint, Duration) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
         let ep = self.pick()?;
         ep.in_flight.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlight(Arc::clone(&ep));
         let limit = Duration::from_millis(self.cfg.request_timeout_ms);
         let budget = timeout.map_or(limit, |t| t.min(limit));
-        match f(ep.client(), budget).await {
-            Ok(resp) => Ok(resp.into_inner()),
+        match f(&ep, budget).await {
+            Ok(resp) => Ok(resp),
             Err(status) => {
                 let err = GatewayError::from_backend(status);
                 if matches!(err, GatewayError::Unavailable(_))
@@ -230,12 +280,24 @@ impl TritonPool {
         };
         let started = Instant::now();
         let result = self
-            .call(timeout, |mut c, budget| {
-                let mut r = tonic::Request::new(req);
-                r.set_timeout(budget);
+            .call_on(timeout, |ep, budget| {
                 // Triton continues the trace when it runs with --trace-config mode=opentelemetry.
-                trace::inject_into(r.metadata_mut());
-                async move { c.model_infer(r).await }
+                let mut md = tonic::metadata::MetadataMap::new();
+                trace::inject_into(&mut md);
+                let via = match ep.infer_conn() {
+                    Some(conn) => Via::Lean(Arc::clone(conn)),
+                    None => Via::Tonic(ep.client()),
+                };
+                async move {
+                    match via {
+                        Via::Lean(conn) => conn.model_infer(&req, budget, md.into_headers()).await,
+                        Via::Tonic(mut c) => {
+                            let mut r = tonic::Request::from_parts(md, Default::default(), req);
+                            r.set_timeout(budget);
+                            c.model_infer(r).await.map(tonic::Response::into_inner)
+                        }
+                    }
+                }
             })
             .instrument(span.clone())
             .await;
