@@ -14,7 +14,16 @@ ensure_rabbitmq() {
     apt-get update -qq >&2
     apt-get install -y -qq rabbitmq-server >&2
   fi
-  port_open 5672 || (rabbitmq-server -detached >&2 || service rabbitmq-server start >&2 || true)
+  if ! port_open 5672; then
+    if rabbitmqctl -q ping >/dev/null 2>&1; then
+      # The node runs but its application is stopped (a test stops it to show unreadiness;
+      # a run killed before it restarted it leaves it so): starting a second node would fail.
+      echo "RabbitMQ node up with its application stopped: start_app" >&2
+      rabbitmqctl start_app >&2 || true
+    else
+      rabbitmq-server -detached >&2 || service rabbitmq-server start >&2 || true
+    fi
+  fi
   for _ in $(seq 1 600); do
     port_open 5672 && rabbitmqctl await_startup >/dev/null 2>&1 && return 0
     sleep 0.2

@@ -64,6 +64,7 @@ impl Worker {
         let mut running = JoinSet::new();
         let mut backoff = Duration::from_millis(100);
         let mut store_backoff = backoff;
+        let mut store_failing = false;
         loop {
             while running.try_join_next().is_some() {}
             // No Triton endpoint ready: take nothing, so queued tasks wait in the broker for
@@ -83,9 +84,12 @@ impl Worker {
             while let Ok(p) = Arc::clone(&slots).try_acquire_owned() {
                 permits.push(p);
             }
+            // After a store failure, take one task at a time (a probe) until a start succeeds,
+            // so an outage hands back one message per backoff step, not a batch each.
+            let want = if store_failing { 1 } else { permits.len() };
             let got = tokio::select! {
                 _ = stop.cancelled() => break,
-                r = self.broker.receive(permits.len(), self.cfg.poll) => r,
+                r = self.broker.receive(want, self.cfg.poll) => r,
             };
             match got {
                 Ok(deliveries) => {
@@ -97,6 +101,7 @@ impl Worker {
                         .collect();
                     let starts = self.store.start_many(&ids, self.cfg.max_attempts).await;
                     let store_down = starts.iter().any(Result::is_err);
+                    store_failing = store_down;
                     for (d, started) in deliveries.into_iter().zip(starts) {
                         let permit = permits.pop().expect("one permit per delivery");
                         let w = self.clone();

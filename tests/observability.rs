@@ -4,7 +4,8 @@
 //!   trace mode), all received by a real OTLP collector (rotel) on loopback;
 //! - `/metrics` counts a known load exactly (cross-checked with Triton's own statistics);
 //! - `/readyz` follows Triton and the broker going away and coming back while `/livez` stays
-//!   200.
+//!   200;
+//! - text logs written to a pipe carry no colour escapes.
 
 mod common;
 
@@ -569,9 +570,10 @@ async fn readiness_follows_triton_and_the_broker_while_liveness_stays() {
     );
 
     // The broker goes away: unready; back: ready.
-    tokio::task::spawn_blocking(move || {
-        rabbitmqctl("stop_app");
+    let stopped = tokio::task::spawn_blocking(move || {
+        let stopped = RabbitStopped::new();
         wait_status(port, "/readyz", 503, wait);
+        stopped
     })
     .await
     .unwrap();
@@ -580,11 +582,38 @@ async fn readiness_follows_triton_and_the_broker_while_liveness_stays() {
     assert_eq!(body["triton"], true, "{body}");
     assert_eq!(http_status(port, "/livez"), Some(200));
     tokio::task::spawn_blocking(move || {
-        rabbitmqctl("start_app");
+        stopped.start();
         wait_status(port, "/readyz", 200, Duration::from_secs(30));
     })
     .await
     .unwrap();
     assert_eq!(http_status(port, "/livez"), Some(200));
     drop(own);
+}
+
+#[test]
+fn text_logs_to_a_pipe_are_plain() {
+    use std::io::{BufRead, BufReader};
+    // No Triton is needed to start serving (it is reported unready); the first log line is
+    // enough.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_infergate"))
+        .args(["serve", "--triton-url", "http://127.0.0.1:1"])
+        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+        .args(["--log-format", "text", "--log-level", "info"])
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let read = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+    let _ = child.kill();
+    let _ = child.wait();
+    read.unwrap();
+    assert!(line.contains("infergate serving"), "{line:?}");
+    assert!(
+        !line.contains('\x1b'),
+        "escape codes in a piped log: {line:?}"
+    );
 }

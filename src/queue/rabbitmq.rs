@@ -26,7 +26,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -68,6 +68,9 @@ struct Inner {
     /// Longest wait for a publisher confirm.
     publish_timeout: Duration,
     publisher: tokio::sync::Mutex<Option<(Connection, Channel)>>,
+    /// Set while the publishing connection cannot be re-opened: until `retry_at` submissions
+    /// are refused at once (503) instead of each waiting on a reconnect of its own.
+    publisher_down: Mutex<Option<Down>>,
     consumer: tokio::sync::Mutex<Option<(Connection, Channel, Consumer, u64)>>,
     /// The readiness probe's own connection, kept open: a probe every second must not be a
     /// connection every second (RabbitMQ warns about connection churn).
@@ -81,6 +84,18 @@ struct Inner {
     buffered: Mutex<VecDeque<Delivery>>,
     generation: AtomicU64,
 }
+
+/// Why and until when the publishing connection is not tried again.
+struct Down {
+    error: String,
+    retry_at: Instant,
+    /// The wait after the next failed attempt (doubling, capped).
+    next_delay: Duration,
+}
+
+/// First and longest wait between attempts to re-open the publishing connection.
+const REOPEN_DELAY_MIN: Duration = Duration::from_millis(100);
+const REOPEN_DELAY_MAX: Duration = Duration::from_secs(2);
 
 /// A delivered group message and what its members still need.
 struct Group {
@@ -141,6 +156,7 @@ impl RabbitBroker {
             prefetch: prefetch.max(1),
             publish_timeout,
             publisher: tokio::sync::Mutex::new(None),
+            publisher_down: Mutex::new(None),
             consumer: tokio::sync::Mutex::new(None),
             probe: tokio::sync::Mutex::new(None),
             ackers: Mutex::new(HashMap::new()),
@@ -332,16 +348,60 @@ impl Inner {
         Ok((conn, ch))
     }
 
-    /// The publishing channel, (re)connecting if needed.
+    /// The publishing channel, re-opening the connection if needed. While RabbitMQ is away
+    /// one submission per backoff period (100 ms doubling to 2 s) makes a single attempt,
+    /// bounded by the publish timeout; the others are refused at once, so an outage turns into
+    /// quick 503s rather than every submission waiting out a reconnect of its own in turn.
     async fn publish_channel(&self) -> Result<Channel, QueueError> {
+        self.refuse_while_down()?;
         // The lock covers (re)connecting only: publishes and their confirms run concurrently
         // on the shared channel.
         let mut guard = self.publisher.lock().await;
         if guard.as_ref().is_none_or(|(c, _)| !c.status().connected()) {
+            // Those that queued behind a failed attempt learn of it here.
+            self.refuse_while_down()?;
             reconnecting(guard.is_some());
-            *guard = Some(self.open("publish").await?);
+            *guard = None;
+            let opened = tokio::time::timeout(self.publish_timeout, self.try_open("publish"))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(lapin::Error::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {} ms", self.publish_timeout.as_millis()),
+                    )))
+                });
+            match opened {
+                Ok(v) => {
+                    *guard = Some(v);
+                    *self.publisher_down.lock().expect("publisher_down lock") = None;
+                }
+                Err(e) => {
+                    let error = format!("RabbitMQ at {} unreachable: {e}", self.url);
+                    let mut down = self.publisher_down.lock().expect("publisher_down lock");
+                    let delay = down.as_ref().map_or(REOPEN_DELAY_MIN, |d| d.next_delay);
+                    *down = Some(Down {
+                        error: error.clone(),
+                        retry_at: Instant::now() + delay,
+                        next_delay: (delay * 2).min(REOPEN_DELAY_MAX),
+                    });
+                    return Err(QueueError::Backend(error));
+                }
+            }
         }
         Ok(guard.as_ref().expect("just opened").1.clone())
+    }
+
+    fn refuse_while_down(&self) -> Result<(), QueueError> {
+        match &*self.publisher_down.lock().expect("publisher_down lock") {
+            Some(d) if Instant::now() < d.retry_at => Err(QueueError::Backend(format!(
+                "{} (next attempt in {} ms)",
+                d.error,
+                d.retry_at
+                    .saturating_duration_since(Instant::now())
+                    .as_millis()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// One persistent message, returning once RabbitMQ confirms it.

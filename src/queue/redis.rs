@@ -102,6 +102,21 @@ fn message(fields: &HashMap<String, Vec<u8>>) -> Option<TaskMessage> {
     })
 }
 
+/// Connection settings for every Redis client infergate opens (stream and task store). While
+/// Redis is away a command waits for at most one short reconnect (an attempt, ~100 ms, one
+/// more; each connect bounded to 1 s) and then fails: a submitter gets its 503 at once and a
+/// worker backs off by itself. The client's default, six retries with doubling delays, made
+/// every submission during an outage wait 8–11 s for its 503.
+pub(crate) fn manager_config(
+    response_timeout: Option<Duration>,
+) -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_min_delay(Duration::from_millis(100))
+        .set_number_of_retries(1)
+        .set_response_timeout(response_timeout)
+}
+
 impl RedisBroker {
     pub async fn connect(
         url: &str,
@@ -111,17 +126,14 @@ impl RedisBroker {
         visibility: Duration,
     ) -> Result<Self, QueueError> {
         let client = redis::Client::open(url).map_err(backend)?;
-        let base = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(6);
         let conn = ConnectionManager::new_with_config(
             client.clone(),
-            base.clone()
-                .set_response_timeout(Some(Duration::from_secs(5))),
+            manager_config(Some(Duration::from_secs(5))),
         )
         .await
         .map_err(backend)?;
-        let reader = ConnectionManager::new_with_config(client, base.set_response_timeout(None))
+        // Blocking reads wait on the server by design: no response timeout.
+        let reader = ConnectionManager::new_with_config(client, manager_config(None))
             .await
             .map_err(backend)?;
         let (stream, group) = (format!("{prefix}:tasks"), "workers".to_string());

@@ -140,10 +140,7 @@ impl RedisTaskStore {
         max_result_bytes: usize,
     ) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(backend)?;
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(6);
+        let cfg = crate::queue::redis::manager_config(Some(Duration::from_secs(5)));
         let conn = ConnectionManager::new_with_config(client, cfg)
             .await
             .map_err(backend)?;

@@ -10,7 +10,7 @@
 pub mod metrics;
 pub mod trace;
 
-use std::time::Duration;
+use std::{io::IsTerminal, time::Duration};
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
@@ -53,8 +53,22 @@ fn log_layer(cfg: &LogConfig) -> BoxedLayer {
             .with_span_list(false)
             .with_filter(filter)
             .boxed(),
-        LogFormat::Text => fmt::layer().with_target(true).with_filter(filter).boxed(),
+        LogFormat::Text => fmt::layer()
+            .with_target(true)
+            .with_ansi(ansi_wanted(
+                std::io::stdout().is_terminal(),
+                std::env::var_os("NO_COLOR"),
+            ))
+            .with_filter(filter)
+            .boxed(),
     }
+}
+
+/// Colours (ANSI escapes) only for a person at a terminal: logs that are piped or collected
+/// (files, `kubectl logs`, log shippers) stay plain text, and a non-empty `NO_COLOR`
+/// (no-color.org) turns them off anywhere.
+fn ansi_wanted(stdout_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stdout_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// Installs logging and, when configured, trace export. Call inside the tokio runtime (the
@@ -117,4 +131,18 @@ pub fn init_logging(cfg: &LogConfig) {
     let _ = tracing_subscriber::registry()
         .with(log_layer(cfg))
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ansi_wanted;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(ansi_wanted(true, None));
+        assert!(!ansi_wanted(false, None), "piped or collected logs");
+        assert!(!ansi_wanted(true, Some("1".into())), "NO_COLOR set");
+        // no-color.org: an empty NO_COLOR does not count.
+        assert!(ansi_wanted(true, Some("".into())));
+    }
 }

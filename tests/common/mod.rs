@@ -137,6 +137,38 @@ pub fn rabbitmqctl(cmd: &str) {
     }
 }
 
+/// RabbitMQ's application stopped (the node keeps running) for as long as this lives. Its drop
+/// starts it again even when the test fails, so a failed run does not leave the broker down
+/// for every test after it.
+pub struct RabbitStopped {
+    restarted: bool,
+}
+
+impl RabbitStopped {
+    pub fn new() -> Self {
+        rabbitmqctl("stop_app");
+        Self { restarted: false }
+    }
+
+    /// Starts the application again and waits for the AMQP port.
+    pub fn start(mut self) {
+        self.restarted = true;
+        rabbitmqctl("start_app");
+    }
+}
+
+impl Drop for RabbitStopped {
+    fn drop(&mut self) {
+        if !self.restarted {
+            // Best effort and no panic: this may run while a test is already panicking.
+            let _ = Command::new("rabbitmqctl")
+                .arg("start_app")
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// A plain HTTP GET on loopback, for readiness polling without an async runtime.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
     let mut s = TcpStream::connect_timeout(
