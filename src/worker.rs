@@ -100,8 +100,7 @@ impl Worker {
                         .map(|d| (d.msg.task_id.as_str(), d.reclaimed))
                         .collect();
                     let starts = self.store.start_many(&ids, self.cfg.max_attempts).await;
-                    let store_down = starts.iter().any(Result::is_err);
-                    store_failing = store_down;
+                    store_failing = starts.iter().any(Result::is_err);
                     for (d, started) in deliveries.into_iter().zip(starts) {
                         let permit = permits.pop().expect("one permit per delivery");
                         let w = self.clone();
@@ -113,7 +112,7 @@ impl Worker {
                     // The store failed: those tasks go back to the broker, and this worker
                     // waits (bounded, growing) before taking more, rather than cycling the
                     // same messages through a store that is down.
-                    if store_down {
+                    if store_failing {
                         tokio::select! {
                             _ = stop.cancelled() => break,
                             _ = tokio::time::sleep(store_backoff) => {}

@@ -353,23 +353,23 @@ impl Inner {
     /// bounded by the publish timeout; the others are refused at once, so an outage turns into
     /// quick 503s rather than every submission waiting out a reconnect of its own in turn.
     async fn publish_channel(&self) -> Result<Channel, QueueError> {
-        self.refuse_while_down()?;
         // The lock covers (re)connecting only: publishes and their confirms run concurrently
-        // on the shared channel.
+        // on the shared channel. It is held only while an attempt runs, so the down state is
+        // checked under it: those that queued behind a failed attempt learn of it here, and a
+        // healthy publish never looks at it.
         let mut guard = self.publisher.lock().await;
         if guard.as_ref().is_none_or(|(c, _)| !c.status().connected()) {
-            // Those that queued behind a failed attempt learn of it here.
             self.refuse_while_down()?;
             reconnecting(guard.is_some());
             *guard = None;
-            let opened = tokio::time::timeout(self.publish_timeout, self.try_open("publish"))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(lapin::Error::from(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no answer within {} ms", self.publish_timeout.as_millis()),
-                    )))
-                });
+            let opened =
+                match tokio::time::timeout(self.publish_timeout, self.try_open("publish")).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!(
+                        "no answer within {} ms",
+                        self.publish_timeout.as_millis()
+                    )),
+                };
             match opened {
                 Ok(v) => {
                     *guard = Some(v);
