@@ -6,12 +6,15 @@
 # on this shared 2-core machine that, not wall time, says where a task's cost goes.
 # With BASELINE=<dir holding another build's infergate>, each round runs that build too,
 # right before this one, with the same generator: compare them by ratio within a round.
+# CONCURRENCY may be a list ("32 128"): each round runs every value. AMQP_GROUPS="1 64" runs
+# each RabbitMQ case once per group size (tasks.amqp_group_max), so grouping is compared in
+# the same rounds; unset, the configured default applies.
 # Writes loadtest/results/tasks-<date>.md and prints it.
-#   [BASELINE=dir] loadtest/tasks-bench.sh [TASKS=20000] [CONCURRENCY=32] [ROUNDS=1] [BROKERS]
+#   [BASELINE=dir] [AMQP_GROUPS="1 64"] loadtest/tasks-bench.sh [TASKS=20000] [CONCURRENCY=32] [ROUNDS=1] [BROKERS]
 # Needs Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672): scripts/ensure-services.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N="${1:-20000}"; C="${2:-32}"; ROUNDS="${3:-1}"
+N="${1:-20000}"; CONCS="${2:-32}"; ROUNDS="${3:-1}"
 BROKERS="${4:-memory redis://127.0.0.1:6379 amqp://guest:guest@127.0.0.1:5672/%2f}"
 VENV="$(scripts/install-triton.sh)"
 scripts/ensure-services.sh
@@ -41,20 +44,31 @@ refused = sum(r["refused"].values())
 done = max(r["succeeded"] + r["failed"], 1)
 us = lambda ticks: f"{float(ticks) / 100 / done * 1e6:.0f}"
 load = sum(map(float, sys.argv[9].split()))
-print(f"| {sys.argv[2]} | {sys.argv[3]} | {r['submitted']:,} | {r['succeeded']:,} | {r['failed']} | {refused} "
+print(f"| {sys.argv[2]} | {sys.argv[10]} | {sys.argv[3]} | {r['submitted']:,} | {r['succeeded']:,} | {r['failed']} | {refused} "
       f"| {r['submitSeconds']:.1f} | {r['totalSeconds']:.1f} | {r['tasksPerSecond']:,.0f} "
       f"| {us(sys.argv[4])} | {load / done * 1e6:.0f} | {us(sys.argv[5])} | {us(sys.argv[6])} | {us(sys.argv[7])} "
       f"| {int(sys.argv[8]) / 1024:.0f} |")
 PY
+# The cases of one round: concurrency, broker, and RabbitMQ group size ("-": the default).
+cases=()
+for C in $CONCS; do
+  for broker in $BROKERS; do
+    groups=-; [[ $broker == amqp* && -n ${AMQP_GROUPS:-} ]] && groups=$AMQP_GROUPS
+    for group in $groups; do cases+=("$C $broker $group"); done
+  done
+done
 rows=()
 for round in $(seq 1 "$ROUNDS"); do
-  for broker in $BROKERS; do
+  for case in "${cases[@]}"; do
+    read -r C broker group <<<"$case"
+    label="${broker%%://*}"; genv=()
+    [[ $group != - ]] && label="$label g=$group" && genv=(INFERGATE_AMQP_GROUP_MAX="$group")
+    store=memory; [[ $broker != memory ]] && store=redis://127.0.0.1:6379
     for build in "${builds[@]}"; do
       name="${build%%=*}"; bin="${build#*=}"
-      store=memory; [[ $broker != memory ]] && store=redis://127.0.0.1:6379
       prefix="bench-$RANDOM$RANDOM"
       g=$(port); h=$(port)
-      "$bin" serve --triton-url "http://127.0.0.1:$tg" --grpc-addr "127.0.0.1:$g" \
+      env "${genv[@]}" "$bin" serve --triton-url "http://127.0.0.1:$tg" --grpc-addr "127.0.0.1:$g" \
         --http-addr "127.0.0.1:$h" --broker "$broker" --task-store "$store" --redis-prefix "$prefix" \
         --workers 2 --worker-concurrency 512 --queue-capacity 1000000 --log-level warn >"$work/ig.log" 2>&1 &
       ig=$!
@@ -65,9 +79,9 @@ for round in $(seq 1 "$ROUNDS"); do
       after=("$(cpu $ig)" "$(cpu "$redis_pid")" "$(cpu "$rabbit_pid")" "$(cpu $triton_pids)")
       hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$ig/status")
       kill "$ig"; wait "$ig" 2>/dev/null || true
-      rows+=("$("$VENV/bin/python" "$work/row.py" "$work/run.json" "${broker%%://*}" "$name" \
+      rows+=("$("$VENV/bin/python" "$work/row.py" "$work/run.json" "$label" "$name" \
         $((after[0] - before[0])) $((after[1] - before[1])) $((after[2] - before[2])) \
-        $((after[3] - before[3])) "$hwm" "$(tail -1 "$work/load-cpu")")")
+        $((after[3] - before[3])) "$hwm" "$(tail -1 "$work/load-cpu")" "$C")")
     done
   done
 done
@@ -75,11 +89,11 @@ done
 mkdir -p loadtest/results
 out="loadtest/results/tasks-$(date -u +%Y%m%d-%H%M).md"
 {
-  echo "infergate-load --tasks $N -c $C against infergate serve (release, 2 worker loops of 512), add_sub, all on the same 2 cores; $ROUNDS round(s), builds interleaved${BASELINE:+ (baseline: $BASELINE)}."
+  echo "infergate-load --tasks $N -c ($CONCS) against infergate serve (release, 2 worker loops of 512), add_sub, all on the same 2 cores; $ROUNDS round(s), builds interleaved${BASELINE:+ (baseline: $BASELINE)}."
   echo "CPU columns: microseconds of CPU each process spent per completed task (user + system). Peak RSS: infergate's VmHWM over the run."
   echo
-  echo "| broker | build | submitted | succeeded | failed | refused | submit s | total s | completed tasks/s | CPU µs infergate | load generator | redis | rabbitmq | triton | infergate peak RSS MiB |"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+  echo "| broker | c | build | submitted | succeeded | failed | refused | submit s | total s | completed tasks/s | CPU µs infergate | load generator | redis | rabbitmq | triton | infergate peak RSS MiB |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
 } >"$out"
 cat "$out"

@@ -232,7 +232,7 @@ impl Worker {
                 };
                 let stored = self
                     .store
-                    .transition(&id, TaskState::Succeeded, change)
+                    .transition_quiet(&id, TaskState::Succeeded, change)
                     .instrument(tracing::info_span!(
                         "store_result",
                         otel.name = "task store result"
@@ -255,7 +255,7 @@ impl Worker {
                     Err(e) => {
                         let _ = self
                             .store
-                            .transition(&id, TaskState::Queued, Change::default())
+                            .transition_quiet(&id, TaskState::Queued, Change::default())
                             .await;
                         self.retry_later(&d, &e).await;
                     }
@@ -274,7 +274,7 @@ impl Worker {
                 } else {
                     let back = self
                         .store
-                        .transition(
+                        .transition_quiet(
                             &id,
                             TaskState::Queued,
                             Change {
@@ -303,7 +303,7 @@ impl Worker {
         let reason = format!("{}: {}", err.code, err.message);
         let failed = self
             .store
-            .transition(
+            .transition_quiet(
                 &d.msg.task_id,
                 TaskState::Failed,
                 Change {

@@ -1,7 +1,8 @@
 //! The task store contract, run the same way against the in-memory store and the Redis store
 //! (the real Redis on 127.0.0.1:6379, a fresh key prefix per run): a worker's start is one
 //! atomic step that counts attempts and respects reclaims, state changes answer with the
-//! record they left, and a poll reads the record and its result together. Also the Redis
+//! record they left (the worker's quiet ones with only the outcome), and a poll reads the
+//! record and its result together. Also the Redis
 //! stream broker's bound and its handling of entries that are not tasks.
 
 mod common;
@@ -107,7 +108,7 @@ async fn contract(s: &dyn TaskStore) {
         panic!("one attempt allowed, one made")
     };
     assert_eq!((r.state, r.attempts), (TaskState::Queued, 1));
-    assert_eq!(r.error, Some(error));
+    assert_eq!(r.error, Some(error.clone()));
     let (r, result) = s.get_with_result(&b).await.unwrap().unwrap();
     assert_eq!((r.state, result), (TaskState::Queued, None));
 
@@ -118,6 +119,52 @@ async fn contract(s: &dyn TaskStore) {
         StoreError::NotFound(_)
     ));
     assert_eq!(s.get_with_result("no-such-task").await.unwrap(), None);
+
+    // The quiet transition (the worker's) writes the same, answers nothing but the outcome,
+    // and refuses what `transition` refuses, naming the state it found.
+    let c = new_task_id();
+    s.create(rec(&c), 0).await.unwrap();
+    assert!(matches!(
+        s.start(&c, false, 3).await.unwrap(),
+        Start::Started(_)
+    ));
+    s.transition_quiet(
+        &c,
+        TaskState::Failed,
+        Change {
+            error: Some(error.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (r, result) = s.get_with_result(&c).await.unwrap().unwrap();
+    assert_eq!(
+        (r.state, r.error, result),
+        (TaskState::Failed, Some(error), None)
+    );
+    assert!(r.finished_at_ms.is_some());
+    let err = s
+        .transition_quiet(&c, TaskState::Succeeded, Change::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Conflict {
+                from: TaskState::Failed,
+                to: TaskState::Succeeded,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(matches!(
+        s.transition_quiet("no-such-task", TaskState::Cancelled, Change::default())
+            .await
+            .unwrap_err(),
+        StoreError::NotFound(_)
+    ));
 }
 
 #[tokio::test]

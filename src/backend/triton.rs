@@ -409,6 +409,17 @@ impl TritonPool {
         {
             return Ok(Arc::clone(info));
         }
+        // Boxed: the fetch's future (two tonic calls) is ~7.7 KB, and every caller's future
+        // (each request and task) would otherwise carry that much for a rare cache miss.
+        Box::pin(self.fetch_model_info(key)).await
+    }
+
+    /// Reads a model's metadata and config from Triton into the cache.
+    async fn fetch_model_info(
+        &self,
+        key: (String, String),
+    ) -> Result<Arc<ModelInfo>, GatewayError> {
+        let (name, version) = (key.0.as_str(), key.1.as_str());
         let fetched = tokio::try_join!(
             self.model_metadata(name, version),
             self.model_config(name, version)

@@ -218,7 +218,9 @@ impl InferService {
             Some(s) => self.batcher.submit(info, s, req, rows, deadline).await,
             None => {
                 let budget = deadline.map(|d| d.saturating_duration_since(now));
-                self.backend.infer(req, budget).await
+                // Boxed: the call's future is ~4 KB, which every caller's future (the
+                // batched path's included) would otherwise carry and copy when moved.
+                Box::pin(self.backend.infer(req, budget)).await
             }
         }
     }

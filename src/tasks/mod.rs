@@ -226,6 +226,16 @@ pub trait TaskStore: Send + Sync {
         to: TaskState,
         change: Change,
     ) -> Result<TaskRecord, StoreError>;
+    /// `transition` for a caller that needs only to know it happened (the worker): a store
+    /// may then skip reading the record back.
+    async fn transition_quiet(
+        &self,
+        id: &str,
+        to: TaskState,
+        change: Change,
+    ) -> Result<(), StoreError> {
+        self.transition(id, to, change).await.map(drop)
+    }
     /// Removes a task (used when its message could not be queued, so no 202 was sent).
     async fn remove(&self, id: &str) -> Result<(), StoreError>;
 }

@@ -4,7 +4,7 @@
 //! task's expiry) so the open-task quota holds across every front end; an entry whose task
 //! expired unfinished drops out by its score, so the count cannot drift upwards.
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -61,11 +61,15 @@ fn record_prelude() -> String {
 
 /// Moves KEYS[1] to ARGV[1] if its state is one of ARGV[2] (comma-separated).
 /// Returns record(KEYS[1], 1) on success, record(KEYS[1], 0) if the state forbids it, {-1} if
-/// there is no task.
+/// there is no task. Quiet (ARGV[13] == '1'): {1} on success, {0, state} when forbidden.
 const TRANSITION: &str = r#"
 local cur, tenant = unpack(redis.call('HMGET', KEYS[1], 'state', 'tenant'))
 if not cur then return {-1} end
-if not string.find(',' .. ARGV[2] .. ',', ',' .. cur .. ',', 1, true) then return record(KEYS[1], 0) end
+local quiet = ARGV[13] == '1'
+if not string.find(',' .. ARGV[2] .. ',', ',' .. cur .. ',', 1, true) then
+  if quiet then return {0, cur} end
+  return record(KEYS[1], 0)
+end
 local set = {'state', ARGV[1]}
 if ARGV[4] ~= '' then table.insert(set, ARGV[4]); table.insert(set, ARGV[5]) end
 if ARGV[6] ~= '' then
@@ -80,6 +84,7 @@ if ARGV[10] ~= '' then
   -- Records written before tenants existed have no tenant field, and no place to free.
   if tenant then redis.call('ZREM', ARGV[11] .. tenant, ARGV[12]) end
 end
+if quiet then return {1} end
 return record(KEYS[1], 1)
 "#;
 
@@ -167,58 +172,107 @@ impl RedisTaskStore {
     fn ttl_ms(&self) -> u64 {
         self.ttl.as_millis() as u64
     }
+
+    /// Runs `TRANSITION`; `quiet` asks for no record back. Answers the script's code and
+    /// values.
+    async fn run_transition(
+        &self,
+        id: &str,
+        to: TaskState,
+        change: Change,
+        quiet: bool,
+    ) -> Result<(i64, Vec<Value>), StoreError> {
+        change.check_result_size(self.max_result_bytes)?;
+        let from: Vec<&str> = to
+            .reachable_from()
+            .into_iter()
+            .map(TaskState::as_str)
+            .collect();
+        let stamp = match to {
+            TaskState::Running => "started_at_ms",
+            TaskState::Queued => "",
+            _ => "finished_at_ms",
+        };
+        let (code, message) = change
+            .error
+            .as_ref()
+            .map_or((String::new(), String::new()), |e| {
+                (e.code.clone(), e.message.clone())
+            });
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = self
+            .transition
+            .key(self.key(id))
+            .arg(to.as_str())
+            .arg(from.join(","))
+            .arg(if change.count_attempt { "1" } else { "0" })
+            .arg(stamp)
+            .arg(super::now_ms())
+            .arg(code)
+            .arg(message)
+            .arg(if change.result.is_some() { "1" } else { "0" })
+            .arg(change.result.as_deref().unwrap_or_default())
+            .arg(if to.is_final() {
+                self.ttl_ms().to_string()
+            } else {
+                String::new()
+            })
+            .arg(self.open_prefix())
+            .arg(id)
+            .arg(if quiet { "1" } else { "0" })
+            .invoke_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        coded(reply)
+    }
 }
 
-fn parse(id: &str, h: &HashMap<&str, Vec<u8>>) -> Option<TaskRecord> {
-    let s = |k: &str| h.get(k).map(|v| String::from_utf8_lossy(v).into_owned());
-    let n = |k: &str| s(k).and_then(|v| v.parse::<u64>().ok());
-    let state = TaskState::parse(&s("state")?)?;
+/// A field's bytes from an HMGET answer (nil, a missing field, is `None`).
+fn field(values: &[Value], i: usize) -> Option<&[u8]> {
+    match values.get(i)? {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+/// A record from values in `FIELDS` order, read by position: one reply per task on the hot
+/// paths, so no map of names is built for it.
+fn parse(id: &str, values: &[Value]) -> Option<TaskRecord> {
+    let text = |i| field(values, i).map(|v| String::from_utf8_lossy(v).into_owned());
+    let num = |i| {
+        field(values, i)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let state = TaskState::parse(std::str::from_utf8(field(values, 0)?).ok()?)?;
     Some(TaskRecord {
         id: id.to_string(),
-        tenant: s("tenant").unwrap_or_default(),
-        model: s("model").unwrap_or_default(),
-        version: s("version").unwrap_or_default(),
+        tenant: text(1).unwrap_or_default(),
+        model: text(2).unwrap_or_default(),
+        version: text(3).unwrap_or_default(),
         state,
-        attempts: n("attempts").unwrap_or(0) as u32,
-        queued_at_ms: n("queued_at_ms").unwrap_or(0),
-        started_at_ms: n("started_at_ms"),
-        finished_at_ms: n("finished_at_ms"),
-        error: s("error_code").map(|code| TaskError {
+        attempts: num(4).unwrap_or(0) as u32,
+        queued_at_ms: num(5).unwrap_or(0),
+        started_at_ms: num(6),
+        finished_at_ms: num(7),
+        error: text(8).map(|code| TaskError {
             code,
-            message: s("error_message").unwrap_or_default(),
+            message: text(9).unwrap_or_default(),
         }),
-        idempotency_key: s("idempotency_key").filter(|k| !k.is_empty()),
+        idempotency_key: text(10).filter(|k| !k.is_empty()),
     })
 }
 
-/// Pairs `values` (as HMGET answers: nil for a missing field) with `FIELDS` and any `extra`
-/// names read after them.
-fn fields<'a>(values: Vec<Value>, extra: &[&'a str]) -> HashMap<&'a str, Vec<u8>> {
-    FIELDS
-        .iter()
-        .chain(extra)
-        .zip(values)
-        .filter_map(|(k, v)| match v {
-            Value::BulkString(b) => Some((*k, b)),
-            Value::SimpleString(s) => Some((*k, s.into_bytes())),
-            Value::Int(i) => Some((*k, i.to_string().into_bytes())),
-            _ => None,
-        })
-        .collect()
-}
-
-/// A script's `{code, fields...}` answer.
-fn coded(reply: Vec<Value>) -> Result<(i64, HashMap<&'static str, Vec<u8>>), StoreError> {
+/// A script's `{code, values...}` answer.
+fn coded(reply: Vec<Value>) -> Result<(i64, Vec<Value>), StoreError> {
     let mut it = reply.into_iter();
-    let code = match it.next() {
-        Some(Value::Int(c)) => c,
-        other => {
-            return Err(StoreError::Backend(format!(
-                "unexpected script reply {other:?}"
-            )));
-        }
-    };
-    Ok((code, fields(it.collect(), &[])))
+    match it.next() {
+        Some(Value::Int(c)) => Ok((c, it.collect())),
+        other => Err(StoreError::Backend(format!(
+            "unexpected script reply {other:?}"
+        ))),
+    }
 }
 
 #[async_trait]
@@ -285,7 +339,7 @@ impl TaskStore for RedisTaskStore {
             .query_async(&mut conn)
             .await
             .map_err(backend)?;
-        Ok(parse(id, &fields(values, &[])))
+        Ok(parse(id, &values))
     }
 
     async fn get_with_result(
@@ -293,16 +347,23 @@ impl TaskStore for RedisTaskStore {
         id: &str,
     ) -> Result<Option<(TaskRecord, Option<Bytes>)>, StoreError> {
         let mut conn = self.conn.clone();
-        let values: Vec<Value> = redis::cmd("HMGET")
+        let mut values: Vec<Value> = redis::cmd("HMGET")
             .arg(self.key(id))
             .arg(&FIELDS[..])
             .arg("result")
             .query_async(&mut conn)
             .await
             .map_err(backend)?;
-        let mut h = fields(values, &["result"]);
-        let result = h.remove("result").map(Bytes::from);
-        Ok(parse(id, &h).map(|rec| (rec, result)))
+        // The result comes last, after the record's fields.
+        let result = if values.len() > FIELDS.len() {
+            match values.pop() {
+                Some(Value::BulkString(b)) => Some(Bytes::from(b)),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        Ok(parse(id, &values).map(|rec| (rec, result)))
     }
 
     async fn start(
@@ -357,8 +418,8 @@ impl TaskStore for RedisTaskStore {
             .iter()
             .zip(replies)
             .map(|((id, _), reply)| {
-                let (code, h) = coded(reply)?;
-                let rec = || parse(id, &h).ok_or_else(|| StoreError::NotFound(id.to_string()));
+                let (code, values) = coded(reply)?;
+                let rec = || parse(id, &values).ok_or_else(|| StoreError::NotFound(id.to_string()));
                 Ok(match code {
                     1 => Start::Started(rec()?),
                     2 => Start::Exhausted(rec()?),
@@ -374,52 +435,33 @@ impl TaskStore for RedisTaskStore {
         to: TaskState,
         change: Change,
     ) -> Result<TaskRecord, StoreError> {
-        change.check_result_size(self.max_result_bytes)?;
-        let from: Vec<&str> = to
-            .reachable_from()
-            .into_iter()
-            .map(TaskState::as_str)
-            .collect();
-        let stamp = match to {
-            TaskState::Running => "started_at_ms",
-            TaskState::Queued => "",
-            _ => "finished_at_ms",
-        };
-        let (code, message) = change
-            .error
-            .as_ref()
-            .map_or((String::new(), String::new()), |e| {
-                (e.code.clone(), e.message.clone())
-            });
-        let mut conn = self.conn.clone();
-        let reply: Vec<Value> = self
-            .transition
-            .key(self.key(id))
-            .arg(to.as_str())
-            .arg(from.join(","))
-            .arg(if change.count_attempt { "1" } else { "0" })
-            .arg(stamp)
-            .arg(super::now_ms())
-            .arg(code)
-            .arg(message)
-            .arg(if change.result.is_some() { "1" } else { "0" })
-            .arg(change.result.as_deref().unwrap_or_default())
-            .arg(if to.is_final() {
-                self.ttl_ms().to_string()
-            } else {
-                String::new()
-            })
-            .arg(self.open_prefix())
-            .arg(id)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(backend)?;
-        let (code, h) = coded(reply)?;
-        match (code, parse(id, &h)) {
+        let (code, values) = self.run_transition(id, to, change, false).await?;
+        match (code, parse(id, &values)) {
             (1, Some(rec)) => Ok(rec),
             (0, Some(rec)) => Err(StoreError::Conflict {
                 id: id.to_string(),
                 from: rec.state,
+                to,
+            }),
+            _ => Err(StoreError::NotFound(id.to_string())),
+        }
+    }
+
+    async fn transition_quiet(
+        &self,
+        id: &str,
+        to: TaskState,
+        change: Change,
+    ) -> Result<(), StoreError> {
+        let (code, values) = self.run_transition(id, to, change, true).await?;
+        let state = field(&values, 0)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(TaskState::parse);
+        match (code, state) {
+            (1, _) => Ok(()),
+            (0, Some(from)) => Err(StoreError::Conflict {
+                id: id.to_string(),
+                from,
                 to,
             }),
             _ => Err(StoreError::NotFound(id.to_string())),

@@ -274,8 +274,8 @@ fn params_json(params: &HashMap<String, InferParameter>) -> Map<String, Value> {
 }
 
 /// A protocol response as Triton's JSON body, all outputs inline (the task API's form).
-pub fn response_json(resp: &ModelInferResponse) -> Result<Value, GatewayError> {
-    let (body, _) = encode_parts(resp.clone(), &OutputPrefs::default())?;
+pub fn response_json(resp: ModelInferResponse) -> Result<Value, GatewayError> {
+    let (body, _) = encode_parts(resp, &OutputPrefs::default())?;
     Ok(Value::Object(body))
 }
 

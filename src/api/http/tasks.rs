@@ -22,7 +22,7 @@ use crate::{
     error::GatewayError,
     proto::inference::ModelInferResponse,
     tasks::{
-        TaskRecord,
+        TaskError, TaskRecord,
         front::{Cancelled, TaskFront},
     },
     telemetry::trace::TraceHeaders,
@@ -44,22 +44,36 @@ fn not_found(id: &str) -> Response {
         .into_response()
 }
 
-fn task_json(rec: &TaskRecord, resp: Option<&ModelInferResponse>) -> Value {
-    let mut v = json!({
-        "id": rec.id,
-        "model": rec.model,
-        "version": rec.version,
-        "status": rec.state.as_str(),
-        "attempts": rec.attempts,
-        "queued_at_ms": rec.queued_at_ms,
-        "started_at_ms": rec.started_at_ms,
-        "finished_at_ms": rec.finished_at_ms,
-        "error": rec.error.as_ref().map(|e| json!({"code": e.code, "message": e.message})),
-    });
-    if let Some(body) = resp.and_then(|r| codec::response_json(r).ok()) {
-        v["response"] = body;
-    }
-    v
+/// A task as the API shows it (`openapi::TaskBody` documents it). Serialized as it is, not
+/// built as a JSON tree first: every submit and poll answers with one.
+#[derive(serde::Serialize)]
+struct TaskJson<'a> {
+    id: &'a str,
+    model: &'a str,
+    version: &'a str,
+    status: &'static str,
+    attempts: u32,
+    queued_at_ms: u64,
+    started_at_ms: Option<u64>,
+    finished_at_ms: Option<u64>,
+    error: Option<&'a TaskError>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response: Option<Value>,
+}
+
+fn task_json(rec: &TaskRecord, resp: Option<ModelInferResponse>) -> Json<TaskJson<'_>> {
+    Json(TaskJson {
+        id: &rec.id,
+        model: &rec.model,
+        version: &rec.version,
+        status: rec.state.as_str(),
+        attempts: rec.attempts,
+        queued_at_ms: rec.queued_at_ms,
+        started_at_ms: rec.started_at_ms,
+        finished_at_ms: rec.finished_at_ms,
+        error: rec.error.as_ref(),
+        response: resp.and_then(|r| codec::response_json(r).ok()),
+    })
 }
 
 #[utoipa::path(
@@ -112,7 +126,7 @@ pub async fn submit(
         front.submit(req, key, incoming, &caller),
     )
     .await?;
-    let mut r = (StatusCode::ACCEPTED, Json(task_json(&rec, None))).into_response();
+    let mut r = (StatusCode::ACCEPTED, task_json(&rec, None)).into_response();
     let h = r.headers_mut();
     if let Ok(loc) = HeaderValue::from_str(&format!("/v1/tasks/{}", rec.id)) {
         h.insert(header::LOCATION, loc);
@@ -142,7 +156,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
     Ok(match front(&s)?.get(&id, &caller.tenant).await? {
-        Some((rec, resp)) => Json(task_json(&rec, resp.as_ref())).into_response(),
+        Some((rec, resp)) => task_json(&rec, resp).into_response(),
         None => not_found(&id),
     })
 }
@@ -166,7 +180,7 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
     Ok(match front(&s)?.cancel(&id, &caller.tenant).await? {
-        Cancelled::Done(rec) => Json(task_json(&rec, None)).into_response(),
+        Cancelled::Done(rec) => task_json(&rec, None).into_response(),
         Cancelled::NotFound => not_found(&id),
         Cancelled::AlreadyFinal(state) => (
             StatusCode::CONFLICT,
