@@ -49,6 +49,17 @@ print(f"| {sys.argv[2]} | {sys.argv[10]} | {sys.argv[3]} | {r['submitted']:,} | 
       f"| {us(sys.argv[4])} | {load / done * 1e6:.0f} | {us(sys.argv[5])} | {us(sys.argv[6])} | {us(sys.argv[7])} "
       f"| {int(sys.argv[8]) / 1024:.0f} |")
 PY
+# Removes what a run left in Redis (its records live for the task TTL, an hour: 20,000 a run,
+# with results) and its RabbitMQ queues, so later runs do not meet an ever larger keyspace
+# (Redis's CPU per task jumped in runs after millions of keys had piled up).
+forget() {
+  local broker=$1 prefix=$2
+  [[ $broker == memory ]] && return 0
+  redis-cli --scan --pattern "$prefix:*" | xargs -r -n 1000 redis-cli unlink >/dev/null || true
+  if [[ $broker == amqp* ]]; then
+    for q in "$prefix.tasks" "$prefix.tasks.dead"; do rabbitmqctl -q delete_queue "$q" </dev/null >/dev/null 2>&1 || true; done
+  fi
+}
 # The cases of one round: concurrency, broker, and RabbitMQ group size ("-": the default).
 cases=()
 for C in $CONCS; do
@@ -79,6 +90,7 @@ for round in $(seq 1 "$ROUNDS"); do
       after=("$(cpu $ig)" "$(cpu "$redis_pid")" "$(cpu "$rabbit_pid")" "$(cpu $triton_pids)")
       hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$ig/status")
       kill "$ig"; wait "$ig" 2>/dev/null || true
+      forget "$broker" "$prefix"
       rows+=("$("$VENV/bin/python" "$work/row.py" "$work/run.json" "$label" "$name" \
         $((after[0] - before[0])) $((after[1] - before[1])) $((after[2] - before[2])) \
         $((after[3] - before[3])) "$hwm" "$(tail -1 "$work/load-cpu")" "$C")")
