@@ -22,6 +22,21 @@ fn rec(id: &str) -> TaskRecord {
     TaskRecord::new(id.to_string(), "tenant", "add_sub", "", None)
 }
 
+/// A refused transition names the state it found and the one asked for.
+fn assert_conflict(err: &StoreError, found: TaskState, asked: TaskState) {
+    assert!(
+        matches!(err, StoreError::Conflict { from, to, .. } if *from == found && *to == asked),
+        "{err:?}"
+    );
+}
+
+fn with_error(error: &TaskError) -> Change {
+    Change {
+        error: Some(error.clone()),
+        ..Default::default()
+    }
+}
+
 async fn contract(s: &dyn TaskStore) {
     let a = new_task_id();
     s.create(rec(&a), 0).await.unwrap();
@@ -69,17 +84,7 @@ async fn contract(s: &dyn TaskStore) {
         .transition(&a, TaskState::Failed, Change::default())
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::Conflict {
-                from: TaskState::Succeeded,
-                to: TaskState::Failed,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_conflict(&err, TaskState::Succeeded, TaskState::Failed);
 
     // Attempts used up: the record comes back unchanged, with its last error.
     let b = new_task_id();
@@ -93,14 +98,7 @@ async fn contract(s: &dyn TaskStore) {
         message: "triton went away".into(),
     };
     let back = s
-        .transition(
-            &b,
-            TaskState::Queued,
-            Change {
-                error: Some(error.clone()),
-                ..Default::default()
-            },
-        )
+        .transition(&b, TaskState::Queued, with_error(&error))
         .await
         .unwrap();
     assert_eq!(back.state, TaskState::Queued);
@@ -128,16 +126,9 @@ async fn contract(s: &dyn TaskStore) {
         s.start(&c, false, 3).await.unwrap(),
         Start::Started(_)
     ));
-    s.transition_quiet(
-        &c,
-        TaskState::Failed,
-        Change {
-            error: Some(error.clone()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    s.transition_quiet(&c, TaskState::Failed, with_error(&error))
+        .await
+        .unwrap();
     let (r, result) = s.get_with_result(&c).await.unwrap().unwrap();
     assert_eq!(
         (r.state, r.error, result),
@@ -148,17 +139,7 @@ async fn contract(s: &dyn TaskStore) {
         .transition_quiet(&c, TaskState::Succeeded, Change::default())
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::Conflict {
-                from: TaskState::Failed,
-                to: TaskState::Succeeded,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_conflict(&err, TaskState::Failed, TaskState::Succeeded);
     assert!(matches!(
         s.transition_quiet("no-such-task", TaskState::Cancelled, Change::default())
             .await
