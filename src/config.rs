@@ -179,6 +179,9 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     /// Requests of one ModelStreamInfer stream that run at once (answers keep request order).
     pub stream_concurrency: usize,
+    /// Threads that serve gRPC connections, each connection on one of them with its own
+    /// Triton connections; 0 = one per CPU the process may use.
+    pub grpc_threads: usize,
     /// TLS on both listeners (gRPC and HTTP); plaintext when absent.
     pub tls: Option<ServerTls>,
 }
@@ -223,6 +226,22 @@ pub struct TritonTls {
     pub domain: Option<String>,
 }
 
+/// The most gRPC serving threads `server.grpc_threads` may ask for.
+pub const MAX_GRPC_THREADS: usize = 256;
+
+impl ServerConfig {
+    /// `grpc_threads` with 0 resolved to the CPUs this process may use (cgroup quotas
+    /// included, as the runtime's own sizing does).
+    pub fn grpc_threads(&self) -> usize {
+        match self.grpc_threads {
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_GRPC_THREADS),
+            n => n,
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -233,6 +252,7 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 10_000,
             max_concurrent_streams: 1024,
             stream_concurrency: 16,
+            grpc_threads: 0,
             tls: None,
         }
     }
@@ -428,6 +448,9 @@ pub struct ServeArgs {
     /// Requests of one ModelStreamInfer stream run at once [default: 16].
     #[arg(long, env = "INFERGATE_STREAM_CONCURRENCY", value_name = "N")]
     pub stream_concurrency: Option<usize>,
+    /// Threads serving gRPC connections; 0 = one per CPU [default: 0].
+    #[arg(long, env = "INFERGATE_GRPC_THREADS", value_name = "N")]
+    pub grpc_threads: Option<usize>,
     /// Timeout for connecting to Triton, in ms [default: 2000].
     #[arg(long, env = "INFERGATE_TRITON_CONNECT_TIMEOUT_MS", value_name = "MS")]
     pub triton_connect_timeout_ms: Option<u64>,
@@ -581,6 +604,7 @@ impl Config {
         set(&mut s.shutdown_grace_ms, &a.shutdown_grace_ms);
         set(&mut s.max_concurrent_streams, &a.max_concurrent_streams);
         set(&mut s.stream_concurrency, &a.stream_concurrency);
+        set(&mut s.grpc_threads, &a.grpc_threads);
         set(&mut t.connect_timeout_ms, &a.triton_connect_timeout_ms);
         set(&mut t.request_timeout_ms, &a.triton_request_timeout_ms);
         set(&mut t.health_interval_ms, &a.triton_health_interval_ms);
@@ -679,6 +703,12 @@ impl Config {
             s.stream_concurrency as u64,
             1,
             4096,
+        )?;
+        in_range(
+            "server.grpc_threads",
+            s.grpc_threads as u64,
+            0,
+            MAX_GRPC_THREADS as u64,
         )?;
         let t = &self.triton;
         if t.urls.is_empty() {

@@ -28,6 +28,9 @@ pub enum GatewayError {
     Unavailable(String),
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// Something the protocol allows that infergate does not do (a compression it lacks).
+    #[error("{0}")]
+    Unimplemented(String),
     /// Triton answered with an error: its code and message are passed on unchanged.
     #[error("{message}")]
     Backend { code: tonic::Code, message: String },
@@ -59,6 +62,7 @@ impl GatewayError {
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::Unavailable(_) => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Self::Unimplemented(_) => Code::Unimplemented,
             Self::Backend { code, .. } => *code,
             Self::Internal(_) => Code::Internal,
         }
@@ -83,6 +87,7 @@ impl GatewayError {
             Self::Unauthenticated(_) => "unauthenticated",
             Self::Unavailable(_) => "unavailable",
             Self::DeadlineExceeded(_) => "deadline_exceeded",
+            Self::Unimplemented(_) => "unimplemented",
             Self::Backend { .. } => "backend",
             Self::Internal(_) => "internal",
         }

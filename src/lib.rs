@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod infer;
+pub mod lane;
 pub mod loadgen;
 pub mod proto;
 pub mod queue;

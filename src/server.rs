@@ -7,7 +7,6 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{codec::CompressionEncoding, service::interceptor::InterceptedService};
 use tonic_health::ServingStatus;
@@ -16,6 +15,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use crate::{
     api::{
         grpc::GrpcApi,
+        grpc_server::GrpcServer,
         grpc_tasks::GrpcTasks,
         http::{HttpState, ops_router, router},
     },
@@ -187,13 +187,18 @@ pub struct Gateway {
     store: Arc<dyn TaskStore>,
     broker: Arc<dyn Broker>,
     /// Loaded at bind time, so a bad certificate stops the start with its field named.
-    grpc_tls: Option<tonic::transport::ServerTlsConfig>,
+    grpc_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     http_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Gateway {
     pub async fn bind(cfg: Config) -> anyhow::Result<Self> {
-        let pool = TritonPool::new(&cfg.triton, cfg.server.max_response_bytes)?;
+        // One more ModelInfer connection per endpoint for each gRPC serving thread.
+        let pool = TritonPool::with_lanes(
+            &cfg.triton,
+            cfg.server.max_response_bytes,
+            cfg.server.grpc_threads(),
+        )?;
         let (grpc_tls, http_tls) = match &cfg.server.tls {
             Some(t) => (
                 Some(crate::tls::grpc_server_config(t)?),
@@ -308,24 +313,41 @@ impl Gateway {
         .accept_compressed(CompressionEncoding::Gzip);
         let inference = InterceptedService::new(inference, interceptor(Arc::clone(&auth)));
 
-        let mut grpc = tonic::transport::Server::builder();
-        if let Some(tls) = grpc_tls {
-            grpc = grpc.tls_config(tls)?;
-        }
-        let grpc = grpc
-            .tcp_nodelay(true)
-            .layer(tower::util::MapResponseLayer::new(
-                oversize_is_resource_exhausted,
-            ))
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-            .layer(PropagateRequestIdLayer::x_request_id())
-            .max_concurrent_streams(cfg.server.max_concurrent_streams)
+        let routes = tonic::service::Routes::builder()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(inference)
             .add_service(task_service)
-            .serve_with_incoming_shutdown(nodelay(grpc_listener), stop.clone().cancelled_owned());
+            .clone()
+            .routes()
+            .prepare();
+        let routes = tower::ServiceBuilder::new()
+            .layer(tower::util::MapResponseLayer::new(
+                oversize_is_resource_exhausted,
+            ))
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .service(routes);
+        let grpc_server = GrpcServer {
+            infer: infer.clone(),
+            auth: Arc::clone(&auth),
+            routes: tower::util::BoxCloneSyncService::new(routes),
+            max_request_bytes: cfg.server.max_request_bytes,
+            max_response_bytes: cfg.server.max_response_bytes,
+            max_concurrent_streams: cfg.server.max_concurrent_streams,
+            threads: cfg.server.grpc_threads(),
+            tls: grpc_tls.map(|config| {
+                let t = cfg.server.tls.as_ref().expect("TLS files loaded at bind");
+                crate::api::grpc_server::Tls {
+                    config,
+                    handshake_timeout: Duration::from_millis(t.handshake_timeout_ms),
+                    max_handshakes: t.max_handshakes,
+                }
+            }),
+        };
+        let kill = CancellationToken::new();
+        let grpc = grpc_server.serve(grpc_listener, stop.clone(), kill.clone());
         let worker_stop = CancellationToken::new();
         let workers = spawn_workers(&cfg, &infer, &store, &broker, &worker_stop);
         let app = router(HttpState {
@@ -391,6 +413,7 @@ impl Gateway {
         .await;
         if drained.is_err() {
             tracing::warn!("grace period over with requests still running; they are dropped");
+            kill.cancel();
             grpc_task.abort();
             http_task.abort();
         }
@@ -420,20 +443,6 @@ fn oversize_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Respo
         h.insert("grpc-status", http::HeaderValue::from_static("8"));
     }
     resp
-}
-
-/// Accepted gRPC connections with Nagle's algorithm off: tonic only sets TCP_NODELAY on
-/// listeners it binds itself, and small responses otherwise wait for the peer's delayed ACK
-/// (40 ms on Linux).
-fn nodelay(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use futures::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
-    })
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

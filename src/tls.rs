@@ -17,7 +17,7 @@ use tokio_rustls::{
     rustls::{self, RootCertStore, server::WebPkiClientVerifier},
     server::TlsStream,
 };
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::config::{ServerTls, TritonTls};
 
@@ -101,19 +101,12 @@ pub fn http_server_config(cfg: &ServerTls) -> Result<Arc<rustls::ServerConfig>, 
     Ok(Arc::new(config))
 }
 
-/// The gRPC listener's TLS (tonic). Loads the files through the same checks first, so a bad
-/// file is named the same way on both listeners.
-pub fn grpc_server_config(cfg: &ServerTls) -> Result<ServerTlsConfig, TlsError> {
-    http_server_config(cfg)?;
-    let identity = Identity::from_pem(
-        read("server.tls.cert", &cfg.cert)?,
-        read("server.tls.key", &cfg.key)?,
-    );
-    let mut tls = ServerTlsConfig::new().identity(identity);
-    if let Some(ca) = &cfg.client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read("server.tls.client_ca", ca)?));
-    }
-    Ok(tls)
+/// The gRPC listener's rustls config: the HTTP listener's certificates and client checks,
+/// with HTTP/2 alone offered by ALPN (gRPC has no HTTP/1.1).
+pub fn grpc_server_config(cfg: &ServerTls) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = Arc::unwrap_or_clone(http_server_config(cfg)?);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// TLS towards Triton: its CA, optionally a client identity (mTLS) and the name to check.

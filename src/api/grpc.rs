@@ -5,7 +5,7 @@
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt};
-use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     api::{narrow_extensions, observed},
@@ -40,8 +40,8 @@ impl GrpcApi {
 }
 
 /// The caller's deadline from the `grpc-timeout` header (`<digits><unit>`, gRPC's wire form).
-pub fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {
-    let v = md.get("grpc-timeout")?.to_str().ok()?;
+pub fn grpc_timeout(headers: &::http::HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = num.parse().ok()?;
     Some(match unit {
@@ -107,7 +107,7 @@ impl GrpcInferenceService for GrpcApi {
         &self,
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let timeout = grpc_timeout(req.metadata());
+        let timeout = grpc_timeout(req.metadata().as_ref());
         let (md, _, msg) = req.into_parts();
         let headers = md.into_headers();
         let model = msg.model_name.clone();
@@ -197,6 +197,8 @@ impl GrpcInferenceService for GrpcApi {
 
 #[cfg(test)]
 mod tests {
+    use tonic::metadata::MetadataMap;
+
     use super::*;
 
     #[test]
@@ -209,9 +211,9 @@ mod tests {
             ("2M", Duration::from_secs(120)),
         ] {
             md.insert("grpc-timeout", v.parse().unwrap());
-            assert_eq!(grpc_timeout(&md), Some(d), "{v}");
+            assert_eq!(grpc_timeout(md.as_ref()), Some(d), "{v}");
         }
         md.insert("grpc-timeout", "5x".parse().unwrap());
-        assert_eq!(grpc_timeout(&md), None);
+        assert_eq!(grpc_timeout(md.as_ref()), None);
     }
 }

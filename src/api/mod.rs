@@ -2,6 +2,7 @@
 //! the Open Inference Protocol and both ending in [`crate::infer::InferService`].
 
 pub mod grpc;
+pub mod grpc_server;
 pub mod grpc_tasks;
 pub mod http;
 

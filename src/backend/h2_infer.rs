@@ -88,6 +88,18 @@ impl H2Infer {
         budget: Duration,
         extra: HeaderMap,
     ) -> Result<ModelInferResponse, Status> {
+        decode(self.model_infer_framed(req, budget, extra).await?)
+    }
+
+    /// [`H2Infer::model_infer`], with the answer left as Triton framed it (uncompressed flag,
+    /// length prefix, message), checked but not decoded: what a gRPC caller can be sent as it
+    /// is.
+    pub async fn model_infer_framed(
+        self: &Arc<Self>,
+        req: &ModelInferRequest,
+        budget: Duration,
+        extra: HeaderMap,
+    ) -> Result<Bytes, Status> {
         let body = self.frame(req)?;
         let request = self.request(budget, extra)?;
         match tokio::time::timeout(budget, self.exchange(request, body)).await {
@@ -145,7 +157,7 @@ impl H2Infer {
         self: &Arc<Self>,
         request: Request<()>,
         body: Bytes,
-    ) -> Result<ModelInferResponse, Status> {
+    ) -> Result<Bytes, Status> {
         let (generation, sender) = self.sender().await?;
         let failed = |e| self.failed(generation, e);
         let mut sender = sender.ready().await.map_err(failed)?;
@@ -198,7 +210,8 @@ impl H2Infer {
             }
         }
         let data = first.unwrap_or_else(|| more.freeze());
-        decode(data)
+        check_frame(&data)?;
+        Ok(data)
     }
 
     /// The open connection, or a new one.
@@ -320,8 +333,8 @@ fn status_for_http(status: http::StatusCode) -> Status {
     Status::new(code, format!("Triton answered HTTP {status}"))
 }
 
-/// One length-prefixed, uncompressed ModelInferResponse.
-fn decode(data: Bytes) -> Result<ModelInferResponse, Status> {
+/// Checks that `data` is exactly one length-prefixed, uncompressed gRPC message.
+fn check_frame(data: &[u8]) -> Result<(), Status> {
     if data.len() < 5 {
         return Err(Status::internal(format!(
             "Triton's answer is {} bytes, too short for a gRPC message",
@@ -340,6 +353,12 @@ fn decode(data: Bytes) -> Result<ModelInferResponse, Status> {
             data.len() - 5
         )));
     }
+    Ok(())
+}
+
+/// The ModelInferResponse in one frame that [`check_frame`] accepts.
+pub fn decode(data: Bytes) -> Result<ModelInferResponse, Status> {
+    check_frame(&data)?;
     ModelInferResponse::decode(data.slice(5..))
         .map_err(|e| Status::internal(format!("decoding Triton's answer: {e}")))
 }

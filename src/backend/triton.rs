@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 use tracing::Instrument;
@@ -41,6 +42,9 @@ pub struct Endpoint {
     clients: Vec<TritonClient>,
     /// ModelInfer's own connections (plaintext endpoints only; see [`H2Infer`]).
     infer_conns: Vec<Arc<H2Infer>>,
+    /// One more per gRPC serving thread, used only from that thread (see [`crate::lane`]), so
+    /// a pass-through call and its connection's I/O stay on one thread.
+    lane_conns: Vec<Arc<H2Infer>>,
     next_client: AtomicUsize,
     healthy: AtomicBool,
     in_flight: AtomicUsize,
@@ -57,8 +61,30 @@ impl Endpoint {
     }
 
     fn infer_conn(&self) -> Option<&Arc<H2Infer>> {
+        if let Some(conn) = crate::lane::current().and_then(|i| self.lane_conns.get(i)) {
+            return Some(conn);
+        }
         let n = self.infer_conns.len();
         (n > 0).then(|| &self.infer_conns[self.next_client.fetch_add(1, Ordering::Relaxed) % n])
+    }
+}
+
+/// Triton's answer to one ModelInfer.
+#[derive(Debug)]
+pub enum Answer {
+    Decoded(ModelInferResponse),
+    /// One gRPC frame (flag, length, message) exactly as Triton sent it, already checked to be
+    /// a single uncompressed message: a pass-through gRPC caller is sent these bytes, saving
+    /// a decode and an encode of every tensor.
+    Framed(Bytes),
+}
+
+impl Answer {
+    pub fn into_response(self) -> Result<ModelInferResponse, GatewayError> {
+        match self {
+            Self::Decoded(r) => Ok(r),
+            Self::Framed(f) => super::h2_infer::decode(f).map_err(GatewayError::from_backend),
+        }
     }
 }
 
@@ -90,6 +116,16 @@ impl TritonPool {
     /// Builds the pool without connecting: connections are made on first use and re-made
     /// after failures, so infergate starts (not ready) while Triton is still loading.
     pub fn new(cfg: &TritonConfig, max_message_bytes: usize) -> Result<Arc<Self>, GatewayError> {
+        Self::with_lanes(cfg, max_message_bytes, 0)
+    }
+
+    /// [`TritonPool::new`] with one more ModelInfer connection per endpoint for each of
+    /// `lanes` gRPC serving threads.
+    pub fn with_lanes(
+        cfg: &TritonConfig,
+        max_message_bytes: usize,
+        lanes: usize,
+    ) -> Result<Arc<Self>, GatewayError> {
         let mut endpoints = Vec::with_capacity(cfg.urls.len());
         let tls = cfg
             .tls
@@ -98,10 +134,11 @@ impl TritonPool {
             .transpose()
             .map_err(|e| GatewayError::Internal(e.to_string()))?;
         for url in &cfg.urls {
-            let infer_conns = if tls.is_some() {
-                Vec::new()
-            } else {
-                (0..cfg.connections_per_endpoint)
+            let lean = |n: usize| -> Vec<Arc<H2Infer>> {
+                if tls.is_some() {
+                    return Vec::new();
+                }
+                (0..n)
                     .filter_map(|_| {
                         H2Infer::new(
                             url,
@@ -112,6 +149,8 @@ impl TritonPool {
                     .map(Arc::new)
                     .collect()
             };
+            let infer_conns = lean(cfg.connections_per_endpoint);
+            let lane_conns = lean(lanes);
             // Where ModelInfer has its own connections, tonic's carry only probes, metadata
             // and statistics: one is enough.
             let tonic_conns = if infer_conns.is_empty() {
@@ -145,6 +184,7 @@ impl TritonPool {
                 url: url.clone(),
                 clients,
                 infer_conns,
+                lane_conns,
                 next_client: AtomicUsize::new(0),
                 healthy: AtomicBool::new(false),
                 in_flight: AtomicUsize::new(0),
@@ -266,6 +306,19 @@ impl TritonPool {
         req: ModelInferRequest,
         timeout: Option<Duration>,
     ) -> Result<ModelInferResponse, GatewayError> {
+        self.infer_answer(req, timeout, false)
+            .await?
+            .into_response()
+    }
+
+    /// One ModelInfer call. With `framed`, an answer over a lean connection comes back as
+    /// Triton framed it (see [`Answer`]); TLS endpoints always answer decoded.
+    pub async fn infer_answer(
+        &self,
+        req: ModelInferRequest,
+        timeout: Option<Duration>,
+        framed: bool,
+    ) -> Result<Answer, GatewayError> {
         let model = req.model_name.clone();
         let span = if trace::enabled() {
             tracing::info_span!(
@@ -290,11 +343,20 @@ impl TritonPool {
                 };
                 async move {
                     match via {
-                        Via::Lean(conn) => conn.model_infer(&req, budget, md.into_headers()).await,
+                        Via::Lean(conn) if framed => conn
+                            .model_infer_framed(&req, budget, md.into_headers())
+                            .await
+                            .map(Answer::Framed),
+                        Via::Lean(conn) => conn
+                            .model_infer(&req, budget, md.into_headers())
+                            .await
+                            .map(Answer::Decoded),
                         Via::Tonic(mut c) => {
                             let mut r = tonic::Request::from_parts(md, Default::default(), req);
                             r.set_timeout(budget);
-                            c.model_infer(r).await.map(tonic::Response::into_inner)
+                            c.model_infer(r)
+                                .await
+                                .map(|r| Answer::Decoded(r.into_inner()))
                         }
                     }
                 }
@@ -567,6 +629,47 @@ mod tests {
         assert_eq!(s.inference_stats.unwrap().success.unwrap().count, 12);
         assert_eq!(s.batch_stats.len(), 2);
         assert_eq!(s.batch_stats[0].compute_infer.unwrap().count, 7);
+    }
+
+    #[tokio::test]
+    async fn each_serving_thread_has_its_own_infer_connection() {
+        let cfg = TritonConfig {
+            urls: vec!["http://127.0.0.1:1".into()],
+            connections_per_endpoint: 2,
+            ..Default::default()
+        };
+        let pool = TritonPool::with_lanes(&cfg, 1 << 20, 3).unwrap();
+        let ep = Arc::clone(&pool.endpoints()[0]);
+        assert_eq!((ep.infer_conns.len(), ep.lane_conns.len()), (2, 3));
+        // Off the serving threads, calls take turns over the shared connections.
+        let shared: Vec<_> = (0..4)
+            .map(|_| Arc::as_ptr(ep.infer_conn().unwrap()))
+            .collect();
+        assert_eq!(shared[0], shared[2]);
+        assert_ne!(shared[0], shared[1]);
+        assert!(
+            shared
+                .iter()
+                .all(|p| ep.infer_conns.iter().any(|c| Arc::as_ptr(c) == *p))
+        );
+        // On serving thread i, always that thread's own.
+        for lane in 0..3 {
+            let ep = Arc::clone(&ep);
+            std::thread::spawn(move || {
+                crate::lane::enter(lane);
+                for _ in 0..3 {
+                    assert!(Arc::ptr_eq(ep.infer_conn().unwrap(), &ep.lane_conns[lane]));
+                }
+            })
+            .join()
+            .unwrap();
+        }
+        // A pool made for no serving threads (the worker process) has none of them.
+        assert!(
+            TritonPool::new(&cfg, 1 << 20).unwrap().endpoints()[0]
+                .lane_conns
+                .is_empty()
+        );
     }
 
     #[tokio::test]

@@ -241,6 +241,10 @@ pub struct Batcher {
     backend: Arc<TritonPool>,
     cfg: BatchingConfig,
     models: Mutex<HashMap<(String, String), Arc<ModelBatcher>>>,
+    /// Where model actors run: the runtime the batcher was made on, not the gRPC serving
+    /// thread that happens to submit first (one model's batching would then share that
+    /// thread with its connections, and end with it).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Batcher {
@@ -249,6 +253,7 @@ impl Batcher {
             backend,
             cfg,
             models: Mutex::new(HashMap::new()),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -289,7 +294,10 @@ impl Batcher {
             observed: Arc::new(Observed::default()),
             last_arrival: None,
         };
-        tokio::spawn(actor.run());
+        match &self.runtime {
+            Some(rt) => drop(rt.spawn(actor.run())),
+            None => drop(tokio::spawn(actor.run())),
+        }
         let m = Arc::new(ModelBatcher {
             settings,
             inbox: tx,

@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub use validate::{ModelInfo, TensorSpec, Validated};
 
 use crate::{
-    backend::triton::TritonPool,
+    backend::triton::{Answer, TritonPool},
     batch::{Batcher, ModelSettings, request_is_batchable, split},
     config::BatchingConfig,
     error::GatewayError,
@@ -174,10 +174,30 @@ impl InferService {
     /// [`InferService::infer`], choosing what a caller over the model's cap gets.
     pub async fn infer_as(
         &self,
-        mut req: ModelInferRequest,
+        req: ModelInferRequest,
         timeout: Option<Duration>,
         how: Admission,
     ) -> Result<ModelInferResponse, GatewayError> {
+        self.run(req, timeout, how, false).await?.into_response()
+    }
+
+    /// [`InferService::infer`] for a gRPC caller: a request that passes through to Triton
+    /// alone gets Triton's answer as Triton framed it ([`Answer::Framed`]), ready to be sent on.
+    pub async fn infer_answer(
+        &self,
+        req: ModelInferRequest,
+        timeout: Option<Duration>,
+    ) -> Result<Answer, GatewayError> {
+        self.run(req, timeout, Admission::Refuse, true).await
+    }
+
+    async fn run(
+        &self,
+        mut req: ModelInferRequest,
+        timeout: Option<Duration>,
+        how: Admission,
+        framed: bool,
+    ) -> Result<Answer, GatewayError> {
         let now = Instant::now();
         let deadline = deadline_of(&req, timeout, now);
         let (info, validated) = self.lookup(&mut req).await?;
@@ -188,18 +208,23 @@ impl InferService {
             .filter(|_| request_is_batchable(&req));
         let rows = validated.batch_size.unwrap_or(0);
         if rows <= info.max_batch_size || info.max_batch_size <= 0 {
-            return self.dispatch(&info, settings, req, rows, deadline).await;
+            return self
+                .dispatch(&info, settings, req, rows, deadline, framed)
+                .await;
         }
         // A client batch over max_batch_size: chunks run concurrently, answers keep order.
         let id = req.id.clone();
         let chunks = split::split_request(&req, rows, info.max_batch_size)?;
-        let calls = chunks
-            .into_iter()
-            .map(|(chunk, n)| self.dispatch(&info, settings.clone(), chunk, n, deadline));
+        let (info, settings) = (&info, &settings);
+        let calls = chunks.into_iter().map(|(chunk, n)| async move {
+            self.dispatch(info, settings.clone(), chunk, n, deadline, false)
+                .await?
+                .into_response()
+        });
         let parts = futures::future::try_join_all(calls).await?;
         let mut resp = split::concat_responses(parts);
         resp.id = id;
-        Ok(resp)
+        Ok(Answer::Decoded(resp))
     }
 
     async fn dispatch(
@@ -209,18 +234,23 @@ impl InferService {
         req: ModelInferRequest,
         rows: i64,
         deadline: Option<Instant>,
-    ) -> Result<ModelInferResponse, GatewayError> {
+        framed: bool,
+    ) -> Result<Answer, GatewayError> {
         let now = Instant::now();
         if deadline.is_some_and(|d| d <= now) {
             return Err(expired());
         }
         match settings {
-            Some(s) => self.batcher.submit(info, s, req, rows, deadline).await,
+            Some(s) => self
+                .batcher
+                .submit(info, s, req, rows, deadline)
+                .await
+                .map(Answer::Decoded),
             None => {
                 let budget = deadline.map(|d| d.saturating_duration_since(now));
                 // Boxed: the call's future is ~4 KB, which every caller's future (the
                 // batched path's included) would otherwise carry and copy when moved.
-                Box::pin(self.backend.infer(req, budget)).await
+                Box::pin(self.backend.infer_answer(req, budget, framed)).await
             }
         }
     }
