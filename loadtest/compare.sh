@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Measures, in one run, direct Triton against infergate in pass-through (--batching off),
 # batched (on) and adaptive modes, at concurrency 1, 8 and 64 on add_sub over gRPC, with two
-# load generators: perf_analyzer (tritonclient 2.51.0) and infergate-load (this repo). Targets
-# and tools are interleaved within each round so they see the same machine conditions; each
-# cell is the median of the rounds. Writes loadtest/results/compare-<date>.md and prints it.
+# load generators: perf_analyzer (tritonclient 2.51.0) and infergate-load (this repo). Two
+# references run beside them: a byte relay to Triton (examples/tcp_relay.rs, the floor of any
+# extra hop) and a KServe server that answers add_sub itself (examples/kserve_ceiling.rs, the
+# ceiling of any front end). Targets and tools are interleaved within each round so they see
+# the same machine conditions; each cell is the median of the rounds. Writes
+# loadtest/results/compare-<date>.md and prints it.
 #   loadtest/compare.sh [ROUNDS=3] [CONCURRENCIES="1 8 64"]
 # Everything listens on 127.0.0.1 only and stops when the script exits.
 set -euo pipefail
@@ -11,7 +14,7 @@ cd "$(dirname "$0")/.."
 ROUNDS="${1:-3}"
 CONCURRENCIES="${2:-1 8 64}"
 VENV="$(scripts/install-triton.sh)"
-cargo build --release --locked --quiet
+cargo build --release --locked --quiet --bins --example tcp_relay --example kserve_ceiling
 export LD_LIBRARY_PATH="$VENV/infergate-libs"
 PA="$VENV/bin/perf_analyzer"
 
@@ -32,7 +35,15 @@ for mode in off on adaptive; do
   target[$mode]="127.0.0.1:$g"
   for _ in $(seq 1 100); do curl -sf "127.0.0.1:$h/v2/health/ready" >/dev/null && break; sleep 0.1; done
 done
-names=(direct off on adaptive)
+r=$(port); k=$(port)
+target/release/examples/tcp_relay "127.0.0.1:$r" "127.0.0.1:$tg" >"$work/relay.log" 2>&1 &
+pids+=($!)
+target/release/examples/kserve_ceiling "127.0.0.1:$k" >"$work/ceiling.log" 2>&1 &
+pids+=($!)
+target[relay]="127.0.0.1:$r"
+target[ceiling]="127.0.0.1:$k"
+sleep 0.5
+names=(direct off on adaptive relay ceiling)
 
 for round in $(seq 1 "$ROUNDS"); do
   for c in $CONCURRENCIES; do
@@ -52,7 +63,8 @@ out="loadtest/results/compare-$(date -u +%Y%m%d-%H%M).md"
 "$VENV/bin/python" - "$work" "$ROUNDS" "$CONCURRENCIES" >"$out" <<'PY'
 import csv, glob, os, statistics, sys
 work, rounds, concs = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
-label = {"direct": "Triton direct", "off": "infergate pass-through", "on": "infergate batched", "adaptive": "infergate adaptive"}
+label = {"direct": "Triton direct", "off": "infergate pass-through", "on": "infergate batched", "adaptive": "infergate adaptive",
+         "relay": "byte relay to Triton (floor of one hop)", "ceiling": "ceiling server (no Triton)"}
 import json
 def load_cell(name, c):
     thr, p50, p99 = [], [], []
@@ -86,17 +98,18 @@ def cell(name, c):
 print(f"add_sub FP32[16]x2, gRPC, median of {rounds} interleaved rounds, all processes on the same 2 cores.\n")
 for title, fn in [("perf_analyzer (tritonclient 2.51.0)", cell), ("infergate-load (this repo)", load_cell)]:
     print(f"### {title}\n")
-    print("| target | c | infer/s | × direct | p50 ms | p99 ms |")
-    print("|---|---|---|---|---|---|")
+    print("| target | c | infer/s | × direct | × ceiling | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|")
     for c in concs:
-        base = fn("direct", c)
-        for name in ["direct", "off", "on", "adaptive"]:
+        base, top = fn("direct", c), fn("ceiling", c)
+        for name in ["direct", "off", "on", "adaptive", "relay", "ceiling"]:
             v = fn(name, c)
             if v is None:
-                print(f"| {label[name]} | {c} | no stable measurement | | | |")
+                print(f"| {label[name]} | {c} | no stable measurement | | | | |")
                 continue
             ratio = f"{v[0] / base[0]:.2f}" if base else "–"
-            print(f"| {label[name]} | {c} | {v[0]:,.0f} | {ratio} | {v[1]:.2f} | {v[2]:.2f} |")
+            of_top = f"{v[0] / top[0]:.2f}" if top else "–"
+            print(f"| {label[name]} | {c} | {v[0]:,.0f} | {ratio} | {of_top} | {v[1]:.2f} | {v[2]:.2f} |")
     print()
 print("### The two generators on the same target (direct Triton)\n")
 print("| c | perf_analyzer infer/s | infergate-load req/s | difference |")

@@ -197,7 +197,7 @@ pub struct ServerTls {
     pub client_ca: Option<PathBuf>,
     /// A client that has not finished its handshake by then is dropped.
     pub handshake_timeout_ms: u64,
-    /// HTTP handshakes in progress at once; more connections wait to be accepted.
+    /// TLS handshakes in progress at once on each listener; more connections wait.
     pub max_handshakes: usize,
 }
 

@@ -205,6 +205,7 @@ fn every_chart_mode_renders_a_config_infergate_loads() {
         assert_eq!(front.batching.mode, BatchMode::Adaptive);
         assert_eq!(front.tasks.queue_capacity, 100_000);
         assert_eq!(front.tasks.publish_timeout_ms, 10_000);
+        assert_eq!(front.server.grpc_threads, 0);
         assert_eq!(workers.tasks.worker_concurrency, 256);
     }
 }
@@ -218,6 +219,7 @@ fn chart_values_reach_the_settings_they_name() {
             "config.publishTimeoutMs=2500",
             "config.queueCapacity=5000",
             "config.batching=off",
+            "config.grpcThreads=3",
             "workers.concurrency=32",
         ],
     ));
@@ -226,6 +228,7 @@ fn chart_values_reach_the_settings_they_name() {
         assert_eq!(cfg.tasks.publish_timeout_ms, 2_500);
         assert_eq!(cfg.tasks.queue_capacity, 5_000);
         assert_eq!(cfg.batching.mode, BatchMode::Off);
+        assert_eq!(cfg.server.grpc_threads, 3);
     }
     assert_eq!(cfgs["rel-infergate-worker"].tasks.worker_concurrency, 32);
 }

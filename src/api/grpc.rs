@@ -1,6 +1,6 @@
-//! `inference.GRPCInferenceService` served by infergate: inference goes through validation and
-//! dispatch; health, metadata, config, statistics and the repository index come from the
-//! Triton pool.
+//! `inference.GRPCInferenceService` behind tonic's router: inference goes through validation
+//! and dispatch; health, metadata, config, statistics and the repository index come from the
+//! Triton pool. (Unary ModelInfer is answered earlier, by `api::grpc_server`.)
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -103,6 +103,8 @@ impl GrpcInferenceService for GrpcApi {
         ))
     }
 
+    /// infergate's own listener answers ModelInfer before tonic's router sees it
+    /// (`api::grpc_server`); this serves the service when mounted on another tonic server.
     async fn model_infer(
         &self,
         req: Request<ModelInferRequest>,
