@@ -221,17 +221,19 @@ fn frame(
     limit: usize,
 ) -> Result<Bytes, GatewayError> {
     let len = resp.encoded_len();
-    if len > limit {
+    // gRPC's length prefix is 32 bits; the setting allows up to 4 GiB, one byte more.
+    let prefix = u32::try_from(len).ok().filter(|_| len <= limit);
+    let Some(prefix) = prefix else {
         return Err(too_large(
             "response",
             len,
             limit,
             "server.max_response_bytes",
         ));
-    }
+    };
     let mut buf = BytesMut::with_capacity(5 + len);
     buf.put_u8(0);
-    buf.put_u32(len as u32);
+    buf.put_u32(prefix);
     resp.encode_raw(&mut buf);
     Ok(buf.freeze())
 }
