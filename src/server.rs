@@ -313,14 +313,11 @@ impl Gateway {
         .accept_compressed(CompressionEncoding::Gzip);
         let inference = InterceptedService::new(inference, interceptor(Arc::clone(&auth)));
 
-        let routes = tonic::service::Routes::builder()
-            .add_service(health_service)
+        let routes = tonic::service::Routes::new(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(inference)
             .add_service(task_service)
-            .clone()
-            .routes()
             .prepare();
         let routes = tower::ServiceBuilder::new()
             .layer(tower::util::MapResponseLayer::new(

@@ -169,17 +169,35 @@ impl TlsListener {
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
-                    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send((stream, addr)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                    if let Some(stream) = handshake(&acceptor, tcp, timeout, "HTTP").await {
+                        let _ = tx.send((stream, addr)).await;
                     }
                 });
             }
         });
         Self { ready, local }
+    }
+}
+
+/// One server-side TLS handshake within `timeout`; a failed or stalled one is logged (at
+/// debug: it says more about the client than about infergate) and its connection dropped.
+pub async fn handshake(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    timeout: Duration,
+    listener: &'static str,
+) -> Option<TlsStream<TcpStream>> {
+    let peer = tcp.peer_addr().ok();
+    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::debug!(listener, ?peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(listener, ?peer, "TLS handshake timed out");
+            None
+        }
     }
 }
 

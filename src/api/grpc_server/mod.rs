@@ -249,10 +249,9 @@ async fn connection(tcp: std::net::TcpStream, shared: Arc<Shared>, _open: Open) 
         };
         tokio::select! {
             _ = shared.kill.cancelled() => return,
-            r = tokio::time::timeout(*timeout, acceptor.accept(tcp)) => match r {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return tracing::debug!(error = %e, "gRPC TLS handshake failed"),
-                Err(_) => return tracing::debug!("gRPC TLS handshake timed out"),
+            tls = crate::tls::handshake(acceptor, tcp, *timeout, "gRPC") => match tls {
+                Some(tls) => tls,
+                None => return,
             },
         }
     };

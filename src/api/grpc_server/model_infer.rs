@@ -152,9 +152,7 @@ async fn read_message(
         if let Some((_, len)) = want
             && buf.len() > len
         {
-            return Err(GatewayError::invalid(
-                "a ModelInfer call carries one message; this one sent more",
-            ));
+            return Err(more_than_one());
         }
         match body.data().await {
             Some(Ok(chunk)) => {
@@ -177,15 +175,14 @@ async fn read_message(
             )
         }));
     };
-    if buf.len() != len {
-        return Err(GatewayError::invalid(if buf.len() < len {
-            format!(
-                "the request ended {} bytes into its {len}-byte message",
-                buf.len()
-            )
-        } else {
-            "a ModelInfer call carries one message; this one sent more".to_string()
-        }));
+    if buf.len() > len {
+        return Err(more_than_one());
+    }
+    if buf.len() < len {
+        return Err(GatewayError::invalid(format!(
+            "the request ended {} bytes into its {len}-byte message",
+            buf.len()
+        )));
     }
     let message = buf.freeze();
     match (compressed, gzip) {
@@ -195,6 +192,10 @@ async fn read_message(
             "the message is flagged compressed but the call names no grpc-encoding",
         )),
     }
+}
+
+fn more_than_one() -> GatewayError {
+    GatewayError::invalid("a ModelInfer call carries one message; this one sent more")
 }
 
 /// Inflates a gzip message, refusing one that inflates past `limit`.
