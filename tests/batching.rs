@@ -22,6 +22,9 @@ use tonic::Code;
 
 /// Tests that time the single-instance `slow` model run one at a time.
 static SLOW_MODEL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Tests that count `add_sub`'s requests in Triton's statistics, or send it requests, run one
+/// at a time, so no test's count includes another's calls.
+static ADD_SUB_COUNTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn add_sub(rows: usize, seed: u32) -> (ModelInferRequest, Vec<f32>, Vec<f32>) {
     // Distinct values per caller, so a row returned to the wrong caller is caught.
@@ -92,6 +95,7 @@ fn one_by_one() -> ModelBatching {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_get_exactly_their_rows_and_batches_form() {
+    let _g = ADD_SUB_COUNTS.lock().await;
     let gw = gateway().await;
     let client = gw.client().await;
     let (req_before, rows_before, _) = triton_stats("add_sub").await;
@@ -142,6 +146,99 @@ async fn concurrent_callers_get_exactly_their_rows_and_batches_form() {
     println!(
         "{callers} callers, {chunks} chunks, {total_rows} rows -> {triton_requests} Triton requests"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_on_several_serving_threads_each_get_their_rows_from_batches() {
+    let _g = ADD_SUB_COUNTS.lock().await;
+    let mut cfg = test_config(vec![triton().grpc_url()]);
+    cfg.server.grpc_threads = 3;
+    let gw = gateway_with(cfg).await;
+    // Six connections over three serving threads (connections go to the least busy one), so
+    // each thread batches its own callers: a row sent back on the wrong thread or to the
+    // wrong caller would show in the values.
+    let mut conns = Vec::new();
+    for _ in 0..6 {
+        conns.push(connect(&gw.grpc_url()).await);
+    }
+    let (req_before, rows_before, _) = triton_stats("add_sub").await;
+    let (mut total_rows, mut chunks) = (0u64, 0u64);
+    let mut calls = Vec::new();
+    for (ci, conn) in conns.iter().enumerate() {
+        for k in 0..40u32 {
+            let seed = ci as u32 * 100 + k;
+            let x = seed as usize * 7919 + 13;
+            let rows = if k == 17 { 65 + x % 36 } else { 1 + x % 8 };
+            total_rows += rows as u64;
+            chunks += rows.div_ceil(64) as u64;
+            let mut c = conn.clone();
+            calls.push(tokio::spawn(async move {
+                let (req, a, b) = add_sub(rows, seed);
+                let r = c.model_infer(req).await.expect("call").into_inner();
+                assert_eq!(r.id, format!("caller-{seed}"));
+                let sum: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+                let diff: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+                assert_eq!(f32_from(&r.raw_output_contents[0]), sum, "caller {seed}");
+                assert_eq!(f32_from(&r.raw_output_contents[1]), diff, "caller {seed}");
+            }));
+        }
+    }
+    for call in calls {
+        call.await.expect("a call panicked");
+    }
+    let (req_after, rows_after, _) = triton_stats("add_sub").await;
+    assert_eq!(
+        rows_after - rows_before,
+        total_rows,
+        "every row inferred once"
+    );
+    let triton_requests = req_after - req_before;
+    assert!(
+        triton_requests * 3 < chunks,
+        "Triton received {triton_requests} requests for {chunks} chunks"
+    );
+    gw.shutdown().await.expect("drains");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_threads_share_the_queue_bound_and_the_call_slots() {
+    let _g = SLOW_MODEL.lock().await;
+    let ov = ModelBatching {
+        max_queue_size: Some(2),
+        ..one_by_one()
+    };
+    let gw = gateway_with(config_with(ov, |c| c.server.grpc_threads = 2)).await;
+    // Two connections: one on each serving thread, each with its own queue for `slow`.
+    let (a, b) = (connect(&gw.grpc_url()).await, connect(&gw.grpc_url()).await);
+    let mut waiting = Vec::new();
+    for (v, conn) in [(0, &a), (1, &a), (2, &b)] {
+        let mut c = conn.clone();
+        waiting.push(tokio::spawn(async move {
+            c.model_infer(slow(v as f32, 200, None)).await
+        }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    // One call slot for the model: the first runs, and the request on the other thread waits
+    // for it rather than taking a slot of its own. So two wait, and the queue (two, counted
+    // over both threads) is full for callers on either thread.
+    for conn in [&a, &b] {
+        let err = conn
+            .clone()
+            .model_infer(slow(9.0, 0, None))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert!(
+            err.message()
+                .contains("queue of model 'slow' is full (2 requests)"),
+            "{}",
+            err.message()
+        );
+    }
+    for w in waiting {
+        w.await.unwrap().expect("admitted requests complete");
+    }
+    gw.shutdown().await.expect("drains");
 }
 
 #[tokio::test]
@@ -250,6 +347,7 @@ async fn a_full_queue_answers_resource_exhausted_with_retry_after() {
 #[tokio::test]
 async fn a_model_over_its_concurrency_cap_refuses_while_other_models_go_on() {
     let _g = SLOW_MODEL.lock().await;
+    let _a = ADD_SUB_COUNTS.lock().await;
     let ov = ModelBatching {
         max_concurrent_requests: Some(2),
         ..Default::default()
@@ -380,6 +478,7 @@ async fn a_low_priority_request_waits_no_longer_than_the_starvation_bound() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_without_a_batch_dimension_pass_through_alone() {
+    let _g = ADD_SUB_COUNTS.lock().await;
     let gw = gateway().await;
     let client = gw.client().await;
     let (before, _, exec_before) = triton_stats("matrix_nobatch").await;

@@ -2,10 +2,17 @@
 //! gathered inside a short window, sent as one ModelInfer, and each caller gets its own rows.
 //! The sync API and (later) async workers both come through [`Batcher::submit`].
 //!
-//! One actor task per model owns a [`queue::BatchQueue`]; callers reach it over a channel and
-//! wait on a oneshot. Admission is bounded (`max_queue_size` requests, then RESOURCE_EXHAUSTED),
-//! and at most `max_inflight_batches` calls per Triton endpoint run at once. While those run,
-//! the next batch keeps filling, so load turns into bigger batches rather than more calls.
+//! An actor task owns a [`queue::BatchQueue`]; callers reach it over a channel and wait on a
+//! oneshot. A model has one actor per thread that submits to it: each gRPC serving thread
+//! (see [`crate::lane`]) and the main runtime. A serving thread's callers, their batch, its
+//! Triton call (on the thread's own connection) and the answers then stay on one thread; with
+//! a single actor every request and every answer crossed threads, and on 2 shared cores those
+//! wake-ups cost 17-26% of infergate's CPU per batched call (BENCHMARKS.md). The actors of a model share its
+//! admission bound (`max_queue_size` requests over all its queues, then RESOURCE_EXHAUSTED) and
+//! its call slots (at most `max_inflight_batches` calls per Triton endpoint at once, from any
+//! queue). While those run, the next batches keep filling, so load turns into bigger batches
+//! rather than more calls. Priority order holds within a queue; across queues, slots go first
+//! come, first served.
 //!
 //! When a batch leaves:
 //! - `on` (fixed window): once it holds `max_batch_size` rows (or the largest preferred size),
@@ -231,9 +238,62 @@ fn ewma(slot: &AtomicU64, sample: Duration) {
 
 struct ModelBatcher {
     settings: ModelSettings,
-    inbox: mpsc::UnboundedSender<Pending<Job>>,
-    /// Requests admitted and not yet sent or dropped; bounded by `max_queue_size`.
+    /// Requests admitted and not yet sent or dropped, in all of the model's queues; bounded by
+    /// `max_queue_size`.
     queued: Arc<AtomicUsize>,
+    /// Call slots shared by the model's queues: `max_inflight_batches` per Triton endpoint.
+    slots: Arc<Semaphore>,
+    /// One queue (actor) per thread that submits: slot 0 for the main runtime, `1 + i` for gRPC
+    /// serving thread `i`, made on first use.
+    inboxes: Mutex<Vec<Option<mpsc::UnboundedSender<Pending<Job>>>>>,
+}
+
+impl ModelBatcher {
+    /// Hands a request to the queue of the calling thread, starting that queue's actor if it
+    /// has none (or it ended with its thread); false if even a new actor cannot take it (the
+    /// runtime is shutting down). A serving thread's actor runs on that thread, so its
+    /// callers, their batch, its Triton call and the answers never change thread.
+    fn send(
+        &self,
+        p: Pending<Job>,
+        backend: &Arc<TritonPool>,
+        main: Option<&tokio::runtime::Handle>,
+    ) -> bool {
+        let lane = crate::lane::current();
+        let slot = lane.map_or(0, |l| l + 1);
+        let mut inboxes = self.inboxes.lock().expect("batcher inbox lock");
+        if inboxes.len() <= slot {
+            inboxes.resize(slot + 1, None);
+        }
+        let p = match &inboxes[slot] {
+            Some(tx) => match tx.send(p) {
+                Ok(()) => return true,
+                Err(mpsc::error::SendError(p)) => p,
+            },
+            None => p,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let actor = Actor {
+            backend: Arc::clone(backend),
+            settings: self.settings.clone(),
+            queue: BatchQueue::new(
+                self.settings.priority_levels,
+                self.settings.max_priority_wait,
+            ),
+            inbox: rx,
+            queued: Arc::clone(&self.queued),
+            slots: Arc::clone(&self.slots),
+            observed: Arc::new(Observed::default()),
+            last_arrival: None,
+        };
+        match (lane, main) {
+            (None, Some(rt)) => drop(rt.spawn(actor.run())),
+            _ => drop(tokio::spawn(actor.run())),
+        }
+        let sent = tx.send(p).is_ok();
+        inboxes[slot] = Some(tx);
+        sent
+    }
 }
 
 /// The batchers of all models, created on first use.
@@ -241,9 +301,8 @@ pub struct Batcher {
     backend: Arc<TritonPool>,
     cfg: BatchingConfig,
     models: Mutex<HashMap<(String, String), Arc<ModelBatcher>>>,
-    /// Where model actors run: the runtime the batcher was made on, not the gRPC serving
-    /// thread that happens to submit first (one model's batching would then share that
-    /// thread with its connections, and end with it).
+    /// Where the actors of callers off the serving threads (HTTP, task workers) run: the
+    /// runtime the batcher was made on.
     runtime: Option<tokio::runtime::Handle>,
 }
 
@@ -277,31 +336,15 @@ impl Batcher {
         let mut models = self.models.lock().expect("batcher map lock");
         if let Some(m) = models.get(&key)
             && m.settings == settings
-            && !m.inbox.is_closed()
         {
             return Arc::clone(m);
         }
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
         let permits = settings.max_inflight_batches * self.backend.endpoints().len().max(1);
-        let actor = Actor {
-            backend: Arc::clone(&self.backend),
-            settings: settings.clone(),
-            queue: BatchQueue::new(settings.priority_levels, settings.max_priority_wait),
-            inbox: rx,
-            queued: Arc::clone(&queued),
-            slots: Arc::new(Semaphore::new(permits)),
-            observed: Arc::new(Observed::default()),
-            last_arrival: None,
-        };
-        match &self.runtime {
-            Some(rt) => drop(rt.spawn(actor.run())),
-            None => drop(tokio::spawn(actor.run())),
-        }
         let m = Arc::new(ModelBatcher {
             settings,
-            inbox: tx,
-            queued,
+            queued: Arc::new(AtomicUsize::new(0)),
+            slots: Arc::new(Semaphore::new(permits)),
+            inboxes: Mutex::new(Vec::new()),
         });
         models.insert(key, Arc::clone(&m));
         m
@@ -342,7 +385,7 @@ impl Batcher {
                     .then(|| tracing::info_span!("batch_wait", otel.name = "batch wait")),
             },
         };
-        if model.inbox.send(pending).is_err() {
+        if !model.send(pending, &self.backend, self.runtime.as_ref()) {
             model.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(GatewayError::Unavailable(
                 "the model's batcher stopped".into(),
