@@ -50,6 +50,12 @@ fn add_sub(rows: usize, seed: u32) -> (ModelInferRequest, Vec<f32>, Vec<f32>) {
     (req, a, b)
 }
 
+/// A refusal with `code` whose message names what went wrong.
+fn assert_refused(err: &tonic::Status, code: Code, needle: &str) {
+    assert_eq!(err.code(), code, "{err:?}");
+    assert!(err.message().contains(needle), "{}", err.message());
+}
+
 fn param(v: i64) -> InferParameter {
     InferParameter {
         parameter_choice: Some(ParameterChoice::Int64Param(v)),
@@ -227,12 +233,10 @@ async fn serving_threads_share_the_queue_bound_and_the_call_slots() {
             .model_infer(slow(9.0, 0, None))
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-        assert!(
-            err.message()
-                .contains("queue of model 'slow' is full (2 requests)"),
-            "{}",
-            err.message()
+        assert_refused(
+            &err,
+            Code::ResourceExhausted,
+            "queue of model 'slow' is full (2 requests)",
         );
     }
     for w in waiting {
@@ -323,11 +327,10 @@ async fn a_full_queue_answers_resource_exhausted_with_retry_after() {
     let mut c = client.clone();
     let started = Instant::now();
     let err = c.model_infer(slow(9.0, 0, None)).await.unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert!(
-        err.message().contains("queue of model 'slow' is full"),
-        "{}",
-        err.message()
+    assert_refused(
+        &err,
+        Code::ResourceExhausted,
+        "queue of model 'slow' is full",
     );
     assert_eq!(err.metadata().get("retry-after").unwrap(), "1");
     assert!(started.elapsed() < Duration::from_millis(100));
@@ -365,12 +368,10 @@ async fn a_model_over_its_concurrency_cap_refuses_while_other_models_go_on() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut c = client.clone();
     let err = c.model_infer(slow(9.0, 0, None)).await.unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert!(
-        err.message()
-            .contains("model 'slow' already has 2 requests in flight"),
-        "{}",
-        err.message()
+    assert_refused(
+        &err,
+        Code::ResourceExhausted,
+        "model 'slow' already has 2 requests in flight",
     );
     assert_eq!(err.metadata().get("retry-after").unwrap(), "1");
     let r = reqwest::Client::new()
@@ -445,12 +446,7 @@ async fn higher_priority_goes_first() {
     // A priority beyond the configured levels is a clear INVALID_ARGUMENT.
     let mut c = gw.client().await;
     let err = c.model_infer(slow(1.0, 0, Some(9))).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message().contains("'priority' is 9"),
-        "{}",
-        err.message()
-    );
+    assert_refused(&err, Code::InvalidArgument, "'priority' is 9");
 }
 
 #[tokio::test]
