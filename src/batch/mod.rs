@@ -7,12 +7,12 @@
 //! (see [`crate::lane`]) and the main runtime. A serving thread's callers, their batch, its
 //! Triton call (on the thread's own connection) and the answers then stay on one thread; with
 //! a single actor every request and every answer crossed threads, and on 2 shared cores those
-//! wake-ups cost 17-26% of infergate's CPU per batched call (BENCHMARKS.md). The actors of a model share its
-//! admission bound (`max_queue_size` requests over all its queues, then RESOURCE_EXHAUSTED) and
-//! its call slots (at most `max_inflight_batches` calls per Triton endpoint at once, from any
-//! queue). While those run, the next batches keep filling, so load turns into bigger batches
-//! rather than more calls. Priority order holds within a queue; across queues, slots go first
-//! come, first served.
+//! wake-ups cost 17-26% of infergate's CPU per batched call (BENCHMARKS.md). The actors of a
+//! model share its admission bound (`max_queue_size` requests over all its queues, then
+//! RESOURCE_EXHAUSTED) and its call slots (at most `max_inflight_batches` calls per Triton
+//! endpoint at once, from any queue). While those run, the next batches keep filling, so load
+//! turns into bigger batches rather than more calls. Priority order holds within a queue;
+//! across queues, slots go first come, first served.
 //!
 //! When a batch leaves:
 //! - `on` (fixed window): once it holds `max_batch_size` rows (or the largest preferred size),
@@ -191,7 +191,7 @@ pub fn request_is_batchable(req: &ModelInferRequest) -> bool {
 /// Requests with equal keys can be concatenated: same inputs in the same order with equal
 /// datatypes and non-batch dimensions, same requested outputs (in any order) and parameters.
 /// Built on every batched request, so the common case (no tensor or request parameters)
-/// writes names and numbers straight into one string; each name is written after its length,
+/// writes names and numbers straight into one string, without `Debug` formatting; each name is written after its length,
 /// so no name can pass for another's separators.
 fn batch_key(req: &ModelInferRequest) -> Arc<str> {
     let mut k = String::with_capacity(96);
@@ -239,21 +239,7 @@ fn push_name(k: &mut String, s: &str) {
 }
 
 fn push_int(k: &mut String, n: i64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut v = n.unsigned_abs();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    if n < 0 {
-        k.push('-');
-    }
-    k.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+    let _ = write!(k, "{n}");
 }
 
 fn sorted(p: &HashMap<String, InferParameter>) -> Vec<(&String, &InferParameter)> {
