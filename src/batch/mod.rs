@@ -715,6 +715,120 @@ mod tests {
         }
     }
 
+    fn model(max_batch_size: i32, scheduling: Option<SchedulingChoice>) -> ModelInfo {
+        use crate::proto::inference::{ModelConfig, ModelMetadataResponse};
+        let metadata = ModelMetadataResponse {
+            name: "m".into(),
+            ..Default::default()
+        };
+        let config = ModelConfig {
+            name: "m".into(),
+            max_batch_size,
+            scheduling_choice: scheduling,
+            ..Default::default()
+        };
+        ModelInfo::new(metadata, config)
+    }
+
+    fn dynamic(delay_us: u64, preferred: &[i32], levels: u64, default: u64) -> SchedulingChoice {
+        SchedulingChoice::DynamicBatching(crate::proto::inference::ModelDynamicBatching {
+            preferred_batch_size: preferred.to_vec(),
+            max_queue_delay_microseconds: delay_us,
+            priority_levels: levels,
+            default_priority_level: default,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn batching_is_on_by_default_with_the_triton_configs_settings() {
+        let cfg = BatchingConfig::default();
+        let s = ModelSettings::for_model(&model(64, Some(dynamic(300, &[8, 32, 128], 3, 2))), &cfg)
+            .expect("a model with a batch dimension is batched by default");
+        assert_eq!(s.mode, BatchMode::On);
+        assert_eq!(s.max_batch_size, 64);
+        assert_eq!(s.max_queue_delay, Duration::from_micros(300));
+        // 128 is over max_batch_size, so it can never be reached.
+        assert_eq!(s.preferred_batch_sizes, vec![8, 32]);
+        assert_eq!((s.priority_levels, s.default_level), (3, 1));
+        assert_eq!(s.max_queue_size, cfg.max_queue_size);
+        assert_eq!(s.max_inflight_batches, cfg.max_inflight_batches);
+        // No dynamic_batching block: still batched, with no delay and the gateway's levels;
+        // requests without a priority go to the middle level, rounded up (1 of 2).
+        let plain = ModelSettings::for_model(&model(8, None), &cfg).unwrap();
+        assert_eq!(plain.max_queue_delay, Duration::ZERO);
+        assert!(plain.preferred_batch_sizes.is_empty());
+        assert_eq!((plain.priority_levels, plain.default_level), (2, 0));
+    }
+
+    #[test]
+    fn configuration_overrides_the_triton_config_within_its_limits() {
+        let mut cfg = BatchingConfig {
+            max_queue_delay_us: Some(1_000),
+            ..Default::default()
+        };
+        let info = model(64, Some(dynamic(300, &[], 0, 0)));
+        // The gateway-wide delay wins over Triton's.
+        let s = ModelSettings::for_model(&info, &cfg).unwrap();
+        assert_eq!(s.max_queue_delay, Duration::from_micros(1_000));
+        cfg.models.insert(
+            "m".into(),
+            crate::config::ModelBatching {
+                mode: Some(BatchMode::Adaptive),
+                max_batch_size: Some(500),
+                max_queue_delay_us: Some(50),
+                preferred_batch_sizes: Some(vec![0, 16, 65]),
+                max_queue_size: Some(7),
+                max_inflight_batches: Some(3),
+                max_concurrent_requests: None,
+            },
+        );
+        let s = ModelSettings::for_model(&info, &cfg).unwrap();
+        assert_eq!(s.mode, BatchMode::Adaptive);
+        // Never above Triton's max_batch_size, which Triton would refuse.
+        assert_eq!(s.max_batch_size, 64);
+        assert_eq!(s.max_queue_delay, Duration::from_micros(50));
+        assert_eq!(s.preferred_batch_sizes, vec![16]);
+        assert_eq!((s.max_queue_size, s.max_inflight_batches), (7, 3));
+    }
+
+    #[test]
+    fn models_the_gateway_must_not_batch_get_no_settings() {
+        let cfg = BatchingConfig::default();
+        let no_batch_dim = model(0, Some(dynamic(0, &[], 0, 0)));
+        let sequence = model(
+            8,
+            Some(SchedulingChoice::SequenceBatching(
+                crate::proto::inference::ModelSequenceBatching::default(),
+            )),
+        );
+        let mut decoupled = model(8, None);
+        decoupled.config.model_transaction_policy =
+            Some(crate::proto::inference::ModelTransactionPolicy { decoupled: true });
+        for (what, info) in [
+            ("no batch dimension", &no_batch_dim),
+            ("sequence", &sequence),
+            ("decoupled", &decoupled),
+        ] {
+            assert_eq!(ModelSettings::for_model(info, &cfg), None, "{what}");
+        }
+        let off = BatchingConfig {
+            mode: BatchMode::Off,
+            ..Default::default()
+        };
+        assert_eq!(ModelSettings::for_model(&model(8, None), &off), None);
+        // ... unless configured on for that model alone.
+        let mut one_on = off.clone();
+        one_on.models.insert(
+            "m".into(),
+            crate::config::ModelBatching {
+                mode: Some(BatchMode::On),
+                ..Default::default()
+            },
+        );
+        assert!(ModelSettings::for_model(&model(8, None), &one_on).is_some());
+    }
+
     #[test]
     fn names_cannot_imitate_the_separators() {
         // Without lengths, these two would both read "a:FP32:..." in some order.
