@@ -14,8 +14,9 @@ use common::*;
 use infergate::{
     config::{BatchMode, Config, ModelBatching},
     proto::inference::{
-        InferParameter, ModelInferRequest, infer_parameter::ParameterChoice,
-        model_infer_request::InferInputTensor,
+        InferParameter, ModelInferRequest,
+        infer_parameter::ParameterChoice,
+        model_infer_request::{InferInputTensor, InferRequestedOutputTensor},
     },
 };
 use tonic::Code;
@@ -219,6 +220,74 @@ async fn callers_on_several_serving_threads_each_get_their_rows_from_batches() {
         "Triton received {triton_requests} requests for {chunks} chunks"
     );
     println!("{chunks} chunks, {total_rows} rows -> {triton_requests} Triton requests");
+    gw.shutdown().await.expect("drains");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_naming_different_outputs_share_a_call_and_each_get_theirs() {
+    let _g = ADD_SUB_COUNTS.lock().await;
+    // A window far longer than sending a few calls takes: each round is one batch.
+    let mut cfg = add_sub_windowed(1);
+    cfg.batching
+        .models
+        .get_mut("add_sub")
+        .unwrap()
+        .max_queue_delay_us = Some(200_000);
+    let gw = gateway_with(cfg).await;
+    let client = gw.client().await;
+    // Round 1 has a caller naming no outputs (so the call asks for all); in round 2 the call
+    // asks for the union of what its callers name.
+    let rounds: [&[&[&str]]; 2] = [
+        &[
+            &["OUTPUT0"],
+            &["OUTPUT1"],
+            &["OUTPUT1", "OUTPUT0"],
+            &[],
+            &["OUTPUT0"],
+        ],
+        &[&["OUTPUT1"], &["OUTPUT1", "OUTPUT0"], &["OUTPUT0"]],
+    ];
+    for (round, asks) in rounds.iter().enumerate() {
+        let (req_before, rows_before, _) = triton_stats("add_sub").await;
+        let calls = asks.iter().enumerate().map(|(k, names)| {
+            let seed = 500 + 10 * round as u32 + k as u32;
+            let (mut req, a, b) = add_sub(1 + k, seed);
+            req.outputs = names
+                .iter()
+                .map(|n| InferRequestedOutputTensor {
+                    name: n.to_string(),
+                    ..Default::default()
+                })
+                .collect();
+            let mut c = client.clone();
+            async move { (c.model_infer(req).await.expect("call").into_inner(), a, b) }
+        });
+        let answers = futures::future::join_all(calls).await;
+        let (req_after, rows_after, _) = triton_stats("add_sub").await;
+        assert_eq!(req_after - req_before, 1, "round {round}: one call for all");
+        let rows: usize = (1..=asks.len()).sum();
+        assert_eq!(rows_after - rows_before, rows as u64);
+        for (k, (r, a, b)) in answers.into_iter().enumerate() {
+            // What Triton answers a caller alone: the outputs it named (all if none), in the
+            // model's order.
+            let expected: Vec<&str> = ["OUTPUT0", "OUTPUT1"]
+                .into_iter()
+                .filter(|n| asks[k].is_empty() || asks[k].contains(n))
+                .collect();
+            let got: Vec<&str> = r.outputs.iter().map(|o| o.name.as_str()).collect();
+            assert_eq!(got, expected, "round {round} caller {k}");
+            assert_eq!(r.raw_output_contents.len(), got.len());
+            for (o, raw) in r.outputs.iter().zip(&r.raw_output_contents) {
+                assert_eq!(o.shape, vec![1 + k as i64, 16]);
+                let want: Vec<f32> = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| if o.name == "OUTPUT0" { x + y } else { x - y })
+                    .collect();
+                assert_eq!(f32_from(raw), want, "round {round} caller {k} {}", o.name);
+            }
+        }
+    }
     gw.shutdown().await.expect("drains");
 }
 

@@ -189,10 +189,14 @@ pub fn request_is_batchable(req: &ModelInferRequest) -> bool {
 }
 
 /// Requests with equal keys can be concatenated: same inputs in the same order with equal
-/// datatypes and non-batch dimensions, same requested outputs (in any order) and parameters.
-/// Built on every batched request, so the common case (no tensor or request parameters)
-/// writes names and numbers straight into one string, without `Debug` formatting; each name is written after its length,
-/// so no name can pass for another's separators.
+/// datatypes and non-batch dimensions, and the same parameters. Requested outputs without
+/// parameters do not count: the batch asks for their union and each member gets its own
+/// (`split::select_outputs`). Output parameters (a classification count) change what Triton
+/// returns, so such requests share a call only with requests naming the same outputs with
+/// the same parameters. Built on every batched request,
+/// so the common case (no parameters) writes names and numbers straight into one string,
+/// without `Debug` formatting; each name is written after its length, so no name can pass for
+/// another's separators.
 fn batch_key(req: &ModelInferRequest) -> Arc<str> {
     let mut k = String::with_capacity(96);
     for i in &req.inputs {
@@ -208,14 +212,14 @@ fn batch_key(req: &ModelInferRequest) -> Arc<str> {
         k.push(';');
     }
     k.push('|');
-    let mut outs: Vec<_> = req.outputs.iter().collect();
-    outs.sort_by(|a, b| a.name.cmp(&b.name));
-    for o in outs {
-        push_name(&mut k, &o.name);
-        if !o.parameters.is_empty() {
+    if req.outputs.iter().any(|o| !o.parameters.is_empty()) {
+        let mut outs: Vec<_> = req.outputs.iter().collect();
+        outs.sort_by(|a, b| a.name.cmp(&b.name));
+        for o in outs {
+            push_name(&mut k, &o.name);
             let _ = write!(k, "{:?}", sorted(&o.parameters));
+            k.push(';');
         }
-        k.push(';');
     }
     k.push('|');
     if req
@@ -594,11 +598,20 @@ async fn run_batch(backend: Arc<TritonPool>, batch: Vec<Pending<Job>>, observed:
         crate::telemetry::trace::link_members(&span, &traces);
         span
     };
+    // The outputs each member of a shared call named; the call asks for their union.
+    let mut wanted = Vec::new();
     let mut call = if reqs.len() == 1 {
         reqs.pop().expect("one request")
     } else {
-        split::concat_requests(&reqs.iter().collect::<Vec<_>>())
+        let call = split::concat_requests(&reqs.iter().collect::<Vec<_>>());
+        wanted = reqs
+            .iter_mut()
+            .map(|r| std::mem::take(&mut r.outputs))
+            .collect();
+        call
     };
+    // The members' inputs are in the call now; no need to hold them during it.
+    drop(reqs);
     call.id.clear();
     for p in OWN_PARAMS {
         call.parameters.remove(*p);
@@ -618,10 +631,18 @@ async fn run_batch(backend: Arc<TritonPool>, batch: Vec<Pending<Job>>, observed:
     ewma(&observed.triton_ns, started.elapsed());
     let parts = result.and_then(|resp| {
         if members.len() == 1 {
-            Ok(vec![resp])
-        } else {
-            split::split_response(&resp, &rows)
+            return Ok(vec![resp]);
         }
+        let parts = split::split_response(&resp, &rows)?;
+        parts
+            .into_iter()
+            .zip(&wanted)
+            .map(|(part, w)| match w.is_empty() {
+                // Named no outputs: all of them, as Triton sent them.
+                true => Ok(part),
+                false => split::select_outputs(part, w),
+            })
+            .collect()
     });
     match parts {
         Ok(parts) => {
@@ -681,6 +702,9 @@ mod tests {
         b.parameters.insert("priority".into(), int(1));
         b.parameters.insert("timeout".into(), int(5000));
         assert_eq!(batch_key(&a), batch_key(&b));
+        // Other outputs, or none named (all of them): the call asks for the union.
+        assert_eq!(batch_key(&a), batch_key(&req(3, &[16], &["OUT0"])));
+        assert_eq!(batch_key(&a), batch_key(&req(3, &[16], &[])));
     }
 
     #[test]
@@ -702,8 +726,6 @@ mod tests {
             batch_key(&req(3, &[8], &["OUT0"])),
             batch_key(&req(3, &[16, 1], &["OUT0"])),
             batch_key(&req(3, &[-16], &["OUT0"])),
-            batch_key(&req(3, &[16], &[])),
-            batch_key(&req(3, &[16], &["OUT0", "OUT1"])),
             batch_key(&other_dtype),
             batch_key(&renamed),
             batch_key(&with_param),

@@ -7,7 +7,9 @@ use bytes::BytesMut;
 
 use crate::{
     error::GatewayError,
-    proto::inference::{ModelInferRequest, ModelInferResponse},
+    proto::inference::{
+        ModelInferRequest, ModelInferResponse, model_infer_request::InferRequestedOutputTensor,
+    },
     tensor::{DataType, element_count},
 };
 
@@ -104,7 +106,25 @@ pub fn split_request(
     Ok(chunks)
 }
 
-/// Concatenates compatible members (same inputs, non-batch dims and outputs) into one request.
+/// The outputs a batch asks Triton for: all of them when a member names none, else every
+/// output some member names, in the order first named.
+fn union_outputs(members: &[&ModelInferRequest]) -> Vec<InferRequestedOutputTensor> {
+    if members.iter().any(|m| m.outputs.is_empty()) {
+        return Vec::new();
+    }
+    let mut union: Vec<InferRequestedOutputTensor> = Vec::with_capacity(members[0].outputs.len());
+    for m in members {
+        for o in &m.outputs {
+            if !union.iter().any(|u| u.name == o.name) {
+                union.push(o.clone());
+            }
+        }
+    }
+    union
+}
+
+/// Concatenates compatible members (same inputs and non-batch dims) into one request that asks
+/// for the union of their outputs.
 pub fn concat_requests(members: &[&ModelInferRequest]) -> ModelInferRequest {
     let first = members[0];
     let total: i64 = members.iter().map(|m| m.inputs[0].shape[0]).sum();
@@ -114,7 +134,7 @@ pub fn concat_requests(members: &[&ModelInferRequest]) -> ModelInferRequest {
         id: String::new(),
         parameters: first.parameters.clone(),
         inputs: first.inputs.clone(),
-        outputs: first.outputs.clone(),
+        outputs: union_outputs(members),
         raw_input_contents: Vec::with_capacity(first.inputs.len()),
     };
     for (i, inp) in out.inputs.iter_mut().enumerate() {
@@ -180,23 +200,77 @@ pub fn split_response(
     Ok(parts)
 }
 
-/// Puts the responses of a split client batch back together, in chunk order.
-pub fn concat_responses(parts: Vec<ModelInferResponse>) -> ModelInferResponse {
+/// Gives a member of a batch only the outputs it named: its batch may have asked for more.
+/// They keep the order Triton sent them in, as they would had the member gone alone (Triton
+/// lists outputs in the model's order, whatever order a request names them in). Only for
+/// members that named outputs: one that names none gets all of them.
+pub fn select_outputs(
+    part: ModelInferResponse,
+    wanted: &[InferRequestedOutputTensor],
+) -> Result<ModelInferResponse, GatewayError> {
+    let is_wanted = |name: &str| wanted.iter().any(|w| w.name == name);
+    if let Some(w) = wanted
+        .iter()
+        .find(|w| !part.outputs.iter().any(|o| o.name == w.name))
+    {
+        return Err(internal(format!("Triton returned no output '{}'", w.name)));
+    }
+    if part.outputs.iter().all(|o| is_wanted(&o.name)) {
+        return Ok(part);
+    }
+    if part.raw_output_contents.len() != part.outputs.len() {
+        return Err(internal("outputs without raw contents".into()));
+    }
+    let (outputs, raw) = part
+        .outputs
+        .into_iter()
+        .zip(part.raw_output_contents)
+        .filter(|(o, _)| is_wanted(&o.name))
+        .unzip();
+    Ok(ModelInferResponse {
+        outputs,
+        raw_output_contents: raw,
+        ..part
+    })
+}
+
+/// Puts the responses of a split client batch back together, in chunk order. Outputs are
+/// matched by name: chunks answered alone and in batches (which asked Triton for other
+/// outputs) need not list them in the same order.
+pub fn concat_responses(
+    parts: Vec<ModelInferResponse>,
+) -> Result<ModelInferResponse, GatewayError> {
     let mut parts = parts.into_iter();
     let mut out = parts.next().expect("at least one chunk");
     let rest: Vec<ModelInferResponse> = parts.collect();
     if rest.is_empty() {
-        return out;
+        return Ok(out);
     }
     for (i, o) in out.outputs.iter_mut().enumerate() {
-        let mut buf = BytesMut::from(out.raw_output_contents[i].as_ref());
+        let first = out
+            .raw_output_contents
+            .get(i)
+            .ok_or_else(|| internal(format!("output '{}' has no raw contents", o.name)))?;
+        let mut buf = BytesMut::from(first.as_ref());
         for p in &rest {
-            o.shape[0] += p.outputs[i].shape[0];
-            buf.extend_from_slice(&p.raw_output_contents[i]);
+            let j = if p.outputs.get(i).is_some_and(|q| q.name == o.name) {
+                i
+            } else {
+                p.outputs
+                    .iter()
+                    .position(|q| q.name == o.name)
+                    .ok_or_else(|| internal(format!("a chunk has no output '{}'", o.name)))?
+            };
+            let part = p
+                .raw_output_contents
+                .get(j)
+                .ok_or_else(|| internal(format!("output '{}' has no raw contents", o.name)))?;
+            o.shape[0] += p.outputs[j].shape[0];
+            buf.extend_from_slice(part);
         }
         out.raw_output_contents[i] = buf.freeze();
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -285,11 +359,88 @@ mod tests {
         assert_eq!(parts[1].outputs[0].shape, vec![2, 1]);
         assert_eq!(parts[1].raw_output_contents[0].as_ref(), &[2, 0, 3, 0]);
         assert_eq!(
-            concat_responses(parts).raw_output_contents,
+            concat_responses(parts).unwrap().raw_output_contents,
             resp.raw_output_contents
         );
         // A response whose batch dimension disagrees is an error for everyone, not a bad split.
         assert!(split_response(&resp, &[1, 1]).is_err());
+    }
+
+    fn named(names: &[&str]) -> Vec<InferRequestedOutputTensor> {
+        names
+            .iter()
+            .map(|&n| InferRequestedOutputTensor {
+                name: n.into(),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn names(outputs: &[InferOutputTensor]) -> Vec<&str> {
+        outputs.iter().map(|o| o.name.as_str()).collect()
+    }
+
+    /// One row of outputs X, Y, Z (one INT8 each: 1, 2, 3), listed in `order`.
+    fn answer(order: &[&str]) -> ModelInferResponse {
+        let value = |n: &str| match n {
+            "X" => 1u8,
+            "Y" => 2,
+            _ => 3,
+        };
+        ModelInferResponse {
+            outputs: order
+                .iter()
+                .map(|&n| InferOutputTensor {
+                    name: n.into(),
+                    datatype: "INT8".into(),
+                    shape: vec![1, 1],
+                    ..Default::default()
+                })
+                .collect(),
+            raw_output_contents: order.iter().map(|&n| Bytes::from(vec![value(n)])).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_batch_asks_for_the_union_and_each_member_gets_what_it_named() {
+        let mut a = req(1, 0);
+        a.outputs = named(&["Y"]);
+        let mut b = req(1, 0);
+        b.outputs = named(&["Z", "Y"]);
+        let union = |members: &[&ModelInferRequest]| {
+            let call = concat_requests(members);
+            call.outputs.into_iter().map(|o| o.name).collect::<Vec<_>>()
+        };
+        assert_eq!(union(&[&a, &b]), vec!["Y", "Z"]);
+        // A member naming none asks for all, so the batch does too.
+        assert!(union(&[&a, &req(1, 0), &b]).is_empty());
+
+        let from_triton = answer(&["X", "Y", "Z"]);
+        let only_y = select_outputs(from_triton.clone(), &named(&["Y"])).unwrap();
+        assert_eq!(names(&only_y.outputs), vec!["Y"]);
+        assert_eq!(only_y.raw_output_contents, vec![Bytes::from(vec![2u8])]);
+        // Triton's order, as the member would get it alone; each with its own contents.
+        let y_z = select_outputs(from_triton.clone(), &named(&["Z", "Y"])).unwrap();
+        assert_eq!(names(&y_z.outputs), vec!["Y", "Z"]);
+        assert_eq!(
+            y_z.raw_output_contents,
+            vec![Bytes::from(vec![2u8]), Bytes::from(vec![3u8])]
+        );
+        let err = select_outputs(answer(&["X"]), &named(&["Y"])).unwrap_err();
+        assert!(err.to_string().contains("no output 'Y'"), "{err}");
+    }
+
+    #[test]
+    fn chunks_are_joined_by_output_name_whatever_their_order() {
+        let joined = concat_responses(vec![answer(&["X", "Y"]), answer(&["Y", "X"])]).unwrap();
+        assert_eq!(names(&joined.outputs), vec!["X", "Y"]);
+        assert_eq!(joined.outputs[0].shape, vec![2, 1]);
+        assert_eq!(
+            joined.raw_output_contents,
+            vec![Bytes::from(vec![1u8, 1]), Bytes::from(vec![2u8, 2])]
+        );
+        assert!(concat_responses(vec![answer(&["X", "Y"]), answer(&["X"])]).is_err());
     }
 
     #[test]

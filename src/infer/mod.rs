@@ -222,7 +222,7 @@ impl InferService {
                 .into_response()
         });
         let parts = futures::future::try_join_all(calls).await?;
-        let mut resp = split::concat_responses(parts);
+        let mut resp = split::concat_responses(parts)?;
         resp.id = id;
         Ok(Answer::Decoded(resp))
     }
