@@ -193,10 +193,9 @@ pub fn request_is_batchable(req: &ModelInferRequest) -> bool {
 /// parameters do not count: the batch asks for their union and each member gets its own
 /// (`split::select_outputs`). Output parameters (a classification count) change what Triton
 /// returns, so such requests share a call only with requests naming the same outputs with
-/// the same parameters. Built on every batched request,
-/// so the common case (no parameters) writes names and numbers straight into one string,
-/// without `Debug` formatting; each name is written after its length, so no name can pass for
-/// another's separators.
+/// the same parameters. Built on every batched request, so the common case (no parameters)
+/// writes names and numbers straight into one string, without `Debug` formatting; each name
+/// is written after its length, so no name can pass for another's separators.
 fn batch_key(req: &ModelInferRequest) -> Arc<str> {
     let mut k = String::with_capacity(96);
     for i in &req.inputs {
@@ -637,10 +636,13 @@ async fn run_batch(backend: Arc<TritonPool>, batch: Vec<Pending<Job>>, observed:
         parts
             .into_iter()
             .zip(&wanted)
-            .map(|(part, w)| match w.is_empty() {
-                // Named no outputs: all of them, as Triton sent them.
-                true => Ok(part),
-                false => split::select_outputs(part, w),
+            .map(|(part, w)| {
+                if w.is_empty() {
+                    // Named no outputs: all of them, as Triton sent them.
+                    Ok(part)
+                } else {
+                    split::select_outputs(part, w)
+                }
             })
             .collect()
     });
