@@ -1,9 +1,9 @@
 //! Serving threads ("lanes"). Each accepted gRPC connection lives on one lane, a thread with
 //! its own single-threaded runtime; a ModelInfer passed through to Triton uses that lane's own
 //! Triton connection, and a batched one joins the lane's own batching queue. A call then never
-//! leaves its thread: on a loaded 2-core host the
-//! thread hand-offs of a shared work-stealing runtime cost more than the call itself (one
-//! runtime thread instead of two cut infergate's CPU per call by 10-35%, BENCHMARKS.md).
+//! leaves its thread: on a loaded 2-core host the thread hand-offs of a shared work-stealing
+//! runtime cost more than the call itself (one runtime thread instead of two cut infergate's
+//! CPU per call by 10-35%, BENCHMARKS.md).
 //!
 //! This module only records which lane, if any, the current thread is; `api::grpc_server`
 //! starts the lanes, `backend::triton` picks connections and `batch` picks queues by it.

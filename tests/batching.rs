@@ -84,9 +84,10 @@ fn slow(value: f32, delay_ms: i64, priority: Option<i64>) -> ModelInferRequest {
     }
 }
 
-fn config_with(slow_override: ModelBatching, tweak: impl FnOnce(&mut Config)) -> Config {
+/// The test config with `model`'s batching overridden, then `tweak`ed.
+fn config_with(model: &str, ov: ModelBatching, tweak: impl FnOnce(&mut Config)) -> Config {
     let mut cfg = test_config(vec![triton().grpc_url()]);
-    cfg.batching.models = BTreeMap::from([("slow".to_string(), slow_override)]);
+    cfg.batching.models = BTreeMap::from([(model.to_string(), ov)]);
     tweak(&mut cfg);
     cfg
 }
@@ -103,24 +104,21 @@ fn one_by_one() -> ModelBatching {
 /// add_sub's Triton config sets no queue delay, so by default a batch leaves as soon as a call
 /// slot is free and batches form only while both slots are busy: how big they get depends on
 /// the host's speed (CI once saw 115 Triton calls for 246 chunks, where this machine sees
-/// ~30). A 20 ms window fills batches whatever the speed, so the counts these tests check
-/// depend on rows, not timing. (How defaults come from the Triton config is unit-tested in
+/// ~30). A window (20 ms in the property tests) fills batches whatever the speed, so the
+/// counts these tests check depend on rows, not timing. (How defaults come from the Triton config is unit-tested in
 /// `batch`; the benchmark measures the default's batches.)
-fn add_sub_windowed(grpc_threads: usize) -> Config {
-    let mut cfg = test_config(vec![triton().grpc_url()]);
-    cfg.server.grpc_threads = grpc_threads;
+fn add_sub_windowed(grpc_threads: usize, window_us: u64) -> Config {
     let window = ModelBatching {
-        max_queue_delay_us: Some(20_000),
+        max_queue_delay_us: Some(window_us),
         ..Default::default()
     };
-    cfg.batching.models = BTreeMap::from([("add_sub".to_string(), window)]);
-    cfg
+    config_with("add_sub", window, |c| c.server.grpc_threads = grpc_threads)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_get_exactly_their_rows_and_batches_form() {
     let _g = ADD_SUB_COUNTS.lock().await;
-    let gw = gateway_with(add_sub_windowed(0)).await;
+    let gw = gateway_with(add_sub_windowed(0, 20_000)).await;
     let client = gw.client().await;
     let (req_before, rows_before, _) = triton_stats("add_sub").await;
     let callers = 300u32;
@@ -175,7 +173,7 @@ async fn concurrent_callers_get_exactly_their_rows_and_batches_form() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_on_several_serving_threads_each_get_their_rows_from_batches() {
     let _g = ADD_SUB_COUNTS.lock().await;
-    let gw = gateway_with(add_sub_windowed(3)).await;
+    let gw = gateway_with(add_sub_windowed(3, 20_000)).await;
     // Six connections over three serving threads (connections go to the least busy one), so
     // each thread batches its own callers: a row sent back on the wrong thread or to the
     // wrong caller would show in the values.
@@ -227,12 +225,7 @@ async fn callers_on_several_serving_threads_each_get_their_rows_from_batches() {
 async fn callers_naming_different_outputs_share_a_call_and_each_get_theirs() {
     let _g = ADD_SUB_COUNTS.lock().await;
     // A window far longer than sending a few calls takes: each round is one batch.
-    let mut cfg = add_sub_windowed(1);
-    cfg.batching
-        .models
-        .get_mut("add_sub")
-        .unwrap()
-        .max_queue_delay_us = Some(200_000);
+    let cfg = add_sub_windowed(1, 200_000);
     let gw = gateway_with(cfg).await;
     let client = gw.client().await;
     // Round 1 has a caller naming no outputs (so the call asks for all); in round 2 the call
@@ -298,7 +291,7 @@ async fn serving_threads_share_the_queue_bound_and_the_call_slots() {
         max_queue_size: Some(2),
         ..one_by_one()
     };
-    let gw = gateway_with(config_with(ov, |c| c.server.grpc_threads = 2)).await;
+    let gw = gateway_with(config_with("slow", ov, |c| c.server.grpc_threads = 2)).await;
     // Two connections: one on each serving thread, each with its own queue for `slow`.
     let (a, b) = (connect(&gw.grpc_url()).await, connect(&gw.grpc_url()).await);
     let mut waiting = Vec::new();
@@ -333,7 +326,7 @@ async fn serving_threads_share_the_queue_bound_and_the_call_slots() {
 #[tokio::test]
 async fn an_expired_request_is_never_sent() {
     let _g = SLOW_MODEL.lock().await;
-    let gw = gateway_with(config_with(one_by_one(), |_| {})).await;
+    let gw = gateway_with(config_with("slow", one_by_one(), |_| {})).await;
     let client = gw.client().await;
     let (before, ..) = triton_stats("slow").await;
     let mut c1 = client.clone();
@@ -375,7 +368,7 @@ async fn an_expired_request_is_never_sent() {
 #[tokio::test]
 async fn a_caller_that_leaves_is_removed_before_its_batch_is_sent() {
     let _g = SLOW_MODEL.lock().await;
-    let gw = gateway_with(config_with(one_by_one(), |_| {})).await;
+    let gw = gateway_with(config_with("slow", one_by_one(), |_| {})).await;
     let client = gw.client().await;
     let (before, ..) = triton_stats("slow").await;
     let mut c1 = client.clone();
@@ -398,7 +391,7 @@ async fn a_full_queue_answers_resource_exhausted_with_retry_after() {
         max_queue_size: Some(2),
         ..one_by_one()
     };
-    let gw = gateway_with(config_with(ov, |_| {})).await;
+    let gw = gateway_with(config_with("slow", ov, |_| {})).await;
     let client = gw.client().await;
     let mut waiting = Vec::new();
     for v in 0..3 {
@@ -441,7 +434,7 @@ async fn a_model_over_its_concurrency_cap_refuses_while_other_models_go_on() {
         ..Default::default()
     };
     // Every other model is uncapped; `slow` takes two requests at a time.
-    let gw = gateway_with(config_with(ov, |_| {})).await;
+    let gw = gateway_with(config_with("slow", ov, |_| {})).await;
     let client = gw.client().await;
     let mut admitted = Vec::new();
     for v in 0..2 {
@@ -510,7 +503,7 @@ async fn completion_order(gw: &TestGateway, reqs: Vec<ModelInferRequest>) -> Vec
 #[tokio::test]
 async fn higher_priority_goes_first() {
     let _g = SLOW_MODEL.lock().await;
-    let gw = gateway_with(config_with(one_by_one(), |c| {
+    let gw = gateway_with(config_with("slow", one_by_one(), |c| {
         c.batching.priority_levels = 3;
         c.batching.max_priority_wait_ms = 10_000;
     }))
@@ -537,7 +530,7 @@ async fn higher_priority_goes_first() {
 #[tokio::test]
 async fn a_low_priority_request_waits_no_longer_than_the_starvation_bound() {
     let _g = SLOW_MODEL.lock().await;
-    let gw = gateway_with(config_with(one_by_one(), |c| {
+    let gw = gateway_with(config_with("slow", one_by_one(), |c| {
         c.batching.priority_levels = 2;
         c.batching.max_priority_wait_ms = 120;
     }))
