@@ -105,8 +105,8 @@ fn one_by_one() -> ModelBatching {
 /// slot is free and batches form only while both slots are busy: how big they get depends on
 /// the host's speed (CI once saw 115 Triton calls for 246 chunks, where this machine sees
 /// ~30). A window (20 ms in the property tests) fills batches whatever the speed, so the
-/// counts these tests check depend on rows, not timing. (How defaults come from the Triton config is unit-tested in
-/// `batch`; the benchmark measures the default's batches.)
+/// counts these tests check depend on rows, not timing. (How defaults come from the Triton
+/// config is unit-tested in `batch`; the benchmark measures the default's batches.)
 fn add_sub_windowed(grpc_threads: usize, window_us: u64) -> Config {
     let window = ModelBatching {
         max_queue_delay_us: Some(window_us),

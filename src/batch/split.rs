@@ -265,7 +265,19 @@ pub fn concat_responses(
                 .raw_output_contents
                 .get(j)
                 .ok_or_else(|| internal(format!("output '{}' has no raw contents", o.name)))?;
-            o.shape[0] += p.outputs[j].shape[0];
+            // Triton answered each chunk alone or in a batch; either way a batched model's
+            // outputs lead with the rows. An answer without that dimension is refused, not
+            // indexed.
+            let rows = p.outputs[j].shape.first().copied();
+            match (o.shape.first_mut(), rows) {
+                (Some(total), Some(rows)) => *total += rows,
+                _ => {
+                    return Err(internal(format!(
+                        "a chunk's output '{}' has no batch dimension",
+                        o.name
+                    )));
+                }
+            }
             buf.extend_from_slice(part);
         }
         out.raw_output_contents[i] = buf.freeze();
@@ -441,6 +453,11 @@ mod tests {
             vec![Bytes::from(vec![1u8, 1]), Bytes::from(vec![2u8, 2])]
         );
         assert!(concat_responses(vec![answer(&["X", "Y"]), answer(&["X"])]).is_err());
+        // A chunk whose output lost its batch dimension is an error, never a panic.
+        let mut flat = answer(&["X", "Y"]);
+        flat.outputs[1].shape.clear();
+        let err = concat_responses(vec![answer(&["X", "Y"]), flat]).unwrap_err();
+        assert!(err.to_string().contains("no batch dimension"), "{err}");
     }
 
     #[test]
