@@ -365,6 +365,84 @@ async fn an_expired_request_is_never_sent() {
     busy.await.unwrap().unwrap();
 }
 
+/// `slow` with `report_timeout` answers the `timeout` (µs) Triton received for the request.
+fn reporting_timeout() -> ModelInferRequest {
+    let mut req = slow(0.0, 0, None);
+    req.parameters.insert("report_timeout".into(), param(1));
+    req
+}
+
+async fn timeout_seen_by_triton(
+    client: &mut infergate::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient<
+        tonic::transport::Channel,
+    >,
+    req: ModelInferRequest,
+    deadline: Option<Duration>,
+) -> f32 {
+    let mut req = tonic::Request::new(req);
+    if let Some(d) = deadline {
+        req.set_timeout(d);
+    }
+    let resp = client.model_infer(req).await.unwrap().into_inner();
+    f32_from(&resp.raw_output_contents[0])[0]
+}
+
+#[tokio::test]
+async fn the_remaining_budget_reaches_triton_as_its_timeout() {
+    let _g = SLOW_MODEL.lock().await;
+    let batched = one_by_one();
+    let alone = ModelBatching {
+        mode: Some(BatchMode::Off),
+        ..Default::default()
+    };
+    for (path, ov) in [("batched", batched), ("pass-through", alone)] {
+        let gw = gateway_with(config_with("slow", ov, |_| {})).await;
+        let mut client = gw.client().await;
+        // grpc-timeout: what is left of 5 s when the call leaves, in µs.
+        let us = timeout_seen_by_triton(
+            &mut client,
+            reporting_timeout(),
+            Some(Duration::from_secs(5)),
+        )
+        .await;
+        assert!(
+            (4.0e6..=5.0e6).contains(&us),
+            "{path}: Triton got {us} µs of 5 s"
+        );
+        // A caller's own `timeout` parameter (7 s) counts down the same way.
+        let mut own = reporting_timeout();
+        own.parameters.insert("timeout".into(), param(7_000_000));
+        let us = timeout_seen_by_triton(&mut client, own, None).await;
+        assert!(
+            (6.0e6..7.0e6).contains(&us),
+            "{path}: Triton got {us} µs of 7 s"
+        );
+        // No deadline at all: none is made up.
+        let us = timeout_seen_by_triton(&mut client, reporting_timeout(), None).await;
+        assert_eq!(us, 0.0, "{path}");
+        // Over HTTP, from the deadline header.
+        let r: serde_json::Value = reqwest::Client::new()
+            .post(format!("{}/v2/models/slow/infer", gw.http_base()))
+            .header("infergate-timeout-ms", "3000")
+            .json(&serde_json::json!({
+                "parameters": {"report_timeout": 1, "delay_ms": 0},
+                "inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [0]}]
+            }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let us = r["outputs"][0]["data"][0].as_f64().unwrap();
+        assert!(
+            (2.0e6..=3.0e6).contains(&us),
+            "{path}: Triton got {us} µs of 3 s ({r})"
+        );
+        gw.shutdown().await.expect("drains");
+    }
+}
+
 #[tokio::test]
 async fn a_caller_that_leaves_is_removed_before_its_batch_is_sent() {
     let _g = SLOW_MODEL.lock().await;
@@ -576,6 +654,12 @@ async fn models_without_a_batch_dimension_pass_through_alone() {
                 ],
                 ..Default::default()
             };
+            // Half of them with a deadline: Triton takes the forwarded `timeout` for a model
+            // without a batch dimension too.
+            let mut req = tonic::Request::new(req);
+            if k % 2 == 0 {
+                req.set_timeout(Duration::from_secs(10));
+            }
             let r = c.model_infer(req).await.unwrap().into_inner();
             let out: Vec<i32> = r.raw_output_contents[0]
                 .chunks_exact(4)

@@ -24,12 +24,13 @@ use crate::{
     error::GatewayError,
     infer::ModelInfo,
     proto::inference::{
-        InferBatchStatistics, InferStatistics, ModelConfigRequest, ModelConfigResponse,
-        ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
-        ModelReadyRequest, ModelStatistics, ModelStatisticsRequest, ModelStatisticsResponse,
-        RepositoryIndexRequest, RepositoryIndexResponse, ServerMetadataRequest,
-        ServerMetadataResponse, ServerReadyRequest, StatisticDuration,
+        InferBatchStatistics, InferParameter, InferStatistics, ModelConfigRequest,
+        ModelConfigResponse, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
+        ModelMetadataResponse, ModelReadyRequest, ModelStatistics, ModelStatisticsRequest,
+        ModelStatisticsResponse, RepositoryIndexRequest, RepositoryIndexResponse,
+        ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, StatisticDuration,
         grpc_inference_service_client::GrpcInferenceServiceClient,
+        infer_parameter::ParameterChoice,
     },
     telemetry::{metrics::metrics, trace},
 };
@@ -507,6 +508,19 @@ impl TritonPool {
     }
 }
 
+/// Sets Triton's own `timeout` request parameter (µs) to the caller's remaining `budget`, so
+/// that Triton, too, can drop a request it cannot start in time (its queue policy decides).
+/// It replaces a `timeout` the caller sent: that one is already part of the budget.
+pub fn forward_budget(req: &mut ModelInferRequest, budget: Duration) {
+    let us = i64::try_from(budget.as_micros()).unwrap_or(i64::MAX).max(1);
+    req.parameters.insert(
+        "timeout".into(),
+        InferParameter {
+            parameter_choice: Some(ParameterChoice::Int64Param(us)),
+        },
+    );
+}
+
 fn timed<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(timeout);
@@ -619,6 +633,26 @@ mod tests {
                 ..Default::default()
             }],
         }
+    }
+
+    #[test]
+    fn the_budget_replaces_the_callers_timeout_in_microseconds() {
+        let timeout = |r: &ModelInferRequest| r.parameters["timeout"].parameter_choice.clone();
+        let mut req = ModelInferRequest::default();
+        req.parameters.insert(
+            "timeout".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::Uint64Param(9_000_000)),
+            },
+        );
+        forward_budget(&mut req, Duration::from_micros(2_500_300));
+        assert_eq!(timeout(&req), Some(ParameterChoice::Int64Param(2_500_300)));
+        // A spent budget still asks for the shortest wait: Triton reads 0 as "no timeout".
+        forward_budget(&mut req, Duration::ZERO);
+        assert_eq!(timeout(&req), Some(ParameterChoice::Int64Param(1)));
+        forward_budget(&mut req, Duration::MAX);
+        assert_eq!(timeout(&req), Some(ParameterChoice::Int64Param(i64::MAX)));
+        assert_eq!(req.parameters.len(), 1);
     }
 
     #[test]

@@ -42,7 +42,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::{
-    backend::triton::TritonPool,
+    backend::triton::{TritonPool, forward_budget},
     config::{BatchMode, BatchingConfig},
     error::GatewayError,
     infer::ModelInfo,
@@ -617,13 +617,8 @@ async fn run_batch(backend: Arc<TritonPool>, batch: Vec<Pending<Job>>, observed:
     }
     let budget = deadline.map(|d| d.saturating_duration_since(now));
     if let Some(b) = budget {
-        // Triton's own request timeout, in microseconds: the tightest member's budget.
-        call.parameters.insert(
-            "timeout".into(),
-            InferParameter {
-                parameter_choice: Some(ParameterChoice::Int64Param(b.as_micros().max(1) as i64)),
-            },
-        );
+        // The tightest member's budget.
+        forward_budget(&mut call, b);
     }
     let started = Instant::now();
     let result = backend.infer(call, budget).instrument(span).await;

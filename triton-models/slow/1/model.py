@@ -1,10 +1,14 @@
 """slow: OUTPUT = INPUT after a per-execution sleep, for timeout, overload and cancellation tests.
 
 The delay is the config parameter DELAY_MS, or the largest `delay_ms` request parameter among the
-requests of one execution.
+requests of one execution. A request with the parameter `report_timeout` gets, in place of its
+INPUT, the timeout Triton holds for it (the `timeout` request parameter, in microseconds; 0 when
+none was sent), so tests can see what a front end forwarded.
 """
 import json
 import time
+
+import numpy as np
 
 import triton_python_backend_utils as pb_utils
 
@@ -19,11 +23,11 @@ class TritonPythonModel:
         asked = [int(a) for a in asked if a is not None]
         delay = max(asked) if asked else self.delay_ms
         time.sleep(delay / 1000.0)
-        return [
-            pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor("OUTPUT", pb_utils.get_input_tensor_by_name(r, "INPUT").as_numpy())
-                ]
-            )
-            for r in requests
-        ]
+        return [pb_utils.InferenceResponse(output_tensors=[self.output(r)]) for r in requests]
+
+    @staticmethod
+    def output(request):
+        value = pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy()
+        if "report_timeout" in json.loads(request.parameters() or "{}"):
+            value = np.full(value.shape, request.timeout(), dtype=np.float32)
+        return pb_utils.Tensor("OUTPUT", value)
