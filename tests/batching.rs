@@ -373,9 +373,7 @@ fn reporting_timeout() -> ModelInferRequest {
 }
 
 async fn timeout_seen_by_triton(
-    client: &mut infergate::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient<
-        tonic::transport::Channel,
-    >,
+    client: &mut Client,
     req: ModelInferRequest,
     deadline: Option<Duration>,
 ) -> f32 {
