@@ -313,13 +313,17 @@ impl TritonPool {
     }
 
     /// One ModelInfer call. With `framed`, an answer over a lean connection comes back as
-    /// Triton framed it (see [`Answer`]); TLS endpoints always answer decoded.
+    /// Triton framed it (see [`Answer`]); TLS endpoints always answer decoded. The caller's
+    /// `timeout` also goes to Triton as its `timeout` parameter.
     pub async fn infer_answer(
         &self,
-        req: ModelInferRequest,
+        mut req: ModelInferRequest,
         timeout: Option<Duration>,
         framed: bool,
     ) -> Result<Answer, GatewayError> {
+        if let Some(t) = timeout {
+            forward_budget(&mut req, t);
+        }
         let model = req.model_name.clone();
         let span = if trace::enabled() {
             tracing::info_span!(
@@ -511,7 +515,7 @@ impl TritonPool {
 /// Sets Triton's own `timeout` request parameter (µs) to the caller's remaining `budget`, so
 /// that Triton, too, can drop a request it cannot start in time (its queue policy decides).
 /// It replaces a `timeout` the caller sent: that one is already part of the budget.
-pub fn forward_budget(req: &mut ModelInferRequest, budget: Duration) {
+fn forward_budget(req: &mut ModelInferRequest, budget: Duration) {
     let us = i64::try_from(budget.as_micros()).unwrap_or(i64::MAX).max(1);
     req.parameters.insert(
         "timeout".into(),

@@ -42,7 +42,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::{
-    backend::triton::{TritonPool, forward_budget},
+    backend::triton::TritonPool,
     config::{BatchMode, BatchingConfig},
     error::GatewayError,
     infer::ModelInfo,
@@ -615,11 +615,8 @@ async fn run_batch(backend: Arc<TritonPool>, batch: Vec<Pending<Job>>, observed:
     for p in OWN_PARAMS {
         call.parameters.remove(*p);
     }
+    // The tightest member's budget (the backend forwards it as Triton's `timeout`).
     let budget = deadline.map(|d| d.saturating_duration_since(now));
-    if let Some(b) = budget {
-        // The tightest member's budget.
-        forward_budget(&mut call, b);
-    }
     let started = Instant::now();
     let result = backend.infer(call, budget).instrument(span).await;
     ewma(&observed.triton_ns, started.elapsed());

@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub use validate::{ModelInfo, TensorSpec, Validated};
 
 use crate::{
-    backend::triton::{Answer, TritonPool, forward_budget},
+    backend::triton::{Answer, TritonPool},
     batch::{Batcher, ModelSettings, request_is_batchable, split},
     config::BatchingConfig,
     error::GatewayError,
@@ -247,11 +247,7 @@ impl InferService {
                 .await
                 .map(Answer::Decoded),
             None => {
-                let mut req = req;
                 let budget = deadline.map(|d| d.saturating_duration_since(now));
-                if let Some(b) = budget {
-                    forward_budget(&mut req, b);
-                }
                 // Boxed: the call's future is ~4 KB, which every caller's future (the
                 // batched path's included) would otherwise carry and copy when moved.
                 Box::pin(self.backend.infer_answer(req, budget, framed)).await

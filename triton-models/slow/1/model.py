@@ -19,15 +19,18 @@ class TritonPythonModel:
         self.delay_ms = int(params.get("DELAY_MS", {}).get("string_value", "200"))
 
     def execute(self, requests):
-        asked = [json.loads(r.parameters() or "{}").get("delay_ms") for r in requests]
-        asked = [int(a) for a in asked if a is not None]
+        params = [json.loads(r.parameters() or "{}") for r in requests]
+        asked = [int(p["delay_ms"]) for p in params if "delay_ms" in p]
         delay = max(asked) if asked else self.delay_ms
         time.sleep(delay / 1000.0)
-        return [pb_utils.InferenceResponse(output_tensors=[self.output(r)]) for r in requests]
+        return [
+            pb_utils.InferenceResponse(output_tensors=[self.output(r, p)])
+            for r, p in zip(requests, params)
+        ]
 
     @staticmethod
-    def output(request):
+    def output(request, params):
         value = pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy()
-        if "report_timeout" in json.loads(request.parameters() or "{}"):
+        if "report_timeout" in params:
             value = np.full(value.shape, request.timeout(), dtype=np.float32)
         return pb_utils.Tensor("OUTPUT", value)
