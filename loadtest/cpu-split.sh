@@ -7,8 +7,11 @@
 # statistics). On 2 shared cores a target's throughput is bounded by the sum of these.
 #   loadtest/cpu-split.sh [ROUNDS=3] [CONCURRENCY=64] [TARGETS="direct on if1 ceiling"]
 # Targets: direct (Triton), relay (examples/tcp_relay.rs), ceiling (examples/kserve_ceiling.rs)
-# and infergate variants: on (--batching on), off (--batching off), if1 (on with
-# --batch-max-inflight 1), adaptive (2 ms window, as compare.sh), t1 (on with --grpc-threads 1).
+# and infergate variants: on (--batching on), off (--batching off), if1 and if2 (on with
+# --batch-max-inflight 1 or 2; unset, add_sub's one instance gives 2), adaptive (2 ms
+# window, as compare.sh), t1 (on with --grpc-threads 1).
+# A variant named base-<variant> (base-on, base-off…) runs the build in $BASELINE/infergate, so
+# two builds can be compared in the same rounds: BASELINE=<dir> loadtest/cpu-split.sh 3 64 "base-on on".
 # Writes loadtest/results/cpu-split-<date>.md and prints it. Listens on 127.0.0.1 only; every
 # process it starts stops when it exits.
 set -euo pipefail
@@ -28,6 +31,7 @@ declare -A url front flags
 flags[on]="--batching on"
 flags[off]="--batching off"
 flags[if1]="--batching on --batch-max-inflight 1"
+flags[if2]="--batching on --batch-max-inflight 2"
 flags[adaptive]="--batching adaptive --batch-max-queue-delay-us 2000"
 flags[t1]="--batching on --grpc-threads 1"
 url[direct]="127.0.0.1:$tg"
@@ -44,11 +48,13 @@ for t in $TARGETS; do
       target/release/examples/kserve_ceiling "127.0.0.1:$k" >"$work/ceiling.log" 2>&1 &
       pids+=($!); front[ceiling]=$!; url[ceiling]="127.0.0.1:$k" ;;
     *)
-      [[ -n "${flags[$t]:-}" ]] || { echo "unknown target $t" >&2; exit 2; }
+      v=${t#base-} bin=target/release/infergate
+      [[ $t == base-* ]] && bin="${BASELINE:?base-$v needs BASELINE, a directory holding another build}/infergate"
+      [[ -n "${flags[$v]:-}" ]] || { echo "unknown target $t" >&2; exit 2; }
       g=$(port); h=$(port)
       # shellcheck disable=SC2086 # the flags are words
-      target/release/infergate serve --triton-url "http://127.0.0.1:$tg" --grpc-addr "127.0.0.1:$g" \
-        --http-addr "127.0.0.1:$h" ${flags[$t]} >"$work/infergate-$t.log" 2>&1 &
+      "$bin" serve --triton-url "http://127.0.0.1:$tg" --grpc-addr "127.0.0.1:$g" \
+        --http-addr "127.0.0.1:$h" ${flags[$v]} >"$work/infergate-$t.log" 2>&1 &
       pids+=($!); front[$t]=$!; url[$t]="127.0.0.1:$g"
       for _ in $(seq 1 100); do curl -sf "127.0.0.1:$h/v2/health/ready" >/dev/null && break; sleep 0.1; done ;;
   esac
@@ -100,9 +106,11 @@ import os, statistics, sys
 path, rounds, c, targets = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4].split()
 hz = os.sysconf("SC_CLK_TCK")
 label = {"direct": "Triton direct", "on": "infergate batched", "off": "infergate pass-through",
-         "if1": "infergate batched, 1 call in flight", "adaptive": "infergate adaptive",
+         "if1": "infergate batched, 1 call in flight",
+         "if2": "infergate batched, 2 calls in flight", "adaptive": "infergate adaptive",
          "t1": "infergate batched, 1 serving thread", "relay": "byte relay",
          "ceiling": "ceiling server (no Triton)"}
+label.update({f"base-{k}": f"{v} (baseline build)" for k, v in list(label.items())})
 cells = {}
 for line in open(path):
     t, rnd, thr, before, after = line.rstrip("\n").split("\t")

@@ -317,8 +317,9 @@ pub struct BatchingConfig {
     pub max_queue_delay_us: Option<u64>,
     /// Requests waiting per model before new ones get RESOURCE_EXHAUSTED / 429.
     pub max_queue_size: usize,
-    /// Batches of one model in flight per Triton endpoint.
-    pub max_inflight_batches: usize,
+    /// Batches of one model in flight per Triton endpoint; unset: one per instance of the
+    /// model in its Triton config, plus one.
+    pub max_inflight_batches: Option<usize>,
     /// Priority levels (Triton's `priority` parameter: 1 is highest); at least the model's own.
     pub priority_levels: u32,
     /// Anti-starvation: a request that has waited this long goes before any newer one.
@@ -336,7 +337,7 @@ impl Default for BatchingConfig {
             mode: BatchMode::On,
             max_queue_delay_us: None,
             max_queue_size: 1024,
-            max_inflight_batches: 2,
+            max_inflight_batches: None,
             priority_levels: 2,
             max_priority_wait_ms: 100,
             max_concurrent_requests: 0,
@@ -478,7 +479,8 @@ pub struct ServeArgs {
     /// Requests queued per model before 429 / RESOURCE_EXHAUSTED [default: 1024].
     #[arg(long, env = "INFERGATE_BATCH_MAX_QUEUE_SIZE", value_name = "N")]
     pub batch_max_queue_size: Option<usize>,
-    /// Batches of one model in flight per Triton endpoint [default: 2].
+    /// Batches of one model in flight per Triton endpoint [default: one per model instance
+    /// in its Triton config, plus one].
     #[arg(long, env = "INFERGATE_BATCH_MAX_INFLIGHT", value_name = "N")]
     pub batch_max_inflight: Option<usize>,
     /// Task broker: `memory`, `redis://host:port` or `amqp://user:pass@host:port/%2f` [default: memory].
@@ -640,7 +642,9 @@ impl Config {
             b.max_queue_delay_us = a.batch_max_queue_delay_us;
         }
         set(&mut b.max_queue_size, &a.batch_max_queue_size);
-        set(&mut b.max_inflight_batches, &a.batch_max_inflight);
+        if a.batch_max_inflight.is_some() {
+            b.max_inflight_batches = a.batch_max_inflight;
+        }
         let k = &mut self.tasks;
         set(&mut k.broker, &a.broker);
         set(&mut k.task_store, &a.task_store);
@@ -767,7 +771,7 @@ impl Config {
         )?;
         in_range(
             "batching.max_inflight_batches",
-            b.max_inflight_batches as u64,
+            b.max_inflight_batches.unwrap_or(1) as u64,
             1,
             1024,
         )?;

@@ -10,8 +10,9 @@
 //! wake-ups cost 17-26% of infergate's CPU per batched call (BENCHMARKS.md). The actors of a
 //! model share its admission bound (`max_queue_size` requests over all its queues, then
 //! RESOURCE_EXHAUSTED) and its call slots (at most `max_inflight_batches` calls per Triton
-//! endpoint at once, from any queue). While those run, the next batches keep filling, so load
-//! turns into bigger batches rather than more calls. Priority order holds within a queue;
+//! endpoint at once, from any queue; by default one per model instance in Triton's config,
+//! plus one, see [`inflight_for_instances`]). While those run, the next batches keep
+//! filling, so load turns into bigger batches rather than more calls. Priority order holds within a queue;
 //! across queues, slots go first come, first served.
 //!
 //! When a batch leaves:
@@ -47,8 +48,9 @@ use crate::{
     error::GatewayError,
     infer::ModelInfo,
     proto::inference::{
-        InferParameter, ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice,
-        model_config::SchedulingChoice,
+        InferParameter, ModelInferRequest, ModelInferResponse, ModelInstanceGroup,
+        infer_parameter::ParameterChoice, model_config::SchedulingChoice,
+        model_instance_group::Kind,
     },
     telemetry::metrics::{ModelLabel, metrics},
 };
@@ -85,6 +87,30 @@ pub struct ModelSettings {
     pub default_level: usize,
     pub max_priority_wait: Duration,
 }
+
+/// The default number of a model's batches in flight per endpoint, from its instance groups
+/// in Triton's config: one per instance, so every instance can run a batch, and one more, so
+/// that a batch waits in Triton while the answer of the previous one travels back and the next
+/// one is sent, keeping an instance (a GPU above all) busy across the hop. One instance gets 2.
+/// A fixed default would leave instances idle: a model with four gets at most two of them busy.
+fn inflight_for_instances(groups: &[ModelInstanceGroup]) -> usize {
+    let instances: usize = groups
+        .iter()
+        .map(|g| {
+            let count = usize::try_from(g.count).unwrap_or(0).max(1);
+            // Without a `gpus` list Triton puts `count` instances on each GPU it sees, and the
+            // config it serves then lists them.
+            match g.kind() {
+                Kind::Gpu => count.saturating_mul(g.gpus.len().max(1)),
+                Kind::Cpu | Kind::Auto | Kind::Model => count,
+            }
+        })
+        .fold(0, usize::saturating_add);
+    instances.max(1).saturating_add(1).min(MAX_DEFAULT_INFLIGHT)
+}
+
+/// A bound on the derived default (a config may set up to 1024 itself).
+const MAX_DEFAULT_INFLIGHT: usize = 64;
 
 /// Request parameters that sequence (stateful) models use: such requests are never batched.
 const SEQUENCE_PARAMS: &[&str] = &["sequence_id", "sequence_start", "sequence_end"];
@@ -148,7 +174,10 @@ impl ModelSettings {
             max_queue_delay: Duration::from_micros(delay_us),
             preferred_batch_sizes: preferred,
             max_queue_size: ov.max_queue_size.unwrap_or(cfg.max_queue_size),
-            max_inflight_batches: ov.max_inflight_batches.unwrap_or(cfg.max_inflight_batches),
+            max_inflight_batches: ov
+                .max_inflight_batches
+                .or(cfg.max_inflight_batches)
+                .unwrap_or_else(|| inflight_for_instances(&info.config.instance_group)),
             priority_levels: levels,
             default_level,
             max_priority_wait: Duration::from_millis(cfg.max_priority_wait_ms),
@@ -768,13 +797,64 @@ mod tests {
         assert_eq!(s.preferred_batch_sizes, vec![8, 32]);
         assert_eq!((s.priority_levels, s.default_level), (3, 1));
         assert_eq!(s.max_queue_size, cfg.max_queue_size);
-        assert_eq!(s.max_inflight_batches, cfg.max_inflight_batches);
+        // No instance groups in this config (Triton always serves one): as for one instance.
+        assert_eq!(s.max_inflight_batches, 2);
         // No dynamic_batching block: still batched, with no delay and the gateway's levels;
         // requests without a priority go to the middle level, rounded up (1 of 2).
         let plain = ModelSettings::for_model(&model(8, None), &cfg).unwrap();
         assert_eq!(plain.max_queue_delay, Duration::ZERO);
         assert!(plain.preferred_batch_sizes.is_empty());
         assert_eq!((plain.priority_levels, plain.default_level), (2, 0));
+    }
+
+    #[test]
+    fn call_slots_default_to_one_per_model_instance_plus_one() {
+        let group = |kind: Kind, count: i32, gpus: &[i32]| ModelInstanceGroup {
+            kind: kind as i32,
+            count,
+            gpus: gpus.to_vec(),
+            ..Default::default()
+        };
+        let slots = |groups: Vec<ModelInstanceGroup>, cfg: &BatchingConfig| {
+            let mut info = model(8, None);
+            info.config.instance_group = groups;
+            ModelSettings::for_model(&info, cfg)
+                .unwrap()
+                .max_inflight_batches
+        };
+        let cfg = BatchingConfig::default();
+        assert_eq!(slots(vec![group(Kind::Cpu, 1, &[])], &cfg), 2);
+        assert_eq!(slots(vec![group(Kind::Cpu, 4, &[])], &cfg), 5);
+        // A count of 0 still runs one instance in Triton.
+        assert_eq!(slots(vec![group(Kind::Cpu, 0, &[])], &cfg), 2);
+        assert_eq!(slots(vec![group(Kind::Gpu, 1, &[])], &cfg), 2);
+        assert_eq!(slots(vec![group(Kind::Gpu, 2, &[0, 1])], &cfg), 5);
+        assert_eq!(slots(vec![group(Kind::Model, 1, &[])], &cfg), 2);
+        assert_eq!(
+            slots(
+                vec![group(Kind::Cpu, 1, &[]), group(Kind::Gpu, 1, &[0])],
+                &cfg
+            ),
+            3
+        );
+        assert_eq!(
+            slots(vec![group(Kind::Cpu, i32::MAX, &[])], &cfg),
+            MAX_DEFAULT_INFLIGHT
+        );
+        // Configuration wins: the gateway-wide value, then the model's own.
+        let mut cfg = BatchingConfig {
+            max_inflight_batches: Some(4),
+            ..Default::default()
+        };
+        assert_eq!(slots(vec![group(Kind::Gpu, 1, &[])], &cfg), 4);
+        cfg.models.insert(
+            "m".into(),
+            crate::config::ModelBatching {
+                max_inflight_batches: Some(1),
+                ..Default::default()
+            },
+        );
+        assert_eq!(slots(vec![group(Kind::Gpu, 1, &[])], &cfg), 1);
     }
 
     #[test]
