@@ -12,8 +12,8 @@
 //! RESOURCE_EXHAUSTED) and its call slots (at most `max_inflight_batches` calls per Triton
 //! endpoint at once, from any queue; by default one per model instance in Triton's config,
 //! plus one, see [`inflight_for_instances`]). While those run, the next batches keep
-//! filling, so load turns into bigger batches rather than more calls. Priority order holds within a queue;
-//! across queues, slots go first come, first served.
+//! filling, so load turns into bigger batches rather than more calls. Priority order holds
+//! within a queue; across queues, slots go first come, first served.
 //!
 //! When a batch leaves:
 //! - `on` (fixed window): once it holds `max_batch_size` rows (or the largest preferred size),
