@@ -797,12 +797,17 @@ impl Config {
             {
                 return Err(bad("preferred_batch_sizes must be positive".into()));
             }
-            if m.max_queue_size.is_some_and(|v| v < 1)
-                || m.max_inflight_batches.is_some_and(|v| v < 1)
+            // The same bounds as the gateway-wide settings: a model's call slots become a
+            // semaphore's permits, which have a hard maximum.
+            if m.max_queue_size
+                .is_some_and(|v| !(1..=1 << 20).contains(&v))
             {
-                return Err(bad(
-                    "max_queue_size and max_inflight_batches must be at least 1".into(),
-                ));
+                return Err(bad("max_queue_size must be between 1 and 1048576".into()));
+            }
+            if m.max_inflight_batches
+                .is_some_and(|v| !(1..=1024).contains(&v))
+            {
+                return Err(bad("max_inflight_batches must be between 1 and 1024".into()));
             }
         }
         let k = &self.tasks;
@@ -1091,6 +1096,21 @@ mod tests {
         cfg.triton.connections_per_endpoint = 0;
         let msg = cfg.validate().unwrap_err().to_string();
         assert!(msg.contains("triton.connections_per_endpoint"), "{msg}");
+
+        for (key, value) in [
+            ("max_inflight_batches", "0"),
+            ("max_inflight_batches", "18446744073709551615"),
+            ("max_queue_size", "2000000"),
+        ] {
+            let cfg: Config =
+                toml::from_str(&format!("[batching.models.add_sub]\n{key} = {value}")).unwrap();
+            let msg = cfg.validate().unwrap_err().to_string();
+            assert!(
+                msg.contains("batching.models") && msg.contains(key),
+                "{msg}"
+            );
+            assert!(msg.contains("model 'add_sub'"), "{msg}");
+        }
 
         let err = toml::from_str::<Config>("[server]\ngrpc_adr = \"x\"").unwrap_err();
         assert!(err.to_string().contains("grpc_adr"), "{err}");
