@@ -761,20 +761,17 @@ impl Config {
             "batching.max_queue_delay_us",
             b.max_queue_delay_us.unwrap_or(0),
             0,
-            10_000_000,
+            MAX_QUEUE_DELAY_US,
         )?;
         in_range(
             "batching.max_queue_size",
             b.max_queue_size as u64,
             1,
-            1 << 20,
+            MAX_QUEUE_SIZE,
         )?;
-        in_range(
-            "batching.max_inflight_batches",
-            b.max_inflight_batches.unwrap_or(1) as u64,
-            1,
-            1024,
-        )?;
+        if let Some(v) = b.max_inflight_batches {
+            in_range("batching.max_inflight_batches", v as u64, 1, MAX_INFLIGHT)?;
+        }
         in_range("batching.priority_levels", b.priority_levels.into(), 1, 64)?;
         in_range(
             "batching.max_priority_wait_ms",
@@ -788,7 +785,7 @@ impl Config {
             if m.max_batch_size.is_some_and(|v| v < 1) {
                 return Err(bad("max_batch_size must be at least 1".into()));
             }
-            if m.max_queue_delay_us.is_some_and(|v| v > 10_000_000) {
+            if m.max_queue_delay_us.is_some_and(|v| v > MAX_QUEUE_DELAY_US) {
                 return Err(bad("max_queue_delay_us is over 10 s".into()));
             }
             if m.preferred_batch_sizes
@@ -797,17 +794,15 @@ impl Config {
             {
                 return Err(bad("preferred_batch_sizes must be positive".into()));
             }
-            // The same bounds as the gateway-wide settings: a model's call slots become a
-            // semaphore's permits, which have a hard maximum.
-            if m.max_queue_size
-                .is_some_and(|v| !(1..=1 << 20).contains(&v))
-            {
-                return Err(bad("max_queue_size must be between 1 and 1048576".into()));
-            }
-            if m.max_inflight_batches
-                .is_some_and(|v| !(1..=1024).contains(&v))
-            {
-                return Err(bad("max_inflight_batches must be between 1 and 1024".into()));
+            // The gateway-wide bounds: a model's call slots become a semaphore's permits,
+            // which have a hard maximum.
+            for (name, value, max) in [
+                ("max_queue_size", m.max_queue_size, MAX_QUEUE_SIZE),
+                ("max_inflight_batches", m.max_inflight_batches, MAX_INFLIGHT),
+            ] {
+                if let Some(v) = value.filter(|&v| !(1..=max).contains(&(v as u64))) {
+                    return Err(bad(format!("{name} {v} is outside 1..={max}")));
+                }
             }
         }
         let k = &self.tasks;
@@ -925,6 +920,11 @@ fn merge(into: &mut toml::Table, from: toml::Table) {
         }
     }
 }
+
+/// Bounds shared by the gateway-wide batching settings and each model's own.
+const MAX_QUEUE_DELAY_US: u64 = 10_000_000;
+const MAX_QUEUE_SIZE: u64 = 1 << 20;
+const MAX_INFLIGHT: u64 = 1024;
 
 fn in_range(field: &'static str, v: u64, min: u64, max: u64) -> Result<(), ConfigError> {
     if v < min || v > max {
