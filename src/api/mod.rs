@@ -81,11 +81,11 @@ pub async fn observed<T>(
 ) -> Result<T, GatewayError> {
     let started = Instant::now();
     let result = traced(name, protocol, model, headers, fut).await;
-    let code = match (&result, protocol) {
-        (Ok(_), "http") => "200".to_string(),
-        (Ok(_), _) => "OK".to_string(),
-        (Err(e), "http") => e.http_status().as_u16().to_string(),
-        (Err(e), _) => format!("{:?}", e.grpc_code()),
+    let code: std::borrow::Cow<'static, str> = match (&result, protocol) {
+        (Ok(_), "http") => "200".into(),
+        (Ok(_), _) => "OK".into(),
+        (Err(e), "http") => e.http_status().as_u16().to_string().into(),
+        (Err(e), _) => format!("{:?}", e.grpc_code()).into(),
     };
     tracing::debug!(target: "infergate::api", model, protocol, code = %code, "request answered");
     metrics().request(model, protocol, code, started);

@@ -29,6 +29,11 @@ use tonic::{Code, Status};
 use crate::proto::inference::{ModelInferRequest, ModelInferResponse};
 
 const PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
+// Parsed once: a name given as `&str` is parsed on every lookup.
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+static GRPC_STATUS_DETAILS: http::HeaderName =
+    http::HeaderName::from_static("grpc-status-details-bin");
+static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 /// Keep-alive for every Triton connection, this client's and tonic's.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -149,7 +154,7 @@ impl H2Infer {
         let ms = budget.as_millis().clamp(1, 99_999_999);
         let timeout = HeaderValue::from_str(&format!("{ms}m"))
             .map_err(|e| Status::internal(format!("grpc-timeout: {e}")))?;
-        headers.insert("grpc-timeout", timeout);
+        headers.insert(GRPC_TIMEOUT.clone(), timeout);
         Ok(request)
     }
 
@@ -314,9 +319,12 @@ async fn drive(
 
 /// The status in `grpc-status`/`grpc-message`, if any. Status details are not forwarded.
 fn grpc_status(mut headers: HeaderMap) -> Option<Status> {
-    headers.get("grpc-status")?;
+    if headers.get(&GRPC_STATUS)? == "0" {
+        // Every answer's trailers: no message or details to read.
+        return Some(Status::new(Code::Ok, ""));
+    }
     // tonic panics on details that are not base64; infergate does not use them.
-    headers.remove("grpc-status-details-bin");
+    headers.remove(&GRPC_STATUS_DETAILS);
     Status::from_header_map(&headers)
 }
 
@@ -435,6 +443,13 @@ mod tests {
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(s.message(), "bad shape");
         assert!(grpc_status(HeaderMap::new()).is_none());
+        let mut ok = HeaderMap::new();
+        ok.insert("grpc-status", HeaderValue::from_static("0"));
+        assert_eq!(grpc_status(ok).unwrap().code(), Code::Ok);
+        // Only "0" is OK: anything else goes through tonic's parsing.
+        let mut odd = HeaderMap::new();
+        odd.insert("grpc-status", HeaderValue::from_static("00x"));
+        assert_ne!(grpc_status(odd).unwrap().code(), Code::Ok);
         assert_eq!(
             status_for_http(http::StatusCode::SERVICE_UNAVAILABLE).code(),
             Code::Unavailable

@@ -270,8 +270,24 @@ fn push_name(k: &mut String, s: &str) {
     k.push_str(s);
 }
 
+/// Decimal digits without `write!`: the formatting machinery cost more than the rest of the
+/// key (callgrind, loadtest/BENCHMARKS.md).
 fn push_int(k: &mut String, n: i64) {
-    let _ = write!(k, "{n}");
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut v = n.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        k.push('-');
+    }
+    k.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
 }
 
 fn sorted(p: &HashMap<String, InferParameter>) -> Vec<(&String, &InferParameter)> {
@@ -923,6 +939,15 @@ mod tests {
             },
         );
         assert!(ModelSettings::for_model(&model(8, None), &one_on).is_some());
+    }
+
+    #[test]
+    fn key_numbers_are_written_as_format_writes_them() {
+        for n in [0, 7, -7, 10, 1234567890, i64::MAX, i64::MIN, -1] {
+            let mut k = String::new();
+            push_int(&mut k, n);
+            assert_eq!(k, n.to_string());
+        }
     }
 
     #[test]

@@ -28,6 +28,12 @@ pub struct Pending<T> {
     pub item: T,
 }
 
+/// Keys are compared often: the batcher gives requests with equal keys one shared `Arc`
+/// ([`BatchQueue::push`]), so most comparisons end at the pointer.
+fn same_key(a: &Arc<str>, b: &Arc<str>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropped {
     Expired,
@@ -38,6 +44,8 @@ pub struct BatchQueue<T> {
     levels: Vec<VecDeque<Pending<T>>>,
     len: usize,
     max_priority_wait: Duration,
+    /// The key of the last request pushed.
+    last_key: Option<Arc<str>>,
 }
 
 impl<T: Waiter> BatchQueue<T> {
@@ -46,6 +54,7 @@ impl<T: Waiter> BatchQueue<T> {
             levels: (0..levels.max(1)).map(|_| VecDeque::new()).collect(),
             len: 0,
             max_priority_wait,
+            last_key: None,
         }
     }
 
@@ -57,7 +66,18 @@ impl<T: Waiter> BatchQueue<T> {
         self.len == 0
     }
 
-    pub fn push(&mut self, p: Pending<T>) {
+    pub fn push(&mut self, mut p: Pending<T>) {
+        // Share the key of the request before it when equal (the usual case: one kind of
+        // request per model), so that comparing the two is a pointer comparison.
+        if let Some(last) = &self.last_key {
+            if same_key(last, &p.key) {
+                p.key = Arc::clone(last);
+            } else {
+                self.last_key = Some(Arc::clone(&p.key));
+            }
+        } else {
+            self.last_key = Some(Arc::clone(&p.key));
+        }
         let level = p.level.min(self.levels.len() - 1);
         self.levels[level].push_back(p);
         self.len += 1;
@@ -123,16 +143,39 @@ impl<T: Waiter> BatchQueue<T> {
     }
 
     /// Rows that the next batch would hold if it were taken now (capped at `max_rows`).
+    ///
+    /// The batcher asks this on every arrival, so the usual case (no request has aged past
+    /// `max_priority_wait`: the fill order is the levels in turn) walks the queue in place,
+    /// without building the order, and stops once the batch is full.
     pub fn ready_rows(&self, now: Instant, max_rows: i64) -> i64 {
-        let order = self.fill_order(now);
-        let Some(&(hl, hi)) = order.first() else {
+        // Aged, as `fill_order` counts it: enqueued at or before `now - max_priority_wait`
+        // (one subtraction instead of one per request); with no wait at all, every request.
+        let wait = self.max_priority_wait;
+        let aged = wait.is_zero()
+            || now
+                .checked_sub(wait)
+                .is_some_and(|cutoff| self.levels.iter().flatten().any(|p| p.enqueued <= cutoff));
+        if aged {
+            let order = self.fill_order(now);
+            return Self::fill(order.iter().map(|&(l, i)| &self.levels[l][i]), max_rows);
+        }
+        Self::fill(self.levels.iter().flatten(), max_rows)
+    }
+
+    /// Rows of the head and of the compatible requests after it that fit in `max_rows`.
+    fn fill<'a>(mut order: impl Iterator<Item = &'a Pending<T>>, max_rows: i64) -> i64
+    where
+        T: 'a,
+    {
+        let Some(head) = order.next() else {
             return 0;
         };
-        let key = &self.levels[hl][hi].key;
-        let mut rows = 0;
-        for (l, i) in order {
-            let p = &self.levels[l][i];
-            if p.key == *key && rows + p.rows <= max_rows {
+        let mut rows = if head.rows <= max_rows { head.rows } else { 0 };
+        for p in order {
+            if rows >= max_rows {
+                break;
+            }
+            if rows + p.rows <= max_rows && same_key(&p.key, &head.key) {
                 rows += p.rows;
             }
         }
@@ -164,7 +207,7 @@ impl<T: Waiter> BatchQueue<T> {
         for (l, i) in order {
             let p = &self.levels[l][i];
             // The head always goes, even alone; others only while they fit.
-            if p.key == key && (chosen.is_empty() || rows + p.rows <= cap) {
+            if same_key(&p.key, &key) && (chosen.is_empty() || rows + p.rows <= cap) {
                 rows += p.rows;
                 chosen.push((l, i));
             }
@@ -257,6 +300,65 @@ mod tests {
         q.push(p(4, "high", 1, 0, t + Duration::from_millis(40)));
         assert_eq!(ids(&q.take_batch(t + wait, 1, &[])), vec![1]);
         assert_eq!(ids(&q.take_batch(t + wait, 1, &[])), vec![4]);
+    }
+
+    #[test]
+    fn ready_rows_are_the_rows_the_next_batch_takes() {
+        // Random queues (a small LCG, so a failure repeats): keys, levels, sizes and ages
+        // mixed, some aged past max_priority_wait and some not, so both ways of walking the
+        // queue are checked against take_batch, which always builds the full fill order.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 33) % n
+        };
+        let t = Instant::now();
+        let mut aged_cases = 0;
+        for _ in 0..500 {
+            // Now and then no wait at all (every request counts as aged); some requests are
+            // enqueued after `now` (the actor reads the clock after callers stamp them).
+            let wait = Duration::from_millis(if next(10) == 0 { 0 } else { 50 });
+            let mut q = BatchQueue::new(3, wait);
+            let n = 1 + next(12);
+            // No request is over max_batch_size here: larger ones are split before batching.
+            let max = 1 + next(8) as i64;
+            for id in 0..n {
+                let key = ["a", "b"][next(2) as usize];
+                let at = t + Duration::from_millis(next(40));
+                let rows = 1 + next(max as u64) as i64;
+                q.push(p(id as u32, key, rows, next(3) as usize, at));
+            }
+            let now = t + Duration::from_millis(next(100));
+            if q.levels
+                .iter()
+                .flatten()
+                .any(|x| now.saturating_duration_since(x.enqueued) >= wait)
+            {
+                aged_cases += 1;
+            }
+            let ready = q.ready_rows(now, max);
+            let taken: i64 = q.take_batch(now, max, &[]).iter().map(|x| x.rows).sum();
+            assert_eq!(ready, taken, "n={n} max={max}");
+        }
+        assert!(
+            (50..450).contains(&aged_cases),
+            "{aged_cases} of 500 had aged requests"
+        );
+    }
+
+    #[test]
+    fn equal_keys_share_one_allocation() {
+        let t = Instant::now();
+        let mut q = BatchQueue::new(1, Duration::from_secs(1));
+        q.push(p(1, "a", 1, 0, t));
+        q.push(p(2, "a", 1, 0, t));
+        q.push(p(3, "b", 1, 0, t));
+        q.push(p(4, "b", 1, 0, t));
+        let l = &q.levels[0];
+        assert!(Arc::ptr_eq(&l[0].key, &l[1].key));
+        assert!(Arc::ptr_eq(&l[2].key, &l[3].key));
+        assert!(!Arc::ptr_eq(&l[1].key, &l[2].key));
+        assert_eq!(&*l[3].key, "b");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! before each scrape.
 
 use std::{
+    borrow::Cow,
     sync::OnceLock,
     time::{Duration, Instant},
 };
@@ -22,7 +23,8 @@ pub struct RequestLabels {
     /// `grpc` or `http`.
     pub protocol: &'static str,
     /// gRPC status name (`OK`, `InvalidArgument`...) or HTTP status (`200`, `400`...).
-    pub code: String,
+    /// Borrowed for the success codes, so a successful request allocates no label.
+    pub code: Cow<'static, str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -218,7 +220,13 @@ impl Metrics {
     }
 
     /// One answered API request: its count by code and its total duration.
-    pub fn request(&self, model: &str, protocol: &'static str, code: String, started: Instant) {
+    pub fn request(
+        &self,
+        model: &str,
+        protocol: &'static str,
+        code: Cow<'static, str>,
+        started: Instant,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
                 model: model.to_owned(),

@@ -7,6 +7,7 @@
 //!   messages, and out to Triton (see [`trace`]).
 //! - Metrics: Prometheus counters and histograms (see [`metrics`]).
 
+pub mod fields;
 pub mod metrics;
 pub mod trace;
 
@@ -54,6 +55,7 @@ fn log_layer(cfg: &LogConfig) -> BoxedLayer {
             .with_filter(filter)
             .boxed(),
         LogFormat::Text => fmt::layer()
+            .fmt_fields(fields::LogFields)
             .with_target(true)
             .with_ansi(ansi_wanted(
                 std::io::stdout().is_terminal(),

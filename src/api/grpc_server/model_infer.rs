@@ -31,6 +31,11 @@ use crate::{
 pub const PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 static X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+// Parsed once: a name given as `&str` is parsed on every use.
+static GRPC_ENCODING: header::HeaderName = header::HeaderName::from_static("grpc-encoding");
+static GRPC_ACCEPT_ENCODING: header::HeaderName =
+    header::HeaderName::from_static("grpc-accept-encoding");
+static GRPC_STATUS: header::HeaderName = header::HeaderName::from_static("grpc-status");
 
 /// What the caller is sent.
 enum Reply {
@@ -54,8 +59,15 @@ pub async fn serve(
     let request_id = match headers.get(&X_REQUEST_ID) {
         Some(id) => id.clone(),
         None => {
-            let id = HeaderValue::try_from(uuid::Uuid::new_v4().to_string())
-                .expect("a UUID is a valid header value");
+            // Encoded on the stack: `to_string` would run the formatting machinery per call.
+            let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            let id = HeaderValue::from_bytes(
+                uuid::Uuid::new_v4()
+                    .hyphenated()
+                    .encode_lower(&mut text)
+                    .as_bytes(),
+            )
+            .expect("a UUID is a valid header value");
             headers.insert(X_REQUEST_ID.clone(), id.clone());
             id
         }
@@ -97,7 +109,7 @@ async fn infer(
     body: RecvStream,
 ) -> Result<Bytes, GatewayError> {
     shared.auth.admit_http(headers)?;
-    let gzip = match headers.get("grpc-encoding").map(HeaderValue::as_bytes) {
+    let gzip = match headers.get(&GRPC_ENCODING).map(HeaderValue::as_bytes) {
         None | Some(b"identity") => false,
         Some(b"gzip") => true,
         Some(other) => {
@@ -118,7 +130,9 @@ async fn infer(
         "grpc",
         &model,
         headers,
-        shared.infer.infer_answer(req, timeout),
+        // Boxed: `observed` and the span wrapper each move the future they are given, and
+        // this one (the whole call) is over a kilobyte; a box is moved as a pointer.
+        Box::pin(shared.infer.infer_answer(req, timeout)),
     )
     .await?;
     match answer {
@@ -254,7 +268,10 @@ fn send(reply: Reply, request_id: HeaderValue, respond: &mut SendResponse<Bytes>
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/grpc"),
             );
-            h.insert("grpc-accept-encoding", HeaderValue::from_static("gzip"));
+            h.insert(
+                GRPC_ACCEPT_ENCODING.clone(),
+                HeaderValue::from_static("gzip"),
+            );
             h.insert(X_REQUEST_ID.clone(), request_id);
             let Ok(mut tx) = respond.send_response(head, false) else {
                 return;
@@ -265,7 +282,7 @@ fn send(reply: Reply, request_id: HeaderValue, respond: &mut SendResponse<Bytes>
                 return;
             }
             let mut trailers = HeaderMap::with_capacity(1);
-            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            trailers.insert(GRPC_STATUS.clone(), HeaderValue::from_static("0"));
             let _ = tx.send_trailers(trailers);
         }
         Reply::Status(err) => {
