@@ -41,9 +41,10 @@ impl GrpcApi {
 
 /// The caller's deadline from the `grpc-timeout` header (`<digits><unit>`, gRPC's wire form).
 pub fn grpc_timeout(headers: &::http::HeaderMap) -> Option<Duration> {
-    // Parsed once: a name given as `&str` is parsed on every lookup.
-    static GRPC_TIMEOUT: ::http::HeaderName = ::http::HeaderName::from_static("grpc-timeout");
-    let v = headers.get(&GRPC_TIMEOUT)?.to_str().ok()?;
+    let v = headers
+        .get(&crate::proto::headers::GRPC_TIMEOUT)?
+        .to_str()
+        .ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = num.parse().ok()?;
     Some(match unit {

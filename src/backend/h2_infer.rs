@@ -26,14 +26,12 @@ use prost::Message;
 use tokio::net::TcpStream;
 use tonic::{Code, Status};
 
-use crate::proto::inference::{ModelInferRequest, ModelInferResponse};
+use crate::proto::{
+    headers::{GRPC_STATUS, GRPC_STATUS_DETAILS, GRPC_TIMEOUT},
+    inference::{ModelInferRequest, ModelInferResponse},
+};
 
 const PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
-// Parsed once: a name given as `&str` is parsed on every lookup.
-static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-static GRPC_STATUS_DETAILS: http::HeaderName =
-    http::HeaderName::from_static("grpc-status-details-bin");
-static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 /// Keep-alive for every Triton connection, this client's and tonic's.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);

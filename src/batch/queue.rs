@@ -69,14 +69,9 @@ impl<T: Waiter> BatchQueue<T> {
     pub fn push(&mut self, mut p: Pending<T>) {
         // Share the key of the request before it when equal (the usual case: one kind of
         // request per model), so that comparing the two is a pointer comparison.
-        if let Some(last) = &self.last_key {
-            if same_key(last, &p.key) {
-                p.key = Arc::clone(last);
-            } else {
-                self.last_key = Some(Arc::clone(&p.key));
-            }
-        } else {
-            self.last_key = Some(Arc::clone(&p.key));
+        match &self.last_key {
+            Some(last) if same_key(last, &p.key) => p.key = Arc::clone(last),
+            _ => self.last_key = Some(Arc::clone(&p.key)),
         }
         let level = p.level.min(self.levels.len() - 1);
         self.levels[level].push_back(p);

@@ -25,17 +25,15 @@ use crate::{
     api::{grpc::grpc_timeout, observed},
     backend::triton::Answer,
     error::GatewayError,
-    proto::inference::ModelInferRequest,
+    proto::{
+        headers::{GRPC_ACCEPT_ENCODING, GRPC_ENCODING, GRPC_STATUS},
+        inference::ModelInferRequest,
+    },
 };
 
 pub const PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 static X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
-// Parsed once: a name given as `&str` is parsed on every use.
-static GRPC_ENCODING: header::HeaderName = header::HeaderName::from_static("grpc-encoding");
-static GRPC_ACCEPT_ENCODING: header::HeaderName =
-    header::HeaderName::from_static("grpc-accept-encoding");
-static GRPC_STATUS: header::HeaderName = header::HeaderName::from_static("grpc-status");
 
 /// What the caller is sent.
 enum Reply {
