@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{codec::CompressionEncoding, service::interceptor::InterceptedService};
 use tonic_health::ServingStatus;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::{
     api::{
@@ -323,7 +323,7 @@ impl Gateway {
             .layer(tower::util::MapResponseLayer::new(
                 oversize_is_resource_exhausted,
             ))
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(SetRequestIdLayer::x_request_id(crate::api::RequestIds))
             .layer(PropagateRequestIdLayer::x_request_id())
             .service(routes);
         let grpc_server = GrpcServer {
@@ -355,7 +355,7 @@ impl Gateway {
             auth,
         })
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
+        .layer(SetRequestIdLayer::x_request_id(crate::api::RequestIds));
         let mut http_task = match (http_tls, &cfg.server.tls) {
             (Some(config), Some(files)) => tokio::spawn(
                 axum::serve(

@@ -41,6 +41,33 @@ pub fn request_id(headers: &::http::HeaderMap) -> Option<&str> {
     headers.get("x-request-id").and_then(|v| v.to_str().ok())
 }
 
+/// A fresh request id (a v4 UUID), marked sensitive so that HTTP/2 sends it as a literal
+/// HPACK never indexes: every id is new, and indexing one would only evict useful entries
+/// from the connection's header table (and make the encoder compare each new id with the
+/// dozens of old ones there).
+pub fn new_request_id() -> ::http::HeaderValue {
+    // Encoded on the stack: `to_string` would run the formatting machinery per call.
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+    let mut value =
+        ::http::HeaderValue::from_bytes(id.as_bytes()).expect("a UUID is a valid header value");
+    value.set_sensitive(true);
+    value
+}
+
+/// The `x-request-id` layers' source of ids: [`new_request_id`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestIds;
+
+impl tower_http::request_id::MakeRequestId for RequestIds {
+    fn make_request_id<B>(
+        &mut self,
+        _: &::http::Request<B>,
+    ) -> Option<tower_http::request_id::RequestId> {
+        Some(tower_http::request_id::RequestId::new(new_request_id()))
+    }
+}
+
 /// A header's value as text, if it is visible ASCII.
 pub fn header_text(headers: &::http::HeaderMap, name: &str) -> Option<String> {
     headers
@@ -90,4 +117,29 @@ pub async fn observed<T>(
     tracing::debug!(target: "infergate::api", model, protocol, code = %code, "request answered");
     metrics().request(model, protocol, code, started);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_fresh_uuids_hpack_does_not_index() {
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_ne!(a, b);
+        for id in [&a, &b] {
+            assert!(id.is_sensitive());
+            let text = id.to_str().unwrap();
+            let parsed = uuid::Uuid::parse_str(text).unwrap();
+            assert_eq!(parsed.get_version_num(), 4);
+            assert_eq!(parsed.hyphenated().to_string(), text);
+        }
+        let mut make = RequestIds;
+        let id = tower_http::request_id::MakeRequestId::make_request_id(
+            &mut make,
+            &::http::Request::new(()),
+        )
+        .unwrap();
+        assert!(id.header_value().is_sensitive());
+    }
 }

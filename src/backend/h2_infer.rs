@@ -150,8 +150,11 @@ impl H2Infer {
         headers.insert(header::USER_AGENT, HeaderValue::from_static("infergate"));
         // gRPC allows at most 8 digits.
         let ms = budget.as_millis().clamp(1, 99_999_999);
-        let timeout = HeaderValue::from_str(&format!("{ms}m"))
+        let mut timeout = HeaderValue::from_str(&format!("{ms}m"))
             .map_err(|e| Status::internal(format!("grpc-timeout: {e}")))?;
+        // The remaining budget differs from call to call: sent as a literal HPACK never
+        // indexes, so it does not churn the connection's header table (see `new_request_id`).
+        timeout.set_sensitive(true);
         headers.insert(GRPC_TIMEOUT.clone(), timeout);
         Ok(request)
     }
@@ -388,6 +391,18 @@ mod tests {
         );
         assert!(H2Infer::new("https://triton:8001", t, 1).is_none());
         assert!(H2Infer::new("not a url", t, 1).is_none());
+    }
+
+    #[test]
+    fn the_budget_is_sent_as_a_header_hpack_does_not_index() {
+        let h = H2Infer::new("http://triton:8001", Duration::from_secs(1), 1024).unwrap();
+        let req = h
+            .request(Duration::from_millis(1500), HeaderMap::new())
+            .unwrap();
+        let timeout = &req.headers()[&GRPC_TIMEOUT];
+        assert_eq!(timeout, "1500m");
+        assert!(timeout.is_sensitive());
+        assert!(!req.headers()[header::CONTENT_TYPE].is_sensitive());
     }
 
     #[test]

@@ -104,13 +104,15 @@ impl Drop for InFlight {
     }
 }
 
-type ModelKey = (String, String);
+/// A model's cached descriptions by version, each with the time it was fetched.
+type ModelVersions = HashMap<String, (Instant, Arc<ModelInfo>)>;
 
 pub struct TritonPool {
     endpoints: Vec<Arc<Endpoint>>,
     next: AtomicUsize,
     cfg: TritonConfig,
-    models: RwLock<HashMap<ModelKey, (Instant, Arc<ModelInfo>)>>,
+    /// By name, then version: nested so that a lookup borrows the request's strings.
+    models: RwLock<HashMap<String, ModelVersions>>,
 }
 
 impl TritonPool {
@@ -368,7 +370,7 @@ impl TritonPool {
             })
             .instrument(span.clone())
             .await;
-        metrics().observe(&model, "triton", started.elapsed());
+        metrics().triton_call(&model, started.elapsed());
         if let Err(e) = &result {
             trace::record_error(&span, e);
         }
@@ -469,24 +471,29 @@ impl TritonPool {
         name: &str,
         version: &str,
     ) -> Result<Arc<ModelInfo>, GatewayError> {
-        let key = (name.to_string(), version.to_string());
         let ttl = Duration::from_millis(self.cfg.model_cache_ttl_ms);
-        if let Some((at, info)) = self.models.read().expect("model cache lock").get(&key)
+        if let Some((at, info)) = self.cached(name, version)
             && at.elapsed() < ttl
         {
-            return Ok(Arc::clone(info));
+            return Ok(info);
         }
         // Boxed: the fetch's future (two tonic calls) is ~7.7 KB, and every caller's future
         // (each request and task) would otherwise carry that much for a rare cache miss.
-        Box::pin(self.fetch_model_info(key)).await
+        Box::pin(self.fetch_model_info(name, version)).await
+    }
+
+    fn cached(&self, name: &str, version: &str) -> Option<(Instant, Arc<ModelInfo>)> {
+        let models = self.models.read().expect("model cache lock");
+        let (at, info) = models.get(name)?.get(version)?;
+        Some((*at, Arc::clone(info)))
     }
 
     /// Reads a model's metadata and config from Triton into the cache.
     async fn fetch_model_info(
         &self,
-        key: (String, String),
+        name: &str,
+        version: &str,
     ) -> Result<Arc<ModelInfo>, GatewayError> {
-        let (name, version) = (key.0.as_str(), key.1.as_str());
         let fetched = tokio::try_join!(
             self.model_metadata(name, version),
             self.model_config(name, version)
@@ -496,18 +503,21 @@ impl TritonPool {
             // Triton unreachable: a description we had is still the best guess, so async
             // tasks keep being accepted (and wait in the broker) through an outage.
             Err(e @ GatewayError::Unavailable(_)) => {
-                return match self.models.read().expect("model cache lock").get(&key) {
-                    Some((_, info)) => Ok(Arc::clone(info)),
+                return match self.cached(name, version) {
+                    Some((_, info)) => Ok(info),
                     None => Err(e),
                 };
             }
             Err(e) => return Err(e),
         };
         let info = Arc::new(ModelInfo::new(metadata, config.config.unwrap_or_default()));
+        metrics().register_model(&info.name);
         self.models
             .write()
             .expect("model cache lock")
-            .insert(key, (Instant::now(), Arc::clone(&info)));
+            .entry(name.to_string())
+            .or_default()
+            .insert(version.to_string(), (Instant::now(), Arc::clone(&info)));
         Ok(info)
     }
 }

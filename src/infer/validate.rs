@@ -60,10 +60,6 @@ impl ModelInfo {
         }
     }
 
-    fn input(&self, name: &str) -> Option<&TensorSpec> {
-        self.inputs.iter().find(|t| t.name == name)
-    }
-
     fn names(list: &[TensorSpec]) -> String {
         let names: Vec<&str> = list.iter().map(|t| t.name.as_str()).collect();
         format!("[{}]", names.join(", "))
@@ -98,18 +94,23 @@ pub fn validate(req: &mut ModelInferRequest, info: &ModelInfo) -> Result<Validat
         )));
     }
     let mut raws: Vec<Bytes> = Vec::with_capacity(req.inputs.len());
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut batch: Option<(i64, String)> = None;
+    // Which of the model's inputs were given, by their index in `info.inputs`: an unknown or
+    // repeated name fails at once, so the loop never runs more than inputs + 1 times and a
+    // flag per input is all the bookkeeping needed (no name is copied or hashed).
+    let mut seen = vec![false; info.inputs.len()];
+    // Rows and the index in `info.inputs` of the first input that has a batch dimension.
+    let mut batch: Option<(i64, usize)> = None;
     for i in 0..req.inputs.len() {
         let input = &mut req.inputs[i];
-        let name = input.name.clone();
-        let spec = info.input(&name).ok_or_else(|| {
-            invalid(format!(
+        let name = input.name.as_str();
+        let Some(at) = info.inputs.iter().position(|t| t.name == name) else {
+            return Err(invalid(format!(
                 "unexpected input '{name}' for model '{model}'; its inputs are {}",
                 ModelInfo::names(&info.inputs)
-            ))
-        })?;
-        if !seen.insert(name.clone()) {
+            )));
+        };
+        let spec = &info.inputs[at];
+        if std::mem::replace(&mut seen[at], true) {
             return Err(invalid(format!("input '{name}' is given twice")));
         }
         let dtype = DataType::parse(&input.datatype).ok_or_else(|| {
@@ -124,15 +125,16 @@ pub fn validate(req: &mut ModelInferRequest, info: &ModelInfo) -> Result<Validat
                 input.datatype, spec.datatype
             )));
         }
-        let rows = check_shape(&name, &input.shape, spec, info.max_batch_size, model)?;
+        let rows = check_shape(name, &input.shape, spec, info.max_batch_size, model)?;
         if let Some(rows) = rows {
-            match &batch {
-                Some((b, first)) if *b != rows => {
+            match batch {
+                Some((b, first)) if b != rows => {
                     return Err(invalid(format!(
-                        "input '{name}': batch size {rows} differs from input '{first}' ({b})"
+                        "input '{name}': batch size {rows} differs from input '{}' ({b})",
+                        info.inputs[first].name
                     )));
                 }
-                None => batch = Some((rows, name.clone())),
+                None => batch = Some((rows, at)),
                 _ => {}
             }
         }
@@ -165,29 +167,32 @@ pub fn validate(req: &mut ModelInferRequest, info: &ModelInfo) -> Result<Validat
             }
             raw
         };
-        check_data_size(&name, dtype, &input.shape, elements, &data)?;
+        check_data_size(name, dtype, &input.shape, elements, &data)?;
         raws.push(data);
     }
     if let Some(missing) = info
         .inputs
         .iter()
-        .find(|s| !s.optional && !seen.contains(&s.name))
+        .zip(&seen)
+        .find(|(s, seen)| !s.optional && !**seen)
     {
         return Err(invalid(format!(
             "missing input '{}' of model '{model}'",
-            missing.name
+            missing.0.name
         )));
     }
-    let mut wanted = HashSet::new();
+    // As for the inputs: a flag per model output, and the first unknown or repeated name ends
+    // the loop.
+    let mut wanted = vec![false; info.outputs.len()];
     for out in &req.outputs {
-        if !info.outputs.iter().any(|o| o.name == out.name) {
+        let Some(at) = info.outputs.iter().position(|o| o.name == out.name) else {
             return Err(invalid(format!(
                 "unknown output '{}' requested from model '{model}'; its outputs are {}",
                 out.name,
                 ModelInfo::names(&info.outputs)
             )));
-        }
-        if !wanted.insert(out.name.as_str()) {
+        };
+        if std::mem::replace(&mut wanted[at], true) {
             return Err(invalid(format!("output '{}' is requested twice", out.name)));
         }
     }
@@ -409,6 +414,29 @@ mod tests {
         let mut r = request(1);
         r.raw_input_contents.pop();
         assert!(err(r).contains("raw_input_contents has 1 entries for 2 inputs"));
+
+        let mut r = request(1);
+        r.inputs[1].name = "INPUT0".into();
+        assert!(err(r).contains("input 'INPUT0' is given twice"));
+
+        let mut r = request(1);
+        for _ in 0..2 {
+            r.outputs.push(InferRequestedOutputTensor {
+                name: "OUTPUT1".into(),
+                ..Default::default()
+            });
+        }
+        assert!(err(r).contains("output 'OUTPUT1' is requested twice"));
+
+        // Every output once, in any order, is fine.
+        let mut r = request(1);
+        for name in ["OUTPUT1", "OUTPUT0"] {
+            r.outputs.push(InferRequestedOutputTensor {
+                name: name.into(),
+                ..Default::default()
+            });
+        }
+        assert!(validate(&mut r, &add_sub()).is_ok());
     }
 
     #[test]

@@ -7,7 +7,8 @@
 
 use std::{
     borrow::Cow,
-    sync::OnceLock,
+    collections::HashMap,
+    sync::{OnceLock, RwLock},
     time::{Duration, Instant},
 };
 
@@ -78,8 +79,25 @@ fn batch_rows() -> Histogram {
     ])
 }
 
+/// The `model` label of API requests for a model Triton has not described to this process
+/// (an unknown name, or any name while Triton is unreachable): a caller's made-up names must
+/// not each add series that live as long as the process.
+pub const UNKNOWN_MODEL: &str = "(unknown)";
+
+/// The series of one model that every request updates, looked up once when Triton describes
+/// the model instead of by their labels (an allocation and a hash of the label set each) per
+/// request.
+struct ModelSeries {
+    grpc_ok: Counter,
+    http_ok: Counter,
+    total: Histogram,
+    triton: Histogram,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Models Triton has described ([`Metrics::register_model`]): bounded by its repository.
+    models: RwLock<HashMap<String, ModelSeries>>,
     pub requests: Family<RequestLabels, Counter>,
     pub duration: Hist<PhaseLabels>,
     pub batch_rows: Hist<ModelLabel>,
@@ -100,6 +118,7 @@ impl Metrics {
     fn new() -> Self {
         let mut m = Self {
             registry: Registry::with_prefix("infergate"),
+            models: RwLock::default(),
             requests: Family::default(),
             duration: Family::new_with_constructor(latency),
             batch_rows: Family::new_with_constructor(batch_rows),
@@ -219,7 +238,57 @@ impl Metrics {
             .observe(d.as_secs_f64());
     }
 
-    /// One answered API request: its count by code and its total duration.
+    /// Marks `model` as one Triton serves, so that API requests are counted under its name
+    /// (see [`UNKNOWN_MODEL`]). Called when its metadata is fetched; repeats are cheap.
+    pub fn register_model(&self, model: &str) {
+        if self
+            .models
+            .read()
+            .expect("metrics lock")
+            .contains_key(model)
+        {
+            return;
+        }
+        let ok = |protocol, code: &'static str| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    model: model.to_owned(),
+                    protocol,
+                    code: code.into(),
+                })
+                .clone()
+        };
+        let phase = |phase| {
+            self.duration
+                .get_or_create(&PhaseLabels {
+                    model: model.to_owned(),
+                    phase,
+                })
+                .clone()
+        };
+        let series = ModelSeries {
+            grpc_ok: ok("grpc", "OK"),
+            http_ok: ok("http", "200"),
+            total: phase("total"),
+            triton: phase("triton"),
+        };
+        self.models
+            .write()
+            .expect("metrics lock")
+            .entry(model.to_owned())
+            .or_insert(series);
+    }
+
+    /// One Triton call for `model` took `d` (the `triton` phase).
+    pub fn triton_call(&self, model: &str, d: Duration) {
+        match self.models.read().expect("metrics lock").get(model) {
+            Some(s) => s.triton.observe(d.as_secs_f64()),
+            None => self.observe(model, "triton", d),
+        }
+    }
+
+    /// One answered API request: its count by code and its total duration. A model Triton
+    /// has not described is counted as [`UNKNOWN_MODEL`].
     pub fn request(
         &self,
         model: &str,
@@ -227,6 +296,33 @@ impl Metrics {
         code: Cow<'static, str>,
         started: Instant,
     ) {
+        let elapsed = started.elapsed().as_secs_f64();
+        let models = self.models.read().expect("metrics lock");
+        let Some(series) = models.get(model) else {
+            drop(models);
+            self.count_request(UNKNOWN_MODEL, protocol, code);
+            self.duration
+                .get_or_create(&PhaseLabels {
+                    model: UNKNOWN_MODEL.to_owned(),
+                    phase: "total",
+                })
+                .observe(elapsed);
+            return;
+        };
+        match (protocol, code.as_ref()) {
+            ("grpc", "OK") => {
+                series.grpc_ok.inc();
+            }
+            ("http", "200") => {
+                series.http_ok.inc();
+            }
+            // Errors are counted by their labels: they are rarer, and their codes many.
+            _ => self.count_request(model, protocol, code),
+        }
+        series.total.observe(elapsed);
+    }
+
+    fn count_request(&self, model: &str, protocol: &'static str, code: Cow<'static, str>) {
         self.requests
             .get_or_create(&RequestLabels {
                 model: model.to_owned(),
@@ -234,7 +330,6 @@ impl Metrics {
                 code,
             })
             .inc();
-        self.observe(model, "total", started.elapsed());
     }
 
     pub fn task_state(&self, state: &'static str) {
@@ -267,6 +362,7 @@ mod tests {
     #[test]
     fn the_exposition_names_every_family() {
         let m = Metrics::new();
+        m.register_model("add_sub");
         m.request("add_sub", "grpc", "OK".into(), Instant::now());
         m.batch_rows
             .get_or_create(&ModelLabel {
@@ -291,5 +387,44 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# EOF"), "{text}");
+    }
+
+    #[test]
+    fn requests_for_models_triton_has_not_described_share_one_label() {
+        let m = Metrics::new();
+        m.register_model("add_sub");
+        m.register_model("add_sub");
+        for i in 0..50 {
+            m.request(
+                &format!("made-up-{i}"),
+                "grpc",
+                "NotFound".into(),
+                Instant::now(),
+            );
+        }
+        m.request("made-up-0", "http", "404".into(), Instant::now());
+        m.request("add_sub", "grpc", "OK".into(), Instant::now());
+        m.request("add_sub", "grpc", "OK".into(), Instant::now());
+        m.request("add_sub", "http", "200".into(), Instant::now());
+        m.request("add_sub", "grpc", "InvalidArgument".into(), Instant::now());
+        m.triton_call("add_sub", Duration::from_millis(1));
+        // A model known to the batcher or the workers before it is registered still gets
+        // its own series (those names came from Triton).
+        m.triton_call("later", Duration::from_millis(1));
+        let text = m.encode();
+        assert!(!text.contains("made-up"), "{text}");
+        for line in [
+            r#"infergate_requests_total{model="(unknown)",protocol="grpc",code="NotFound"} 50"#,
+            r#"infergate_requests_total{model="(unknown)",protocol="http",code="404"} 1"#,
+            r#"infergate_phase_duration_seconds_count{model="(unknown)",phase="total"} 51"#,
+            r#"infergate_requests_total{model="add_sub",protocol="grpc",code="OK"} 2"#,
+            r#"infergate_requests_total{model="add_sub",protocol="http",code="200"} 1"#,
+            r#"infergate_requests_total{model="add_sub",protocol="grpc",code="InvalidArgument"} 1"#,
+            r#"infergate_phase_duration_seconds_count{model="add_sub",phase="total"} 4"#,
+            r#"infergate_phase_duration_seconds_count{model="add_sub",phase="triton"} 1"#,
+            r#"infergate_phase_duration_seconds_count{model="later",phase="triton"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
     }
 }

@@ -62,10 +62,13 @@ struct MetadataInjector<'a>(&'a mut MetadataMap);
 
 impl Injector for MetadataInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (
+        if let (Ok(k), Ok(mut v)) = (
             MetadataKey::from_bytes(key.as_bytes()),
             MetadataValue::try_from(value.as_str()),
         ) {
+            // The context names a new span on every call: HPACK should not index it (see
+            // `api::new_request_id`).
+            v.set_sensitive(true);
             self.0.insert(k, v);
         }
     }
@@ -201,6 +204,18 @@ pub fn inject_into(md: &mut MetadataMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn injected_context_is_marked_for_hpack_not_to_index() {
+        let mut md = MetadataMap::new();
+        MetadataInjector(&mut md).set(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        );
+        let v = md.get("traceparent").unwrap();
+        assert!(v.is_sensitive());
+        assert!(md.into_headers()["traceparent"].is_sensitive());
+    }
 
     #[test]
     fn trace_ids_come_from_valid_traceparents_only() {

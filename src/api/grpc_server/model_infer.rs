@@ -55,17 +55,15 @@ pub async fn serve(
     let (parts, body) = req.into_parts();
     let mut headers = parts.headers;
     let request_id = match headers.get(&X_REQUEST_ID) {
-        Some(id) => id.clone(),
+        Some(id) => {
+            // Echoed as a literal HPACK never indexes, as a generated id is (see
+            // `new_request_id`): a caller's ids are as unique as ours.
+            let mut id = id.clone();
+            id.set_sensitive(true);
+            id
+        }
         None => {
-            // Encoded on the stack: `to_string` would run the formatting machinery per call.
-            let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-            let id = HeaderValue::from_bytes(
-                uuid::Uuid::new_v4()
-                    .hyphenated()
-                    .encode_lower(&mut text)
-                    .as_bytes(),
-            )
-            .expect("a UUID is a valid header value");
+            let id = crate::api::new_request_id();
             headers.insert(X_REQUEST_ID.clone(), id.clone());
             id
         }
