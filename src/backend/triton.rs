@@ -511,7 +511,8 @@ impl TritonPool {
             Err(e) => return Err(e),
         };
         let info = Arc::new(ModelInfo::new(metadata, config.config.unwrap_or_default()));
-        metrics().register_model(&info.name);
+        // The name as asked for: it is the one requests are counted under.
+        metrics().register_model(name);
         self.models
             .write()
             .expect("model cache lock")
