@@ -694,3 +694,149 @@ async fn models_without_a_batch_dimension_pass_through_alone() {
     let (after, ..) = triton_stats("add_sub").await;
     assert_eq!(after - before, 10);
 }
+
+/// A request whose batch holds only itself is sent to Triton as the caller sent it (its id
+/// included) and a gRPC caller gets Triton's answer as Triton framed it. What it gets must be
+/// what a shared batch would have given it: its id, the outputs it named, its own values, and
+/// the parameters infergate consumes kept from Triton. One row per batch shows in the metrics.
+#[tokio::test]
+async fn a_request_batched_alone_gets_its_id_outputs_and_values() {
+    let _g = ADD_SUB_COUNTS.lock().await;
+    let gw = gateway().await;
+    let mut c = gw.client().await;
+    let http = reqwest::Client::new();
+    let rows_count = "infergate_batch_rows_count{model=\"add_sub\"}";
+    let before = scrape(&http, &gw.http_base())
+        .await
+        .get(rows_count)
+        .copied()
+        .unwrap_or(0.0);
+    let (req_before, ..) = triton_stats("add_sub").await;
+    for (k, named) in [&["OUTPUT1"][..], &[], &["OUTPUT0", "OUTPUT1"]]
+        .into_iter()
+        .enumerate()
+    {
+        let seed = 900 + k as u32;
+        let (mut req, a, b) = add_sub(1 + k, seed);
+        req.outputs = named
+            .iter()
+            .map(|n| InferRequestedOutputTensor {
+                name: n.to_string(),
+                ..Default::default()
+            })
+            .collect();
+        // Consumed by infergate: Triton's add_sub has no priority levels.
+        req.parameters.insert("priority".into(), param(1));
+        let r = c.model_infer(req).await.expect("call").into_inner();
+        assert_eq!(r.id, format!("caller-{seed}"));
+        assert_eq!(r.model_name, "add_sub");
+        let want: Vec<&str> = ["OUTPUT0", "OUTPUT1"]
+            .into_iter()
+            .filter(|n| named.is_empty() || named.contains(n))
+            .collect();
+        let got: Vec<&str> = r.outputs.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(got, want, "caller {k}");
+        for (o, raw) in r.outputs.iter().zip(&r.raw_output_contents) {
+            assert_eq!(o.shape, vec![1 + k as i64, 16]);
+            let expect: Vec<f32> = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| if o.name == "OUTPUT0" { x + y } else { x - y })
+                .collect();
+            assert_eq!(f32_from(raw), expect, "caller {k} {}", o.name);
+        }
+    }
+    // The same over HTTP, which always gets a decoded answer.
+    let body = serde_json::json!({
+        "id": "http-alone",
+        "inputs": [
+            {"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": vec![2.0; 16]},
+            {"name": "INPUT1", "datatype": "FP32", "shape": [1, 16], "data": vec![0.5; 16]},
+        ],
+        "outputs": [{"name": "OUTPUT1"}],
+    });
+    let r: serde_json::Value = http
+        .post(format!("{}/v2/models/add_sub/infer", gw.http_base()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["id"], "http-alone", "{r}");
+    assert_eq!(r["outputs"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["outputs"][0]["name"], "OUTPUT1");
+    assert_eq!(r["outputs"][0]["data"], serde_json::json!(vec![1.5; 16]));
+    // Triton counts a request in its statistics just after it answers: wait for the count
+    // (bounded), then check it stopped at one Triton request each.
+    let mut sent = 0;
+    for _ in 0..100 {
+        sent = triton_stats("add_sub").await.0 - req_before;
+        if sent >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sent, 4, "one Triton request each");
+    let after = scrape(&http, &gw.http_base()).await[rows_count];
+    assert_eq!(after - before, 4.0, "four batches of their own");
+    gw.shutdown().await.expect("drains");
+}
+
+/// Adaptive mode under callers that each wait for their answer before sending again (a closed
+/// loop, as most clients and perf_analyzer are): every row comes back to its own caller, and
+/// batches form, since only two calls run at once while sixteen callers are inside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_batches_closed_loop_callers_and_each_gets_its_rows() {
+    let _g = ADD_SUB_COUNTS.lock().await;
+    let mut cfg = test_config(vec![triton().grpc_url()]);
+    cfg.batching.mode = BatchMode::Adaptive;
+    cfg.batching.max_queue_delay_us = Some(2_000);
+    let gw = gateway_with(cfg).await;
+    let client = gw.client().await;
+    let (req_before, rows_before, _) = triton_stats("add_sub").await;
+    let (callers, each) = (16u32, 12u32);
+    let mut tasks = Vec::new();
+    let mut total_rows = 0u64;
+    for caller in 0..callers {
+        let rows: Vec<usize> = (0..each)
+            .map(|k| 1 + ((caller * 31 + k * 7) % 5) as usize)
+            .collect();
+        total_rows += rows.iter().sum::<usize>() as u64;
+        let mut c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            for (k, n) in rows.into_iter().enumerate() {
+                let seed = 2_000 + caller * 100 + k as u32;
+                let (req, a, b) = add_sub(n, seed);
+                let r = c.model_infer(req).await.expect("call").into_inner();
+                assert_eq!(r.id, format!("caller-{seed}"));
+                let sum: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+                let diff: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+                assert_eq!(f32_from(&r.raw_output_contents[0]), sum, "caller {seed}");
+                assert_eq!(f32_from(&r.raw_output_contents[1]), diff, "caller {seed}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("a caller panicked");
+    }
+    let mut stats = triton_stats("add_sub").await;
+    for _ in 0..100 {
+        if stats.1 - rows_before >= total_rows {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stats = triton_stats("add_sub").await;
+    }
+    let (req_after, rows_after, _) = stats;
+    assert_eq!(rows_after - rows_before, total_rows, "every row once");
+    let sent = req_after - req_before;
+    let requests = (callers * each) as u64;
+    assert!(
+        sent < requests,
+        "{requests} requests reached Triton as {sent} calls: no batch formed"
+    );
+    println!("adaptive: {requests} closed-loop requests -> {sent} Triton requests");
+    gw.shutdown().await.expect("drains");
+}

@@ -25,6 +25,15 @@
 //!   waits for `min(max_queue_delay, L/2, (target_rows - rows) * g)`, i.e. no longer than it
 //!   takes the expected arrivals to fill the batch, and never more than half a Triton call.
 //!   At low load this adds no delay; at high load batches fill without a fixed timer.
+//!   Callers that wait for their answer before sending again (a closed loop: most clients,
+//!   perf_analyzer's concurrency mode) cannot arrive while they are inside, so the actor also
+//!   keeps `peak`, a slowly decaying maximum of the requests inside it (queued plus in its
+//!   calls to Triton), sampled at each arrival. Only `peak - inside` more callers are
+//!   expected: the wait is bounded by that many gaps as well, and once every caller seen
+//!   lately is inside (`inside >= peak`) the batch leaves at once instead of waiting for
+//!   arrivals that cannot come. (A caller that just got its answer is outside until it sends
+//!   again: waiting for it is what fills the batch.) The decay (a factor of e per
+//!   `PEAK_DECAY_ARRIVALS` arrivals) lets the peak follow a load that shrinks.
 
 pub mod queue;
 pub mod split;
@@ -43,24 +52,26 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::{
-    backend::triton::TritonPool,
-    config::{BatchMode, BatchingConfig},
+    backend::triton::{Answer, TritonPool},
+    config::{BatchMode, BatchingConfig, ModelBatching},
     error::GatewayError,
     infer::ModelInfo,
     proto::inference::{
-        InferParameter, ModelInferRequest, ModelInferResponse, ModelInstanceGroup,
-        infer_parameter::ParameterChoice, model_config::SchedulingChoice,
-        model_instance_group::Kind,
+        InferParameter, ModelInferRequest, ModelInstanceGroup, infer_parameter::ParameterChoice,
+        model_config::SchedulingChoice, model_instance_group::Kind,
     },
-    telemetry::metrics::{ModelLabel, metrics},
+    telemetry::metrics::metrics,
 };
 use queue::{BatchQueue, Dropped, Pending, Waiter};
 
-type Reply = oneshot::Sender<Result<ModelInferResponse, GatewayError>>;
+type Reply = oneshot::Sender<Result<Answer, GatewayError>>;
 
 struct Job {
     req: ModelInferRequest,
     reply: Reply,
+    /// The caller can take Triton's answer as Triton framed it (a gRPC caller), should its
+    /// batch hold only its own request.
+    framed: bool,
     /// The caller's trace context (tracing on only): parent and links of the batch span.
     trace: Option<opentelemetry::Context>,
     /// Open while the request waits for its batch (tracing on only).
@@ -122,7 +133,8 @@ impl ModelSettings {
     /// the model cannot be batched by the gateway (no batch dimension, sequence batching,
     /// decoupled) or batching is off for it.
     pub fn for_model(info: &ModelInfo, cfg: &BatchingConfig) -> Option<Self> {
-        let ov = cfg.models.get(&info.name).cloned().unwrap_or_default();
+        let none = ModelBatching::default();
+        let ov = cfg.models.get(&info.name).unwrap_or(&none);
         let mode = ov.mode.unwrap_or(cfg.mode);
         let decoupled = info
             .config
@@ -150,6 +162,7 @@ impl ModelSettings {
             .unwrap_or(0);
         let preferred = ov
             .preferred_batch_sizes
+            .clone()
             .unwrap_or_else(|| {
                 triton.map_or_else(Vec::new, |d| {
                     d.preferred_batch_size
@@ -303,6 +316,46 @@ struct Observed {
     gap_ns: AtomicU64,
     /// Triton latency of a batch, nanoseconds (EWMA).
     triton_ns: AtomicU64,
+    /// Requests of this queue in calls to Triton now.
+    in_calls: AtomicUsize,
+}
+
+/// Counts a batch's members in [`Observed::in_calls`] while it exists.
+struct InCall(Arc<Observed>, usize);
+
+impl InCall {
+    fn new(observed: &Arc<Observed>, members: usize) -> Self {
+        observed.in_calls.fetch_add(members, Ordering::Relaxed);
+        Self(Arc::clone(observed), members)
+    }
+}
+
+impl Drop for InCall {
+    fn drop(&mut self) {
+        self.0.in_calls.fetch_sub(self.1, Ordering::Relaxed);
+    }
+}
+
+/// Arrivals over which the adaptive `peak` of requests inside decays by a factor of e.
+const PEAK_DECAY_ARRIVALS: f64 = 512.0;
+
+/// The adaptive window (module docs): how long a batch missing `missing_rows` rows may wait,
+/// given the mean gap between arrivals, the mean Triton call, and how many more callers are
+/// expected (`peak - inside`).
+fn adaptive_window(
+    gap: Duration,
+    call: Duration,
+    missing_rows: i64,
+    expected_callers: f64,
+    max_delay: Duration,
+) -> Duration {
+    let half_call = call / 2;
+    if gap.is_zero() || gap >= half_call || missing_rows <= 0 || expected_callers < 1.0 {
+        return Duration::ZERO;
+    }
+    // Each caller brings at least one row.
+    let arrivals = expected_callers.floor().min(missing_rows as f64);
+    max_delay.min(half_call).min(gap.mul_f64(arrivals))
 }
 
 fn ewma(slot: &AtomicU64, sample: Duration) {
@@ -361,6 +414,7 @@ impl ModelBatcher {
             slots: Arc::clone(&self.slots),
             observed: Arc::new(Observed::default()),
             last_arrival: None,
+            peak: 0.0,
         };
         match (lane, main) {
             (None, Some(rt)) => drop(rt.spawn(actor.run())),
@@ -376,7 +430,8 @@ impl ModelBatcher {
 pub struct Batcher {
     backend: Arc<TritonPool>,
     cfg: BatchingConfig,
-    models: Mutex<HashMap<(String, String), Arc<ModelBatcher>>>,
+    /// By model name, then version: looked up with the request's borrowed names.
+    models: Mutex<HashMap<String, HashMap<String, Arc<ModelBatcher>>>>,
     /// Where the actors of callers off the serving threads (HTTP, task workers) run: the
     /// runtime the batcher was made on.
     runtime: Option<tokio::runtime::Handle>,
@@ -396,8 +451,12 @@ impl Batcher {
     pub fn queue_depths(&self) -> Vec<(String, usize)> {
         let models = self.models.lock().expect("batcher map lock");
         let mut depths = std::collections::BTreeMap::<String, usize>::new();
-        for ((name, _), m) in models.iter() {
-            *depths.entry(name.clone()).or_default() += m.queued.load(Ordering::Relaxed);
+        for (name, versions) in models.iter() {
+            let queued: usize = versions
+                .values()
+                .map(|m| m.queued.load(Ordering::Relaxed))
+                .sum();
+            *depths.entry(name.clone()).or_default() += queued;
         }
         depths.into_iter().collect()
     }
@@ -408,9 +467,8 @@ impl Batcher {
     }
 
     fn model(&self, info: &ModelInfo, version: &str, settings: ModelSettings) -> Arc<ModelBatcher> {
-        let key = (info.name.clone(), version.to_string());
         let mut models = self.models.lock().expect("batcher map lock");
-        if let Some(m) = models.get(&key)
+        if let Some(m) = models.get(&info.name).and_then(|v| v.get(version))
             && m.settings == settings
         {
             return Arc::clone(m);
@@ -422,12 +480,16 @@ impl Batcher {
             slots: Arc::new(Semaphore::new(permits)),
             inboxes: Mutex::new(Vec::new()),
         });
-        models.insert(key, Arc::clone(&m));
+        models
+            .entry(info.name.clone())
+            .or_default()
+            .insert(version.to_string(), Arc::clone(&m));
         m
     }
 
     /// Queues a validated request of `rows` rows (at most the model's max_batch_size) and waits
-    /// for its share of a batch.
+    /// for its share of a batch. With `framed`, a request whose batch is itself alone may be
+    /// answered with Triton's frame as it came ([`Answer::Framed`]).
     pub async fn submit(
         &self,
         info: &ModelInfo,
@@ -435,7 +497,8 @@ impl Batcher {
         req: ModelInferRequest,
         rows: i64,
         deadline: Option<Instant>,
-    ) -> Result<ModelInferResponse, GatewayError> {
+        framed: bool,
+    ) -> Result<Answer, GatewayError> {
         let level = settings.level_of(&req)?;
         let model = self.model(info, &req.model_version, settings);
         let max = model.settings.max_queue_size;
@@ -456,6 +519,7 @@ impl Batcher {
             item: Job {
                 req,
                 reply: tx,
+                framed,
                 trace: crate::telemetry::trace::current_context(),
                 _wait_span: crate::telemetry::trace::enabled()
                     .then(|| tracing::info_span!("batch_wait", otel.name = "batch wait")),
@@ -486,6 +550,8 @@ struct Actor {
     slots: Arc<Semaphore>,
     observed: Arc<Observed>,
     last_arrival: Option<Instant>,
+    /// Decaying maximum of the requests inside (adaptive mode, see the module docs).
+    peak: f64,
 }
 
 impl Actor {
@@ -498,6 +564,15 @@ impl Actor {
         }
         self.last_arrival = Some(p.enqueued);
         self.queue.push(p);
+        if self.settings.mode == BatchMode::Adaptive {
+            let inside = self.inside() as f64;
+            self.peak = inside.max(self.peak * (1.0 - 1.0 / PEAK_DECAY_ARRIVALS));
+        }
+    }
+
+    /// Requests inside this queue: waiting, or in its calls to Triton.
+    fn inside(&self) -> usize {
+        self.queue.len() + self.observed.in_calls.load(Ordering::Relaxed)
     }
 
     /// How long the current batch may still wait for company; zero means "send now".
@@ -518,17 +593,13 @@ impl Actor {
         };
         let waited = now.saturating_duration_since(oldest);
         let window = match s.mode {
-            BatchMode::Adaptive => {
-                let gap = Duration::from_nanos(self.observed.gap_ns.load(Ordering::Relaxed));
-                let half_call =
-                    Duration::from_nanos(self.observed.triton_ns.load(Ordering::Relaxed) / 2);
-                if gap.is_zero() || gap >= half_call {
-                    Duration::ZERO
-                } else {
-                    let fill = gap.saturating_mul((target - rows).max(0) as u32);
-                    s.max_queue_delay.min(half_call).min(fill)
-                }
-            }
+            BatchMode::Adaptive => adaptive_window(
+                Duration::from_nanos(self.observed.gap_ns.load(Ordering::Relaxed)),
+                Duration::from_nanos(self.observed.triton_ns.load(Ordering::Relaxed)),
+                target - rows,
+                self.peak - self.inside() as f64,
+                s.max_queue_delay,
+            ),
             _ => s.max_queue_delay,
         };
         window.saturating_sub(waited)
@@ -585,8 +656,10 @@ impl Actor {
                     self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
                     let backend = Arc::clone(&self.backend);
                     let observed = Arc::clone(&self.observed);
+                    let in_call = InCall::new(&observed, batch.len());
                     tokio::spawn(async move {
                         run_batch(backend, batch, observed).await;
+                        drop(in_call);
                         drop(permit);
                     });
                 }
@@ -599,36 +672,54 @@ impl Actor {
     }
 }
 
+/// Removes the parameters infergate consumed; most requests carry none, and then no name is
+/// hashed.
+fn strip_own_params(call: &mut ModelInferRequest) {
+    if !call.parameters.is_empty() {
+        for p in OWN_PARAMS {
+            call.parameters.remove(*p);
+        }
+    }
+}
+
 /// Sends one batch and answers each member with its rows (or the shared error).
 async fn run_batch(backend: Arc<TritonPool>, batch: Vec<Pending<Job>>, observed: Arc<Observed>) {
     let now = Instant::now();
     let deadline = batch.iter().filter_map(|p| p.deadline).min();
     let rows: Vec<i64> = batch.iter().map(|p| p.rows).collect();
-    let m = metrics();
     let model = batch[0].item.req.model_name.clone();
     let mut members: Vec<(String, Reply)> = Vec::with_capacity(batch.len());
     let mut reqs: Vec<ModelInferRequest> = Vec::with_capacity(batch.len());
     let mut traces = Vec::new();
+    let batch_len = batch.len();
+    let alone_framed = batch_len == 1 && batch[0].item.framed;
+    let total_rows: i64 = rows.iter().sum();
+    metrics().batch(
+        &model,
+        batch
+            .iter()
+            .map(|p| now.saturating_duration_since(p.enqueued)),
+        total_rows,
+    );
     for p in batch {
-        m.observe(
-            &model,
-            "batch_wait",
-            now.saturating_duration_since(p.enqueued),
-        );
         // Dropping the job's wait span here ends it: the wait is over.
         let Job {
-            req, reply, trace, ..
+            mut req,
+            reply,
+            trace,
+            ..
         } = p.item;
         traces.extend(trace);
-        members.push((req.id.clone(), reply));
+        // A shared call carries no member's id (each answer gets its own back); a lone
+        // request keeps its id in the call.
+        let id = if batch_len == 1 {
+            String::new()
+        } else {
+            std::mem::take(&mut req.id)
+        };
+        members.push((id, reply));
         reqs.push(req);
     }
-    let total_rows: i64 = rows.iter().sum();
-    m.batch_rows
-        .get_or_create(&ModelLabel {
-            model: model.clone(),
-        })
-        .observe(total_rows as f64);
     let span = if traces.is_empty() {
         tracing::Span::none()
     } else {
@@ -642,33 +733,37 @@ async fn run_batch(backend: Arc<TritonPool>, batch: Vec<Pending<Job>>, observed:
         crate::telemetry::trace::link_members(&span, &traces);
         span
     };
+    // The tightest member's budget (the backend forwards it as Triton's `timeout`).
+    let budget = deadline.map(|d| d.saturating_duration_since(now));
+    if members.len() == 1 {
+        // Alone: the call is the caller's own request, id included (Triton echoes it), and a
+        // gRPC caller gets Triton's frame as it came, neither decoded nor encoded again.
+        let (_, reply) = members.pop().expect("one member");
+        let mut call = reqs.pop().expect("one request");
+        strip_own_params(&mut call);
+        let started = Instant::now();
+        let result = backend
+            .infer_answer(call, budget, alone_framed)
+            .instrument(span)
+            .await;
+        ewma(&observed.triton_ns, started.elapsed());
+        let _ = reply.send(result);
+        return;
+    }
     // The outputs each member of a shared call named; the call asks for their union.
-    let mut wanted = Vec::new();
-    let mut call = if reqs.len() == 1 {
-        reqs.pop().expect("one request")
-    } else {
-        let call = split::concat_requests(&reqs.iter().collect::<Vec<_>>());
-        wanted = reqs
-            .iter_mut()
-            .map(|r| std::mem::take(&mut r.outputs))
-            .collect();
-        call
-    };
+    let mut call = split::concat_requests(&reqs.iter().collect::<Vec<_>>());
+    let wanted: Vec<_> = reqs
+        .iter_mut()
+        .map(|r| std::mem::take(&mut r.outputs))
+        .collect();
     // The members' inputs are in the call now; no need to hold them during it.
     drop(reqs);
     call.id.clear();
-    for p in OWN_PARAMS {
-        call.parameters.remove(*p);
-    }
-    // The tightest member's budget (the backend forwards it as Triton's `timeout`).
-    let budget = deadline.map(|d| d.saturating_duration_since(now));
+    strip_own_params(&mut call);
     let started = Instant::now();
     let result = backend.infer(call, budget).instrument(span).await;
     ewma(&observed.triton_ns, started.elapsed());
     let parts = result.and_then(|resp| {
-        if members.len() == 1 {
-            return Ok(vec![resp]);
-        }
         let parts = split::split_response(&resp, &rows)?;
         parts
             .into_iter()
@@ -681,13 +776,13 @@ async fn run_batch(backend: Arc<TritonPool>, batch: Vec<Pending<Job>>, observed:
                     split::select_outputs(part, w)
                 }
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()
     });
     match parts {
         Ok(parts) => {
             for ((id, reply), mut part) in members.into_iter().zip(parts) {
                 part.id = id;
-                let _ = reply.send(Ok(part));
+                let _ = reply.send(Ok(Answer::Decoded(part)));
             }
         }
         Err(e) => {
@@ -730,6 +825,27 @@ mod tests {
         InferParameter {
             parameter_choice: Some(ParameterChoice::Int64Param(v)),
         }
+    }
+
+    #[test]
+    fn the_adaptive_window_waits_only_for_callers_that_can_come() {
+        let us = Duration::from_micros;
+        let max = us(2_000);
+        // Arrivals far apart against the call: send at once.
+        assert_eq!(adaptive_window(us(600), us(1_000), 10, 5.0, max), us(0));
+        // Nothing measured yet.
+        assert_eq!(adaptive_window(us(0), us(1_000), 10, 5.0, max), us(0));
+        // Every caller seen lately is inside already (closed loop): nobody else can come.
+        assert_eq!(adaptive_window(us(100), us(1_000), 10, 0.0, max), us(0));
+        assert_eq!(adaptive_window(us(100), us(1_000), 10, 0.9, max), us(0));
+        // The batch is full.
+        assert_eq!(adaptive_window(us(100), us(1_000), 0, 8.0, max), us(0));
+        // Three callers outside: three gaps, though ten rows are missing.
+        assert_eq!(adaptive_window(us(100), us(4_000), 10, 3.5, max), us(300));
+        // Many callers outside: bounded by the missing rows, half a call, the delay.
+        assert_eq!(adaptive_window(us(100), us(4_000), 5, 50.0, max), us(500));
+        assert_eq!(adaptive_window(us(100), us(1_000), 60, 50.0, max), us(500));
+        assert_eq!(adaptive_window(us(100), us(8_000), 60, 50.0, max), max);
     }
 
     #[test]

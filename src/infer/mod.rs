@@ -241,11 +241,11 @@ impl InferService {
             return Err(expired());
         }
         match settings {
-            Some(s) => self
-                .batcher
-                .submit(info, s, req, rows, deadline)
-                .await
-                .map(Answer::Decoded),
+            Some(s) => {
+                self.batcher
+                    .submit(info, s, req, rows, deadline, framed)
+                    .await
+            }
             None => {
                 let budget = deadline.map(|d| d.saturating_duration_since(now));
                 // Boxed: the call's future is ~4 KB, which every caller's future (the

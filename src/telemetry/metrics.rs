@@ -92,6 +92,9 @@ struct ModelSeries {
     http_ok: Counter,
     total: Histogram,
     triton: Histogram,
+    /// `batch_wait` phase and rows per batch, made by the model's first batch (a model that
+    /// never batches shows no batch series).
+    batch: OnceLock<(Histogram, Histogram)>,
 }
 
 pub struct Metrics {
@@ -271,12 +274,47 @@ impl Metrics {
             http_ok: ok("http", "200"),
             total: phase("total"),
             triton: phase("triton"),
+            batch: OnceLock::new(),
         };
         self.models
             .write()
             .expect("metrics lock")
             .entry(model.to_owned())
             .or_insert(series);
+    }
+
+    /// One batch of `model` left: the waits of its members (the `batch_wait` phase) and its
+    /// rows.
+    pub fn batch(&self, model: &str, waits: impl Iterator<Item = Duration>, rows: i64) {
+        let make = || {
+            let wait = self
+                .duration
+                .get_or_create(&PhaseLabels {
+                    model: model.to_owned(),
+                    phase: "batch_wait",
+                })
+                .clone();
+            let rows = self
+                .batch_rows
+                .get_or_create(&ModelLabel {
+                    model: model.to_owned(),
+                })
+                .clone();
+            (wait, rows)
+        };
+        let models = self.models.read().expect("metrics lock");
+        let made;
+        let (wait, per_batch) = match models.get(model) {
+            Some(s) => s.batch.get_or_init(make),
+            None => {
+                made = make();
+                &made
+            }
+        };
+        for d in waits {
+            wait.observe(d.as_secs_f64());
+        }
+        per_batch.observe(rows as f64);
     }
 
     /// One Triton call for `model` took `d` (the `triton` phase).
@@ -426,5 +464,34 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
         }
+    }
+
+    #[test]
+    fn batch_series_appear_with_a_models_first_batch() {
+        let m = Metrics::new();
+        m.register_model("add_sub");
+        m.register_model("never_batched");
+        let text = m.encode();
+        assert!(!text.contains("infergate_batch_rows_count"), "{text}");
+        assert!(!text.contains(r#"phase="batch_wait""#), "{text}");
+        let waits = [Duration::from_millis(1), Duration::from_millis(3)];
+        m.batch("add_sub", waits.into_iter(), 5);
+        m.batch("add_sub", [Duration::ZERO].into_iter(), 1);
+        // A model the batcher knows before it is registered still gets its series.
+        m.batch("later", [Duration::ZERO].into_iter(), 2);
+        let text = m.encode();
+        for line in [
+            r#"infergate_batch_rows_count{model="add_sub"} 2"#,
+            r#"infergate_batch_rows_sum{model="add_sub"} 6.0"#,
+            r#"infergate_phase_duration_seconds_count{model="add_sub",phase="batch_wait"} 3"#,
+            r#"infergate_phase_duration_seconds_sum{model="add_sub",phase="batch_wait"} 0.004"#,
+            r#"infergate_batch_rows_count{model="later"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
+        assert!(
+            !text.contains(r#"infergate_batch_rows_count{model="never_batched"}"#),
+            "{text}"
+        );
     }
 }
