@@ -28,12 +28,12 @@
 //!   Callers that wait for their answer before sending again (a closed loop: most clients,
 //!   perf_analyzer's concurrency mode) cannot arrive while they are inside, so the actor also
 //!   keeps `peak`, a slowly decaying maximum of the requests inside it (queued plus in its
-//!   calls to Triton), sampled at each arrival. Only `peak - inside` more callers are
-//!   expected: the wait is bounded by that many gaps as well, and once every caller seen
-//!   lately is inside (`inside >= peak`) the batch leaves at once instead of waiting for
-//!   arrivals that cannot come. (A caller that just got its answer is outside until it sends
-//!   again: waiting for it is what fills the batch.) The decay (a factor of e per
-//!   `PEAK_DECAY_ARRIVALS` arrivals) lets the peak follow a load that shrinks.
+//!   calls to Triton), sampled at each arrival. Only `peak - inside` (rounded) more callers
+//!   are expected: the wait is bounded by that many gaps as well, and once every caller seen
+//!   lately is inside, the batch leaves at once instead of waiting for arrivals that cannot
+//!   come. (A caller that just got its answer is outside until it sends again: waiting for it
+//!   is what fills the batch.) The decay (a factor of e per `PEAK_DECAY_ARRIVALS` arrivals)
+//!   lets the peak follow a load that shrinks.
 
 pub mod queue;
 pub mod split;
@@ -350,11 +350,13 @@ fn adaptive_window(
     max_delay: Duration,
 ) -> Duration {
     let half_call = call / 2;
-    if gap.is_zero() || gap >= half_call || missing_rows <= 0 || expected_callers < 1.0 {
+    // The peak decays between arrivals: 7.98 against 7 inside is one caller still out.
+    let expected = expected_callers.round();
+    if gap.is_zero() || gap >= half_call || missing_rows <= 0 || expected < 1.0 {
         return Duration::ZERO;
     }
     // Each caller brings at least one row.
-    let arrivals = expected_callers.floor().min(missing_rows as f64);
+    let arrivals = expected.min(missing_rows as f64);
     max_delay.min(half_call).min(gap.mul_f64(arrivals))
 }
 
@@ -837,11 +839,14 @@ mod tests {
         assert_eq!(adaptive_window(us(0), us(1_000), 10, 5.0, max), us(0));
         // Every caller seen lately is inside already (closed loop): nobody else can come.
         assert_eq!(adaptive_window(us(100), us(1_000), 10, 0.0, max), us(0));
-        assert_eq!(adaptive_window(us(100), us(1_000), 10, 0.9, max), us(0));
+        assert_eq!(adaptive_window(us(100), us(1_000), 10, -0.02, max), us(0));
+        assert_eq!(adaptive_window(us(100), us(1_000), 10, 0.4, max), us(0));
+        // A decayed peak of 7.98 with 7 inside: one caller is still out.
+        assert_eq!(adaptive_window(us(100), us(1_000), 10, 0.98, max), us(100));
         // The batch is full.
         assert_eq!(adaptive_window(us(100), us(1_000), 0, 8.0, max), us(0));
         // Three callers outside: three gaps, though ten rows are missing.
-        assert_eq!(adaptive_window(us(100), us(4_000), 10, 3.5, max), us(300));
+        assert_eq!(adaptive_window(us(100), us(4_000), 10, 3.2, max), us(300));
         // Many callers outside: bounded by the missing rows, half a call, the delay.
         assert_eq!(adaptive_window(us(100), us(4_000), 5, 50.0, max), us(500));
         assert_eq!(adaptive_window(us(100), us(1_000), 60, 50.0, max), us(500));
