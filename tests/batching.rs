@@ -14,7 +14,7 @@ use common::*;
 use infergate::{
     config::{BatchMode, Config, ModelBatching},
     proto::inference::{
-        InferParameter, ModelInferRequest,
+        InferParameter, ModelInferRequest, ModelInferResponse,
         infer_parameter::ParameterChoice,
         model_infer_request::{InferInputTensor, InferRequestedOutputTensor},
     },
@@ -49,6 +49,29 @@ fn add_sub(rows: usize, seed: u32) -> (ModelInferRequest, Vec<f32>, Vec<f32>) {
         ..Default::default()
     };
     (req, a, b)
+}
+
+/// The answer to `add_sub(_, seed)` carries that caller's id, `a+b` and `a-b`.
+fn assert_own_rows(r: &ModelInferResponse, seed: u32, a: &[f32], b: &[f32]) {
+    assert_eq!(r.id, format!("caller-{seed}"));
+    let sum: Vec<f32> = a.iter().zip(b).map(|(x, y)| x + y).collect();
+    let diff: Vec<f32> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    assert_eq!(f32_from(&r.raw_output_contents[0]), sum, "caller {seed}");
+    assert_eq!(f32_from(&r.raw_output_contents[1]), diff, "caller {seed}");
+}
+
+/// Triton's `(requests, rows, executions)` for `model` once `done` holds for them: Triton
+/// counts a request just after it answers it. Gives up after about 2 s with the last reading.
+async fn settled_stats(model: &str, done: impl Fn((u64, u64, u64)) -> bool) -> (u64, u64, u64) {
+    let mut stats = triton_stats(model).await;
+    for _ in 0..100 {
+        if done(stats) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stats = triton_stats(model).await;
+    }
+    stats
 }
 
 /// A refusal with `code` whose message names what went wrong.
@@ -195,11 +218,7 @@ async fn callers_on_several_serving_threads_each_get_their_rows_from_batches() {
             calls.push(tokio::spawn(async move {
                 let (req, a, b) = add_sub(rows, seed);
                 let r = c.model_infer(req).await.expect("call").into_inner();
-                assert_eq!(r.id, format!("caller-{seed}"));
-                let sum: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
-                let diff: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
-                assert_eq!(f32_from(&r.raw_output_contents[0]), sum, "caller {seed}");
-                assert_eq!(f32_from(&r.raw_output_contents[1]), diff, "caller {seed}");
+                assert_own_rows(&r, seed, &a, &b);
             }));
         }
     }
@@ -768,16 +787,7 @@ async fn a_request_batched_alone_gets_its_id_outputs_and_values() {
     assert_eq!(r["outputs"].as_array().unwrap().len(), 1, "{r}");
     assert_eq!(r["outputs"][0]["name"], "OUTPUT1");
     assert_eq!(r["outputs"][0]["data"], serde_json::json!(vec![1.5; 16]));
-    // Triton counts a request in its statistics just after it answers: wait for the count
-    // (bounded), then check it stopped at one Triton request each.
-    let mut sent = 0;
-    for _ in 0..100 {
-        sent = triton_stats("add_sub").await.0 - req_before;
-        if sent >= 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let sent = settled_stats("add_sub", |s| s.0 - req_before >= 4).await.0 - req_before;
     assert_eq!(sent, 4, "one Triton request each");
     let after = scrape(&http, &gw.http_base()).await[rows_count];
     assert_eq!(after - before, 4.0, "four batches of their own");
@@ -810,26 +820,15 @@ async fn adaptive_batches_closed_loop_callers_and_each_gets_its_rows() {
                 let seed = 2_000 + caller * 100 + k as u32;
                 let (req, a, b) = add_sub(n, seed);
                 let r = c.model_infer(req).await.expect("call").into_inner();
-                assert_eq!(r.id, format!("caller-{seed}"));
-                let sum: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
-                let diff: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
-                assert_eq!(f32_from(&r.raw_output_contents[0]), sum, "caller {seed}");
-                assert_eq!(f32_from(&r.raw_output_contents[1]), diff, "caller {seed}");
+                assert_own_rows(&r, seed, &a, &b);
             }
         }));
     }
     for t in tasks {
         t.await.expect("a caller panicked");
     }
-    let mut stats = triton_stats("add_sub").await;
-    for _ in 0..100 {
-        if stats.1 - rows_before >= total_rows {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        stats = triton_stats("add_sub").await;
-    }
-    let (req_after, rows_after, _) = stats;
+    let (req_after, rows_after, _) =
+        settled_stats("add_sub", |s| s.1 - rows_before >= total_rows).await;
     assert_eq!(rows_after - rows_before, total_rows, "every row once");
     let sent = req_after - req_before;
     let requests = (callers * each) as u64;
