@@ -9,7 +9,8 @@
 # Targets: direct (Triton), relay (examples/tcp_relay.rs), ceiling (examples/kserve_ceiling.rs)
 # and infergate variants: on (--batching on), off (--batching off), if1 and if2 (on with
 # --batch-max-inflight 1 or 2; unset, add_sub's one instance gives 2), adaptive (2 ms
-# window, as compare.sh), t1 (on with --grpc-threads 1).
+# window, as compare.sh), t1 (on with --grpc-threads 1), w<us> (on with a fixed window of
+# <us> microseconds), if1w<us> (the same, one call in flight), a<us> (adaptive, window bound).
 # A variant named base-<variant> (base-on, base-off…) runs the build in $BASELINE/infergate, so
 # two builds can be compared in the same rounds: BASELINE=<dir> loadtest/cpu-split.sh 3 64 "base-on on".
 # Writes loadtest/results/cpu-split-<date>.md and prints it. Listens on 127.0.0.1 only; every
@@ -50,6 +51,14 @@ for t in $TARGETS; do
     *)
       v=${t#base-} bin=target/release/infergate
       [[ $t == base-* ]] && bin="${BASELINE:?base-$v needs BASELINE, a directory holding another build}/infergate"
+      # w<us>: batched with a fixed window of that many microseconds; if1w<us>: the same with
+      # one call in flight; a<us>: adaptive with that window bound.
+      if [[ $v =~ ^(if1)?w([0-9]+)$ ]]; then
+        flags[$v]="--batching on --batch-max-queue-delay-us ${BASH_REMATCH[2]}"
+        [[ -n ${BASH_REMATCH[1]} ]] && flags[$v]+=" --batch-max-inflight 1"
+      elif [[ $v =~ ^a([0-9]+)$ ]]; then
+        flags[$v]="--batching adaptive --batch-max-queue-delay-us ${BASH_REMATCH[1]}"
+      fi
       [[ -n "${flags[$v]:-}" ]] || { echo "unknown target $t" >&2; exit 2; }
       g=$(port); h=$(port)
       # shellcheck disable=SC2086 # the flags are words
