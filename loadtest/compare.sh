@@ -8,6 +8,8 @@
 # the same machine conditions; each cell is the median of the rounds. Writes
 # loadtest/results/compare-<date>.md and prints it.
 #   loadtest/compare.sh [ROUNDS=3] [CONCURRENCIES="1 8 64"]
+# INFERGATE_EXTRA adds flags to every infergate it starts, e.g.
+#   INFERGATE_EXTRA="--grpc-threads 1" loadtest/compare.sh 3
 # Everything listens on 127.0.0.1 only and stops when the script exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +30,8 @@ for mode in off on adaptive; do
   g=$(port); h=$(port)
   extra=()
   [[ $mode == adaptive ]] && extra=(--batch-max-queue-delay-us 2000)
+  # shellcheck disable=SC2206 # the extra flags are words
+  extra+=(${INFERGATE_EXTRA:-})
   target_bin=target/release/infergate
   $target_bin serve --triton-url "http://127.0.0.1:$tg" --grpc-addr "127.0.0.1:$g" \
     --http-addr "127.0.0.1:$h" --batching "$mode" "${extra[@]}" >"$work/infergate-$mode.log" 2>&1 &
@@ -60,9 +64,9 @@ done
 
 mkdir -p loadtest/results
 out="loadtest/results/compare-$(date -u +%Y%m%d-%H%M).md"
-"$VENV/bin/python" - "$work" "$ROUNDS" "$CONCURRENCIES" >"$out" <<'PY'
+"$VENV/bin/python" - "$work" "$ROUNDS" "$CONCURRENCIES" "${INFERGATE_EXTRA:-}" >"$out" <<'PY'
 import csv, glob, os, statistics, sys
-work, rounds, concs = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
+work, rounds, concs, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4]
 label = {"direct": "Triton direct", "off": "infergate pass-through", "on": "infergate batched", "adaptive": "infergate adaptive",
          "relay": "byte relay to Triton (floor of one hop)", "ceiling": "ceiling server (no Triton)"}
 import json
@@ -96,6 +100,8 @@ def cell(name, c):
         return None
     return statistics.median(thr), statistics.median(p50), statistics.median(p99), len(thr)
 print(f"add_sub FP32[16]x2, gRPC, median of {rounds} interleaved rounds, all processes on the same 2 cores.\n")
+if extra:
+    print(f"Every infergate ran with `{extra}`.\n")
 for title, fn in [("perf_analyzer (tritonclient 2.51.0)", cell), ("infergate-load (this repo)", load_cell)]:
     print(f"### {title}\n")
     print("| target | c | infer/s | × direct | × ceiling | p50 ms | p99 ms |")

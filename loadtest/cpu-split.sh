@@ -9,8 +9,9 @@
 # Targets: direct (Triton), relay (examples/tcp_relay.rs), ceiling (examples/kserve_ceiling.rs)
 # and infergate variants: on (--batching on), off (--batching off), if1 and if2 (on with
 # --batch-max-inflight 1 or 2; unset, add_sub's one instance gives 2), adaptive (2 ms
-# window, as compare.sh), t1 and t1off (on, off with --grpc-threads 1), w<us> (on with a fixed window of
-# <us> microseconds), if1w<us> (the same, one call in flight), a<us> (adaptive, window bound).
+# window, as compare.sh), t1, t1off and t1adaptive (on, off and adaptive with --grpc-threads
+# 1), w<us> (on with a fixed window of <us> microseconds), if1w<us> (the same, one call in
+# flight), a<us> (adaptive with that window bound).
 # A variant named base-<variant> (base-on, base-off…) runs the build in $BASELINE/infergate, so
 # two builds can be compared in the same rounds: BASELINE=<dir> loadtest/cpu-split.sh 3 64 "base-on on".
 # Writes loadtest/results/cpu-split-<date>.md and prints it. Listens on 127.0.0.1 only; every
@@ -36,6 +37,7 @@ flags[if2]="--batching on --batch-max-inflight 2"
 flags[adaptive]="--batching adaptive --batch-max-queue-delay-us 2000"
 flags[t1]="--batching on --grpc-threads 1"
 flags[t1off]="--batching off --grpc-threads 1"
+flags[t1adaptive]="--batching adaptive --batch-max-queue-delay-us 2000 --grpc-threads 1"
 url[direct]="127.0.0.1:$tg"
 front[direct]=""
 for t in $TARGETS; do
@@ -118,7 +120,8 @@ hz = os.sysconf("SC_CLK_TCK")
 label = {"direct": "Triton direct", "on": "infergate batched", "off": "infergate pass-through",
          "if1": "infergate batched, 1 call in flight",
          "if2": "infergate batched, 2 calls in flight", "adaptive": "infergate adaptive",
-         "t1": "infergate batched, 1 serving thread", "t1off": "infergate pass-through, 1 serving thread", "relay": "byte relay",
+         "t1": "infergate batched, 1 serving thread", "t1off": "infergate pass-through, 1 serving thread",
+         "t1adaptive": "infergate adaptive, 1 serving thread", "relay": "byte relay",
          "ceiling": "ceiling server (no Triton)"}
 label.update({f"base-{k}": f"{v} (baseline build)" for k, v in list(label.items())})
 cells = {}
