@@ -74,17 +74,6 @@ done
 sleep 0.5
 triton=$(pgrep -f 'tritonserver ' | head -1)
 
-# Clock ticks (user, system) of the given processes, summed.
-ticks() {
-  local u=0 s=0 stat f
-  for p in "$@"; do
-    stat=$(cat "/proc/$p/stat" 2>/dev/null) || continue
-    # After the command name (which may hold spaces): utime and stime are fields 12 and 13.
-    read -r -a f <<<"${stat##*) }"
-    u=$((u + f[11])); s=$((s + f[12]))
-  done
-  echo "$u $s"
-}
 idle() { awk '/^cpu /{print $5}' /proc/stat; }
 add_sub_counts() {
   curl -s "127.0.0.1:$th/v2/models/add_sub/stats" | "$VENV/bin/python" -c \

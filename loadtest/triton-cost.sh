@@ -20,15 +20,11 @@ cargo build --release --locked --quiet --bin infergate-load
 start_triton
 triton=$(pgrep -f 'tritonserver ' | head -1)
 
-# Clock ticks (user + system) of the given processes, summed.
-ticks() {
-  local t=0 stat f
-  for p in "$@"; do
-    stat=$(cat "/proc/$p/stat" 2>/dev/null) || continue
-    read -r -a f <<<"${stat##*) }"
-    t=$((t + f[11] + f[12]))
-  done
-  echo "$t"
+# User + system clock ticks of the given processes (lib.sh's `ticks` gives the two apart).
+cpu_ticks() {
+  local u s
+  read -r u s <<<"$(ticks "$@")"
+  echo $((u + s))
 }
 
 rows_file="$work/rows.tsv"
@@ -38,14 +34,14 @@ for c in $CONCURRENCIES; do
     target/release/infergate-load --grpc "127.0.0.1:$tg" -m add_sub -b "$b" -c "$c" -z 1s \
       --warmup 0s -q >/dev/null
     stubs=$(pgrep -f triton_python_backend_stub | tr '\n' ' ')
-    t0=$(ticks "$triton")
+    t0=$(cpu_ticks "$triton")
     # shellcheck disable=SC2086 # a list of pids
-    s0=$(ticks $stubs)
+    s0=$(cpu_ticks $stubs)
     target/release/infergate-load --grpc "127.0.0.1:$tg" -m add_sub -b "$b" -c "$c" \
       -z "${SECONDS_PER_RUN}s" --warmup 0s -q --json "$work/run.json" >/dev/null
-    t1=$(ticks "$triton")
+    t1=$(cpu_ticks "$triton")
     # shellcheck disable=SC2086
-    s1=$(ticks $stubs)
+    s1=$(cpu_ticks $stubs)
     echo -e "$c\t$b\t$((t1 - t0))\t$((s1 - s0))\t$(tr -d '\n' <"$work/run.json")" >>"$rows_file"
     echo "c=$c rows=$b done" >&2
   done
