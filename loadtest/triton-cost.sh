@@ -31,14 +31,15 @@ rows_file="$work/rows.tsv"
 for c in $CONCURRENCIES; do
   for b in $ROWS; do
     # Warm-up, so the stub and both connections are up before the measured run.
-    target/release/infergate-load --grpc "127.0.0.1:$tg" -m add_sub -b "$b" -c "$c" -z 1s \
+    # Bounded runs, so the script stops by itself even if Triton hangs (`timeout`).
+    timeout 60 target/release/infergate-load --grpc "127.0.0.1:$tg" -m add_sub -b "$b" -c "$c" -z 1s \
       --warmup 0s -q >/dev/null
     stubs=$(pgrep -f triton_python_backend_stub | tr '\n' ' ')
     t0=$(cpu_ticks "$triton")
     # shellcheck disable=SC2086 # a list of pids
     s0=$(cpu_ticks $stubs)
-    target/release/infergate-load --grpc "127.0.0.1:$tg" -m add_sub -b "$b" -c "$c" \
-      -z "${SECONDS_PER_RUN}s" --warmup 0s -q --json "$work/run.json" >/dev/null
+    timeout $((SECONDS_PER_RUN + 60)) target/release/infergate-load --grpc "127.0.0.1:$tg" \
+      -m add_sub -b "$b" -c "$c" -z "${SECONDS_PER_RUN}s" --warmup 0s -q --json "$work/run.json" >/dev/null
     t1=$(cpu_ticks "$triton")
     # shellcheck disable=SC2086
     s1=$(cpu_ticks $stubs)
