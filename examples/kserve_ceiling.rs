@@ -3,7 +3,8 @@
 //! No front end can answer faster than a server that does no forwarding, so its throughput
 //! with a given load generator on a machine is the ceiling for any front end there
 //! (`loadtest/compare.sh`). It serves what perf_analyzer and infergate-load ask before they
-//! start (metadata, config, statistics) and refuses every other model and call.
+//! start (metadata, config, statistics) and refuses every other model and call. It answers
+//! `add_sub_delay` (add_sub with a Triton-side window) the same way.
 //!
 //!     cargo run --release --example kserve_ceiling -- 127.0.0.1:9002
 
@@ -26,8 +27,9 @@ const WIDTH: usize = 16;
 
 struct Ceiling;
 
+/// `add_sub_delay` is add_sub with a Triton-side window: the same computation here.
 fn check(name: &str) -> Result<(), Status> {
-    if name == MODEL {
+    if name == MODEL || name == "add_sub_delay" {
         Ok(())
     } else {
         Err(Status::not_found(format!("only '{MODEL}' is served here")))
@@ -77,7 +79,7 @@ impl GrpcInferenceService for Ceiling {
         req: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
         Ok(Response::new(ModelReadyResponse {
-            ready: req.get_ref().name == MODEL,
+            ready: check(&req.get_ref().name).is_ok(),
         }))
     }
 

@@ -17,7 +17,10 @@ use std::{
 
 use sha2::{Digest, Sha256};
 
-use crate::{config::AuthConfig, error::GatewayError, tasks::front::DEFAULT_TENANT};
+use crate::{config::AuthConfig, error::GatewayError};
+
+/// The tenant of every caller when no API keys are configured.
+pub const DEFAULT_TENANT: &str = "default";
 
 /// The authenticated caller, in request extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -273,6 +273,9 @@ pub struct TritonConfig {
     pub connections_per_endpoint: usize,
     /// How long model metadata and config are cached before they are fetched again.
     pub model_cache_ttl_ms: u64,
+    /// How often Triton's own statistics (its queue time per model) are read into infergate's
+    /// metrics; 0: never.
+    pub stats_interval_ms: u64,
     /// Models that must be ready on Triton for `/readyz` to say ready (empty: server only).
     pub ready_models: Vec<String>,
     /// Needed for `https://` URLs.
@@ -289,6 +292,7 @@ impl Default for TritonConfig {
             probe_timeout_ms: 1_000,
             connections_per_endpoint: 2,
             model_cache_ttl_ms: 30_000,
+            stats_interval_ms: 10_000,
             ready_models: Vec::new(),
             tls: None,
         }
@@ -299,12 +303,13 @@ impl Default for TritonConfig {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BatchMode {
-    /// Fixed window: wait up to `max_queue_delay_us` for a full batch.
-    #[default]
+    /// Fixed window: wait up to `max_queue_delay_us` for a full batch, even a lone caller.
     On,
     /// Every request goes to Triton alone.
     Off,
-    /// Window tuned from the observed arrival rate and Triton latency.
+    /// Window tuned from the observed arrival rate and Triton latency; a caller nobody else
+    /// can join leaves at once (the default: sparse traffic never waits).
+    #[default]
     Adaptive,
 }
 
@@ -313,7 +318,8 @@ pub enum BatchMode {
 pub struct BatchingConfig {
     /// Default for every model whose Triton config allows batching.
     pub mode: BatchMode,
-    /// Longest wait for a fuller batch; unset: the model's Triton `max_queue_delay_microseconds`.
+    /// Longest wait for a fuller batch; unset: the model's Triton `max_queue_delay_microseconds`
+    /// (`on`), or that and at least 2 ms (`adaptive`, which waits only when company can come).
     pub max_queue_delay_us: Option<u64>,
     /// Requests waiting per model before new ones get RESOURCE_EXHAUSTED / 429.
     pub max_queue_size: usize,
@@ -334,7 +340,7 @@ pub struct BatchingConfig {
 impl Default for BatchingConfig {
     fn default() -> Self {
         Self {
-            mode: BatchMode::On,
+            mode: BatchMode::Adaptive,
             max_queue_delay_us: None,
             max_queue_size: 1024,
             max_inflight_batches: None,
@@ -458,6 +464,10 @@ pub struct ServeArgs {
     /// Upper bound on one call to Triton, in ms [default: 30000].
     #[arg(long, env = "INFERGATE_TRITON_REQUEST_TIMEOUT_MS", value_name = "MS")]
     pub triton_request_timeout_ms: Option<u64>,
+    /// Interval at which Triton's statistics (queue time per model) are read into the
+    /// metrics, in ms; 0 = never [default: 10000].
+    #[arg(long, env = "INFERGATE_TRITON_STATS_INTERVAL_MS", value_name = "MS")]
+    pub triton_stats_interval_ms: Option<u64>,
     /// Interval of the readiness probe of each Triton endpoint, in ms [default: 1000].
     #[arg(long, env = "INFERGATE_TRITON_HEALTH_INTERVAL_MS", value_name = "MS")]
     pub triton_health_interval_ms: Option<u64>,
@@ -470,10 +480,11 @@ pub struct ServeArgs {
     /// How long model metadata/config stay cached, in ms [default: 30000].
     #[arg(long, env = "INFERGATE_MODEL_CACHE_TTL_MS", value_name = "MS")]
     pub model_cache_ttl_ms: Option<u64>,
-    /// Batching for models whose Triton config allows it [default: on].
+    /// Batching for models whose Triton config allows it [default: adaptive].
     #[arg(long, env = "INFERGATE_BATCHING", value_enum)]
     pub batching: Option<BatchMode>,
-    /// Longest wait for a fuller batch in µs [default: the model's Triton max_queue_delay].
+    /// Longest wait for a fuller batch in µs [default: the model's Triton max_queue_delay;
+    /// adaptive: that and at least 2000].
     #[arg(long, env = "INFERGATE_BATCH_MAX_QUEUE_DELAY_US", value_name = "US")]
     pub batch_max_queue_delay_us: Option<u64>,
     /// Requests queued per model before 429 / RESOURCE_EXHAUSTED [default: 1024].
@@ -613,6 +624,7 @@ impl Config {
         set(&mut t.probe_timeout_ms, &a.triton_probe_timeout_ms);
         set(&mut t.connections_per_endpoint, &a.triton_connections);
         set(&mut t.model_cache_ttl_ms, &a.model_cache_ttl_ms);
+        set(&mut t.stats_interval_ms, &a.triton_stats_interval_ms);
         if a.tls_cert.is_some() || a.tls_key.is_some() || a.tls_client_ca.is_some() {
             let tls = s.tls.get_or_insert_with(ServerTls::default);
             set(&mut tls.cert, &a.tls_cert);
@@ -749,6 +761,12 @@ impl Config {
             t.connections_per_endpoint as u64,
             1,
             64,
+        )?;
+        in_range(
+            "triton.stats_interval_ms",
+            t.stats_interval_ms,
+            0,
+            86_400_000,
         )?;
         in_range(
             "triton.model_cache_ttl_ms",

@@ -111,10 +111,48 @@ impl GatewayError {
     }
 }
 
+/// Whether Triton could not be reached, from the code or from the error behind the status:
+/// tonic reports some failed connections as UNKNOWN with the transport's error attached.
 fn is_transport(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Unavailable
-        || status.message().contains("transport error")
-        || status.message().contains("connection")
+    if status.code() == tonic::Code::Unavailable {
+        return true;
+    }
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        let lost = e.is::<tonic::transport::Error>()
+            || e.is::<std::io::Error>()
+            || e.downcast_ref::<h2::Error>()
+                .is_some_and(|h| h.is_io() || h.is_go_away());
+        if lost {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// gRPC's own name for a code (`INVALID_ARGUMENT`), as task records and docs write it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 /// The HTTP status that stands for a gRPC code (the usual gRPC↔HTTP correspondence).
@@ -204,6 +242,42 @@ impl IntoResponse for GatewayError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transport_failures_are_known_by_their_cause_not_their_words() {
+        let refused = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused",
+        )));
+        assert_eq!(refused.code(), tonic::Code::Unknown);
+        assert!(matches!(
+            GatewayError::from_backend(refused),
+            GatewayError::Unavailable(_)
+        ));
+        // Words alone decide nothing: Triton's own message stays Triton's error.
+        let said = tonic::Status::unknown("connection to the model's worker failed");
+        assert!(matches!(
+            GatewayError::from_backend(said),
+            GatewayError::Backend {
+                code: tonic::Code::Unknown,
+                ..
+            }
+        ));
+        assert!(matches!(
+            GatewayError::from_backend(tonic::Status::unavailable("down")),
+            GatewayError::Unavailable(_)
+        ));
+    }
+
+    #[test]
+    fn code_names_are_grpc_s_own() {
+        assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(code_name(tonic::Code::Aborted), "ABORTED");
+        assert_eq!(
+            code_name(GatewayError::PayloadTooLarge("x".into()).grpc_code()),
+            "RESOURCE_EXHAUSTED"
+        );
+    }
 
     #[test]
     fn each_error_maps_to_the_documented_codes() {

@@ -5,7 +5,7 @@
 //! runtime cost more than the call itself (one runtime thread instead of two cut infergate's
 //! CPU per call by 10-35%, BENCHMARKS.md).
 //!
-//! This module only records which lane, if any, the current thread is; `api::grpc_server`
+//! This module only records which lane, if any, the current thread is; `api::grpc`'s listener
 //! starts the lanes, `backend::triton` picks connections and `batch` picks queues by it.
 
 use std::cell::Cell;

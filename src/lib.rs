@@ -3,7 +3,8 @@
 //! Data flows one way: `api` (grpc, http) → `infer` (validation) → `batch` (dynamic batching)
 //! → `backend` (the pool of Triton endpoints). Async: `api` → `tasks` (records) + `queue`
 //! (broker) → `worker` → `infer` → `batch` → `backend` → `tasks`. `server` wires the
-//! listeners, workers, health and shutdown.
+//! listeners, workers, health and shutdown. `model` (what Triton says of a model) is read by
+//! backend, infer and batch alike; `scripts/check-modules.py` keeps the imports free of circles.
 
 pub mod api;
 pub mod auth;
@@ -11,10 +12,12 @@ pub mod backend;
 pub mod batch;
 pub mod config;
 pub mod error;
+pub mod grpc_wire;
 pub mod health;
 pub mod infer;
 pub mod lane;
 pub mod loadgen;
+pub mod model;
 pub mod proto;
 pub mod queue;
 pub mod server;

@@ -17,18 +17,6 @@ pub mod infergate {
 }
 pub use infergate::tasks::v1 as tasks;
 
-/// gRPC's header names that the ModelInfer paths read or write on every call, parsed once
-/// (a name given as `&str` is parsed on every lookup).
-pub mod headers {
-    use http::HeaderName;
-
-    pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
-    pub static GRPC_STATUS_DETAILS: HeaderName = HeaderName::from_static("grpc-status-details-bin");
-    pub static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
-    pub static GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
-    pub static GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
-}
-
 /// Encoded descriptors of every message in `proto/`, for gRPC reflection and proto→JSON.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/inference_descriptor.bin"));

@@ -14,9 +14,7 @@ use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::{
     api::{
-        grpc::GrpcApi,
-        grpc_server::GrpcServer,
-        grpc_tasks::GrpcTasks,
+        grpc::{GrpcApi, GrpcServer, GrpcTasks, Tls as GrpcTls},
         http::{HttpState, ops_router, router},
     },
     auth::{Auth, interceptor},
@@ -290,6 +288,12 @@ impl Gateway {
             .build_v1alpha()?;
 
         let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone());
+        let window_check = spawn_window_check(&infer, cfg.triton_health_interval(), stop.clone());
+        let stats = crate::backend::stats::spawn(
+            Arc::clone(&pool),
+            Duration::from_millis(cfg.triton.stats_interval_ms),
+            stop.clone(),
+        );
         let front = crate::tasks::front::TaskFront {
             broker_kind: broker_kind(&cfg.tasks.broker),
             store: Arc::clone(&store),
@@ -336,7 +340,7 @@ impl Gateway {
             threads: cfg.server.grpc_threads(),
             tls: grpc_tls.map(|config| {
                 let t = cfg.server.tls.as_ref().expect("TLS files loaded at bind");
-                crate::api::grpc_server::Tls {
+                GrpcTls {
                     config,
                     handshake_timeout: Duration::from_millis(t.handshake_timeout_ms),
                     max_handshakes: t.max_handshakes,
@@ -417,6 +421,10 @@ impl Gateway {
         probe.abort();
         monitor.abort();
         health_sync.abort();
+        window_check.abort();
+        if let Some(stats) = stats {
+            stats.abort();
+        }
         match early {
             Some(reason) => anyhow::bail!(reason),
             None => {
@@ -427,22 +435,43 @@ impl Gateway {
     }
 }
 
-/// tonic answers a message over `max_decoding_message_size` with OUT_OF_RANGE; the protocol
-/// contract of infergate is RESOURCE_EXHAUSTED for "too large", on gRPC as on HTTP (413).
-/// The refusal is a trailers-only response, so its status sits in the headers.
+/// tonic answers a message over `max_decoding_message_size` with OUT_OF_RANGE, before any
+/// handler runs, as a trailers-only response (its status in the headers); infergate's contract
+/// is RESOURCE_EXHAUSTED for a message too large, on gRPC as on HTTP (413). Decided by the code
+/// alone: no routed service answers OUT_OF_RANGE itself (ModelInfer, whose Triton client can,
+/// never reaches this router).
 fn oversize_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Response<B> {
     let h = resp.headers_mut();
-    let too_large = h
-        .get("grpc-message")
-        .and_then(|m| m.to_str().ok())
-        .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
-    if too_large && h.get("grpc-status").is_some_and(|v| v == "11") {
-        h.insert("grpc-status", http::HeaderValue::from_static("8"));
+    let out_of_range = http::HeaderValue::from(tonic::Code::OutOfRange as i32);
+    if h.get(&crate::grpc_wire::GRPC_STATUS) == Some(&out_of_range) {
+        let code = http::HeaderValue::from(tonic::Code::ResourceExhausted as i32);
+        h.insert(crate::grpc_wire::GRPC_STATUS.clone(), code);
     }
     resp
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
+/// Checks every ready model for two batching windows once Triton answers (it may start after
+/// infergate), retrying at the health interval until one pass succeeds.
+fn spawn_window_check(
+    infer: &InferService,
+    retry: Duration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let infer = infer.clone();
+    tokio::spawn(async move {
+        loop {
+            if infer.backend().is_ready() && infer.check_ready_models().await.is_ok() {
+                return;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(retry) => {}
+            }
+        }
+    })
+}
+
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

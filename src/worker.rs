@@ -20,10 +20,11 @@ use std::{
 use prost::Message;
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
+use tonic::Code;
 use tracing::Instrument;
 
 use crate::{
-    error::GatewayError,
+    error::{GatewayError, code_name},
     infer::{Admission, InferService},
     proto::inference::ModelInferRequest,
     queue::{Broker, Delivery},
@@ -52,7 +53,7 @@ pub struct Worker {
 
 fn task_error(e: &GatewayError) -> TaskError {
     TaskError {
-        code: format!("{:?}", e.grpc_code()),
+        code: code_name(e.grpc_code()).into(),
         message: e.to_string(),
     }
 }
@@ -213,7 +214,7 @@ impl Worker {
                 self.fail(
                     &d,
                     TaskError {
-                        code: "InvalidArgument".into(),
+                        code: code_name(Code::InvalidArgument).into(),
                         message: format!("undecodable task payload: {e}"),
                     },
                 )
@@ -247,7 +248,7 @@ impl Worker {
                     Err(StoreError::Conflict { .. }) => self.finish(&d).await,
                     Err(StoreError::ResultTooLarge { size, limit }) => {
                         self.fail(&d, TaskError {
-                            code: "ResourceExhausted".into(),
+                            code: code_name(Code::ResourceExhausted).into(),
                             message: format!("result of {size} bytes is over the task store limit of {limit} bytes"),
                         })
                         .await;
@@ -323,7 +324,7 @@ impl Worker {
 
     async fn give_up(&self, d: &Delivery, last: String) {
         let err = TaskError {
-            code: "Aborted".into(),
+            code: code_name(Code::Aborted).into(),
             message: format!(
                 "gave up after {} attempts; last error: {last}",
                 self.cfg.max_attempts

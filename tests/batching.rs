@@ -131,7 +131,10 @@ fn one_by_one() -> ModelBatching {
 /// counts these tests check depend on rows, not timing. (How defaults come from the Triton
 /// config is unit-tested in `batch`; the benchmark measures the default's batches.)
 fn add_sub_windowed(grpc_threads: usize, window_us: u64) -> Config {
+    // A fixed window (`on`): the adaptive default would not wait for company that is not sure
+    // to come.
     let window = ModelBatching {
+        mode: Some(BatchMode::On),
         max_queue_delay_us: Some(window_us),
         ..Default::default()
     };
@@ -837,5 +840,220 @@ async fn adaptive_batches_closed_loop_callers_and_each_gets_its_rows() {
         "{requests} requests reached Triton as {sent} calls: no batch formed"
     );
     println!("adaptive: {requests} closed-loop requests -> {sent} Triton requests");
+    gw.shutdown().await.expect("drains");
+}
+
+/// `batch_wait` bucket counts of `model` (upper bound in seconds, cumulative count), in order.
+fn wait_buckets(m: &BTreeMap<String, f64>, model: &str) -> Vec<(f64, f64)> {
+    let mut v: Vec<(f64, f64)> = m
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("infergate_phase_duration_seconds_bucket{")
+                && k.contains(&format!("model=\"{model}\""))
+                && k.contains("phase=\"batch_wait\"")
+        })
+        .filter_map(|(k, &n)| {
+            let le = k.split("le=\"").nth(1)?.split('"').next()?;
+            Some((le.parse().unwrap_or(f64::INFINITY), n))
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    v
+}
+
+/// The bucket bound under which at least half of the waits recorded between two scrapes lie
+/// (the median is at most this, and above the bound before it), and how many waits there were.
+fn median_wait_bound(before: &[(f64, f64)], after: &[(f64, f64)]) -> (f64, f64) {
+    let at = |v: &[(f64, f64)], le: f64| v.iter().find(|(b, _)| *b == le).map_or(0.0, |&(_, n)| n);
+    let count = after.last().map_or(0.0, |&(_, n)| n) - before.last().map_or(0.0, |&(_, n)| n);
+    let bound = after
+        .iter()
+        .find(|&&(le, n)| n - at(before, le) >= count / 2.0)
+        .map_or(f64::INFINITY, |&(le, _)| le);
+    (bound, count)
+}
+
+/// A fixed window holds a lone caller for about its length, on a serving thread (gRPC) and on
+/// the main runtime (HTTP): the time a request waited for company is, at the median, within
+/// the window + 0.5 ms (the next bucket bound of the `batch_wait` histogram: 0.8 ms for 100
+/// and 300 µs, 1.6 ms for 1 ms), and not under half the window. tokio's millisecond timer
+/// made a 100 µs window 1-2 ms. Then the default (adaptive, bounded by 2 ms) does not hold a
+/// lone caller for company.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_window_holds_a_lone_caller_its_length_and_the_default_not_at_all() {
+    const MODEL: &str = "add_sub_delay";
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({"inputs": [
+        {"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": vec![1.0; 16]},
+        {"name": "INPUT1", "datatype": "FP32", "shape": [1, 16], "data": vec![0.5; 16]},
+    ]});
+    let calls = 31;
+    // `None`: the default settings.
+    for window_us in [Some(100u64), Some(300), Some(1_000), None] {
+        let cfg = match window_us {
+            Some(w) => {
+                let window = ModelBatching {
+                    mode: Some(BatchMode::On),
+                    max_queue_delay_us: Some(w),
+                    ..Default::default()
+                };
+                config_with(MODEL, window, |c| c.server.grpc_threads = 1)
+            }
+            None => {
+                let mut c = test_config(vec![triton().grpc_url()]);
+                c.server.grpc_threads = 1;
+                c
+            }
+        };
+        let gw = gateway_with(cfg).await;
+        let mut client = gw.client().await;
+        for protocol in ["grpc", "http"] {
+            let before = wait_buckets(&scrape(&http, &gw.http_base()).await, MODEL);
+            let started = Instant::now();
+            for k in 0..calls {
+                if protocol == "grpc" {
+                    let (mut req, a, b) = add_sub(1, 7_000 + k);
+                    req.model_name = MODEL.into();
+                    let r = client.model_infer(req).await.expect("call").into_inner();
+                    assert_own_rows(&r, 7_000 + k, &a, &b);
+                } else {
+                    let r: serde_json::Value = http
+                        .post(format!("{}/v2/models/{MODEL}/infer", gw.http_base()))
+                        .json(&body)
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap();
+                    assert_eq!(r["outputs"][0]["data"], serde_json::json!(vec![1.5; 16]));
+                }
+            }
+            let per_call = started.elapsed() / calls;
+            let after = wait_buckets(&scrape(&http, &gw.http_base()).await, MODEL);
+            let (bound, count) = median_wait_bound(&before, &after);
+            assert_eq!(
+                count,
+                f64::from(calls),
+                "each call waited in the batcher once"
+            );
+            println!(
+                "window {window_us:?} µs, {protocol}: median wait ≤ {bound} s, {per_call:?} per call"
+            );
+            match window_us {
+                Some(w) => {
+                    let limit = (w as f64 + 500.0) / 1e6;
+                    // The histogram's bounds double from 100 µs: the first at or above the limit.
+                    let allowed = after
+                        .iter()
+                        .map(|&(le, _)| le)
+                        .find(|&le| le >= limit - 1e-9)
+                        .unwrap();
+                    assert!(
+                        bound <= allowed,
+                        "{protocol}, window {w} µs: median wait over {allowed} s (under {bound} s)"
+                    );
+                    let half = w as f64 / 2e6;
+                    let under_half = after
+                        .iter()
+                        .filter(|&&(le, _)| le <= half)
+                        .map(|&(le, n)| n - before.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1))
+                        .fold(0.0, f64::max);
+                    assert!(
+                        under_half < count / 2.0,
+                        "{protocol}, window {w} µs: most requests were not held"
+                    );
+                }
+                // Held, it would wait up to the adaptive bound (2 ms); what is left is the hop
+                // to the batcher's actor on a busy host.
+                None => assert!(
+                    bound <= 4e-4,
+                    "{protocol}, default: a lone caller waited (median under {bound} s)"
+                ),
+            }
+        }
+        gw.shutdown().await.expect("drains");
+    }
+}
+
+/// One window, not two: a model whose Triton config has a batching delay of its own, batched
+/// by infergate too, is named in a warning at start with both delays and the recommended
+/// setting; Triton's queue time for it then shows in infergate's metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_batching_windows_are_reported_at_start_and_triton_queue_time_is_a_metric() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_infergate"))
+        .args(["serve", "--triton-url", &triton().grpc_url()])
+        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+        .args(["--log-format", "json", "--log-level", "info"])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut warnings = Vec::new();
+    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        if line.contains("two windows") {
+            warnings.push(line);
+            // add_sub_delay and add_sub_preferred both have one; add_sub has none.
+            if warnings.len() == 2 {
+                break;
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let delay = warnings
+        .iter()
+        .find(|l| l.contains("'add_sub_delay'"))
+        .unwrap_or_else(|| panic!("no warning for add_sub_delay: {warnings:?}"));
+    let w: serde_json::Value = serde_json::from_str(delay).unwrap();
+    assert_eq!(w["level"], "WARN", "{w}");
+    assert_eq!(w["triton_max_queue_delay_us"], 100, "{w}");
+    assert_eq!(w["infergate_window_us"], 2_000, "{w}");
+    let msg = w["message"].as_str().unwrap();
+    assert!(msg.contains("max_queue_delay_microseconds: 0"), "{msg}");
+    assert!(
+        warnings.iter().all(|l| !l.contains("'add_sub'")),
+        "add_sub has no Triton delay: {warnings:?}"
+    );
+
+    // Triton's queue statistics, read every 100 ms.
+    let mut cfg = test_config(vec![triton().grpc_url()]);
+    cfg.triton.stats_interval_ms = 100;
+    let gw = gateway_with(cfg).await;
+    let mut client = gw.client().await;
+    for k in 0..5 {
+        let (mut req, _, _) = add_sub(1, 8_000 + k);
+        req.model_name = "add_sub_preferred".into();
+        client.model_infer(req).await.expect("call");
+    }
+    let http = reqwest::Client::new();
+    let key = |name: &str| format!("infergate_{name}{{model=\"add_sub_preferred\"}}");
+    let mut m = scrape(&http, &gw.http_base()).await;
+    for _ in 0..50 {
+        if m.get(&key("triton_queued_requests_total"))
+            .copied()
+            .unwrap_or(0.0)
+            >= 5.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        m = scrape(&http, &gw.http_base()).await;
+    }
+    assert!(m[&key("triton_queued_requests_total")] >= 5.0, "{m:?}");
+    // Triton's own window: up to 500 µs each for these lone requests.
+    assert!(m[&key("triton_queue_seconds_total")] > 0.0, "{m:?}");
     gw.shutdown().await.expect("drains");
 }

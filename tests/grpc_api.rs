@@ -141,6 +141,8 @@ async fn every_rpc_answers_what_triton_answers() {
         "seq_sum",
         "matrix_nobatch",
         "slow",
+        "add_sub_delay",
+        "add_sub_preferred",
     ];
     for m in models {
         let ready = ModelReadyRequest {
@@ -329,10 +331,26 @@ async fn bad_requests_get_documented_codes_naming_the_field() {
         ..r
     };
     expect(
-        c.model_infer(big).await,
+        c.model_infer(big.clone()).await,
         Code::ResourceExhausted,
         "message length too large",
     );
+    // The same message through tonic's router (the task service): RESOURCE_EXHAUSTED too,
+    // where tonic itself would answer OUT_OF_RANGE.
+    let ch = tonic::transport::Channel::from_shared(gw.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut tasks = infergate::proto::tasks::task_service_client::TaskServiceClient::new(ch);
+    let s = tasks
+        .submit(infergate::proto::tasks::SubmitRequest {
+            request: Some(big),
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect_err("over max_request_bytes");
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
 
     // Triton's own refusals come back with Triton's code and message.
     let (mut r, ..) = add_sub_request(1, 0.0);

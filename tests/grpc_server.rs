@@ -1,4 +1,4 @@
-//! infergate's own gRPC listener (src/api/grpc_server), below what a tonic client shows: the
+//! infergate's own gRPC listener (src/api/grpc), below what a tonic client shows: the
 //! gRPC envelope of ModelInfer checked frame by frame over a raw HTTP/2 connection,
 //! compressed requests, request ids, and calls spread over several serving threads, each
 //! caller getting exactly its own rows. Against the real Triton.

@@ -179,7 +179,55 @@ async fn metadata_and_health_routes_match_triton() {
         .json()
         .await
         .unwrap();
-    assert_eq!(idx.as_array().unwrap().len(), 6);
+    // Every model of triton-models/ is ready.
+    let models = std::fs::read_dir(repo().join("triton-models"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().join("config.pbtxt").exists())
+        .count();
+    assert_eq!(idx.as_array().unwrap().len(), models);
+    assert_eq!(models, 8);
+}
+
+/// A client that writes its whole body before it reads the answer (Python's urllib) gets the
+/// 413 for a body over max_request_bytes, not a broken pipe: the rest of the body is read and
+/// dropped first. Then the same server still answers.
+#[tokio::test]
+async fn a_client_that_writes_its_whole_oversize_body_first_reads_the_413() {
+    let mut cfg = test_config(vec![triton().grpc_url()]);
+    cfg.server.max_request_bytes = 1024 * 1024;
+    let gw = gateway_with(cfg).await;
+    let url = format!("{}/v2/models/add_sub/infer", gw.http_base());
+    let script = r#"
+import sys, urllib.request, urllib.error
+body = b"x" * (2 * 1024 * 1024)
+req = urllib.request.Request(sys.argv[1], data=body, headers={"Content-Type": "application/json"})
+try:
+    urllib.request.urlopen(req, timeout=30)
+    print("200")
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode())
+except Exception as e:
+    print("failed:", type(e).__name__, e)
+"#;
+    for attempt in 0..3 {
+        let u = url.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("python3")
+                .args(["-c", script, &u])
+                .output()
+                .expect("python3")
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            text.starts_with("413 ") && text.contains("1048576 bytes"),
+            "attempt {attempt}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (s, _) = post(url, add_sub_json(1)).await;
+    assert_eq!(s, 200);
 }
 
 #[tokio::test]

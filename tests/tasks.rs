@@ -331,6 +331,12 @@ async fn poison(broker: &str) {
     assert_eq!(done[0]["status"], "failed", "{}", done[0]);
     assert_eq!(done[0]["attempts"], 2);
     assert!(!done[0]["error"]["message"].as_str().unwrap().is_empty());
+    // gRPC's own code names, as documented (`ABORTED`, not `Aborted`).
+    let code = done[0]["error"]["code"].as_str().unwrap();
+    assert!(
+        !code.is_empty() && code.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'),
+        "{code}"
+    );
     assert_eq!(done[1]["status"], "succeeded", "{}", done[1]);
     let (_, queue) = connect_tasks(&cfg).await.unwrap();
     let dead = queue.dead_letters().await.unwrap();

@@ -2,8 +2,6 @@
 //! the Open Inference Protocol and both ending in [`crate::infer::InferService`].
 
 pub mod grpc;
-pub mod grpc_server;
-pub mod grpc_tasks;
 pub mod http;
 
 /// Protocol extensions infergate serves (a subset of what Triton announces: repository control,

@@ -20,24 +20,23 @@ use std::{
     time::Duration,
 };
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, Request, Uri, Version, header};
 use prost::Message;
 use tokio::net::TcpStream;
 use tonic::{Code, Status};
 
-use crate::proto::{
-    headers::{GRPC_STATUS, GRPC_STATUS_DETAILS, GRPC_TIMEOUT},
-    inference::{ModelInferRequest, ModelInferResponse},
+use crate::{
+    grpc_wire::{
+        CONNECTION_WINDOW, GRPC_TIMEOUT, MODEL_INFER_PATH, PREFIX_LEN, STREAM_WINDOW, check_frame,
+        encode_frame, status_for_http, status_from_headers, timeout_value,
+    },
+    proto::inference::{ModelInferRequest, ModelInferResponse},
 };
 
-const PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 /// Keep-alive for every Triton connection, this client's and tonic's.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-// hyper's defaults for HTTP/2 clients, so large answers need few WINDOW_UPDATE round trips.
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 
 type Sender = h2::client::SendRequest<Bytes>;
 
@@ -69,7 +68,7 @@ impl H2Infer {
         let uri = Uri::builder()
             .scheme("http")
             .authority(auth.as_str())
-            .path_and_query(PATH)
+            .path_and_query(MODEL_INFER_PATH)
             .build()
             .ok()?;
         Some(Self {
@@ -104,7 +103,7 @@ impl H2Infer {
         extra: HeaderMap,
     ) -> Result<Bytes, Status> {
         let body = self.frame(req)?;
-        let request = self.request(budget, extra)?;
+        let request = self.request(budget, extra);
         match tokio::time::timeout(budget, self.exchange(request, body)).await {
             Ok(result) => result,
             // Dropping the exchange resets the stream, so Triton can drop the work too.
@@ -115,27 +114,17 @@ impl H2Infer {
         }
     }
 
-    /// The message with gRPC's 5-byte prefix (uncompressed flag, big-endian length).
+    /// The message with gRPC's 5-byte prefix, within the message limit.
     fn frame(&self, req: &ModelInferRequest) -> Result<Bytes, Status> {
-        let len = req.encoded_len();
-        let prefix = u32::try_from(len)
-            .ok()
-            .filter(|_| len <= self.max_message_bytes);
-        let Some(prefix) = prefix else {
-            return Err(Status::out_of_range(format!(
-                "the request to Triton is {len} bytes, over the {} byte message limit",
-                self.max_message_bytes
-            )));
-        };
-        let mut buf = BytesMut::with_capacity(5 + len);
-        buf.put_u8(0);
-        buf.put_u32(prefix);
-        // The length is known and the room reserved: no second length pass, no error case.
-        req.encode_raw(&mut buf);
-        Ok(buf.freeze())
+        encode_frame(req, self.max_message_bytes).map_err(|e| {
+            Status::out_of_range(format!(
+                "the request to Triton is {} bytes, over the {} byte message limit",
+                e.len, e.limit
+            ))
+        })
     }
 
-    fn request(&self, budget: Duration, extra: HeaderMap) -> Result<Request<()>, Status> {
+    fn request(&self, budget: Duration, extra: HeaderMap) -> Request<()> {
         let mut request = Request::new(());
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.uri.clone();
@@ -148,15 +137,9 @@ impl H2Infer {
         );
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
         headers.insert(header::USER_AGENT, HeaderValue::from_static("infergate"));
-        // gRPC allows at most 8 digits.
-        let ms = budget.as_millis().clamp(1, 99_999_999);
-        let mut timeout = HeaderValue::from_str(&format!("{ms}m"))
-            .map_err(|e| Status::internal(format!("grpc-timeout: {e}")))?;
-        // The remaining budget differs from call to call: sent as a literal HPACK never
-        // indexes, so it does not churn the connection's header table (see `new_request_id`).
-        timeout.set_sensitive(true);
+        let timeout = timeout_value(budget);
         headers.insert(GRPC_TIMEOUT.clone(), timeout);
-        Ok(request)
+        request
     }
 
     async fn exchange(
@@ -171,17 +154,18 @@ impl H2Infer {
         stream.send_data(body, true).map_err(failed)?;
         let (parts, mut recv) = answer.await.map_err(failed)?.into_parts();
         if parts.status != http::StatusCode::OK {
-            return Err(status_for_http(parts.status));
+            let s = status_for_http(parts.status);
+            return Err(Status::new(s.code(), format!("Triton: {}", s.message())));
         }
         // A trailers-only answer carries its error in the headers.
-        if let Some(status) = grpc_status(parts.headers) {
+        if let Some(status) = status_from_headers(parts.headers) {
             return Err(if status.code() == Code::Ok {
                 Status::internal("Triton answered OK without a message")
             } else {
                 status
             });
         }
-        let limit = self.max_message_bytes + 5;
+        let limit = self.max_message_bytes + PREFIX_LEN;
         let mut first: Option<Bytes> = None;
         let mut more = BytesMut::new();
         let mut total = 0usize;
@@ -206,7 +190,7 @@ impl H2Infer {
             }
         }
         let trailers = recv.trailers().await.map_err(failed)?;
-        match trailers.and_then(grpc_status) {
+        match trailers.and_then(status_from_headers) {
             Some(status) if status.code() == Code::Ok => {}
             Some(status) => return Err(status),
             None => {
@@ -216,7 +200,7 @@ impl H2Infer {
             }
         }
         let data = first.unwrap_or_else(|| more.freeze());
-        check_frame(&data)?;
+        checked(&data)?;
         Ok(data)
     }
 
@@ -318,57 +302,15 @@ async fn drive(
     }
 }
 
-/// The status in `grpc-status`/`grpc-message`, if any. Status details are not forwarded.
-fn grpc_status(mut headers: HeaderMap) -> Option<Status> {
-    if headers.get(&GRPC_STATUS)? == "0" {
-        // Every answer's trailers: no message or details to read.
-        return Some(Status::new(Code::Ok, ""));
-    }
-    // tonic panics on details that are not base64; infergate does not use them.
-    headers.remove(&GRPC_STATUS_DETAILS);
-    Status::from_header_map(&headers)
-}
-
-/// gRPC's mapping for an answer that is not HTTP 200.
-fn status_for_http(status: http::StatusCode) -> Status {
-    let code = match status.as_u16() {
-        400 => Code::Internal,
-        401 => Code::Unauthenticated,
-        403 => Code::PermissionDenied,
-        404 => Code::Unimplemented,
-        429 | 502 | 503 | 504 => Code::Unavailable,
-        _ => Code::Unknown,
-    };
-    Status::new(code, format!("Triton answered HTTP {status}"))
-}
-
-/// Checks that `data` is exactly one length-prefixed, uncompressed gRPC message.
-fn check_frame(data: &[u8]) -> Result<(), Status> {
-    if data.len() < 5 {
-        return Err(Status::internal(format!(
-            "Triton's answer is {} bytes, too short for a gRPC message",
-            data.len()
-        )));
-    }
-    if data[0] != 0 {
-        return Err(Status::internal(
-            "Triton's answer is compressed, which infergate did not ask for",
-        ));
-    }
-    let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
-    if data.len() != 5 + len {
-        return Err(Status::internal(format!(
-            "Triton's answer holds {} bytes after its prefix, which announces {len}",
-            data.len() - 5
-        )));
-    }
-    Ok(())
+/// Triton's answer is one uncompressed frame, as asked.
+fn checked(data: &[u8]) -> Result<(), Status> {
+    check_frame(data).map_err(|e| Status::internal(format!("Triton's answer: {e}")))
 }
 
 /// The ModelInferResponse in one frame that [`check_frame`] accepts.
 pub fn decode(data: Bytes) -> Result<ModelInferResponse, Status> {
-    check_frame(&data)?;
-    ModelInferResponse::decode(data.slice(5..))
+    checked(&data)?;
+    ModelInferResponse::decode(data.slice(PREFIX_LEN..))
         .map_err(|e| Status::internal(format!("decoding Triton's answer: {e}")))
 }
 
@@ -396,9 +338,7 @@ mod tests {
     #[test]
     fn the_budget_is_sent_as_a_header_hpack_does_not_index() {
         let h = H2Infer::new("http://triton:8001", Duration::from_secs(1), 1024).unwrap();
-        let req = h
-            .request(Duration::from_millis(1500), HeaderMap::new())
-            .unwrap();
+        let req = h.request(Duration::from_millis(1500), HeaderMap::new());
         let timeout = &req.headers()[&GRPC_TIMEOUT];
         assert_eq!(timeout, "1500m");
         assert!(timeout.is_sensitive());
@@ -444,28 +384,5 @@ mod tests {
         let e = h.frame(&req).unwrap_err();
         assert_eq!(e.code(), Code::OutOfRange);
         assert!(e.message().contains("8 byte"), "{e}");
-    }
-
-    #[test]
-    fn error_statuses_come_from_headers_and_bad_details_do_not_panic() {
-        let mut h = HeaderMap::new();
-        h.insert("grpc-status", HeaderValue::from_static("3"));
-        h.insert("grpc-message", HeaderValue::from_static("bad%20shape"));
-        h.insert("grpc-status-details-bin", HeaderValue::from_static("%%%"));
-        let s = grpc_status(h).unwrap();
-        assert_eq!(s.code(), Code::InvalidArgument);
-        assert_eq!(s.message(), "bad shape");
-        assert!(grpc_status(HeaderMap::new()).is_none());
-        let mut ok = HeaderMap::new();
-        ok.insert("grpc-status", HeaderValue::from_static("0"));
-        assert_eq!(grpc_status(ok).unwrap().code(), Code::Ok);
-        // Only "0" is OK: anything else goes through tonic's parsing.
-        let mut odd = HeaderMap::new();
-        odd.insert("grpc-status", HeaderValue::from_static("00x"));
-        assert_ne!(grpc_status(odd).unwrap().code(), Code::Ok);
-        assert_eq!(
-            status_for_http(http::StatusCode::SERVICE_UNAVAILABLE).code(),
-            Code::Unavailable
-        );
     }
 }

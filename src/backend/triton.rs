@@ -22,7 +22,7 @@ use super::h2_infer::{H2Infer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use crate::{
     config::TritonConfig,
     error::GatewayError,
-    infer::ModelInfo,
+    model::ModelInfo,
     proto::inference::{
         InferBatchStatistics, InferParameter, InferStatistics, ModelConfigRequest,
         ModelConfigResponse, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,

@@ -13,14 +13,18 @@ use std::{
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-pub use validate::{ModelInfo, TensorSpec, Validated};
+pub use crate::model::{ModelInfo, TensorSpec};
+pub use validate::Validated;
 
 use crate::{
     backend::triton::{Answer, TritonPool},
     batch::{Batcher, ModelSettings, request_is_batchable, split},
     config::BatchingConfig,
     error::GatewayError,
-    proto::inference::{ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice},
+    proto::inference::{
+        ModelInferRequest, ModelInferResponse, RepositoryIndexRequest,
+        infer_parameter::ParameterChoice,
+    },
 };
 
 #[derive(Clone)]
@@ -133,6 +137,26 @@ impl InferService {
 
     pub fn backend(&self) -> &Arc<TritonPool> {
         &self.backend
+    }
+
+    /// Describes every ready model once, so that a model batched in two windows (infergate's
+    /// and Triton's own) is reported at start rather than at its first request.
+    pub async fn check_ready_models(&self) -> Result<(), GatewayError> {
+        let index = self
+            .backend
+            .repository_index(RepositoryIndexRequest {
+                ready: true,
+                ..Default::default()
+            })
+            .await?;
+        let mut names: Vec<_> = index.models.into_iter().map(|m| m.name).collect();
+        names.dedup();
+        for name in names {
+            if let Ok(info) = self.backend.model_info(&name, "").await {
+                self.batcher.check_windows(&info);
+            }
+        }
+        Ok(())
     }
 
     /// Requests waiting in each model's batching queue.

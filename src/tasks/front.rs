@@ -15,9 +15,6 @@ use crate::{
     telemetry::{metrics::metrics, trace::TraceHeaders},
 };
 
-/// The tenant of every caller when no API keys are configured.
-pub const DEFAULT_TENANT: &str = "default";
-
 #[derive(Clone)]
 pub struct TaskFront {
     pub store: Arc<dyn TaskStore>,

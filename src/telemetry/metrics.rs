@@ -8,7 +8,7 @@
 use std::{
     borrow::Cow,
     collections::HashMap,
-    sync::{OnceLock, RwLock},
+    sync::{OnceLock, RwLock, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
@@ -115,6 +115,10 @@ pub struct Metrics {
     pub ready: Gauge,
     /// Tasks per RabbitMQ message published with grouping on (`tasks.amqp_group_max` > 1).
     pub amqp_group_tasks: Histogram,
+    /// Triton's own queue time and the requests it counted, per model, from its statistics
+    /// (the second window when Triton's dynamic batcher also holds one).
+    pub triton_queue_seconds: Family<ModelLabel, Counter<f64, AtomicU64>>,
+    pub triton_queued_requests: Family<ModelLabel, Counter>,
 }
 
 impl Metrics {
@@ -134,6 +138,8 @@ impl Metrics {
             triton_up: Family::default(),
             ready: Gauge::default(),
             amqp_group_tasks: batch_rows(),
+            triton_queue_seconds: Family::default(),
+            triton_queued_requests: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -170,6 +176,16 @@ impl Metrics {
             "broker_errors",
             "Failed broker operations, by broker and operation",
             m.broker_errors.clone(),
+        );
+        r.register(
+            "triton_queue_seconds",
+            "Time requests waited in Triton's own queue (its statistics), by model",
+            m.triton_queue_seconds.clone(),
+        );
+        r.register(
+            "triton_queued_requests",
+            "Requests counted in Triton's queue statistics, by model",
+            m.triton_queued_requests.clone(),
         );
         r.register(
             "broker_reconnects",
@@ -243,6 +259,14 @@ impl Metrics {
 
     /// Marks `model` as one Triton serves, so that API requests are counted under its name
     /// (see [`UNKNOWN_MODEL`]). Called when its metadata is fetched; repeats are cheap.
+    /// Whether Triton has described `model` to this process.
+    pub fn is_registered(&self, model: &str) -> bool {
+        self.models
+            .read()
+            .expect("metrics lock")
+            .contains_key(model)
+    }
+
     pub fn register_model(&self, model: &str) {
         if self
             .models

@@ -1,18 +1,13 @@
 //! The HTTP API's OpenAPI 3.1 document, served at `GET /openapi.json`. Paths come from the
 //! `#[utoipa::path]` attributes on the handlers themselves (so a route and its document sit
-//! together); the JSON shapes the handlers read and write are described by the types below.
-//! The `/versions/{version}` form of every model route is derived from the plain one, as the
-//! router does, rather than written twice.
+//! together); the JSON bodies are described in `schema.rs`. The `/versions/{version}` form of
+//! every model route is derived from the plain one, as the router does, rather than written
+//! twice.
 
-// The schema types describe JSON that the codec reads and writes field by field; they are
-// never built, only documented.
-#![allow(dead_code)]
+use std::sync::OnceLock;
 
-use std::{collections::BTreeMap, sync::OnceLock};
-
-use serde_json::Value;
 use utoipa::{
-    Modify, OpenApi, PartialSchema, ToSchema,
+    Modify, OpenApi, PartialSchema,
     openapi::{
         OpenApi as Document, PathItem,
         path::{Operation, Parameter, ParameterBuilder, ParameterIn},
@@ -20,145 +15,7 @@ use utoipa::{
     },
 };
 
-/// Tensor element types of the Open Inference Protocol.
-#[derive(ToSchema)]
-#[allow(clippy::upper_case_acronyms)]
-enum Datatype {
-    BOOL,
-    UINT8,
-    UINT16,
-    UINT32,
-    UINT64,
-    INT8,
-    INT16,
-    INT32,
-    INT64,
-    FP16,
-    FP32,
-    FP64,
-    BYTES,
-    BF16,
-}
-
-/// An inference request (Open Inference Protocol, JSON form). With the binary extension the
-/// body starts with this JSON (its length in `Inference-Header-Content-Length`) followed by
-/// the raw tensors, and an input gives `parameters.binary_data_size` instead of `data`.
-#[derive(ToSchema)]
-pub struct InferRequestBody {
-    id: Option<String>,
-    /// Request parameters, e.g. `priority` (1 is highest), `timeout` (µs), `binary_data_output`.
-    parameters: Option<BTreeMap<String, Value>>,
-    inputs: Vec<RequestInput>,
-    outputs: Option<Vec<RequestOutput>>,
-}
-
-#[derive(ToSchema)]
-pub struct RequestInput {
-    name: String,
-    /// Dimensions; their product must equal the number of elements in `data`.
-    shape: Vec<i64>,
-    datatype: Datatype,
-    parameters: Option<BTreeMap<String, Value>>,
-    /// The elements, flat or nested row-major; strings for BYTES, booleans for BOOL.
-    data: Option<Vec<Value>>,
-}
-
-#[derive(ToSchema)]
-pub struct RequestOutput {
-    name: String,
-    parameters: Option<BTreeMap<String, Value>>,
-}
-
-#[derive(ToSchema)]
-pub struct InferResponseBody {
-    model_name: String,
-    model_version: Option<String>,
-    id: Option<String>,
-    parameters: Option<BTreeMap<String, Value>>,
-    outputs: Vec<ResponseOutput>,
-}
-
-#[derive(ToSchema)]
-pub struct ResponseOutput {
-    name: String,
-    shape: Vec<i64>,
-    datatype: Datatype,
-    parameters: Option<BTreeMap<String, Value>>,
-    /// Absent when the output is sent in binary (`binary_data_size` in `parameters`).
-    data: Option<Vec<Value>>,
-}
-
-/// Every error: one message naming the field or the limit.
-#[derive(ToSchema)]
-pub struct ErrorBody {
-    error: String,
-}
-
-#[derive(ToSchema)]
-pub struct ServerMetadataBody {
-    name: String,
-    version: String,
-    extensions: Vec<String>,
-}
-
-#[derive(ToSchema)]
-pub struct TensorMetadata {
-    name: String,
-    datatype: String,
-    /// -1 marks a variable dimension.
-    shape: Vec<i64>,
-}
-
-#[derive(ToSchema)]
-pub struct ModelMetadataBody {
-    name: String,
-    versions: Option<Vec<String>>,
-    platform: String,
-    inputs: Vec<TensorMetadata>,
-    outputs: Vec<TensorMetadata>,
-}
-
-/// Body of `POST /v2/repository/index` (may be empty).
-#[derive(ToSchema)]
-pub struct RepositoryIndexBody {
-    /// Only models that are ready.
-    ready: Option<bool>,
-}
-
-#[derive(ToSchema)]
-#[allow(non_camel_case_types)]
-enum TaskStatus {
-    queued,
-    running,
-    succeeded,
-    failed,
-    cancelled,
-    expired,
-}
-
-#[derive(ToSchema)]
-pub struct TaskErrorBody {
-    /// A gRPC status code name, e.g. `InvalidArgument`.
-    code: String,
-    message: String,
-}
-
-/// An async task: its state, times (ms since the Unix epoch), attempts and, once it
-/// succeeded, the inference response.
-#[derive(ToSchema)]
-pub struct TaskBody {
-    /// 32 hex characters, unguessable.
-    id: String,
-    model: String,
-    version: String,
-    status: TaskStatus,
-    attempts: u32,
-    queued_at_ms: u64,
-    started_at_ms: Option<u64>,
-    finished_at_ms: Option<u64>,
-    error: Option<TaskErrorBody>,
-    response: Option<InferResponseBody>,
-}
+use super::{inference, tasks};
 
 /// Adds the two ways to present an API key (both optional: keys are off by default).
 struct Keys;
@@ -186,19 +43,19 @@ impl Modify for Keys {
                        needs `Authorization: Bearer <key>` or `x-api-key: <key>` (401 without)."
     ),
     paths(
-        super::live,
-        super::ready,
-        super::server_metadata,
-        super::model_metadata,
-        super::model_ready,
-        super::model_config,
-        super::model_stats,
-        super::all_stats,
-        super::repository_index,
-        super::infer,
-        super::tasks::submit,
-        super::tasks::get,
-        super::tasks::cancel,
+        inference::live,
+        inference::ready,
+        inference::server_metadata,
+        inference::model_metadata,
+        inference::model_ready,
+        inference::model_config,
+        inference::model_stats,
+        inference::all_stats,
+        inference::repository_index,
+        inference::infer,
+        tasks::submit,
+        tasks::get,
+        tasks::cancel,
     ),
     modifiers(&Keys),
     tags(
@@ -261,7 +118,7 @@ mod tests {
 
     #[test]
     fn every_api_route_is_documented_with_its_versioned_form() {
-        let doc: Value = serde_json::from_str(document()).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(document()).unwrap();
         let paths = doc["paths"].as_object().unwrap();
         for (path, method) in [
             ("/v2", "get"),

@@ -15,7 +15,10 @@ use axum::{
 };
 use serde_json::{Value, json};
 
-use super::{HttpState, Shared, codec, openapi, read_body};
+use super::{
+    codec, schema,
+    state::{HttpState, ModelPath, Shared, model_and_version, read_body},
+};
 use crate::{
     api::{header_text, traced},
     auth::Caller,
@@ -44,7 +47,7 @@ fn not_found(id: &str) -> Response {
         .into_response()
 }
 
-/// A task as the API shows it (`openapi::TaskBody` documents it). Serialized as it is, not
+/// A task as the API shows it (`schema::TaskBody` documents it). Serialized as it is, not
 /// built as a JSON tree first: every submit and poll answers with one.
 #[derive(serde::Serialize)]
 struct TaskJson<'a> {
@@ -84,26 +87,26 @@ fn task_json(rec: &TaskRecord, resp: Option<ModelInferResponse>) -> Json<TaskJso
         ("model" = String, Path, description = "model name"),
         ("Idempotency-Key" = Option<String>, Header, description = "1..=256 characters; the same key from the same tenant returns the same task"),
     ),
-    request_body(content = openapi::InferRequestBody),
+    request_body(content = schema::InferRequestBody),
     responses(
-        (status = 202, description = "queued; Location names the task", body = openapi::TaskBody),
-        (status = 400, description = "malformed request; the message names the field", body = openapi::ErrorBody),
-        (status = 401, description = "no valid API key", body = openapi::ErrorBody),
-        (status = 404, description = "unknown model", body = openapi::ErrorBody),
-        (status = 413, description = "body over server.max_request_bytes", body = openapi::ErrorBody),
-        (status = 429, description = "rate, open-task quota or queue full; see Retry-After", body = openapi::ErrorBody),
-        (status = 503, description = "broker or task store unavailable, or tasks not enabled", body = openapi::ErrorBody),
+        (status = 202, description = "queued; Location names the task", body = schema::TaskBody),
+        (status = 400, description = "malformed request; the message names the field", body = schema::ErrorBody),
+        (status = 401, description = "no valid API key", body = schema::ErrorBody),
+        (status = 404, description = "unknown model", body = schema::ErrorBody),
+        (status = 413, description = "body over server.max_request_bytes", body = schema::ErrorBody),
+        (status = 429, description = "rate, open-task quota or queue full; see Retry-After", body = schema::ErrorBody),
+        (status = 503, description = "broker or task store unavailable, or tasks not enabled", body = schema::ErrorBody),
     ),
 )]
 pub async fn submit(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
-    Path(p): Path<super::ModelPath>,
+    Path(p): Path<ModelPath>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
     let front = front(&s)?;
-    let (model, version) = super::model_and_version(p);
+    let (model, version) = model_and_version(p);
     let bytes = read_body(body, &headers, s.max_request_bytes).await?;
     let (req, _) = codec::decode_request(&model, &version, &headers, bytes)?;
     let key = headers
@@ -144,10 +147,10 @@ pub async fn submit(
     tag = "tasks",
     params(("id" = String, Path, description = "task id")),
     responses(
-        (status = 200, body = openapi::TaskBody),
-        (status = 401, description = "no valid API key", body = openapi::ErrorBody),
-        (status = 404, description = "no such task (or another tenant's)", body = openapi::ErrorBody),
-        (status = 503, description = "task store unavailable", body = openapi::ErrorBody),
+        (status = 200, body = schema::TaskBody),
+        (status = 401, description = "no valid API key", body = schema::ErrorBody),
+        (status = 404, description = "no such task (or another tenant's)", body = schema::ErrorBody),
+        (status = 503, description = "task store unavailable", body = schema::ErrorBody),
     ),
 )]
 pub async fn get(
@@ -167,11 +170,11 @@ pub async fn get(
     tag = "tasks",
     params(("id" = String, Path, description = "task id")),
     responses(
-        (status = 200, description = "cancelled", body = openapi::TaskBody),
-        (status = 409, description = "already finished", body = openapi::ErrorBody),
-        (status = 401, description = "no valid API key", body = openapi::ErrorBody),
-        (status = 404, description = "no such task (or another tenant's)", body = openapi::ErrorBody),
-        (status = 503, description = "task store unavailable", body = openapi::ErrorBody),
+        (status = 200, description = "cancelled", body = schema::TaskBody),
+        (status = 409, description = "already finished", body = schema::ErrorBody),
+        (status = 401, description = "no valid API key", body = schema::ErrorBody),
+        (status = 404, description = "no such task (or another tenant's)", body = schema::ErrorBody),
+        (status = 503, description = "task store unavailable", body = schema::ErrorBody),
     ),
 )]
 pub async fn cancel(

@@ -15,23 +15,22 @@ use std::{
     task::Poll,
 };
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use prost::Message;
 
-use super::Shared;
+use super::shared::Shared;
 use crate::{
-    api::{grpc::grpc_timeout, observed},
+    api::observed,
     backend::triton::Answer,
     error::GatewayError,
-    proto::{
-        headers::{GRPC_ACCEPT_ENCODING, GRPC_ENCODING, GRPC_STATUS},
-        inference::ModelInferRequest,
+    grpc_wire::{
+        GRPC_ACCEPT_ENCODING, GRPC_ENCODING, GRPC_STATUS, PREFIX_LEN, encode_frame, read_prefix,
+        read_timeout,
     },
+    proto::inference::ModelInferRequest,
 };
-
-pub const PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 static X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 
@@ -120,7 +119,7 @@ async fn infer(
         GatewayError::invalid(format!("the message is not a ModelInferRequest: {e}"))
     })?;
     let model = req.model_name.clone();
-    let timeout = grpc_timeout(headers);
+    let timeout = read_timeout(headers);
     let answer = observed(
         "grpc ModelInfer",
         "grpc",
@@ -148,15 +147,16 @@ async fn read_message(
     let mut buf = BytesMut::new();
     let mut want: Option<(bool, usize)> = None;
     loop {
-        if want.is_none() && buf.len() >= 5 {
-            let compressed = buf[0] != 0;
-            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        if want.is_none()
+            && let Some(prefix) = read_prefix(&buf)
+        {
+            let (compressed, len) = (prefix.compressed, prefix.len);
             if len > limit {
                 return Err(too_large("request", len, limit, "server.max_request_bytes"));
             }
             // No room is reserved from the prefix: a caller could claim the limit per stream
             // and send nothing. The buffer grows with what arrives (bounded by the window).
-            buf.advance(5);
+            buf.advance(PREFIX_LEN);
             want = Some((compressed, len));
         }
         if let Some((_, len)) = want
@@ -231,22 +231,8 @@ fn frame(
     resp: &crate::proto::inference::ModelInferResponse,
     limit: usize,
 ) -> Result<Bytes, GatewayError> {
-    let len = resp.encoded_len();
-    // gRPC's length prefix is 32 bits; the setting allows up to 4 GiB, one byte more.
-    let prefix = u32::try_from(len).ok().filter(|_| len <= limit);
-    let Some(prefix) = prefix else {
-        return Err(too_large(
-            "response",
-            len,
-            limit,
-            "server.max_response_bytes",
-        ));
-    };
-    let mut buf = BytesMut::with_capacity(5 + len);
-    buf.put_u8(0);
-    buf.put_u32(prefix);
-    resp.encode_raw(&mut buf);
-    Ok(buf.freeze())
+    encode_frame(resp, limit)
+        .map_err(|e| too_large("response", e.len, e.limit, "server.max_response_bytes"))
 }
 
 fn too_large(what: &str, len: usize, limit: usize, setting: &str) -> GatewayError {

@@ -1,8 +1,8 @@
-//! `inference.GRPCInferenceService` behind tonic's router: inference goes through validation
-//! and dispatch; health, metadata, config, statistics and the repository index come from the
-//! Triton pool. (Unary ModelInfer is answered earlier, by `api::grpc_server`.)
+//! `inference.GRPCInferenceService` behind tonic's router: ModelStreamInfer goes through
+//! validation and dispatch; health, metadata, config, statistics and the repository index come from the
+//! Triton pool. (Unary ModelInfer is answered earlier, by the listener's `model_infer`.)
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -37,25 +37,6 @@ impl GrpcApi {
     fn pool(&self) -> &Arc<TritonPool> {
         self.infer.backend()
     }
-}
-
-/// The caller's deadline from the `grpc-timeout` header (`<digits><unit>`, gRPC's wire form).
-pub fn grpc_timeout(headers: &::http::HeaderMap) -> Option<Duration> {
-    let v = headers
-        .get(&crate::proto::headers::GRPC_TIMEOUT)?
-        .to_str()
-        .ok()?;
-    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
-    let n: u64 = num.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
 }
 
 type StreamOut = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
@@ -106,25 +87,15 @@ impl GrpcInferenceService for GrpcApi {
         ))
     }
 
-    /// infergate's own listener answers ModelInfer before tonic's router sees it
-    /// (`api::grpc_server`); this serves the service when mounted on another tonic server.
+    /// Never called: the listener answers every ModelInfer before tonic's router sees it
+    /// (`listener::serve_h2`), so there is one ModelInfer path, not two to keep in step.
     async fn model_infer(
         &self,
-        req: Request<ModelInferRequest>,
+        _: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let timeout = grpc_timeout(req.metadata().as_ref());
-        let (md, _, msg) = req.into_parts();
-        let headers = md.into_headers();
-        let model = msg.model_name.clone();
-        let resp = observed(
-            "grpc ModelInfer",
-            "grpc",
-            &model,
-            &headers,
-            self.infer.infer(msg, timeout),
-        )
-        .await?;
-        Ok(Response::new(resp))
+        Err(Status::internal(
+            "ModelInfer is answered by infergate's gRPC listener, not through tonic's router",
+        ))
     }
 
     type ModelStreamInferStream = StreamOut;
@@ -197,28 +168,5 @@ impl GrpcInferenceService for GrpcApi {
         Ok(Response::new(
             self.pool().repository_index(req.into_inner()).await?,
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use tonic::metadata::MetadataMap;
-
-    use super::*;
-
-    #[test]
-    fn grpc_timeout_units() {
-        let mut md = MetadataMap::new();
-        for (v, d) in [
-            ("5S", Duration::from_secs(5)),
-            ("250m", Duration::from_millis(250)),
-            ("7u", Duration::from_micros(7)),
-            ("2M", Duration::from_secs(120)),
-        ] {
-            md.insert("grpc-timeout", v.parse().unwrap());
-            assert_eq!(grpc_timeout(md.as_ref()), Some(d), "{v}");
-        }
-        md.insert("grpc-timeout", "5x".parse().unwrap());
-        assert_eq!(grpc_timeout(md.as_ref()), None);
     }
 }

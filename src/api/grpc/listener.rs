@@ -5,7 +5,7 @@
 //!   CPU by default; see [`crate::lane`]). A thread runs a single-threaded runtime; all of a
 //!   connection's I/O happens there.
 //! - **ModelInfer inline.** The connection's task drives the HTTP/2 connection and polls its
-//!   ModelInfer calls itself ([`model_infer`]): no task per call, no hand-off between
+//!   ModelInfer calls itself (`model_infer`): no task per call, no hand-off between
 //!   threads, and a pass-through call uses the thread's own Triton connection. Measured on 2
 //!   cores against tonic's server on a work-stealing runtime: half the CPU per call
 //!   (loadtest/BENCHMARKS.md).
@@ -16,11 +16,7 @@
 //! - **Shutdown.** On `stop` the listener closes, every connection sends GOAWAY and finishes
 //!   the calls it has; on `kill` (the grace period is over) connections drop what they have.
 
-pub mod body;
-mod model_infer;
-
 use std::{
-    convert::Infallible,
     future::{Future, poll_fn},
     pin::{Pin, pin},
     sync::{
@@ -35,7 +31,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use futures::{StreamExt, stream::FuturesUnordered};
 use h2::{RecvStream, server::SendResponse};
-use http::{Request, Response};
+use http::Request;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
@@ -43,18 +39,18 @@ use tokio::{
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
-use tower::{ServiceExt, util::BoxCloneSyncService};
+use tower::ServiceExt;
 
-use self::body::RecvBody;
-use crate::{api::grpc::grpc_timeout, auth::Auth, infer::InferService};
-
-/// tonic's router with its layers, taking h2 request bodies.
-pub type Routed = BoxCloneSyncService<Request<RecvBody>, Response<tonic::body::Body>, Infallible>;
-
-// HTTP/2 receive windows (hyper's client defaults, as towards Triton): a large tensor needs
-// few WINDOW_UPDATE round trips.
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+use super::{
+    body::{self, RecvBody},
+    model_infer,
+    shared::{Routed, Shared},
+};
+use crate::{
+    auth::Auth,
+    grpc_wire::{CONNECTION_WINDOW, MODEL_INFER_PATH, STREAM_WINDOW, read_timeout},
+    infer::InferService,
+};
 /// Largest header block accepted (hyper's server default).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// A plaintext client has this long to send the HTTP/2 preface.
@@ -79,21 +75,6 @@ pub struct GrpcServer {
     pub max_concurrent_streams: u32,
     pub threads: usize,
     pub tls: Option<Tls>,
-}
-
-/// What every connection of every serving thread reads.
-struct Shared {
-    infer: InferService,
-    auth: Arc<Auth>,
-    routes: Routed,
-    max_request_bytes: usize,
-    max_response_bytes: usize,
-    max_concurrent_streams: u32,
-    tls: Option<(tokio_rustls::TlsAcceptor, Duration, Arc<Semaphore>)>,
-    /// The main runtime, where calls other than ModelInfer run.
-    main: tokio::runtime::Handle,
-    stop: CancellationToken,
-    kill: CancellationToken,
 }
 
 struct Lane {
@@ -294,7 +275,7 @@ where
             Some(()) = calls.next(), if !calls.is_empty() => {}
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
-                    if req.uri().path() == model_infer::PATH {
+                    if req.uri().path() == MODEL_INFER_PATH {
                         calls.push(Box::pin(model_infer::serve(Arc::clone(shared), req, respond)));
                     } else {
                         shared.main.spawn(routed(Arc::clone(shared), req, respond));
@@ -312,7 +293,7 @@ where
 /// A call other than ModelInfer, through tonic's router; `grpc-timeout` bounds the wait for
 /// its answer's headers (as tonic's server does), and a reset by the caller drops it.
 async fn routed(shared: Arc<Shared>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
-    let timeout = grpc_timeout(req.headers());
+    let timeout = read_timeout(req.headers());
     let call = shared.routes.clone().oneshot(req.map(RecvBody::new));
     let mut call = pin!(async move {
         match timeout {

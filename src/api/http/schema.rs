@@ -1,0 +1,149 @@
+//! The JSON bodies of the HTTP API as the OpenAPI document describes them (`openapi.rs`). The
+//! codec reads and writes these shapes field by field; the types are never built, only
+//! documented.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use utoipa::ToSchema;
+
+/// Tensor element types of the Open Inference Protocol.
+#[derive(ToSchema)]
+#[allow(clippy::upper_case_acronyms)]
+enum Datatype {
+    BOOL,
+    UINT8,
+    UINT16,
+    UINT32,
+    UINT64,
+    INT8,
+    INT16,
+    INT32,
+    INT64,
+    FP16,
+    FP32,
+    FP64,
+    BYTES,
+    BF16,
+}
+
+/// An inference request (Open Inference Protocol, JSON form). With the binary extension the
+/// body starts with this JSON (its length in `Inference-Header-Content-Length`) followed by
+/// the raw tensors, and an input gives `parameters.binary_data_size` instead of `data`.
+#[derive(ToSchema)]
+pub struct InferRequestBody {
+    id: Option<String>,
+    /// Request parameters, e.g. `priority` (1 is highest), `timeout` (µs), `binary_data_output`.
+    parameters: Option<BTreeMap<String, Value>>,
+    inputs: Vec<RequestInput>,
+    outputs: Option<Vec<RequestOutput>>,
+}
+
+#[derive(ToSchema)]
+pub struct RequestInput {
+    name: String,
+    /// Dimensions; their product must equal the number of elements in `data`.
+    shape: Vec<i64>,
+    datatype: Datatype,
+    parameters: Option<BTreeMap<String, Value>>,
+    /// The elements, flat or nested row-major; strings for BYTES, booleans for BOOL.
+    data: Option<Vec<Value>>,
+}
+
+#[derive(ToSchema)]
+pub struct RequestOutput {
+    name: String,
+    parameters: Option<BTreeMap<String, Value>>,
+}
+
+#[derive(ToSchema)]
+pub struct InferResponseBody {
+    model_name: String,
+    model_version: Option<String>,
+    id: Option<String>,
+    parameters: Option<BTreeMap<String, Value>>,
+    outputs: Vec<ResponseOutput>,
+}
+
+#[derive(ToSchema)]
+pub struct ResponseOutput {
+    name: String,
+    shape: Vec<i64>,
+    datatype: Datatype,
+    parameters: Option<BTreeMap<String, Value>>,
+    /// Absent when the output is sent in binary (`binary_data_size` in `parameters`).
+    data: Option<Vec<Value>>,
+}
+
+/// Every error: one message naming the field or the limit.
+#[derive(ToSchema)]
+pub struct ErrorBody {
+    error: String,
+}
+
+#[derive(ToSchema)]
+pub struct ServerMetadataBody {
+    name: String,
+    version: String,
+    extensions: Vec<String>,
+}
+
+#[derive(ToSchema)]
+pub struct TensorMetadata {
+    name: String,
+    datatype: String,
+    /// -1 marks a variable dimension.
+    shape: Vec<i64>,
+}
+
+#[derive(ToSchema)]
+pub struct ModelMetadataBody {
+    name: String,
+    versions: Option<Vec<String>>,
+    platform: String,
+    inputs: Vec<TensorMetadata>,
+    outputs: Vec<TensorMetadata>,
+}
+
+/// Body of `POST /v2/repository/index` (may be empty).
+#[derive(ToSchema)]
+pub struct RepositoryIndexBody {
+    /// Only models that are ready.
+    ready: Option<bool>,
+}
+
+#[derive(ToSchema)]
+#[allow(non_camel_case_types)]
+enum TaskStatus {
+    queued,
+    running,
+    succeeded,
+    failed,
+    cancelled,
+    expired,
+}
+
+#[derive(ToSchema)]
+pub struct TaskErrorBody {
+    /// A gRPC status code name, e.g. `InvalidArgument`.
+    code: String,
+    message: String,
+}
+
+/// An async task: its state, times (ms since the Unix epoch), attempts and, once it
+/// succeeded, the inference response.
+#[derive(ToSchema)]
+pub struct TaskBody {
+    /// 32 hex characters, unguessable.
+    id: String,
+    model: String,
+    version: String,
+    status: TaskStatus,
+    attempts: u32,
+    queued_at_ms: u64,
+    started_at_ms: Option<u64>,
+    finished_at_ms: Option<u64>,
+    error: Option<TaskErrorBody>,
+    response: Option<InferResponseBody>,
+}

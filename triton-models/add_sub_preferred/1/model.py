@@ -1,0 +1,1 @@
+../../add_sub/1/model.py
