@@ -14,6 +14,12 @@ pub enum GatewayError {
     /// The request is malformed; the message names the offending field.
     #[error("{0}")]
     InvalidArgument(String),
+    /// No such task, or another tenant's (a tenant never learns which).
+    #[error("task '{0}' not found")]
+    TaskNotFound(String),
+    /// The task reached a final state (`succeeded`, `failed`, `cancelled`) before the change.
+    #[error("task '{id}' is already {state} and cannot be cancelled")]
+    TaskFinal { id: String, state: &'static str },
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -56,6 +62,8 @@ impl GatewayError {
         match self {
             Self::ModelNotFound { .. } => Code::NotFound,
             Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::TaskNotFound(_) => Code::NotFound,
+            Self::TaskFinal { .. } => Code::FailedPrecondition,
             Self::PayloadTooLarge(_) | Self::Overloaded(_) | Self::RateLimited { .. } => {
                 Code::ResourceExhausted
             }
@@ -72,6 +80,8 @@ impl GatewayError {
         match self {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            // A conflict with the task's state, not a malformed request.
+            Self::TaskFinal { .. } => StatusCode::CONFLICT,
             other => http_status_for(other.grpc_code()),
         }
     }
@@ -81,6 +91,8 @@ impl GatewayError {
         match self {
             Self::ModelNotFound { .. } => "model_not_found",
             Self::InvalidArgument(_) => "invalid_argument",
+            Self::TaskNotFound(_) => "task_not_found",
+            Self::TaskFinal { .. } => "task_final",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Overloaded(_) => "overloaded",
             Self::RateLimited { .. } => "rate_limited",

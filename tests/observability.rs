@@ -406,7 +406,7 @@ async fn metrics_count_a_known_load() {
     assert_eq!(requests("add_sub", "http", "200"), 10.0);
     assert_eq!(requests("add_sub", "http", "400"), 3.0);
     // A name Triton does not serve is counted under one label, not its own.
-    assert_eq!(requests("(unknown)", "grpc", "NotFound"), 3.0);
+    assert_eq!(requests("(unknown)", "grpc", "NOT_FOUND"), 3.0);
     assert!(
         !after.keys().any(|k| k.contains("no_such_model")),
         "a made-up model name became a series: {after:?}"

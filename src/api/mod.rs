@@ -30,7 +30,7 @@ use opentelemetry::propagation::Extractor;
 use tracing::Instrument;
 
 use crate::{
-    error::GatewayError,
+    error::{GatewayError, code_name},
     telemetry::{metrics::metrics, trace},
 };
 
@@ -110,9 +110,10 @@ pub async fn observed<T>(
         (Ok(_), "http") => "200".into(),
         (Ok(_), _) => "OK".into(),
         (Err(e), "http") => e.http_status().as_u16().to_string().into(),
-        (Err(e), _) => format!("{:?}", e.grpc_code()).into(),
+        (Err(e), _) => code_name(e.grpc_code()).into(),
     };
-    tracing::debug!(target: "infergate::api", model, protocol, code = %code, "request answered");
+    let kind = result.as_ref().err().map_or("", GatewayError::kind);
+    tracing::debug!(target: "infergate::api", model, protocol, code = %code, error = kind, "request answered");
     metrics().request(model, protocol, code, started);
     result
 }

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     api::{header_text, traced},
     auth::{caller_of, tenant_of},
+    error::GatewayError,
     proto::{
         inference::ModelInferResponse,
         tasks::{
@@ -69,7 +70,7 @@ fn to_wire(rec: &TaskRecord, response: Option<ModelInferResponse>, replayed: boo
 }
 
 fn not_found(id: &str) -> Status {
-    Status::not_found(format!("task '{id}' not found"))
+    GatewayError::TaskNotFound(id.to_string()).into()
 }
 
 #[tonic::async_trait]
@@ -113,10 +114,11 @@ impl TaskService for GrpcTasks {
         match self.front.cancel(&id, &tenant).await? {
             Cancelled::Done(rec) => Ok(Response::new(to_wire(&rec, None, false))),
             Cancelled::NotFound => Err(not_found(&id)),
-            Cancelled::AlreadyFinal(s) => Err(Status::failed_precondition(format!(
-                "task '{id}' is already {} and cannot be cancelled",
-                s.as_str()
-            ))),
+            Cancelled::AlreadyFinal(s) => Err(GatewayError::TaskFinal {
+                id,
+                state: s.as_str(),
+            }
+            .into()),
         }
     }
 

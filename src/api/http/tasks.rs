@@ -13,7 +13,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{
     codec, schema,
@@ -40,11 +40,7 @@ fn front(s: &HttpState) -> Result<&TaskFront, GatewayError> {
 }
 
 fn not_found(id: &str) -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        Json(json!({"error": format!("task '{id}' not found")})),
-    )
-        .into_response()
+    GatewayError::TaskNotFound(id.to_string()).into_response()
 }
 
 /// A task as the API shows it (`schema::TaskBody` documents it). Serialized as it is, not
@@ -185,10 +181,10 @@ pub async fn cancel(
     Ok(match front(&s)?.cancel(&id, &caller.tenant).await? {
         Cancelled::Done(rec) => task_json(&rec, None).into_response(),
         Cancelled::NotFound => not_found(&id),
-        Cancelled::AlreadyFinal(state) => (
-            StatusCode::CONFLICT,
-            Json(json!({"error": format!("task '{id}' is already {} and cannot be cancelled", state.as_str())})),
-        )
-            .into_response(),
+        Cancelled::AlreadyFinal(state) => GatewayError::TaskFinal {
+            id,
+            state: state.as_str(),
+        }
+        .into_response(),
     })
 }
