@@ -117,9 +117,9 @@ impl Default for TelemetryConfig {
 pub struct TasksConfig {
     /// `memory` (in-process, the default), `redis://host:port[/db]` (Redis Streams) or
     /// `amqp://user:pass@host:port/vhost` (RabbitMQ).
-    pub broker: String,
+    pub broker: BrokerUrl,
     /// `memory` (the default) or `redis://host:port[/db]`.
-    pub task_store: String,
+    pub task_store: StoreUrl,
     /// Worker loops inside `serve` (0: API only; tasks then need `infergate worker`).
     pub workers: usize,
     /// Tasks one worker loop runs at once.
@@ -143,11 +143,111 @@ pub struct TasksConfig {
     pub redis_prefix: String,
 }
 
+/// Where tasks wait, parsed once from `tasks.broker` / `--broker`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum BrokerUrl {
+    /// In-process (the embedded default).
+    #[default]
+    Memory,
+    /// Redis Streams at this `redis://` URL.
+    Redis(String),
+    /// RabbitMQ at this `amqp://` URL.
+    RabbitMq(String),
+}
+
+/// Where task records and results are kept, parsed once from `tasks.task_store`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum StoreUrl {
+    #[default]
+    Memory,
+    Redis(String),
+}
+
+fn is_redis(url: &str) -> bool {
+    url.starts_with("redis://") || url.starts_with("rediss://")
+}
+
+impl BrokerUrl {
+    /// The short name used in metric labels and spans (`memory`, `redis`, `rabbitmq`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Redis(_) => "redis",
+            Self::RabbitMq(_) => "rabbitmq",
+        }
+    }
+}
+
+impl std::str::FromStr for BrokerUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "memory" => Ok(Self::Memory),
+            u if is_redis(u) => Ok(Self::Redis(u.into())),
+            u if u.starts_with("amqp://") => Ok(Self::RabbitMq(u.into())),
+            u => Err(format!(
+                "tasks.broker '{u}': use memory, redis://host:port or amqp://user:pass@host:port/vhost"
+            )),
+        }
+    }
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "memory" => Ok(Self::Memory),
+            u if is_redis(u) => Ok(Self::Redis(u.into())),
+            u => Err(format!(
+                "tasks.task_store '{u}': use memory or redis://host:port"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Memory => f.write_str("memory"),
+            Self::Redis(u) | Self::RabbitMq(u) => f.write_str(u),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Memory => f.write_str("memory"),
+            Self::Redis(u) => f.write_str(u),
+        }
+    }
+}
+
+macro_rules! string_conversions {
+    ($t:ty) => {
+        impl TryFrom<String> for $t {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                s.parse()
+            }
+        }
+        impl From<$t> for String {
+            fn from(v: $t) -> String {
+                v.to_string()
+            }
+        }
+    };
+}
+string_conversions!(BrokerUrl);
+string_conversions!(StoreUrl);
+
 impl Default for TasksConfig {
     fn default() -> Self {
         Self {
-            broker: "memory".into(),
-            task_store: "memory".into(),
+            broker: BrokerUrl::Memory,
+            task_store: StoreUrl::Memory,
             workers: 1,
             worker_concurrency: 256,
             max_attempts: 3,
@@ -496,10 +596,10 @@ pub struct ServeArgs {
     pub batch_max_inflight: Option<usize>,
     /// Task broker: `memory`, `redis://host:port` or `amqp://user:pass@host:port/%2f` [default: memory].
     #[arg(long, env = "INFERGATE_BROKER", value_name = "URL")]
-    pub broker: Option<String>,
+    pub broker: Option<BrokerUrl>,
     /// Task store: `memory` or `redis://host:port` [default: memory].
     #[arg(long, env = "INFERGATE_TASK_STORE", value_name = "URL")]
-    pub task_store: Option<String>,
+    pub task_store: Option<StoreUrl>,
     /// Worker loops inside `serve`; 0 = API only [default: 1].
     #[arg(long, env = "INFERGATE_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
@@ -824,22 +924,6 @@ impl Config {
             }
         }
         let k = &self.tasks;
-        let redis = |u: &str| u.starts_with("redis://") || u.starts_with("rediss://");
-        if !(k.broker == "memory" || redis(&k.broker) || k.broker.starts_with("amqp://")) {
-            return Err(invalid(
-                "tasks.broker",
-                format!(
-                    "'{}': use memory, redis://host:port or amqp://user:pass@host:port/vhost",
-                    k.broker
-                ),
-            ));
-        }
-        if !(k.task_store == "memory" || redis(&k.task_store)) {
-            return Err(invalid(
-                "tasks.task_store",
-                format!("'{}': use memory or redis://host:port", k.task_store),
-            ));
-        }
         in_range("tasks.workers", k.workers as u64, 0, 256)?;
         in_range(
             "tasks.worker_concurrency",
@@ -1093,7 +1177,11 @@ mod tests {
         )
         .unwrap();
         let cfg = Config::from_files(&[a.clone(), b.clone()]).unwrap();
-        assert_eq!(cfg.tasks.broker, "redis://10.0.0.2:6379");
+        assert_eq!(
+            cfg.tasks.broker,
+            BrokerUrl::Redis("redis://10.0.0.2:6379".into())
+        );
+        assert_eq!(cfg.tasks.broker.kind(), "redis");
         assert_eq!(cfg.tasks.workers, 3, "kept from the first file");
         assert_eq!(cfg.log.format, LogFormat::Json);
         // A bad key in the first of two files: the error names that file, not the last one.
@@ -1129,6 +1217,22 @@ mod tests {
             );
             assert!(msg.contains("model 'add_sub'"), "{msg}");
         }
+
+        // Broker and store URLs are parsed when read: a file, a flag or the environment with
+        // an unknown scheme is refused there, naming the setting.
+        for (text, key) in [
+            ("[tasks]\nbroker = \"kafka://x:9092\"", "tasks.broker"),
+            ("[tasks]\ntask_store = \"amqp://x\"", "tasks.task_store"),
+        ] {
+            let err = toml::from_str::<Config>(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        assert_eq!(
+            "amqp://guest:guest@127.0.0.1:5672/%2f"
+                .parse::<BrokerUrl>()
+                .map(|b| b.kind()),
+            Ok("rabbitmq")
+        );
 
         let err = toml::from_str::<Config>("[server]\ngrpc_adr = \"x\"").unwrap_err();
         assert!(err.to_string().contains("grpc_adr"), "{err}");

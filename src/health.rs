@@ -169,14 +169,3 @@ impl Health {
         })
     }
 }
-
-/// The short name of a broker URL, for metric labels.
-pub fn broker_kind(url: &str) -> &'static str {
-    if url.starts_with("amqp") {
-        "rabbitmq"
-    } else if url.starts_with("redis") {
-        "redis"
-    } else {
-        "memory"
-    }
-}

@@ -19,8 +19,8 @@ use crate::{
     },
     auth::{Auth, interceptor},
     backend::triton::TritonPool,
-    config::Config,
-    health::{Health, broker_kind},
+    config::{BrokerUrl, Config, StoreUrl},
+    health::Health,
     infer::InferService,
     proto::{
         FILE_DESCRIPTOR_SET, inference::grpc_inference_service_server::GrpcInferenceServiceServer,
@@ -42,52 +42,53 @@ const HEALTH_SERVICES: &[&str] = &[
 pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<(Arc<dyn TaskStore>, Arc<dyn Broker>)> {
     let t = &cfg.tasks;
     let ttl = Duration::from_millis(t.ttl_ms);
-    let store: Arc<dyn TaskStore> = if t.task_store == "memory" {
-        Arc::new(MemoryTaskStore::new(
+    let store: Arc<dyn TaskStore> = match &t.task_store {
+        StoreUrl::Memory => Arc::new(MemoryTaskStore::new(
             ttl,
             t.queue_capacity as usize * 2,
             t.max_result_bytes,
-        ))
-    } else {
-        Arc::new(
-            RedisTaskStore::connect(&t.task_store, &t.redis_prefix, ttl, t.max_result_bytes)
+        )),
+        StoreUrl::Redis(url) => Arc::new(
+            RedisTaskStore::connect(url, &t.redis_prefix, ttl, t.max_result_bytes)
                 .await
-                .with_context(|| format!("connecting the task store {}", t.task_store))?,
-        )
+                .with_context(|| format!("connecting the task store {url}"))?,
+        ),
     };
-    let broker: Arc<dyn Broker> = if t.broker == "memory" {
-        Arc::new(MemoryBroker::new(t.queue_capacity as usize))
-    } else if t.broker.starts_with("amqp://") {
-        let prefetch = (t.worker_concurrency * 2).min(u16::MAX as usize) as u16;
-        Arc::new(
-            RabbitBroker::connect(
-                &t.broker,
-                &t.redis_prefix,
-                t.queue_capacity,
-                prefetch,
-                t.amqp_group_max,
-                Duration::from_millis(t.publish_timeout_ms),
+    let broker: Arc<dyn Broker> = match &t.broker {
+        BrokerUrl::Memory => Arc::new(MemoryBroker::new(t.queue_capacity as usize)),
+        BrokerUrl::RabbitMq(url) => {
+            let prefetch = (t.worker_concurrency * 2).min(u16::MAX as usize) as u16;
+            Arc::new(
+                RabbitBroker::connect(
+                    url,
+                    &t.redis_prefix,
+                    t.queue_capacity,
+                    prefetch,
+                    t.amqp_group_max,
+                    Duration::from_millis(t.publish_timeout_ms),
+                )
+                .await
+                .with_context(|| format!("connecting the broker {url}"))?,
             )
-            .await
-            .with_context(|| format!("connecting the broker {}", t.broker))?,
-        )
-    } else {
-        let consumer = format!(
-            "worker-{}-{}",
-            std::process::id(),
-            crate::tasks::new_task_id()
-        );
-        Arc::new(
-            RedisBroker::connect(
-                &t.broker,
-                &t.redis_prefix,
-                &consumer,
-                t.queue_capacity,
-                Duration::from_millis(t.visibility_timeout_ms),
+        }
+        BrokerUrl::Redis(url) => {
+            let consumer = format!(
+                "worker-{}-{}",
+                std::process::id(),
+                crate::tasks::new_task_id()
+            );
+            Arc::new(
+                RedisBroker::connect(
+                    url,
+                    &t.redis_prefix,
+                    &consumer,
+                    t.queue_capacity,
+                    Duration::from_millis(t.visibility_timeout_ms),
+                )
+                .await
+                .with_context(|| format!("connecting the broker {url}"))?,
             )
-            .await
-            .with_context(|| format!("connecting the broker {}", t.broker))?,
-        )
+        }
     };
     Ok((store, broker))
 }
@@ -95,7 +96,7 @@ pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<(Arc<dyn TaskStore>, 
 fn health_of(cfg: &Config, pool: &Arc<TritonPool>, broker: &Arc<dyn Broker>) -> Arc<Health> {
     Health::new(
         Arc::clone(pool),
-        Some((Arc::clone(broker), broker_kind(&cfg.tasks.broker))),
+        Some((Arc::clone(broker), cfg.tasks.broker.kind())),
         cfg.triton.ready_models.clone(),
         Duration::from_millis(cfg.triton.probe_timeout_ms),
     )
@@ -111,7 +112,7 @@ fn spawn_workers(
     (0..cfg.tasks.workers)
         .map(|_| {
             let w = Worker {
-                broker_kind: broker_kind(&cfg.tasks.broker),
+                broker_kind: cfg.tasks.broker.kind(),
                 broker: Arc::clone(broker),
                 store: Arc::clone(store),
                 infer: infer.clone(),
@@ -136,7 +137,7 @@ pub async fn run_workers(
         "infergate worker needs --workers of at least 1"
     );
     anyhow::ensure!(
-        cfg.tasks.broker != "memory",
+        cfg.tasks.broker != BrokerUrl::Memory,
         "infergate worker needs a shared broker (--broker redis://...); the memory broker lives inside one serve process"
     );
     let pool = TritonPool::new(&cfg.triton, cfg.server.max_response_bytes)?;
@@ -295,7 +296,7 @@ impl Gateway {
             stop.clone(),
         );
         let front = crate::tasks::front::TaskFront {
-            broker_kind: broker_kind(&cfg.tasks.broker),
+            broker_kind: cfg.tasks.broker.kind(),
             store: Arc::clone(&store),
             broker: Arc::clone(&broker),
             infer: infer.clone(),

@@ -286,8 +286,8 @@ async fn the_open_task_quota_holds_across_front_ends() {
         ..Default::default()
     });
     // No workers: accepted tasks stay queued, so they stay open.
-    cfg.tasks.broker = REDIS.into();
-    cfg.tasks.task_store = REDIS.into();
+    cfg.tasks.broker = REDIS.parse().unwrap();
+    cfg.tasks.task_store = REDIS.parse().unwrap();
     cfg.tasks.redis_prefix = prefix.clone();
     cfg.tasks.workers = 0;
     cfg.validate().expect("valid config");

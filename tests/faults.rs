@@ -23,8 +23,8 @@ async fn a_triton_outage_fails_sync_calls_fast_and_async_tasks_complete_after_it
     let own = Triton::start(None, &[]);
     let ports = own.ports();
     let mut cfg = test_config(vec![own.grpc_url()]);
-    cfg.tasks.broker = REDIS.into();
-    cfg.tasks.task_store = REDIS.into();
+    cfg.tasks.broker = REDIS.parse().unwrap();
+    cfg.tasks.task_store = REDIS.parse().unwrap();
     cfg.tasks.redis_prefix = format!("igfault-{}", infergate::tasks::new_task_id());
     cfg.tasks.workers = 1;
     let gw = gateway_with(cfg).await;

@@ -492,7 +492,7 @@ async fn readiness_follows_triton_and_the_broker_while_liveness_stays() {
     let own = Triton::start(None, &[]);
     let ports = own.ports();
     let mut cfg = test_config(vec![own.grpc_url()]);
-    cfg.tasks.broker = RABBIT.into();
+    cfg.tasks.broker = RABBIT.parse().unwrap();
     cfg.tasks.redis_prefix = format!("igready-{}", infergate::tasks::new_task_id());
     cfg.triton.ready_models = vec!["add_sub".into()];
     let gw = gateway_with(cfg).await;

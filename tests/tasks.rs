@@ -45,8 +45,8 @@ fn redis_config(prefix: &str, workers: usize) -> Config {
 /// Tasks kept in Redis, carried by `broker`.
 fn broker_config(prefix: &str, workers: usize, broker: &str) -> Config {
     let mut cfg = test_config(vec![triton().grpc_url()]);
-    cfg.tasks.broker = broker.into();
-    cfg.tasks.task_store = REDIS.into();
+    cfg.tasks.broker = broker.parse().unwrap();
+    cfg.tasks.task_store = REDIS.parse().unwrap();
     cfg.tasks.redis_prefix = prefix.into();
     cfg.tasks.workers = workers;
     cfg.tasks.visibility_timeout_ms = 1_500;
@@ -607,7 +607,7 @@ async fn every_accepted_task_completes_across_a_redis_restart() {
     let mut redis = PrivateRedis::start(port, &dir);
     let p = prefix();
     let mut cfg = broker_config(&p, 1, &redis.url());
-    cfg.tasks.task_store = redis.url();
+    cfg.tasks.task_store = redis.url().parse().unwrap();
     let gw = gateway_with(cfg).await;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -674,7 +674,7 @@ async fn a_task_store_outage_under_a_rabbitmq_worker_loses_nothing_and_does_not_
     let mut store = PrivateRedis::start(port, &dir);
     let p = prefix();
     let mut cfg = broker_config(&p, 0, RABBIT);
-    cfg.tasks.task_store = store.url();
+    cfg.tasks.task_store = store.url().parse().unwrap();
     // An API process with no worker queues 2,000 tasks over RabbitMQ.
     let api = gateway_with(cfg.clone()).await;
     let http = reqwest::Client::builder()
