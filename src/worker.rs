@@ -24,8 +24,9 @@ use tonic::Code;
 use tracing::Instrument;
 
 use crate::{
+    call::Call,
     error::{GatewayError, code_name},
-    infer::{Admission, InferService},
+    infer::InferService,
     proto::inference::ModelInferRequest,
     queue::{Broker, Delivery},
     tasks::{Change, Start, StoreError, TaskError, TaskState, TaskStore, now_ms},
@@ -223,7 +224,7 @@ impl Worker {
             }
         };
         let run_started = Instant::now();
-        let result = self.infer.infer_as(req, None, Admission::Wait).await;
+        let result = self.infer.infer(req, Call::task()).await;
         metrics().observe(&rec.model, "task_run", run_started.elapsed());
         match result {
             Ok(resp) => {

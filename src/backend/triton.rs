@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use super::h2_infer::{H2Infer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use crate::{
+    call::{Call, Framing},
     config::TritonConfig,
     error::GatewayError,
     model::ModelInfo,
@@ -61,8 +62,9 @@ impl Endpoint {
         self.clients[i].clone()
     }
 
-    fn infer_conn(&self) -> Option<&Arc<H2Infer>> {
-        if let Some(conn) = crate::lane::current().and_then(|i| self.lane_conns.get(i)) {
+    /// Lane `i`'s own lean connection, or (off the serving threads) the shared ones in turn.
+    fn infer_conn(&self, lane: Option<usize>) -> Option<&Arc<H2Infer>> {
+        if let Some(conn) = lane.and_then(|i| self.lane_conns.get(i)) {
             return Some(conn);
         }
         let n = self.infer_conns.len();
@@ -307,25 +309,27 @@ impl TritonPool {
     pub async fn infer(
         &self,
         req: ModelInferRequest,
-        timeout: Option<Duration>,
+        call: Call,
     ) -> Result<ModelInferResponse, GatewayError> {
-        self.infer_answer(req, timeout, false)
+        self.infer_answer(req, call.decoded())
             .await?
             .into_response()
     }
 
-    /// One ModelInfer call. With `framed`, an answer over a lean connection comes back as
-    /// Triton framed it (see [`Answer`]); TLS endpoints always answer decoded. The caller's
-    /// `timeout` also goes to Triton as its `timeout` parameter.
+    /// One ModelInfer call, on the call's lane's own connection when it has one. Framed
+    /// [`Framing::AsTriton`], an answer over a lean connection comes back as Triton framed it
+    /// (see [`Answer`]); TLS endpoints always answer decoded. What is left of the call's
+    /// deadline bounds the call and goes to Triton as its `timeout` parameter.
     pub async fn infer_answer(
         &self,
         mut req: ModelInferRequest,
-        timeout: Option<Duration>,
-        framed: bool,
+        call: Call,
     ) -> Result<Answer, GatewayError> {
+        let timeout = call.deadline.map(|d| d.left_at(Instant::now()));
         if let Some(t) = timeout {
             forward_budget(&mut req, t);
         }
+        let framed = call.framing == Framing::AsTriton;
         let model = req.model_name.clone();
         let span = if trace::enabled() {
             tracing::info_span!(
@@ -344,7 +348,7 @@ impl TritonPool {
                 // Triton continues the trace when it runs with --trace-config mode=opentelemetry.
                 let mut md = tonic::metadata::MetadataMap::new();
                 trace::inject_into(&mut md);
-                let via = match ep.infer_conn() {
+                let via = match ep.infer_conn(call.lane) {
                     Some(conn) => Via::Lean(Arc::clone(conn)),
                     None => Via::Tonic(ep.client()),
                 };
@@ -692,7 +696,7 @@ mod tests {
         assert_eq!((ep.infer_conns.len(), ep.lane_conns.len()), (2, 3));
         // Off the serving threads, calls take turns over the shared connections.
         let shared: Vec<_> = (0..4)
-            .map(|_| Arc::as_ptr(ep.infer_conn().unwrap()))
+            .map(|_| Arc::as_ptr(ep.infer_conn(None).unwrap()))
             .collect();
         assert_eq!(shared[0], shared[2]);
         assert_ne!(shared[0], shared[1]);
@@ -701,17 +705,14 @@ mod tests {
                 .iter()
                 .all(|p| ep.infer_conns.iter().any(|c| Arc::as_ptr(c) == *p))
         );
-        // On serving thread i, always that thread's own.
+        // A call on serving thread i always uses that thread's own.
         for lane in 0..3 {
-            let ep = Arc::clone(&ep);
-            std::thread::spawn(move || {
-                crate::lane::enter(lane);
-                for _ in 0..3 {
-                    assert!(Arc::ptr_eq(ep.infer_conn().unwrap(), &ep.lane_conns[lane]));
-                }
-            })
-            .join()
-            .unwrap();
+            for _ in 0..3 {
+                assert!(Arc::ptr_eq(
+                    ep.infer_conn(Some(lane)).unwrap(),
+                    &ep.lane_conns[lane]
+                ));
+            }
         }
         // A pool made for no serving threads (the worker process) has none of them.
         assert!(

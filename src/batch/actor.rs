@@ -23,6 +23,7 @@ use super::{
 };
 use crate::{
     backend::triton::{Answer, TritonPool},
+    call::{Call, Framing},
     config::BatchMode,
     error::GatewayError,
     proto::inference::ModelInferRequest,
@@ -34,9 +35,8 @@ pub(super) type Reply = oneshot::Sender<Result<Answer, GatewayError>>;
 pub(super) struct Job {
     pub(super) req: ModelInferRequest,
     pub(super) reply: Reply,
-    /// The caller can take Triton's answer as Triton framed it (a gRPC caller), should its
-    /// batch hold only its own request.
-    pub(super) framed: bool,
+    /// How the caller takes the answer should its batch hold only its own request.
+    pub(super) framing: Framing,
     /// The caller's trace context (tracing on only): parent and links of the batch span.
     pub(super) trace: Option<opentelemetry::Context>,
     /// Open while the request waits for its batch (tracing on only).
@@ -51,6 +51,8 @@ impl Waiter for Job {
 
 pub(super) struct Actor {
     backend: Arc<TritonPool>,
+    /// The serving thread this actor runs on (its calls use that lane's Triton connection).
+    lane: Option<usize>,
     settings: ModelSettings,
     queue: BatchQueue<Job>,
     inbox: mpsc::UnboundedReceiver<Pending<Job>>,
@@ -65,6 +67,7 @@ pub(super) struct Actor {
 impl Actor {
     pub(super) fn new(
         backend: Arc<TritonPool>,
+        lane: Option<usize>,
         settings: ModelSettings,
         inbox: mpsc::UnboundedReceiver<Pending<Job>>,
         queued: Arc<AtomicUsize>,
@@ -72,6 +75,7 @@ impl Actor {
     ) -> Self {
         Self {
             backend,
+            lane,
             queue: BatchQueue::new(settings.priority_levels, settings.max_priority_wait),
             settings,
             inbox,
@@ -187,8 +191,9 @@ impl Actor {
                     let backend = Arc::clone(&self.backend);
                     let observed = Arc::clone(&self.observed);
                     let in_call = InCall::new(&observed, batch.len());
+                    let lane = self.lane;
                     tokio::spawn(async move {
-                        run_batch(backend, batch, observed).await;
+                        run_batch(backend, lane, batch, observed).await;
                         drop(in_call);
                         drop(permit);
                     });
@@ -213,7 +218,12 @@ fn strip_own_params(call: &mut ModelInferRequest) {
 }
 
 /// Sends one batch and answers each member with its rows (or the shared error).
-async fn run_batch(backend: Arc<TritonPool>, batch: Vec<Pending<Job>>, observed: Arc<Observed>) {
+async fn run_batch(
+    backend: Arc<TritonPool>,
+    lane: Option<usize>,
+    batch: Vec<Pending<Job>>,
+    observed: Arc<Observed>,
+) {
     let now = Instant::now();
     let deadline = batch.iter().filter_map(|p| p.deadline).min();
     let rows: Vec<i64> = batch.iter().map(|p| p.rows).collect();
@@ -222,7 +232,11 @@ async fn run_batch(backend: Arc<TritonPool>, batch: Vec<Pending<Job>>, observed:
     let mut reqs: Vec<ModelInferRequest> = Vec::with_capacity(batch.len());
     let mut traces = Vec::new();
     let batch_len = batch.len();
-    let alone_framed = batch_len == 1 && batch[0].item.framed;
+    let alone_framing = if batch_len == 1 {
+        batch[0].item.framing
+    } else {
+        Framing::Decoded
+    };
     let total_rows: i64 = rows.iter().sum();
     metrics().batch(
         &model,
@@ -263,8 +277,8 @@ async fn run_batch(backend: Arc<TritonPool>, batch: Vec<Pending<Job>>, observed:
         crate::telemetry::trace::link_members(&span, &traces);
         span
     };
-    // The tightest member's budget (the backend forwards it as Triton's `timeout`).
-    let budget = deadline.map(|d| d.saturating_duration_since(now));
+    // The tightest member's deadline (the backend forwards what is left as Triton's `timeout`).
+    let call_of = |framing| Call::batch(deadline, framing, lane);
     if members.len() == 1 {
         // Alone: the call is the caller's own request, id included (Triton echoes it), and a
         // gRPC caller gets Triton's frame as it came, neither decoded nor encoded again.
@@ -273,7 +287,7 @@ async fn run_batch(backend: Arc<TritonPool>, batch: Vec<Pending<Job>>, observed:
         strip_own_params(&mut call);
         let started = Instant::now();
         let result = backend
-            .infer_answer(call, budget, alone_framed)
+            .infer_answer(call, call_of(alone_framing))
             .instrument(span)
             .await;
         ewma(&observed.triton_ns, started.elapsed());
@@ -291,7 +305,10 @@ async fn run_batch(backend: Arc<TritonPool>, batch: Vec<Pending<Job>>, observed:
     call.id.clear();
     strip_own_params(&mut call);
     let started = Instant::now();
-    let result = backend.infer(call, budget).instrument(span).await;
+    let result = backend
+        .infer(call, call_of(Framing::Decoded))
+        .instrument(span)
+        .await;
     ewma(&observed.triton_ns, started.elapsed());
     let parts = result.and_then(|resp| {
         let parts = split::split_response(&resp, &rows)?;

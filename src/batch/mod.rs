@@ -62,6 +62,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::{
     backend::triton::{Answer, TritonPool},
+    call::Call,
     config::BatchingConfig,
     error::GatewayError,
     model::ModelInfo,
@@ -90,17 +91,17 @@ struct ModelBatcher {
 }
 
 impl ModelBatcher {
-    /// Hands a request to the queue of the calling thread, starting that queue's actor if it
-    /// has none (or it ended with its thread); false if even a new actor cannot take it (the
-    /// runtime is shutting down). A serving thread's actor runs on that thread, so its
-    /// callers, their batch, its Triton call and the answers never change thread.
+    /// Hands a request to the queue of its lane (the calling thread's), starting that queue's
+    /// actor if it has none (or it ended with its thread); false if even a new actor cannot
+    /// take it (the runtime is shutting down). A serving thread's actor runs on that thread,
+    /// so its callers, their batch, its Triton call and the answers never change thread.
     fn send(
         &self,
         p: Pending<Job>,
+        lane: Option<usize>,
         backend: &Arc<TritonPool>,
         main: Option<&tokio::runtime::Handle>,
     ) -> bool {
-        let lane = crate::lane::current();
         let slot = lane.map_or(0, |l| l + 1);
         let mut inboxes = self.inboxes.lock().expect("batcher inbox lock");
         if inboxes.len() <= slot {
@@ -116,6 +117,7 @@ impl ModelBatcher {
         let (tx, rx) = mpsc::unbounded_channel();
         let actor = Actor::new(
             Arc::clone(backend),
+            lane,
             self.settings.clone(),
             rx,
             Arc::clone(&self.queued),
@@ -206,17 +208,17 @@ impl Batcher {
         m
     }
 
-    /// Queues a validated request of `rows` rows (at most the model's max_batch_size) and waits
-    /// for its share of a batch. With `framed`, a request whose batch is itself alone may be
-    /// answered with Triton's frame as it came ([`Answer::Framed`]).
+    /// Queues a validated request of `rows` rows (at most the model's max_batch_size) on the
+    /// queue of the call's lane and waits for its share of a batch. A call that takes
+    /// Triton's frame (`Framing::AsTriton`) and whose batch is itself alone is answered with
+    /// the frame as it came ([`Answer::Framed`]).
     pub async fn submit(
         &self,
         info: &ModelInfo,
         settings: ModelSettings,
         req: ModelInferRequest,
         rows: i64,
-        deadline: Option<Instant>,
-        framed: bool,
+        call: Call,
     ) -> Result<Answer, GatewayError> {
         let level = settings.level_of(&req)?;
         let model = self.model(info, &req.model_version, settings);
@@ -234,17 +236,17 @@ impl Batcher {
             rows,
             level,
             enqueued: Instant::now(),
-            deadline,
+            deadline: call.deadline,
             item: Job {
                 req,
                 reply: tx,
-                framed,
+                framing: call.framing,
                 trace: crate::telemetry::trace::current_context(),
                 _wait_span: crate::telemetry::trace::enabled()
                     .then(|| tracing::info_span!("batch_wait", otel.name = "batch wait")),
             },
         };
-        if !model.send(pending, &self.backend, self.runtime.as_ref()) {
+        if !model.send(pending, call.lane, &self.backend, self.runtime.as_ref()) {
             model.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(GatewayError::Unavailable(
                 "the model's batcher stopped".into(),

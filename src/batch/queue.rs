@@ -13,6 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::call::Deadline;
+
 /// Something waiting for an answer; `is_gone` is true once nobody will read the answer.
 pub trait Waiter {
     fn is_gone(&self) -> bool;
@@ -24,7 +26,7 @@ pub struct Pending<T> {
     pub rows: i64,
     pub level: usize,
     pub enqueued: Instant,
-    pub deadline: Option<Instant>,
+    pub deadline: Option<Deadline>,
     pub item: T,
 }
 
@@ -93,7 +95,7 @@ impl<T: Waiter> BatchQueue<T> {
         for level in &mut self.levels {
             if level
                 .iter()
-                .all(|p| !p.item.is_gone() && p.deadline.is_none_or(|d| d > now))
+                .all(|p| !p.item.is_gone() && p.deadline.is_none_or(|d| !d.passed_at(now)))
             {
                 continue;
             }
@@ -103,7 +105,7 @@ impl<T: Waiter> BatchQueue<T> {
                     if p.item.is_gone() {
                         dead.push((p, Dropped::CallerGone));
                         None
-                    } else if p.deadline.is_some_and(|d| d <= now) {
+                    } else if p.deadline.is_some_and(|d| d.passed_at(now)) {
                         dead.push((p, Dropped::Expired));
                         None
                     } else {
@@ -361,7 +363,7 @@ mod tests {
         let t = Instant::now();
         let mut q = BatchQueue::new(1, Duration::from_secs(1));
         let mut a = p(1, "a", 1, 0, t);
-        a.deadline = Some(t + Duration::from_millis(5));
+        a.deadline = Some(Deadline::at(t + Duration::from_millis(5)));
         let mut b = p(2, "a", 1, 0, t);
         b.item.gone = true;
         q.push(a);

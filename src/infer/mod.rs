@@ -19,6 +19,7 @@ pub use validate::Validated;
 use crate::{
     backend::triton::{Answer, TritonPool},
     batch::{Batcher, ModelSettings, request_is_batchable, split},
+    call::{Admission, Call, Deadline},
     config::BatchingConfig,
     error::GatewayError,
     proto::inference::{
@@ -40,14 +41,6 @@ struct ModelCaps {
     per_model: HashMap<String, usize>,
     /// One semaphore per capped model, made on first use (bounded by the models Triton has).
     gates: Mutex<HashMap<String, Arc<Semaphore>>>,
-}
-
-/// Whether a caller over its model's cap is refused (sync APIs) or waits (task workers,
-/// whose own concurrency already bounds how many wait).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    Refuse,
-    Wait,
 }
 
 impl ModelCaps {
@@ -95,12 +88,13 @@ impl ModelCaps {
     }
 }
 
-/// The earliest of the caller's deadline and Triton's `timeout` request parameter (µs).
+/// The earlier of the caller's deadline and the one Triton's `timeout` request parameter (µs)
+/// sets from `now`.
 fn deadline_of(
     req: &ModelInferRequest,
-    timeout: Option<Duration>,
+    caller: Option<Deadline>,
     now: Instant,
-) -> Option<Instant> {
+) -> Option<Deadline> {
     let param = req
         .parameters
         .get("timeout")
@@ -110,12 +104,10 @@ fn deadline_of(
             }
             Some(ParameterChoice::Uint64Param(us)) if us > 0 => Some(Duration::from_micros(us)),
             _ => None,
-        });
-    [timeout, param]
-        .into_iter()
-        .flatten()
-        .min()
-        .map(|t| now + t)
+        })
+        .and_then(|t| now.checked_add(t))
+        .map(Deadline::at);
+    Deadline::earliest(caller, param)
 }
 
 fn expired() -> GatewayError {
@@ -186,62 +178,40 @@ impl InferService {
         Ok((info, validated))
     }
 
-    /// Runs one request. `timeout` is the caller's remaining budget, if it gave one.
+    /// Runs one request, decoded.
     pub async fn infer(
         &self,
         req: ModelInferRequest,
-        timeout: Option<Duration>,
+        call: Call,
     ) -> Result<ModelInferResponse, GatewayError> {
-        self.infer_as(req, timeout, Admission::Refuse).await
+        self.answer(req, call.decoded()).await?.into_response()
     }
 
-    /// [`InferService::infer`], choosing what a caller over the model's cap gets.
-    pub async fn infer_as(
-        &self,
-        req: ModelInferRequest,
-        timeout: Option<Duration>,
-        how: Admission,
-    ) -> Result<ModelInferResponse, GatewayError> {
-        self.run(req, timeout, how, false).await?.into_response()
-    }
-
-    /// [`InferService::infer`] for a gRPC caller: a request that passes through to Triton
-    /// alone gets Triton's answer as Triton framed it ([`Answer::Framed`]), ready to be sent on.
-    pub async fn infer_answer(
-        &self,
-        req: ModelInferRequest,
-        timeout: Option<Duration>,
-    ) -> Result<Answer, GatewayError> {
-        self.run(req, timeout, Admission::Refuse, true).await
-    }
-
-    async fn run(
+    /// Runs one request. With [`Framing::AsTriton`](crate::call::Framing), a request that
+    /// reaches Triton alone is answered as Triton framed it ([`Answer::Framed`]), ready to be
+    /// sent on.
+    pub async fn answer(
         &self,
         mut req: ModelInferRequest,
-        timeout: Option<Duration>,
-        how: Admission,
-        framed: bool,
+        call: Call,
     ) -> Result<Answer, GatewayError> {
-        let now = Instant::now();
-        let deadline = deadline_of(&req, timeout, now);
+        let call = call.with_deadline(deadline_of(&req, call.deadline, Instant::now()));
         let (info, validated) = self.lookup(&mut req).await?;
-        let _permit = self.caps.admit(&info.name, how).await?;
+        let _permit = self.caps.admit(&info.name, call.admission).await?;
         let settings = self
             .batcher
             .settings(&info)
             .filter(|_| request_is_batchable(&req));
         let rows = validated.batch_size.unwrap_or(0);
         if rows <= info.max_batch_size || info.max_batch_size <= 0 {
-            return self
-                .dispatch(&info, settings, req, rows, deadline, framed)
-                .await;
+            return self.dispatch(&info, settings, req, rows, call).await;
         }
         // A client batch over max_batch_size: chunks run concurrently, answers keep order.
         let id = req.id.clone();
         let chunks = split::split_request(&req, rows, info.max_batch_size)?;
         let (info, settings) = (&info, &settings);
         let calls = chunks.into_iter().map(|(chunk, n)| async move {
-            self.dispatch(info, settings.clone(), chunk, n, deadline, false)
+            self.dispatch(info, settings.clone(), chunk, n, call.decoded())
                 .await?
                 .into_response()
         });
@@ -257,25 +227,16 @@ impl InferService {
         settings: Option<ModelSettings>,
         req: ModelInferRequest,
         rows: i64,
-        deadline: Option<Instant>,
-        framed: bool,
+        call: Call,
     ) -> Result<Answer, GatewayError> {
-        let now = Instant::now();
-        if deadline.is_some_and(|d| d <= now) {
+        if call.deadline.is_some_and(|d| d.passed_at(Instant::now())) {
             return Err(expired());
         }
         match settings {
-            Some(s) => {
-                self.batcher
-                    .submit(info, s, req, rows, deadline, framed)
-                    .await
-            }
-            None => {
-                let budget = deadline.map(|d| d.saturating_duration_since(now));
-                // Boxed: the call's future is ~4 KB, which every caller's future (the
-                // batched path's included) would otherwise carry and copy when moved.
-                Box::pin(self.backend.infer_answer(req, budget, framed)).await
-            }
+            Some(s) => self.batcher.submit(info, s, req, rows, call).await,
+            // Boxed: the call's future is ~4 KB, which every caller's future (the batched
+            // path's included) would otherwise carry and copy when moved.
+            None => Box::pin(self.backend.infer_answer(req, call)).await,
         }
     }
 }

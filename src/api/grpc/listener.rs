@@ -121,8 +121,7 @@ impl GrpcServer {
             let thread = std::thread::Builder::new()
                 .name(format!("infergate-grpc-{index}"))
                 .spawn(move || {
-                    crate::lane::enter(index);
-                    runtime.block_on(run_lane(rx, shared, count));
+                    runtime.block_on(run_lane(index, rx, shared, count));
                 })
                 .context("starting a gRPC serving thread")?;
             lanes.push(Lane { handoff, open });
@@ -184,6 +183,7 @@ async fn accept(listener: &TcpListener, lanes: &[Lane], stop: &CancellationToken
 
 /// One serving thread: takes connections until the listener closes, then waits for them.
 async fn run_lane(
+    lane: usize,
     mut handoff: mpsc::Receiver<std::net::TcpStream>,
     shared: Arc<Shared>,
     open: Arc<AtomicUsize>,
@@ -194,7 +194,7 @@ async fn run_lane(
             conn = handoff.recv() => match conn {
                 Some(tcp) => {
                     let guard = Open(Arc::clone(&open));
-                    conns.spawn(connection(tcp, Arc::clone(&shared), guard));
+                    conns.spawn(connection(tcp, lane, Arc::clone(&shared), guard));
                 }
                 None => break,
             },
@@ -213,7 +213,7 @@ impl Drop for Open {
     }
 }
 
-async fn connection(tcp: std::net::TcpStream, shared: Arc<Shared>, _open: Open) {
+async fn connection(tcp: std::net::TcpStream, lane: usize, shared: Arc<Shared>, _open: Open) {
     let tcp = match TcpStream::from_std(tcp) {
         Ok(t) => t,
         Err(e) => {
@@ -222,7 +222,7 @@ async fn connection(tcp: std::net::TcpStream, shared: Arc<Shared>, _open: Open) 
         }
     };
     let Some((acceptor, timeout, handshakes)) = &shared.tls else {
-        return serve_h2(tcp, PREFACE_TIMEOUT, &shared).await;
+        return serve_h2(tcp, PREFACE_TIMEOUT, lane, &shared).await;
     };
     let tls = {
         let Ok(_slot) = Arc::clone(handshakes).acquire_owned().await else {
@@ -236,13 +236,13 @@ async fn connection(tcp: std::net::TcpStream, shared: Arc<Shared>, _open: Open) 
             },
         }
     };
-    serve_h2(tls, *timeout, &shared).await;
+    serve_h2(tls, *timeout, lane, &shared).await;
 }
 
-type Call = Pin<Box<dyn Future<Output = ()> + Send>>;
+type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Drives one HTTP/2 connection and its ModelInfer calls on this task.
-async fn serve_h2<IO>(io: IO, preface_timeout: Duration, shared: &Arc<Shared>)
+async fn serve_h2<IO>(io: IO, preface_timeout: Duration, lane: usize, shared: &Arc<Shared>)
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -260,7 +260,7 @@ where
             Err(_) => return tracing::debug!("gRPC client sent no HTTP/2 preface in time"),
         },
     };
-    let mut calls: FuturesUnordered<Call> = FuturesUnordered::new();
+    let mut calls: FuturesUnordered<Stream> = FuturesUnordered::new();
     let mut draining = false;
     loop {
         // Calls first: answers they queue leave in the same write as the connection's next
@@ -276,7 +276,7 @@ where
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
                     if req.uri().path() == MODEL_INFER_PATH {
-                        calls.push(Box::pin(model_infer::serve(Arc::clone(shared), req, respond)));
+                        calls.push(Box::pin(model_infer::serve(Arc::clone(shared), lane, req, respond)));
                     } else {
                         shared.main.spawn(routed(Arc::clone(shared), req, respond));
                     }

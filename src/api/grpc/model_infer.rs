@@ -24,6 +24,7 @@ use super::shared::Shared;
 use crate::{
     api::observed,
     backend::triton::Answer,
+    call::{Call, Deadline},
     error::GatewayError,
     grpc_wire::{
         GRPC_ACCEPT_ENCODING, GRPC_ENCODING, GRPC_STATUS, PREFIX_LEN, encode_frame, read_prefix,
@@ -48,6 +49,7 @@ enum Reply {
 /// a request still waiting for its batch leaves the queue and is never sent to Triton.
 pub async fn serve(
     shared: Arc<Shared>,
+    lane: usize,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
@@ -68,7 +70,7 @@ pub async fn serve(
         }
     };
     let reply = {
-        let mut work = pin!(answer(&shared, &headers, body));
+        let mut work = pin!(answer(&shared, lane, &headers, body));
         let outcome = poll_fn(|cx| {
             if let Poll::Ready(reply) = work.as_mut().poll(cx) {
                 return Poll::Ready(Some(reply));
@@ -84,7 +86,7 @@ pub async fn serve(
     send(reply, request_id, &mut respond);
 }
 
-async fn answer(shared: &Shared, headers: &HeaderMap, body: RecvStream) -> Reply {
+async fn answer(shared: &Shared, lane: usize, headers: &HeaderMap, body: RecvStream) -> Reply {
     let grpc = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -92,7 +94,7 @@ async fn answer(shared: &Shared, headers: &HeaderMap, body: RecvStream) -> Reply
     if !grpc {
         return Reply::NotGrpc;
     }
-    match infer(shared, headers, body).await {
+    match infer(shared, lane, headers, body).await {
         Ok(frame) => Reply::Message(frame),
         Err(e) => Reply::Status(e),
     }
@@ -100,6 +102,7 @@ async fn answer(shared: &Shared, headers: &HeaderMap, body: RecvStream) -> Reply
 
 async fn infer(
     shared: &Shared,
+    lane: usize,
     headers: &HeaderMap,
     body: RecvStream,
 ) -> Result<Bytes, GatewayError> {
@@ -119,7 +122,8 @@ async fn infer(
         GatewayError::invalid(format!("the message is not a ModelInferRequest: {e}"))
     })?;
     let model = req.model_name.clone();
-    let timeout = read_timeout(headers);
+    // The call's properties, decided here once: its deadline, its lane, Triton's frame.
+    let call = Call::grpc_on_lane(read_timeout(headers).and_then(Deadline::after), lane);
     let answer = observed(
         "grpc ModelInfer",
         "grpc",
@@ -127,7 +131,7 @@ async fn infer(
         headers,
         // Boxed: `observed` and the span wrapper each move the future they are given, and
         // this one (the whole call) is over a kilobyte; a box is moved as a pointer.
-        Box::pin(shared.infer.infer_answer(req, timeout)),
+        Box::pin(shared.infer.answer(req, call)),
     )
     .await?;
     match answer {

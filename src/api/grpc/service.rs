@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     api::{narrow_extensions, observed},
     backend::triton::TritonPool,
+    call::Call,
     infer::InferService,
     proto::inference::{
         ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
@@ -117,7 +118,7 @@ impl GrpcInferenceService for GrpcApi {
                     let r = msg?;
                     let (model_name, model_version, id) =
                         (r.model_name.clone(), r.model_version.clone(), r.id.clone());
-                    let call = infer.infer(r, None);
+                    let call = infer.infer(r, Call::sync(None));
                     let result =
                         observed("grpc ModelStreamInfer", "grpc", &model_name, &headers, call)
                             .await;

@@ -16,6 +16,7 @@ use super::{
 };
 use crate::{
     api::{narrow_extensions, observed},
+    call::{Call, Deadline},
     error::GatewayError,
     proto::{
         inference::{ModelStatisticsRequest, RepositoryIndexRequest},
@@ -274,7 +275,8 @@ pub(super) async fn infer(
     let work = async {
         let bytes = read_body(body, &headers, s.max_request_bytes).await?;
         let (req, prefs) = codec::decode_request(&m, &v, &headers, bytes)?;
-        let resp = s.infer.infer(req, timeout_header(&headers)?).await?;
+        let call = Call::sync(timeout_header(&headers)?.and_then(Deadline::after));
+        let resp = s.infer.infer(req, call).await?;
         Ok(codec::encode_response(resp, &prefs)?.into_response())
     };
     observed("http infer", "http", &m, &headers, work).await
