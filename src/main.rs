@@ -9,7 +9,7 @@ use infergate::{
     telemetry,
 };
 
-// glibc malloc took about a fifth of the gateway's CPU on the task path (perf, 2026-11-24):
+// glibc malloc took a large share of the gateway's CPU on the task path (perf profiles):
 // every request allocates many small short-lived buffers, often freed on another runtime thread,
 // which glibc serves under arena locks and jemalloc from per-thread caches.
 #[global_allocator]

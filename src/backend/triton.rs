@@ -44,8 +44,9 @@ pub struct Endpoint {
     clients: Vec<TritonClient>,
     /// ModelInfer's own connections (plaintext endpoints only; see [`H2Infer`]).
     infer_conns: Vec<Arc<H2Infer>>,
-    /// One more per gRPC serving thread, used only from that thread (see [`crate::lane`]), so
-    /// a pass-through call and its connection's I/O stay on one thread.
+    /// One more per gRPC serving thread, used only by calls on that thread (a call's lane, see
+    /// [`crate::call::Call`]), so a pass-through call and its connection's I/O stay on one
+    /// thread.
     lane_conns: Vec<Arc<H2Infer>>,
     next_client: AtomicUsize,
     healthy: AtomicBool,
@@ -546,21 +547,16 @@ fn timed<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     r
 }
 
-/// Triton reports an unknown model as NOT_FOUND (older builds as INVALID_ARGUMENT with
-/// "unknown model"); both become infergate's one ModelNotFound.
+/// Triton answers an unknown model or version with NOT_FOUND (2.51, checked against its
+/// gRPC port): that becomes infergate's one ModelNotFound, naming what was asked for.
 fn not_found(err: GatewayError, name: &str, version: &str) -> GatewayError {
     match &err {
-        GatewayError::Backend { code, message }
-            if *code == tonic::Code::NotFound
-                || (message.contains("unknown model") && !name.is_empty()) =>
+        GatewayError::Backend { code, .. }
+            if *code == tonic::Code::NotFound && !name.is_empty() =>
         {
-            if name.is_empty() {
-                err
-            } else {
-                GatewayError::ModelNotFound {
-                    model: name.into(),
-                    version: version.into(),
-                }
+            GatewayError::ModelNotFound {
+                model: name.into(),
+                version: version.into(),
             }
         }
         _ => err,

@@ -9,10 +9,11 @@
 //!
 //! An actor task owns a [`queue::BatchQueue`]; callers reach it over a channel and wait on a
 //! oneshot. A model has one actor per thread that submits to it: each gRPC serving thread
-//! (see [`crate::lane`]) and the main runtime. A serving thread's callers, their batch, its
-//! Triton call (on the thread's own connection) and the answers then stay on one thread; with
-//! a single actor every request and every answer crossed threads, and on 2 shared cores those
-//! wake-ups cost 17-26% of infergate's CPU per batched call (BENCHMARKS.md). The actors of a
+//! (the call's lane, see [`crate::call::Call`]) and the main runtime. A serving thread's
+//! callers, their batch, its Triton call (on the thread's own connection) and the answers then
+//! stay on one thread; with a single actor every request and every answer crossed threads,
+//! and on a small shared host those wake-ups cost a large share of infergate's CPU per batched
+//! call (measured in loadtest/results/). The actors of a
 //! model share its admission bound (`max_queue_size` requests over all its queues, then
 //! RESOURCE_EXHAUSTED) and its call slots (at most `max_inflight_batches` calls per Triton
 //! endpoint at once, from any queue; by default one per model instance in Triton's config,

@@ -2,8 +2,8 @@
 //!
 //! - **Serving threads.** The listener accepts on the main runtime and hands each connection
 //!   to the serving thread with the fewest open connections (`server.grpc_threads`, one per
-//!   CPU by default; see [`crate::lane`]). A thread runs a single-threaded runtime; all of a
-//!   connection's I/O happens there.
+//!   CPU by default; a call carries its thread as its lane, see [`crate::call::Call`]). A
+//!   thread runs a single-threaded runtime; all of a connection's I/O happens there.
 //! - **ModelInfer inline.** The connection's task drives the HTTP/2 connection and polls its
 //!   ModelInfer calls itself (`model_infer`): no task per call, no hand-off between
 //!   threads, and a pass-through call uses the thread's own Triton connection. Measured on 2
