@@ -1237,4 +1237,47 @@ mod tests {
         let err = toml::from_str::<Config>("[server]\ngrpc_adr = \"x\"").unwrap_err();
         assert!(err.to_string().contains("grpc_adr"), "{err}");
     }
+
+    /// A flag's "[default: …]" is written by hand in its help: giving that value must leave
+    /// the built-in defaults as they are, or the help (and docs/configuration.md, generated
+    /// from it and checked by tests/docs.rs) says something the code does not do.
+    #[test]
+    fn every_documented_flag_default_is_the_real_default() {
+        use clap::{Command, FromArgMatches};
+        let cmd = ServeArgs::augment_args(Command::new("serve"));
+        let mut checked = 0;
+        for arg in cmd.get_arguments() {
+            let (Some(long), Some(help)) = (arg.get_long(), arg.get_help()) else {
+                continue;
+            };
+            let help = help.to_string();
+            let Some(value) = help
+                .split_once("[default: ")
+                .and_then(|(_, rest)| rest.split_once(']'))
+                .map(|(v, _)| v)
+            else {
+                continue;
+            };
+            // Prose ("none", "the model's Triton max_queue_delay; …") describes a computed
+            // default; only literal values can be given back.
+            if value == "none" || value.contains(char::is_whitespace) {
+                continue;
+            }
+            let flag = format!("--{long}");
+            let matches = cmd
+                .clone()
+                .try_get_matches_from(["serve", flag.as_str(), value])
+                .unwrap_or_else(|e| panic!("{flag} {value}: {e}"));
+            let args = ServeArgs::from_arg_matches(&matches).unwrap();
+            let mut cfg = Config::default();
+            cfg.apply(&args);
+            assert_eq!(
+                cfg,
+                Config::default(),
+                "{flag}'s help says [default: {value}], but giving it changes the config"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 25, "only {checked} flags checked");
+    }
 }
