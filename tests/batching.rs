@@ -777,15 +777,12 @@ async fn a_request_batched_alone_gets_its_id_outputs_and_values() {
         ],
         "outputs": [{"name": "OUTPUT1"}],
     });
-    let r: serde_json::Value = http
-        .post(format!("{}/v2/models/add_sub/infer", gw.http_base()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = post_json(
+        &http,
+        &format!("{}/v2/models/add_sub/infer", gw.http_base()),
+        &body,
+    )
+    .await;
     assert_eq!(r["id"], "http-alone", "{r}");
     assert_eq!(r["outputs"].as_array().unwrap().len(), 1, "{r}");
     assert_eq!(r["outputs"][0]["name"], "OUTPUT1");
@@ -917,15 +914,12 @@ async fn a_fixed_window_holds_a_lone_caller_its_length_and_the_default_not_at_al
                     let r = client.model_infer(req).await.expect("call").into_inner();
                     assert_own_rows(&r, 7_000 + k, &a, &b);
                 } else {
-                    let r: serde_json::Value = http
-                        .post(format!("{}/v2/models/{MODEL}/infer", gw.http_base()))
-                        .json(&body)
-                        .send()
-                        .await
-                        .unwrap()
-                        .json()
-                        .await
-                        .unwrap();
+                    let r = post_json(
+                        &http,
+                        &format!("{}/v2/models/{MODEL}/infer", gw.http_base()),
+                        &body,
+                    )
+                    .await;
                     assert_eq!(r["outputs"][0]["data"], serde_json::json!(vec![1.5; 16]));
                 }
             }

@@ -170,15 +170,12 @@ async fn metadata_and_health_routes_match_triton() {
     );
     let (s, md) = get(format!("{}/v2", gw.http_base())).await;
     assert_eq!((s, md["name"].as_str()), (200, Some("triton")));
-    let idx: Value = reqwest::Client::new()
-        .post(format!("{}/v2/repository/index", gw.http_base()))
-        .json(&json!({"ready": true}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let idx = post_json(
+        &reqwest::Client::new(),
+        &format!("{}/v2/repository/index", gw.http_base()),
+        &json!({"ready": true}),
+    )
+    .await;
     // Every model of triton-models/ is ready.
     let models = std::fs::read_dir(repo().join("triton-models"))
         .unwrap()

@@ -240,3 +240,38 @@ impl InferService {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::inference::InferParameter;
+
+    fn with_timeout(choice: ParameterChoice) -> ModelInferRequest {
+        let mut req = ModelInferRequest::default();
+        req.parameters.insert(
+            "timeout".into(),
+            InferParameter {
+                parameter_choice: Some(choice),
+            },
+        );
+        req
+    }
+
+    #[test]
+    fn the_timeout_parameter_can_only_bring_the_deadline_forward() {
+        let now = Instant::now();
+        let caller = Some(Deadline::at(now + Duration::from_millis(50)));
+        let req = with_timeout(ParameterChoice::Int64Param(10_000));
+        assert_eq!(
+            deadline_of(&req, caller, now),
+            Some(Deadline::at(now + Duration::from_millis(10)))
+        );
+        // A later parameter, however large, leaves the caller's deadline; zero is no parameter.
+        let req = with_timeout(ParameterChoice::Int64Param(90_000));
+        assert_eq!(deadline_of(&req, caller, now), caller);
+        let req = with_timeout(ParameterChoice::Uint64Param(u64::MAX));
+        assert_eq!(deadline_of(&req, caller, now), caller);
+        let req = with_timeout(ParameterChoice::Int64Param(0));
+        assert_eq!(deadline_of(&req, None, now), None);
+    }
+}

@@ -388,6 +388,18 @@ pub async fn task(http: &reqwest::Client, base: &str, id: &str) -> Value {
         .unwrap()
 }
 
+/// POSTs `body` as JSON and reads the answer as JSON, whatever its status.
+pub async fn post_json(http: &reqwest::Client, url: &str, body: &Value) -> Value {
+    http.post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Polls until every task is final; returns them.
 pub async fn wait_final(
     http: &reqwest::Client,
