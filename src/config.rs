@@ -1,14 +1,20 @@
-//! Typed configuration: built-in defaults, then an optional TOML file, then `INFERGATE_*`
-//! environment variables and command-line flags (clap merges those two, flags winning).
-//! Validated once at start, with a message that names the setting.
+//! Typed configuration, each setting named once: its field below carries its meaning (the doc
+//! comment, which is also its `--help`), its flag, its environment variable and its default.
+//! Layers: built-in defaults, then TOML files (`--config`, repeatable), then `INFERGATE_*`
+//! variables and flags (clap merges those two, flags winning). Each section checks its own
+//! values beside its type; [`Config::validate`] runs them all once at start, and a bad value
+//! is refused with a message naming the setting.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use clap::{Args, ValueEnum};
+use clap::{
+    Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches, ValueEnum, parser::ValueSource,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,113 +40,717 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+/// Every setting. Its defaults are clap's (see [`defaults`]), so `Config::default()`, the file's
+/// missing keys and `--help` all read the same attribute.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    #[command(flatten, next_help_heading = "Listeners")]
     pub server: ServerConfig,
+    #[command(flatten, next_help_heading = "Triton")]
     pub triton: TritonConfig,
+    #[command(flatten, next_help_heading = "Batching")]
     pub batching: BatchingConfig,
+    #[command(flatten, next_help_heading = "Tasks")]
     pub tasks: TasksConfig,
+    #[command(flatten, next_help_heading = "Logs")]
     pub log: LogConfig,
+    #[command(flatten, next_help_heading = "Traces")]
     pub telemetry: TelemetryConfig,
+    /// Keys and tenants live in files only (a Secret), never on a command line.
+    #[arg(skip)]
     pub auth: AuthConfig,
 }
 
-/// Who may call and how much. With no `keys`, calls need no key and all belong to the tenant
-/// `default`. Keep keys in a Secret-mounted config file (`--config main.toml,keys.toml`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthConfig {
-    pub keys: Vec<ApiKey>,
-    /// Requests per second per tenant (token bucket refill); 0 = unlimited.
-    pub rate_per_s: f64,
-    /// Bucket size per tenant: requests that may arrive at once.
-    pub burst: u32,
-    /// Tasks a tenant may have queued or running at once; 0 = unlimited.
-    pub max_open_tasks: u64,
+/// A section's defaults: what clap gives it with no flag and no variable.
+fn defaults<T: Args + FromArgMatches>() -> T {
+    let cmd = T::augment_args(Command::new("defaults")).mut_args(|a| a.env(None::<&'static str>));
+    let m = cmd
+        .try_get_matches_from(["defaults"])
+        .expect("every setting has a default or is optional");
+    T::from_arg_matches(&m).expect("defaults parse into their own types")
 }
 
-/// One API key, sent as `Authorization: Bearer <key>` or `x-api-key: <key>`.
-#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct ApiKey {
-    pub key: String,
-    pub tenant: String,
-    /// Overrides `auth.rate_per_s` for this key's tenant.
-    pub rate_per_s: Option<f64>,
-    pub burst: Option<u32>,
-    /// Overrides `auth.max_open_tasks` for this key's tenant.
-    pub max_open_tasks: Option<u64>,
+macro_rules! clap_defaults {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                defaults()
+            }
+        }
+    )*};
+}
+clap_defaults!(
+    Config,
+    ServerConfig,
+    ServerTls,
+    TritonConfig,
+    TritonTls,
+    BatchingConfig,
+    TasksConfig,
+    LogConfig,
+    TelemetryConfig
+);
+
+/// Range checks that name the setting by its section and field, so the name is not written a
+/// second time: `bounds!(self, "server", { max_request_bytes: 1024..=2 << 30 })`.
+macro_rules! bounds {
+    ($s:expr, $section:literal, { $($field:ident: $lo:literal ..= $hi:expr),* $(,)? }) => {
+        $( in_range(
+            concat!($section, ".", stringify!($field)),
+            $s.$field as u64,
+            $lo,
+            ($hi) as u64,
+        )?; )*
+    };
 }
 
-/// Keys never reach logs, even through a debug print of the config.
-impl std::fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiKey")
-            .field("key", &"<redacted>")
-            .field("tenant", &self.tenant)
-            .field("rate_per_s", &self.rate_per_s)
-            .field("burst", &self.burst)
-            .field("max_open_tasks", &self.max_open_tasks)
-            .finish()
+fn in_range(field: &'static str, v: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if v < min || v > max {
+        return Err(invalid(field, format!("{v} is outside {min}..={max}")));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// [server]
+
+/// The listeners: addresses, sizes, streams, threads and TLS.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address of the gRPC API (Open Inference Protocol, health, reflection).
+    #[arg(
+        long,
+        env = "INFERGATE_GRPC_ADDR",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8081"
+    )]
+    pub grpc_addr: SocketAddr,
+    /// Listen address of the HTTP/JSON API.
+    #[arg(
+        long,
+        env = "INFERGATE_HTTP_ADDR",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub http_addr: SocketAddr,
+    /// Largest accepted request (HTTP body or gRPC message), in bytes.
+    #[arg(long, env = "INFERGATE_MAX_REQUEST_BYTES", value_name = "BYTES", default_value_t = 64 << 20)]
+    pub max_request_bytes: usize,
+    /// Largest response accepted from Triton, in bytes.
+    #[arg(long, env = "INFERGATE_MAX_RESPONSE_BYTES", value_name = "BYTES", default_value_t = 256 << 20)]
+    pub max_response_bytes: usize,
+    /// Grace period for in-flight requests after SIGTERM, in ms.
+    #[arg(
+        long,
+        env = "INFERGATE_SHUTDOWN_GRACE_MS",
+        value_name = "MS",
+        default_value_t = 10_000
+    )]
+    pub shutdown_grace_ms: u64,
+    /// HTTP/2 streams one gRPC client connection may have open.
+    #[arg(
+        long,
+        env = "INFERGATE_MAX_CONCURRENT_STREAMS",
+        value_name = "N",
+        default_value_t = 1024
+    )]
+    pub max_concurrent_streams: u32,
+    /// Requests of one ModelStreamInfer stream that run at once (answers keep request order).
+    #[arg(
+        long,
+        env = "INFERGATE_STREAM_CONCURRENCY",
+        value_name = "N",
+        default_value_t = 16
+    )]
+    pub stream_concurrency: usize,
+    /// Threads serving gRPC connections, each connection on one of them with its own Triton
+    /// connections; 0 = one per CPU the process may use.
+    #[arg(
+        long,
+        env = "INFERGATE_GRPC_THREADS",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub grpc_threads: usize,
+    /// TLS on both listeners; plaintext unless a certificate is named.
+    #[command(flatten)]
+    pub tls: ServerTls,
+}
+
+/// The most gRPC serving threads `server.grpc_threads` may ask for.
+pub const MAX_GRPC_THREADS: usize = 256;
+
+impl ServerConfig {
+    /// `grpc_threads` with 0 resolved to the CPUs this process may use (cgroup quotas
+    /// included, as the runtime's own sizing does).
+    pub fn grpc_threads(&self) -> usize {
+        match self.grpc_threads {
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_GRPC_THREADS),
+            n => n,
+        }
+    }
+
+    /// The listeners' certificates, when TLS is on.
+    pub fn tls(&self) -> Option<&ServerTls> {
+        self.tls.enabled().then_some(&self.tls)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.grpc_addr == self.http_addr && self.grpc_addr.port() != 0 {
+            return Err(invalid(
+                "server.http_addr",
+                format!("{} is also the gRPC address", self.http_addr),
+            ));
+        }
+        bounds!(self, "server", {
+            max_request_bytes: 1024..=2u64 << 30,
+            max_response_bytes: 1024..=4u64 << 30,
+            shutdown_grace_ms: 0..=3_600_000,
+            max_concurrent_streams: 1..=1 << 20,
+            stream_concurrency: 1..=4096,
+            grpc_threads: 0..=MAX_GRPC_THREADS,
+        });
+        self.tls.validate()
     }
 }
 
-/// OpenTelemetry tracing. Off unless `otlp_endpoint` is set.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// Certificates of the two listeners (PEM files, read at start).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
 #[serde(default, deny_unknown_fields)]
-pub struct TelemetryConfig {
-    /// OTLP/gRPC collector, e.g. `http://otel-collector:4317`; unset: no spans are exported
-    /// and no trace context is sent to Triton.
-    pub otlp_endpoint: Option<String>,
-    /// Share of new traces recorded (0.0..=1.0); a sampled incoming `traceparent` is followed.
-    pub sample_ratio: f64,
-    /// `service.name` of the exported spans.
-    pub service_name: String,
-    /// Spans buffered for export; more are dropped (never blocking a request).
-    pub max_queue_size: usize,
+pub struct ServerTls {
+    /// PEM certificate chain, leaf first: serve both APIs over TLS (with the key).
+    #[arg(long = "tls-cert", env = "INFERGATE_TLS_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    #[arg(long = "tls-key", env = "INFERGATE_TLS_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// PEM CA bundle: require client certificates signed by it (mTLS).
+    #[arg(
+        long = "tls-client-ca",
+        env = "INFERGATE_TLS_CLIENT_CA",
+        value_name = "FILE"
+    )]
+    pub client_ca: Option<PathBuf>,
+    /// A client that has not finished its TLS handshake by then is dropped, in ms.
+    #[arg(
+        long = "tls-handshake-timeout-ms",
+        env = "INFERGATE_TLS_HANDSHAKE_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 10_000
+    )]
+    pub handshake_timeout_ms: u64,
+    /// TLS handshakes in progress at once on each listener; more connections wait.
+    #[arg(
+        long = "tls-max-handshakes",
+        env = "INFERGATE_TLS_MAX_HANDSHAKES",
+        value_name = "N",
+        default_value_t = 256
+    )]
+    pub max_handshakes: usize,
 }
 
-impl Default for TelemetryConfig {
-    fn default() -> Self {
-        Self {
-            otlp_endpoint: None,
-            sample_ratio: 1.0,
-            service_name: "infergate".into(),
-            max_queue_size: 4096,
+impl ServerTls {
+    /// TLS is on once any of its files is named (then certificate and key are both needed).
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() || self.key.is_some() || self.client_ca.is_some()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        readable("server.tls.cert", self.cert.as_deref())?;
+        readable("server.tls.key", self.key.as_deref())?;
+        if let Some(ca) = &self.client_ca {
+            readable("server.tls.client_ca", Some(ca))?;
+        }
+        bounds!(self, "server.tls", {
+            handshake_timeout_ms: 1..=600_000,
+            max_handshakes: 1..=65_536,
+        });
+        Ok(())
+    }
+}
+
+/// A PEM file that is named must be there; what is in it is checked when it is loaded.
+fn readable(field: &'static str, path: Option<&Path>) -> Result<(), ConfigError> {
+    let path = path.ok_or_else(|| invalid(field, "is required"))?;
+    std::fs::metadata(path)
+        .map(|_| ())
+        .map_err(|e| invalid(field, format!("cannot read '{}': {e}", path.display())))
+}
+
+// ---------------------------------------------------------------------------------------------
+// [triton]
+
+/// The Triton servers behind infergate and how they are reached.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct TritonConfig {
+    /// gRPC endpoint of a Triton server (`http://host:port`). Repeat for several
+    /// (comma-separated in the variable).
+    #[arg(long = "triton-url", env = "INFERGATE_TRITON_URL", value_delimiter = ',', value_name = "URL", default_values_t = [String::from("http://127.0.0.1:8001")])]
+    pub urls: Vec<String>,
+    /// Timeout for connecting to Triton, in ms.
+    #[arg(
+        long = "triton-connect-timeout-ms",
+        env = "INFERGATE_TRITON_CONNECT_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 2_000
+    )]
+    pub connect_timeout_ms: u64,
+    /// Upper bound on one call to Triton, in ms (a shorter client deadline wins).
+    #[arg(
+        long = "triton-request-timeout-ms",
+        env = "INFERGATE_TRITON_REQUEST_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 30_000
+    )]
+    pub request_timeout_ms: u64,
+    /// Interval of the readiness probe of each Triton endpoint, in ms.
+    #[arg(
+        long = "triton-health-interval-ms",
+        env = "INFERGATE_TRITON_HEALTH_INTERVAL_MS",
+        value_name = "MS",
+        default_value_t = 1_000
+    )]
+    pub health_interval_ms: u64,
+    /// Timeout of one readiness probe, in ms.
+    #[arg(
+        long = "triton-probe-timeout-ms",
+        env = "INFERGATE_TRITON_PROBE_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 1_000
+    )]
+    pub probe_timeout_ms: u64,
+    /// HTTP/2 connections kept to each Triton endpoint; calls are spread over them.
+    #[arg(
+        long = "triton-connections",
+        env = "INFERGATE_TRITON_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 2
+    )]
+    pub connections_per_endpoint: usize,
+    /// How long model metadata and config stay cached before they are fetched again, in ms.
+    #[arg(
+        long = "model-cache-ttl-ms",
+        env = "INFERGATE_MODEL_CACHE_TTL_MS",
+        value_name = "MS",
+        default_value_t = 30_000
+    )]
+    pub model_cache_ttl_ms: u64,
+    /// Interval at which Triton's statistics (its queue time per model) are read into the
+    /// metrics, in ms; 0 = never.
+    #[arg(
+        long = "triton-stats-interval-ms",
+        env = "INFERGATE_TRITON_STATS_INTERVAL_MS",
+        value_name = "MS",
+        default_value_t = 10_000
+    )]
+    pub stats_interval_ms: u64,
+    /// Models that must be ready on Triton for /readyz (comma-separated in the variable);
+    /// none: the server's readiness alone.
+    #[arg(
+        long = "ready-model",
+        env = "INFERGATE_READY_MODELS",
+        value_delimiter = ',',
+        value_name = "MODEL"
+    )]
+    pub ready_models: Vec<String>,
+    /// TLS towards Triton, for `https://` URLs.
+    #[command(flatten)]
+    pub tls: TritonTls,
+}
+
+impl TritonConfig {
+    /// TLS towards Triton, when it is configured.
+    pub fn tls(&self) -> Option<&TritonTls> {
+        self.tls.enabled().then_some(&self.tls)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.urls.is_empty() {
+            return Err(invalid(
+                "triton.urls",
+                "at least one Triton gRPC URL is needed",
+            ));
+        }
+        for url in &self.urls {
+            validate_url("triton.urls", url, "http://127.0.0.1:8001")?;
+        }
+        bounds!(self, "triton", {
+            connect_timeout_ms: 1..=600_000,
+            request_timeout_ms: 1..=86_400_000,
+            health_interval_ms: 10..=3_600_000,
+            probe_timeout_ms: 1..=600_000,
+            connections_per_endpoint: 1..=64,
+            stats_interval_ms: 0..=86_400_000,
+            model_cache_ttl_ms: 0..=86_400_000,
+        });
+        let https = self
+            .urls
+            .iter()
+            .filter(|u| u.starts_with("https://"))
+            .count();
+        match self.tls() {
+            None if https > 0 => Err(invalid(
+                "triton.tls.ca",
+                "https:// Triton URLs need the CA that signed Triton's certificate",
+            )),
+            Some(_) if https < self.urls.len() => Err(invalid(
+                "triton.urls",
+                "with triton.tls set, every Triton URL must be https://",
+            )),
+            Some(tls) => tls.validate(),
+            None => Ok(()),
         }
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// TLS towards Triton (used for `https://` Triton URLs). Its certificate and key share
+/// their field names with the listeners' own, so their flag ids spell the whole path.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct TritonTls {
+    /// PEM CA bundle that signed Triton's certificate (for https:// Triton URLs).
+    #[arg(long = "triton-ca", env = "INFERGATE_TRITON_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate towards Triton, for its `--grpc-use-ssl-mutual` (with the key).
+    #[arg(
+        id = "triton.tls.cert",
+        long = "triton-cert",
+        env = "INFERGATE_TRITON_CERT",
+        value_name = "FILE"
+    )]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of that client certificate.
+    #[arg(
+        id = "triton.tls.key",
+        long = "triton-key",
+        env = "INFERGATE_TRITON_KEY",
+        value_name = "FILE"
+    )]
+    pub key: Option<PathBuf>,
+    /// Name to check Triton's certificate against, when not the URL's host.
+    #[arg(
+        long = "triton-domain",
+        env = "INFERGATE_TRITON_DOMAIN",
+        value_name = "NAME"
+    )]
+    pub domain: Option<String>,
+}
+
+impl TritonTls {
+    pub fn enabled(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some() || self.domain.is_some()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        readable("triton.tls.ca", self.ca.as_deref())?;
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => {
+                readable("triton.tls.cert", Some(c))?;
+                readable("triton.tls.key", Some(k))
+            }
+            (None, None) => Ok(()),
+            _ => Err(invalid(
+                "triton.tls.cert",
+                "a client certificate needs its key, and a key its certificate",
+            )),
+        }
+    }
+}
+
+fn validate_url(field: &'static str, url: &str, example: &str) -> Result<(), ConfigError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| invalid(field, format!("'{url}' is not a URL: {e}")))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(invalid(
+            field,
+            format!("'{url}' must start with http:// or https://"),
+        ));
+    }
+    if uri.host().is_none() || uri.port_u16().is_none() {
+        return Err(invalid(
+            field,
+            format!("'{url}' needs a host and a port, e.g. {example}"),
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// [batching]
+
+/// How the gateway batches a model's requests (see `batch/`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchMode {
+    /// Fixed window: wait up to `max_queue_delay_us` for a full batch, even a lone caller.
+    On,
+    /// Every request goes to Triton alone.
+    Off,
+    /// Window tuned from the observed arrival rate and Triton latency; a caller nobody else
+    /// can join leaves at once (the default: sparse traffic never waits).
+    #[default]
+    Adaptive,
+}
+
+/// Bounds shared by the gateway-wide batching settings and each model's own.
+const MAX_QUEUE_DELAY_US: u64 = 10_000_000;
+const MAX_QUEUE_SIZE: u64 = 1 << 20;
+const MAX_INFLIGHT: u64 = 1024;
+
+/// Batching defaults for every model whose Triton config allows it; `[batching.models.NAME]`
+/// overrides them per model (file only).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Batching for models whose Triton config allows it.
+    #[arg(long = "batching", env = "INFERGATE_BATCHING", value_enum, default_value_t = BatchMode::Adaptive)]
+    pub mode: BatchMode,
+    /// Longest wait for a fuller batch, in µs; unset: the model's Triton
+    /// max_queue_delay_microseconds (`on`), or that and at least 2000 (`adaptive`, which
+    /// waits only when company can come).
+    #[arg(
+        long = "batch-max-queue-delay-us",
+        env = "INFERGATE_BATCH_MAX_QUEUE_DELAY_US",
+        value_name = "US"
+    )]
+    pub max_queue_delay_us: Option<u64>,
+    /// Requests waiting per model before new ones get RESOURCE_EXHAUSTED / 429.
+    #[arg(
+        long = "batch-max-queue-size",
+        env = "INFERGATE_BATCH_MAX_QUEUE_SIZE",
+        value_name = "N",
+        default_value_t = 1024
+    )]
+    pub max_queue_size: usize,
+    /// Batches of one model in flight per Triton endpoint; unset: one per instance of the
+    /// model in its Triton config, plus one.
+    #[arg(
+        long = "batch-max-inflight",
+        env = "INFERGATE_BATCH_MAX_INFLIGHT",
+        value_name = "N"
+    )]
+    pub max_inflight_batches: Option<usize>,
+    /// Priority levels (Triton's `priority` parameter: 1 is highest); at least the model's own.
+    #[arg(
+        long = "batch-priority-levels",
+        env = "INFERGATE_BATCH_PRIORITY_LEVELS",
+        value_name = "N",
+        default_value_t = 2
+    )]
+    pub priority_levels: u32,
+    /// Anti-starvation: a request that has waited this long (ms) goes before any newer one.
+    #[arg(
+        long = "batch-max-priority-wait-ms",
+        env = "INFERGATE_BATCH_MAX_PRIORITY_WAIT_MS",
+        value_name = "MS",
+        default_value_t = 100
+    )]
+    pub max_priority_wait_ms: u64,
+    /// Requests of one model inside infergate at once (batched or not), per instance; over
+    /// it, sync calls get RESOURCE_EXHAUSTED / 429 and workers wait. 0 = no cap.
+    #[arg(
+        long = "batch-max-concurrent-requests",
+        env = "INFERGATE_BATCH_MAX_CONCURRENT_REQUESTS",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub max_concurrent_requests: usize,
+    /// Per-model overrides, by model name.
+    #[arg(skip)]
+    pub models: std::collections::BTreeMap<String, ModelBatching>,
+}
+
+impl BatchingConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        bounds!(self, "batching", {
+            max_queue_size: 1..=MAX_QUEUE_SIZE,
+            priority_levels: 1..=64,
+            max_priority_wait_ms: 1..=3_600_000,
+        });
+        in_range(
+            "batching.max_queue_delay_us",
+            self.max_queue_delay_us.unwrap_or(0),
+            0,
+            MAX_QUEUE_DELAY_US,
+        )?;
+        if let Some(v) = self.max_inflight_batches {
+            in_range("batching.max_inflight_batches", v as u64, 1, MAX_INFLIGHT)?;
+        }
+        for (model, m) in &self.models {
+            m.validate()
+                .map_err(|what| invalid("batching.models", format!("model '{model}': {what}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// Overrides for one model; unset fields keep the global or Triton-derived value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelBatching {
+    pub mode: Option<BatchMode>,
+    /// Capped at the model's Triton max_batch_size.
+    pub max_batch_size: Option<i64>,
+    pub max_queue_delay_us: Option<u64>,
+    pub preferred_batch_sizes: Option<Vec<i64>>,
+    pub max_queue_size: Option<usize>,
+    pub max_inflight_batches: Option<usize>,
+    /// Overrides `batching.max_concurrent_requests` (0 = no cap).
+    pub max_concurrent_requests: Option<usize>,
+}
+
+impl ModelBatching {
+    fn validate(&self) -> Result<(), String> {
+        if self.max_batch_size.is_some_and(|v| v < 1) {
+            return Err("max_batch_size must be at least 1".into());
+        }
+        if self
+            .max_queue_delay_us
+            .is_some_and(|v| v > MAX_QUEUE_DELAY_US)
+        {
+            return Err("max_queue_delay_us is over 10 s".into());
+        }
+        if self
+            .preferred_batch_sizes
+            .as_ref()
+            .is_some_and(|p| p.iter().any(|&x| x < 1))
+        {
+            return Err("preferred_batch_sizes must be positive".into());
+        }
+        // The gateway-wide bounds: a model's call slots become a semaphore's permits, which
+        // have a hard maximum.
+        for (name, value, max) in [
+            ("max_queue_size", self.max_queue_size, MAX_QUEUE_SIZE),
+            (
+                "max_inflight_batches",
+                self.max_inflight_batches,
+                MAX_INFLIGHT,
+            ),
+        ] {
+            if let Some(v) = value.filter(|&v| !(1..=max).contains(&(v as u64))) {
+                return Err(format!("{name} {v} is outside 1..={max}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// [tasks]
+
+/// The async path: broker, task store, workers and their bounds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct TasksConfig {
-    /// `memory` (in-process, the default), `redis://host:port[/db]` (Redis Streams) or
-    /// `amqp://user:pass@host:port/vhost` (RabbitMQ).
+    /// Task broker: `memory` (in-process), `redis://host:port[/db]` (Redis Streams) or
+    /// `amqp://user:pass@host:port/%2f` (RabbitMQ).
+    #[arg(long, env = "INFERGATE_BROKER", value_name = "URL", default_value_t = BrokerUrl::Memory)]
     pub broker: BrokerUrl,
-    /// `memory` (the default) or `redis://host:port[/db]`.
+    /// Task store: `memory` or `redis://host:port[/db]`.
+    #[arg(long, env = "INFERGATE_TASK_STORE", value_name = "URL", default_value_t = StoreUrl::Memory)]
     pub task_store: StoreUrl,
-    /// Worker loops inside `serve` (0: API only; tasks then need `infergate worker`).
+    /// Worker loops inside `serve`; 0 = API only (tasks then need `infergate worker`).
+    #[arg(long, env = "INFERGATE_WORKERS", value_name = "N", default_value_t = 1)]
     pub workers: usize,
     /// Tasks one worker loop runs at once.
+    #[arg(
+        long,
+        env = "INFERGATE_WORKER_CONCURRENCY",
+        value_name = "N",
+        default_value_t = 256
+    )]
     pub worker_concurrency: usize,
     /// Attempts before a task fails and its message is dead-lettered.
+    #[arg(
+        long = "task-max-attempts",
+        env = "INFERGATE_TASK_MAX_ATTEMPTS",
+        value_name = "N",
+        default_value_t = 3
+    )]
     pub max_attempts: u32,
-    /// How long task records and results are kept.
+    /// How long task records and results are kept, in ms.
+    #[arg(
+        long = "task-ttl-ms",
+        env = "INFERGATE_TASK_TTL_MS",
+        value_name = "MS",
+        default_value_t = 3_600_000
+    )]
     pub ttl_ms: u64,
-    /// Largest result stored, in bytes (bigger ones fail the task with RESOURCE_EXHAUSTED).
+    /// Largest result stored, in bytes (a bigger one fails its task with RESOURCE_EXHAUSTED).
+    #[arg(long = "task-max-result-bytes", env = "INFERGATE_TASK_MAX_RESULT_BYTES", value_name = "BYTES", default_value_t = 16 << 20)]
     pub max_result_bytes: usize,
     /// Tasks waiting in the broker before submissions get 429.
+    #[arg(
+        long,
+        env = "INFERGATE_QUEUE_CAPACITY",
+        value_name = "N",
+        default_value_t = 100_000
+    )]
     pub queue_capacity: u64,
-    /// Redis broker: a pending message idle this long is reclaimed from its (dead) consumer.
+    /// Redis broker: a pending message idle this long (ms) is reclaimed from its (dead)
+    /// consumer.
+    #[arg(
+        long,
+        env = "INFERGATE_VISIBILITY_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 30_000
+    )]
     pub visibility_timeout_ms: u64,
-    /// RabbitMQ broker: up to this many concurrent submissions may share one message (1: one
-    /// message per task). The queue bound then counts messages, not tasks.
+    /// RabbitMQ broker: concurrent submissions that may share one message (1: one message
+    /// per task). The queue bound then counts messages, not tasks.
+    #[arg(
+        long,
+        env = "INFERGATE_AMQP_GROUP_MAX",
+        value_name = "N",
+        default_value_t = 1
+    )]
     pub amqp_group_max: usize,
-    /// RabbitMQ broker: longest wait for a publisher confirm before the submission gets 503.
+    /// RabbitMQ broker: longest wait for a publisher confirm before the submission gets 503,
+    /// in ms.
+    #[arg(
+        long,
+        env = "INFERGATE_PUBLISH_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 10_000
+    )]
     pub publish_timeout_ms: u64,
     /// Prefix of every Redis key (and RabbitMQ queue name) infergate uses.
+    #[arg(
+        long,
+        env = "INFERGATE_REDIS_PREFIX",
+        value_name = "PREFIX",
+        default_value = "infergate"
+    )]
     pub redis_prefix: String,
+}
+
+impl TasksConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        bounds!(self, "tasks", {
+            workers: 0..=256,
+            worker_concurrency: 1..=65_536,
+            max_attempts: 1..=100,
+            amqp_group_max: 1..=1_000,
+            publish_timeout_ms: 100..=600_000,
+            ttl_ms: 1_000..=30 * 86_400_000u64,
+            max_result_bytes: 1024..=512u64 << 20,
+            queue_capacity: 1..=100_000_000,
+            visibility_timeout_ms: 100..=86_400_000,
+        });
+        if self.redis_prefix.is_empty() {
+            return Err(invalid("tasks.redis_prefix", "must not be empty"));
+        }
+        Ok(())
+    }
 }
 
 /// Where tasks wait, parsed once from `tasks.broker` / `--broker`.
@@ -242,230 +852,8 @@ macro_rules! string_conversions {
 }
 string_conversions!(BrokerUrl);
 string_conversions!(StoreUrl);
-
-impl Default for TasksConfig {
-    fn default() -> Self {
-        Self {
-            broker: BrokerUrl::Memory,
-            task_store: StoreUrl::Memory,
-            workers: 1,
-            worker_concurrency: 256,
-            max_attempts: 3,
-            ttl_ms: 3_600_000,
-            max_result_bytes: 16 << 20,
-            queue_capacity: 100_000,
-            visibility_timeout_ms: 30_000,
-            amqp_group_max: 1,
-            publish_timeout_ms: 10_000,
-            redis_prefix: "infergate".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct ServerConfig {
-    /// Listen address of the gRPC API (Open Inference Protocol, health, reflection).
-    pub grpc_addr: SocketAddr,
-    /// Listen address of the HTTP/JSON API.
-    pub http_addr: SocketAddr,
-    /// Largest accepted request (HTTP body or gRPC message), in bytes.
-    pub max_request_bytes: usize,
-    /// Largest response passed back from Triton, in bytes.
-    pub max_response_bytes: usize,
-    /// How long in-flight requests may take to finish after SIGTERM.
-    pub shutdown_grace_ms: u64,
-    /// HTTP/2 streams one gRPC client connection may have open.
-    pub max_concurrent_streams: u32,
-    /// Requests of one ModelStreamInfer stream that run at once (answers keep request order).
-    pub stream_concurrency: usize,
-    /// Threads that serve gRPC connections, each connection on one of them with its own
-    /// Triton connections; 0 = one per CPU the process may use.
-    pub grpc_threads: usize,
-    /// TLS on both listeners (gRPC and HTTP); plaintext when absent.
-    pub tls: Option<ServerTls>,
-}
-
-/// Certificates of the two listeners (PEM files; re-read only at start).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct ServerTls {
-    /// Certificate chain, leaf first.
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// CA bundle for client certificates: when set, clients must present one it signed (mTLS).
-    pub client_ca: Option<PathBuf>,
-    /// A client that has not finished its handshake by then is dropped.
-    pub handshake_timeout_ms: u64,
-    /// TLS handshakes in progress at once on each listener; more connections wait.
-    pub max_handshakes: usize,
-}
-
-impl Default for ServerTls {
-    fn default() -> Self {
-        Self {
-            cert: PathBuf::new(),
-            key: PathBuf::new(),
-            client_ca: None,
-            handshake_timeout_ms: 10_000,
-            max_handshakes: 256,
-        }
-    }
-}
-
-/// TLS towards Triton (used for `https://` Triton URLs).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct TritonTls {
-    /// CA bundle that signed Triton's certificate.
-    pub ca: PathBuf,
-    /// Client certificate and key, for Triton's `--grpc-use-ssl-mutual`.
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    /// Name to check Triton's certificate against, when not the URL's host.
-    pub domain: Option<String>,
-}
-
-/// The most gRPC serving threads `server.grpc_threads` may ask for.
-pub const MAX_GRPC_THREADS: usize = 256;
-
-impl ServerConfig {
-    /// `grpc_threads` with 0 resolved to the CPUs this process may use (cgroup quotas
-    /// included, as the runtime's own sizing does).
-    pub fn grpc_threads(&self) -> usize {
-        match self.grpc_threads {
-            0 => std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(MAX_GRPC_THREADS),
-            n => n,
-        }
-    }
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            grpc_addr: "127.0.0.1:8081".parse().expect("literal address"),
-            http_addr: "127.0.0.1:8080".parse().expect("literal address"),
-            max_request_bytes: 64 << 20,
-            max_response_bytes: 256 << 20,
-            shutdown_grace_ms: 10_000,
-            max_concurrent_streams: 1024,
-            stream_concurrency: 16,
-            grpc_threads: 0,
-            tls: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct TritonConfig {
-    /// gRPC endpoints of the Triton servers (`http://host:port`).
-    pub urls: Vec<String>,
-    pub connect_timeout_ms: u64,
-    /// Upper bound on one call to Triton (a shorter client deadline wins).
-    pub request_timeout_ms: u64,
-    /// How often each endpoint's readiness is probed.
-    pub health_interval_ms: u64,
-    pub probe_timeout_ms: u64,
-    /// HTTP/2 connections kept to each endpoint; calls are spread over them.
-    pub connections_per_endpoint: usize,
-    /// How long model metadata and config are cached before they are fetched again.
-    pub model_cache_ttl_ms: u64,
-    /// How often Triton's own statistics (its queue time per model) are read into infergate's
-    /// metrics; 0: never.
-    pub stats_interval_ms: u64,
-    /// Models that must be ready on Triton for `/readyz` to say ready (empty: server only).
-    pub ready_models: Vec<String>,
-    /// Needed for `https://` URLs.
-    pub tls: Option<TritonTls>,
-}
-
-impl Default for TritonConfig {
-    fn default() -> Self {
-        Self {
-            urls: vec!["http://127.0.0.1:8001".to_string()],
-            connect_timeout_ms: 2_000,
-            request_timeout_ms: 30_000,
-            health_interval_ms: 1_000,
-            probe_timeout_ms: 1_000,
-            connections_per_endpoint: 2,
-            model_cache_ttl_ms: 30_000,
-            stats_interval_ms: 10_000,
-            ready_models: Vec::new(),
-            tls: None,
-        }
-    }
-}
-
-/// How the gateway batches a model's requests (see `batch/`).
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum BatchMode {
-    /// Fixed window: wait up to `max_queue_delay_us` for a full batch, even a lone caller.
-    On,
-    /// Every request goes to Triton alone.
-    Off,
-    /// Window tuned from the observed arrival rate and Triton latency; a caller nobody else
-    /// can join leaves at once (the default: sparse traffic never waits).
-    #[default]
-    Adaptive,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct BatchingConfig {
-    /// Default for every model whose Triton config allows batching.
-    pub mode: BatchMode,
-    /// Longest wait for a fuller batch; unset: the model's Triton `max_queue_delay_microseconds`
-    /// (`on`), or that and at least 2 ms (`adaptive`, which waits only when company can come).
-    pub max_queue_delay_us: Option<u64>,
-    /// Requests waiting per model before new ones get RESOURCE_EXHAUSTED / 429.
-    pub max_queue_size: usize,
-    /// Batches of one model in flight per Triton endpoint; unset: one per instance of the
-    /// model in its Triton config, plus one.
-    pub max_inflight_batches: Option<usize>,
-    /// Priority levels (Triton's `priority` parameter: 1 is highest); at least the model's own.
-    pub priority_levels: u32,
-    /// Anti-starvation: a request that has waited this long goes before any newer one.
-    pub max_priority_wait_ms: u64,
-    /// Requests of one model inside infergate at once (batched or not), per instance; over
-    /// it, sync calls get RESOURCE_EXHAUSTED / 429 and workers wait. 0 = no cap.
-    pub max_concurrent_requests: usize,
-    /// Per-model overrides, by model name.
-    pub models: std::collections::BTreeMap<String, ModelBatching>,
-}
-
-impl Default for BatchingConfig {
-    fn default() -> Self {
-        Self {
-            mode: BatchMode::Adaptive,
-            max_queue_delay_us: None,
-            max_queue_size: 1024,
-            max_inflight_batches: None,
-            priority_levels: 2,
-            max_priority_wait_ms: 100,
-            max_concurrent_requests: 0,
-            models: Default::default(),
-        }
-    }
-}
-
-/// Overrides for one model; unset fields keep the global or Triton-derived value.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct ModelBatching {
-    pub mode: Option<BatchMode>,
-    /// Capped at the model's Triton max_batch_size.
-    pub max_batch_size: Option<i64>,
-    pub max_queue_delay_us: Option<u64>,
-    pub preferred_batch_sizes: Option<Vec<i64>>,
-    pub max_queue_size: Option<usize>,
-    pub max_inflight_batches: Option<usize>,
-    /// Overrides `batching.max_concurrent_requests` (0 = no cap).
-    pub max_concurrent_requests: Option<usize>,
-}
+// ---------------------------------------------------------------------------------------------
+// [log] and [telemetry]
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -475,493 +863,136 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
+    /// Log format.
+    #[arg(long = "log-format", env = "INFERGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub format: LogFormat,
-    /// A tracing filter, e.g. `info` or `infergate=debug,tower=warn`.
+    /// Log filter, e.g. `info` or `infergate=debug,tower=warn`.
+    #[arg(
+        long = "log-level",
+        env = "INFERGATE_LOG_LEVEL",
+        value_name = "FILTER",
+        default_value = "info"
+    )]
     pub level: String,
 }
 
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Text,
-            level: "info".to_string(),
-        }
+impl LogConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        tracing_subscriber::EnvFilter::try_new(&self.level)
+            .map(|_| ())
+            .map_err(|e| invalid("log.level", e.to_string()))
     }
 }
 
-/// Flags of `infergate serve`. Every flag can also be set by the environment variable named
-/// in its help; a flag given on the command line wins over the variable, and both win over the
-/// config file.
-#[derive(Debug, Clone, Default, Args)]
-pub struct ServeArgs {
-    /// TOML config file; repeat to layer several (later files win key by key, e.g. a
-    /// ConfigMap file then a Secret file with the broker URLs). Environment variables and
-    /// flags override them.
-    #[arg(
-        long,
-        env = "INFERGATE_CONFIG",
-        value_delimiter = ',',
-        value_name = "FILE"
-    )]
-    pub config: Vec<PathBuf>,
-    /// gRPC endpoint of a Triton server. Repeat for several (comma-separated in the variable).
-    #[arg(
-        long = "triton-url",
-        env = "INFERGATE_TRITON_URL",
-        value_delimiter = ',',
-        value_name = "URL"
-    )]
-    pub triton_urls: Vec<String>,
-    /// Listen address of the gRPC API [default: 127.0.0.1:8081].
-    #[arg(long, env = "INFERGATE_GRPC_ADDR", value_name = "ADDR")]
-    pub grpc_addr: Option<SocketAddr>,
-    /// Listen address of the HTTP API [default: 127.0.0.1:8080].
-    #[arg(long, env = "INFERGATE_HTTP_ADDR", value_name = "ADDR")]
-    pub http_addr: Option<SocketAddr>,
-    /// PEM certificate chain: serve both APIs over TLS (with --tls-key).
-    #[arg(long, env = "INFERGATE_TLS_CERT", value_name = "FILE")]
-    pub tls_cert: Option<PathBuf>,
-    #[arg(long, env = "INFERGATE_TLS_KEY", value_name = "FILE")]
-    pub tls_key: Option<PathBuf>,
-    /// PEM CA bundle: require client certificates signed by it (mTLS).
-    #[arg(long, env = "INFERGATE_TLS_CLIENT_CA", value_name = "FILE")]
-    pub tls_client_ca: Option<PathBuf>,
-    /// PEM CA bundle that signed Triton's certificate (for https:// Triton URLs).
-    #[arg(long, env = "INFERGATE_TRITON_CA", value_name = "FILE")]
-    pub triton_ca: Option<PathBuf>,
-    /// PEM client certificate and key towards Triton (mTLS).
-    #[arg(long, env = "INFERGATE_TRITON_CERT", value_name = "FILE")]
-    pub triton_cert: Option<PathBuf>,
-    #[arg(long, env = "INFERGATE_TRITON_KEY", value_name = "FILE")]
-    pub triton_key: Option<PathBuf>,
-    /// Name to check Triton's certificate against, when not the URL's host.
-    #[arg(long, env = "INFERGATE_TRITON_DOMAIN", value_name = "NAME")]
-    pub triton_domain: Option<String>,
-    /// Largest accepted request in bytes [default: 67108864].
-    #[arg(long, env = "INFERGATE_MAX_REQUEST_BYTES", value_name = "BYTES")]
-    pub max_request_bytes: Option<usize>,
-    /// Largest response accepted from Triton in bytes [default: 268435456].
-    #[arg(long, env = "INFERGATE_MAX_RESPONSE_BYTES", value_name = "BYTES")]
-    pub max_response_bytes: Option<usize>,
-    /// Grace period for in-flight requests after SIGTERM, in ms [default: 10000].
-    #[arg(long, env = "INFERGATE_SHUTDOWN_GRACE_MS", value_name = "MS")]
-    pub shutdown_grace_ms: Option<u64>,
-    /// HTTP/2 streams per gRPC client connection [default: 1024].
-    #[arg(long, env = "INFERGATE_MAX_CONCURRENT_STREAMS", value_name = "N")]
-    pub max_concurrent_streams: Option<u32>,
-    /// Requests of one ModelStreamInfer stream run at once [default: 16].
-    #[arg(long, env = "INFERGATE_STREAM_CONCURRENCY", value_name = "N")]
-    pub stream_concurrency: Option<usize>,
-    /// Threads serving gRPC connections; 0 = one per CPU [default: 0].
-    #[arg(long, env = "INFERGATE_GRPC_THREADS", value_name = "N")]
-    pub grpc_threads: Option<usize>,
-    /// Timeout for connecting to Triton, in ms [default: 2000].
-    #[arg(long, env = "INFERGATE_TRITON_CONNECT_TIMEOUT_MS", value_name = "MS")]
-    pub triton_connect_timeout_ms: Option<u64>,
-    /// Upper bound on one call to Triton, in ms [default: 30000].
-    #[arg(long, env = "INFERGATE_TRITON_REQUEST_TIMEOUT_MS", value_name = "MS")]
-    pub triton_request_timeout_ms: Option<u64>,
-    /// Interval at which Triton's statistics (queue time per model) are read into the
-    /// metrics, in ms; 0 = never [default: 10000].
-    #[arg(long, env = "INFERGATE_TRITON_STATS_INTERVAL_MS", value_name = "MS")]
-    pub triton_stats_interval_ms: Option<u64>,
-    /// Interval of the readiness probe of each Triton endpoint, in ms [default: 1000].
-    #[arg(long, env = "INFERGATE_TRITON_HEALTH_INTERVAL_MS", value_name = "MS")]
-    pub triton_health_interval_ms: Option<u64>,
-    /// Timeout of one readiness probe, in ms [default: 1000].
-    #[arg(long, env = "INFERGATE_TRITON_PROBE_TIMEOUT_MS", value_name = "MS")]
-    pub triton_probe_timeout_ms: Option<u64>,
-    /// HTTP/2 connections kept to each Triton endpoint [default: 2].
-    #[arg(long, env = "INFERGATE_TRITON_CONNECTIONS", value_name = "N")]
-    pub triton_connections: Option<usize>,
-    /// How long model metadata/config stay cached, in ms [default: 30000].
-    #[arg(long, env = "INFERGATE_MODEL_CACHE_TTL_MS", value_name = "MS")]
-    pub model_cache_ttl_ms: Option<u64>,
-    /// Batching for models whose Triton config allows it [default: adaptive].
-    #[arg(long, env = "INFERGATE_BATCHING", value_enum)]
-    pub batching: Option<BatchMode>,
-    /// Longest wait for a fuller batch in µs [default: the model's Triton max_queue_delay;
-    /// adaptive: that and at least 2000].
-    #[arg(long, env = "INFERGATE_BATCH_MAX_QUEUE_DELAY_US", value_name = "US")]
-    pub batch_max_queue_delay_us: Option<u64>,
-    /// Requests queued per model before 429 / RESOURCE_EXHAUSTED [default: 1024].
-    #[arg(long, env = "INFERGATE_BATCH_MAX_QUEUE_SIZE", value_name = "N")]
-    pub batch_max_queue_size: Option<usize>,
-    /// Batches of one model in flight per Triton endpoint [default: one per model instance
-    /// in its Triton config, plus one].
-    #[arg(long, env = "INFERGATE_BATCH_MAX_INFLIGHT", value_name = "N")]
-    pub batch_max_inflight: Option<usize>,
-    /// Task broker: `memory`, `redis://host:port` or `amqp://user:pass@host:port/%2f` [default: memory].
-    #[arg(long, env = "INFERGATE_BROKER", value_name = "URL")]
-    pub broker: Option<BrokerUrl>,
-    /// Task store: `memory` or `redis://host:port` [default: memory].
-    #[arg(long, env = "INFERGATE_TASK_STORE", value_name = "URL")]
-    pub task_store: Option<StoreUrl>,
-    /// Worker loops inside `serve`; 0 = API only [default: 1].
-    #[arg(long, env = "INFERGATE_WORKERS", value_name = "N")]
-    pub workers: Option<usize>,
-    /// Tasks one worker loop runs at once [default: 256].
-    #[arg(long, env = "INFERGATE_WORKER_CONCURRENCY", value_name = "N")]
-    pub worker_concurrency: Option<usize>,
-    /// RabbitMQ: concurrent submissions that may share one message [default: 1].
-    #[arg(long, env = "INFERGATE_AMQP_GROUP_MAX", value_name = "N")]
-    pub amqp_group_max: Option<usize>,
-    /// RabbitMQ: longest wait for a publisher confirm, in ms [default: 10000].
-    #[arg(long, env = "INFERGATE_PUBLISH_TIMEOUT_MS", value_name = "MS")]
-    pub publish_timeout_ms: Option<u64>,
-    /// Attempts before a task fails and is dead-lettered [default: 3].
-    #[arg(long, env = "INFERGATE_TASK_MAX_ATTEMPTS", value_name = "N")]
-    pub task_max_attempts: Option<u32>,
-    /// How long task records and results are kept, in ms [default: 3600000].
-    #[arg(long, env = "INFERGATE_TASK_TTL_MS", value_name = "MS")]
-    pub task_ttl_ms: Option<u64>,
-    /// Tasks waiting before submissions get 429 [default: 100000].
-    #[arg(long, env = "INFERGATE_QUEUE_CAPACITY", value_name = "N")]
-    pub queue_capacity: Option<u64>,
-    /// Redis broker: reclaim pending messages idle this long, in ms [default: 30000].
-    #[arg(long, env = "INFERGATE_VISIBILITY_TIMEOUT_MS", value_name = "MS")]
-    pub visibility_timeout_ms: Option<u64>,
-    /// Prefix of infergate's Redis keys [default: infergate].
-    #[arg(long, env = "INFERGATE_REDIS_PREFIX", value_name = "PREFIX")]
-    pub redis_prefix: Option<String>,
-    /// Log format [default: text].
-    #[arg(long, env = "INFERGATE_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Log filter, e.g. `info` or `infergate=debug` [default: info].
-    #[arg(long, env = "INFERGATE_LOG_LEVEL", value_name = "FILTER")]
-    pub log_level: Option<String>,
-    /// Models that must be ready for /readyz (comma-separated in the variable) [default: none].
-    #[arg(
-        long = "ready-model",
-        env = "INFERGATE_READY_MODELS",
-        value_delimiter = ',',
-        value_name = "MODEL"
-    )]
-    pub ready_models: Vec<String>,
-    /// OTLP/gRPC endpoint for traces, e.g. http://127.0.0.1:4317 [default: tracing off].
+/// OpenTelemetry tracing. Off unless `otlp_endpoint` is set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC collector for traces, e.g. http://127.0.0.1:4317; unset: no spans are
+    /// exported and no trace context is sent to Triton.
     #[arg(long, env = "INFERGATE_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
-    /// Share of new traces sampled, 0.0..=1.0 [default: 1.0].
-    #[arg(long, env = "INFERGATE_TRACE_SAMPLE_RATIO", value_name = "RATIO")]
-    pub trace_sample_ratio: Option<f64>,
-    /// service.name of exported spans [default: infergate].
-    #[arg(long, env = "INFERGATE_SERVICE_NAME", value_name = "NAME")]
-    pub service_name: Option<String>,
+    /// Share of new traces recorded, 0.0..=1.0; a sampled incoming `traceparent` is followed.
+    #[arg(
+        long = "trace-sample-ratio",
+        env = "INFERGATE_TRACE_SAMPLE_RATIO",
+        value_name = "RATIO",
+        default_value_t = 1.0
+    )]
+    pub sample_ratio: f64,
+    /// service.name of the exported spans.
+    #[arg(
+        long,
+        env = "INFERGATE_SERVICE_NAME",
+        value_name = "NAME",
+        default_value = "infergate"
+    )]
+    pub service_name: String,
+    /// Spans buffered for export; more are dropped (never blocking a request).
+    // batching has a max_queue_size too, so this flag's id spells the whole path.
+    #[arg(
+        id = "telemetry.max_queue_size",
+        long = "trace-max-queue-size",
+        env = "INFERGATE_TRACE_MAX_QUEUE_SIZE",
+        value_name = "N",
+        default_value_t = 4096
+    )]
+    pub max_queue_size: usize,
 }
 
-impl Config {
-    /// Defaults → files (in order) → environment/flags, then validation.
-    pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
-        let mut cfg = Self::from_files(&args.config)?;
-        cfg.apply(args);
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        Self::from_files(&[path.to_path_buf()])
-    }
-
-    /// Several TOML files merged table by table, later files winning.
-    pub fn from_files(paths: &[PathBuf]) -> Result<Self, ConfigError> {
-        let mut merged = toml::Table::new();
-        let mut tables = Vec::with_capacity(paths.len());
-        for path in paths {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
-            tables.push(table.clone());
-            merge(&mut merged, table);
+impl TelemetryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.otlp_endpoint {
+            validate_url("telemetry.otlp_endpoint", url, "http://127.0.0.1:4317")?;
         }
-        toml::Value::Table(merged)
-            .try_into()
-            .map_err(|e: toml::de::Error| {
-                // Name the file at fault: every key has a default, so the one that does not load
-                // on its own holds the bad key or value.
-                let culprit = paths
-                    .iter()
-                    .zip(tables)
-                    .find(|(_, t)| toml::Value::Table(t.clone()).try_into::<Self>().is_err())
-                    .map(|(p, _)| p.clone());
-                ConfigError::Parse {
-                    path: culprit
-                        .or_else(|| paths.last().cloned())
-                        .unwrap_or_default(),
-                    message: e.to_string(),
-                }
-            })
-    }
-
-    fn apply(&mut self, a: &ServeArgs) {
-        fn set<T: Clone>(slot: &mut T, v: &Option<T>) {
-            if let Some(v) = v {
-                *slot = v.clone();
-            }
-        }
-        if !a.triton_urls.is_empty() {
-            self.triton.urls = a.triton_urls.clone();
-        }
-        let (s, t, l) = (&mut self.server, &mut self.triton, &mut self.log);
-        set(&mut s.grpc_addr, &a.grpc_addr);
-        set(&mut s.http_addr, &a.http_addr);
-        set(&mut s.max_request_bytes, &a.max_request_bytes);
-        set(&mut s.max_response_bytes, &a.max_response_bytes);
-        set(&mut s.shutdown_grace_ms, &a.shutdown_grace_ms);
-        set(&mut s.max_concurrent_streams, &a.max_concurrent_streams);
-        set(&mut s.stream_concurrency, &a.stream_concurrency);
-        set(&mut s.grpc_threads, &a.grpc_threads);
-        set(&mut t.connect_timeout_ms, &a.triton_connect_timeout_ms);
-        set(&mut t.request_timeout_ms, &a.triton_request_timeout_ms);
-        set(&mut t.health_interval_ms, &a.triton_health_interval_ms);
-        set(&mut t.probe_timeout_ms, &a.triton_probe_timeout_ms);
-        set(&mut t.connections_per_endpoint, &a.triton_connections);
-        set(&mut t.model_cache_ttl_ms, &a.model_cache_ttl_ms);
-        set(&mut t.stats_interval_ms, &a.triton_stats_interval_ms);
-        if a.tls_cert.is_some() || a.tls_key.is_some() || a.tls_client_ca.is_some() {
-            let tls = s.tls.get_or_insert_with(ServerTls::default);
-            set(&mut tls.cert, &a.tls_cert);
-            set(&mut tls.key, &a.tls_key);
-            if a.tls_client_ca.is_some() {
-                tls.client_ca = a.tls_client_ca.clone();
-            }
-        }
-        if a.triton_ca.is_some() || a.triton_cert.is_some() || a.triton_domain.is_some() {
-            let tls = t.tls.get_or_insert_with(TritonTls::default);
-            set(&mut tls.ca, &a.triton_ca);
-            for (slot, v) in [
-                (&mut tls.cert, &a.triton_cert),
-                (&mut tls.key, &a.triton_key),
-            ] {
-                if v.is_some() {
-                    *slot = v.clone();
-                }
-            }
-            if a.triton_domain.is_some() {
-                tls.domain = a.triton_domain.clone();
-            }
-        }
-        let b = &mut self.batching;
-        set(&mut b.mode, &a.batching);
-        if a.batch_max_queue_delay_us.is_some() {
-            b.max_queue_delay_us = a.batch_max_queue_delay_us;
-        }
-        set(&mut b.max_queue_size, &a.batch_max_queue_size);
-        if a.batch_max_inflight.is_some() {
-            b.max_inflight_batches = a.batch_max_inflight;
-        }
-        let k = &mut self.tasks;
-        set(&mut k.broker, &a.broker);
-        set(&mut k.task_store, &a.task_store);
-        set(&mut k.workers, &a.workers);
-        set(&mut k.worker_concurrency, &a.worker_concurrency);
-        set(&mut k.amqp_group_max, &a.amqp_group_max);
-        set(&mut k.publish_timeout_ms, &a.publish_timeout_ms);
-        set(&mut k.max_attempts, &a.task_max_attempts);
-        set(&mut k.ttl_ms, &a.task_ttl_ms);
-        set(&mut k.queue_capacity, &a.queue_capacity);
-        set(&mut k.visibility_timeout_ms, &a.visibility_timeout_ms);
-        set(&mut k.redis_prefix, &a.redis_prefix);
-        set(&mut l.format, &a.log_format);
-        set(&mut l.level, &a.log_level);
-        if !a.ready_models.is_empty() {
-            self.triton.ready_models = a.ready_models.clone();
-        }
-        let o = &mut self.telemetry;
-        if a.otlp_endpoint.is_some() {
-            o.otlp_endpoint = a.otlp_endpoint.clone();
-        }
-        set(&mut o.sample_ratio, &a.trace_sample_ratio);
-        set(&mut o.service_name, &a.service_name);
-    }
-
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let s = &self.server;
-        if s.grpc_addr == s.http_addr && s.grpc_addr.port() != 0 {
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
             return Err(invalid(
-                "server.http_addr",
-                format!("{} is also the gRPC address", s.http_addr),
+                "telemetry.sample_ratio",
+                format!("{} is outside 0.0..=1.0", self.sample_ratio),
             ));
         }
-        in_range(
-            "server.max_request_bytes",
-            s.max_request_bytes as u64,
-            1024,
-            2 << 30,
-        )?;
-        in_range(
-            "server.max_response_bytes",
-            s.max_response_bytes as u64,
-            1024,
-            4 << 30,
-        )?;
-        in_range(
-            "server.shutdown_grace_ms",
-            s.shutdown_grace_ms,
-            0,
-            3_600_000,
-        )?;
-        in_range(
-            "server.max_concurrent_streams",
-            s.max_concurrent_streams.into(),
-            1,
-            1 << 20,
-        )?;
-        in_range(
-            "server.stream_concurrency",
-            s.stream_concurrency as u64,
-            1,
-            4096,
-        )?;
-        in_range(
-            "server.grpc_threads",
-            s.grpc_threads as u64,
-            0,
-            MAX_GRPC_THREADS as u64,
-        )?;
-        let t = &self.triton;
-        if t.urls.is_empty() {
-            return Err(invalid(
-                "triton.urls",
-                "at least one Triton gRPC URL is needed",
-            ));
+        if self.service_name.trim().is_empty() {
+            return Err(invalid("telemetry.service_name", "must not be empty"));
         }
-        for url in &t.urls {
-            validate_url(url)?;
-        }
-        validate_tls(s.tls.as_ref(), t)?;
-        in_range(
-            "triton.connect_timeout_ms",
-            t.connect_timeout_ms,
-            1,
-            600_000,
-        )?;
-        in_range(
-            "triton.request_timeout_ms",
-            t.request_timeout_ms,
-            1,
-            86_400_000,
-        )?;
-        in_range(
-            "triton.health_interval_ms",
-            t.health_interval_ms,
-            10,
-            3_600_000,
-        )?;
-        in_range("triton.probe_timeout_ms", t.probe_timeout_ms, 1, 600_000)?;
-        in_range(
-            "triton.connections_per_endpoint",
-            t.connections_per_endpoint as u64,
-            1,
-            64,
-        )?;
-        in_range(
-            "triton.stats_interval_ms",
-            t.stats_interval_ms,
-            0,
-            86_400_000,
-        )?;
-        in_range(
-            "triton.model_cache_ttl_ms",
-            t.model_cache_ttl_ms,
-            0,
-            86_400_000,
-        )?;
-        let b = &self.batching;
-        in_range(
-            "batching.max_queue_delay_us",
-            b.max_queue_delay_us.unwrap_or(0),
-            0,
-            MAX_QUEUE_DELAY_US,
-        )?;
-        in_range(
-            "batching.max_queue_size",
-            b.max_queue_size as u64,
-            1,
-            MAX_QUEUE_SIZE,
-        )?;
-        if let Some(v) = b.max_inflight_batches {
-            in_range("batching.max_inflight_batches", v as u64, 1, MAX_INFLIGHT)?;
-        }
-        in_range("batching.priority_levels", b.priority_levels.into(), 1, 64)?;
-        in_range(
-            "batching.max_priority_wait_ms",
-            b.max_priority_wait_ms,
-            1,
-            3_600_000,
-        )?;
-        for (model, m) in &b.models {
-            let field = "batching.models";
-            let bad = |what: String| invalid(field, format!("model '{model}': {what}"));
-            if m.max_batch_size.is_some_and(|v| v < 1) {
-                return Err(bad("max_batch_size must be at least 1".into()));
-            }
-            if m.max_queue_delay_us.is_some_and(|v| v > MAX_QUEUE_DELAY_US) {
-                return Err(bad("max_queue_delay_us is over 10 s".into()));
-            }
-            if m.preferred_batch_sizes
-                .as_ref()
-                .is_some_and(|p| p.iter().any(|&x| x < 1))
-            {
-                return Err(bad("preferred_batch_sizes must be positive".into()));
-            }
-            // The gateway-wide bounds: a model's call slots become a semaphore's permits,
-            // which have a hard maximum.
-            for (name, value, max) in [
-                ("max_queue_size", m.max_queue_size, MAX_QUEUE_SIZE),
-                ("max_inflight_batches", m.max_inflight_batches, MAX_INFLIGHT),
-            ] {
-                if let Some(v) = value.filter(|&v| !(1..=max).contains(&(v as u64))) {
-                    return Err(bad(format!("{name} {v} is outside 1..={max}")));
-                }
-            }
-        }
-        let k = &self.tasks;
-        in_range("tasks.workers", k.workers as u64, 0, 256)?;
-        in_range(
-            "tasks.worker_concurrency",
-            k.worker_concurrency as u64,
-            1,
-            65_536,
-        )?;
-        in_range("tasks.max_attempts", k.max_attempts.into(), 1, 100)?;
-        in_range("tasks.amqp_group_max", k.amqp_group_max as u64, 1, 1_000)?;
-        in_range(
-            "tasks.publish_timeout_ms",
-            k.publish_timeout_ms,
-            100,
-            600_000,
-        )?;
-        in_range("tasks.ttl_ms", k.ttl_ms, 1_000, 30 * 86_400_000)?;
-        in_range(
-            "tasks.max_result_bytes",
-            k.max_result_bytes as u64,
-            1024,
-            512 << 20,
-        )?;
-        in_range("tasks.queue_capacity", k.queue_capacity, 1, 100_000_000)?;
-        in_range(
-            "tasks.visibility_timeout_ms",
-            k.visibility_timeout_ms,
-            100,
-            86_400_000,
-        )?;
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| invalid("log.level", e.to_string()))?;
-        let a = &self.auth;
+        bounds!(self, "telemetry", { max_queue_size: 1..=1 << 20 });
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// [auth] (files only)
+
+/// Who may call and how much. With no `keys`, calls need no key and all belong to the tenant
+/// `default`. Keep keys in a Secret-mounted config file (`--config main.toml,keys.toml`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub keys: Vec<ApiKey>,
+    /// Requests per second per tenant (token bucket refill); 0 = unlimited.
+    pub rate_per_s: f64,
+    /// Bucket size per tenant: requests that may arrive at once.
+    pub burst: u32,
+    /// Tasks a tenant may have queued or running at once; 0 = unlimited.
+    pub max_open_tasks: u64,
+}
+
+/// One API key, sent as `Authorization: Bearer <key>` or `x-api-key: <key>`.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiKey {
+    pub key: String,
+    pub tenant: String,
+    /// Overrides `auth.rate_per_s` for this key's tenant.
+    pub rate_per_s: Option<f64>,
+    pub burst: Option<u32>,
+    /// Overrides `auth.max_open_tasks` for this key's tenant.
+    pub max_open_tasks: Option<u64>,
+}
+
+/// Keys never reach logs, even through a debug print of the config.
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("key", &"<redacted>")
+            .field("tenant", &self.tenant)
+            .field("rate_per_s", &self.rate_per_s)
+            .field("burst", &self.burst)
+            .field("max_open_tasks", &self.max_open_tasks)
+            .finish()
+    }
+}
+
+impl AuthConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
         let rate_ok = |r: f64| r.is_finite() && (0.0..=1e7).contains(&r);
-        if !rate_ok(a.rate_per_s) {
+        if !rate_ok(self.rate_per_s) {
             return Err(invalid("auth.rate_per_s", "must be 0 (unlimited) ..= 1e7"));
         }
         let mut seen = std::collections::HashSet::new();
-        for (i, k) in a.keys.iter().enumerate() {
+        for (i, k) in self.keys.iter().enumerate() {
             let bad = |m: &str| invalid("auth.keys", format!("key #{}: {m}", i + 1));
             if k.key.len() < 16 || !k.key.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(bad("must be at least 16 visible ASCII characters"));
@@ -976,31 +1007,171 @@ impl Config {
                 return Err(bad("the same key is listed twice"));
             }
         }
-        let o = &self.telemetry;
-        if let Some(url) = &o.otlp_endpoint {
-            validate_url(url).map_err(|e| match e {
-                ConfigError::Invalid { message, .. } => {
-                    invalid("telemetry.otlp_endpoint", message.replace("8001", "4317"))
-                }
-                other => other,
-            })?;
-        }
-        if !(0.0..=1.0).contains(&o.sample_ratio) {
-            return Err(invalid(
-                "telemetry.sample_ratio",
-                format!("{} is outside 0.0..=1.0", o.sample_ratio),
-            ));
-        }
-        if o.service_name.trim().is_empty() {
-            return Err(invalid("telemetry.service_name", "must not be empty"));
-        }
-        in_range(
-            "telemetry.max_queue_size",
-            o.max_queue_size as u64,
-            1,
-            1 << 20,
-        )?;
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading: files, then what the environment and the flags say.
+
+/// The command line of `infergate serve` and `infergate worker`: the config files, and every
+/// setting of [`Config`] as a flag (with its variable). clap reads them; only the settings a
+/// flag or a variable actually gave override the files.
+#[derive(Debug, Clone, Default)]
+pub struct ServeArgs {
+    pub config: Vec<PathBuf>,
+    /// Every setting as clap read it: given ones, and defaults for the rest.
+    settings: Config,
+    /// Flag ids of the settings a flag or a variable gave.
+    given: Vec<String>,
+}
+
+impl Args for ServeArgs {
+    fn augment_args(cmd: Command) -> Command {
+        Config::augment_args(
+            cmd.arg(
+                Arg::new("config")
+                    .long("config")
+                    .env("INFERGATE_CONFIG")
+                    .value_name("FILE")
+                    .value_delimiter(',')
+                    .action(ArgAction::Append)
+                    .value_parser(clap::value_parser!(PathBuf))
+                    .help(
+                        "TOML config file; repeat to layer several (later files win key by key, \
+                         e.g. a ConfigMap file then a Secret file with the broker URLs). \
+                         Environment variables and flags override them",
+                    ),
+            ),
+        )
+    }
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl FromArgMatches for ServeArgs {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        // Groups (one per section) report a source too; only settings count.
+        let paths = flag_paths();
+        let given = m
+            .ids()
+            .map(|id| id.as_str())
+            .filter(|id| paths.contains_key(*id))
+            .filter(|id| {
+                matches!(
+                    m.value_source(id),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                )
+            })
+            .map(String::from)
+            .collect();
+        Ok(Self {
+            config: m
+                .get_many::<PathBuf>("config")
+                .map(|v| v.cloned().collect())
+                .unwrap_or_default(),
+            settings: Config::from_arg_matches(m)?,
+            given,
+        })
+    }
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+/// Where each flag's value goes in the config: its section's path and the field (the flag's
+/// id), or the id itself where it spells the whole path. Nested sections come first.
+fn flag_paths() -> HashMap<String, String> {
+    type Augment = fn(Command) -> Command;
+    let parts: [(&str, Augment); 8] = [
+        ("server.tls", ServerTls::augment_args),
+        ("triton.tls", TritonTls::augment_args),
+        ("server", ServerConfig::augment_args),
+        ("triton", TritonConfig::augment_args),
+        ("batching", BatchingConfig::augment_args),
+        ("tasks", TasksConfig::augment_args),
+        ("log", LogConfig::augment_args),
+        ("telemetry", TelemetryConfig::augment_args),
+    ];
+    let mut paths = HashMap::new();
+    for (section, augment) in parts {
+        for arg in augment(Command::new(section)).get_arguments() {
+            let id = arg.get_id().as_str();
+            let path = if id.contains('.') {
+                id.to_string()
+            } else {
+                format!("{section}.{id}")
+            };
+            paths.entry(id.to_string()).or_insert(path);
+        }
+    }
+    paths
+}
+
+impl Config {
+    /// Defaults → files (in order) → environment/flags, then validation.
+    pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let mut table = Self::file_table(&args.config)?;
+        if !args.given.is_empty() {
+            let settings = toml::Table::try_from(&args.settings).map_err(|e| {
+                invalid("flags", format!("a flag or variable is out of range: {e}"))
+            })?;
+            let paths = flag_paths();
+            for id in &args.given {
+                let Some(path) = paths.get(id) else { continue };
+                if let Some(value) = lookup(&settings, path) {
+                    insert(&mut table, path, value.clone());
+                }
+            }
+        }
+        let cfg = Self::from_table(table, &args.config)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_files(&[path.to_path_buf()])
+    }
+
+    /// Several TOML files merged table by table, later files winning.
+    pub fn from_files(paths: &[PathBuf]) -> Result<Self, ConfigError> {
+        Self::from_table(Self::file_table(paths)?, paths)
+    }
+
+    fn file_table(paths: &[PathBuf]) -> Result<toml::Table, ConfigError> {
+        let mut merged = toml::Table::new();
+        for path in paths {
+            merge(&mut merged, read_table(path)?);
+        }
+        Ok(merged)
+    }
+
+    fn from_table(table: toml::Table, paths: &[PathBuf]) -> Result<Self, ConfigError> {
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                // Name the file at fault: every key has a default, so the one that does not
+                // load on its own holds the bad key or value.
+                let culprit = paths.iter().find(|p| {
+                    read_table(p).is_ok_and(|t| toml::Value::Table(t).try_into::<Self>().is_err())
+                });
+                ConfigError::Parse {
+                    path: culprit.or(paths.last()).cloned().unwrap_or_default(),
+                    message: e.to_string(),
+                }
+            })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.server.validate()?;
+        self.triton.validate()?;
+        self.batching.validate()?;
+        self.tasks.validate()?;
+        self.log.validate()?;
+        self.telemetry.validate()?;
+        self.auth.validate()
     }
 
     pub fn shutdown_grace(&self) -> Duration {
@@ -1009,6 +1180,55 @@ impl Config {
 
     pub fn triton_health_interval(&self) -> Duration {
         Duration::from_millis(self.triton.health_interval_ms)
+    }
+
+    /// The settings as a TOML file would write them, API keys redacted (`infergate config`).
+    pub fn to_toml(&self) -> String {
+        let mut shown = self.clone();
+        for k in &mut shown.auth.keys {
+            k.key = "<redacted>".into();
+        }
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot print the config: {e}\n"))
+    }
+}
+
+fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn lookup<'a>(table: &'a toml::Table, path: &str) -> Option<&'a toml::Value> {
+    let (head, rest) = path.split_once('.').unwrap_or((path, ""));
+    let v = table.get(head)?;
+    match (rest, v) {
+        ("", v) => Some(v),
+        (rest, toml::Value::Table(t)) => lookup(t, rest),
+        _ => None,
+    }
+}
+
+fn insert(table: &mut toml::Table, path: &str, value: toml::Value) {
+    match path.split_once('.') {
+        None => {
+            table.insert(path.to_string(), value);
+        }
+        Some((head, rest)) => {
+            let inner = table
+                .entry(head)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if !inner.is_table() {
+                *inner = toml::Value::Table(toml::Table::new());
+            }
+            if let toml::Value::Table(t) = inner {
+                insert(t, rest, value);
+            }
+        }
     }
 }
 
@@ -1023,98 +1243,6 @@ fn merge(into: &mut toml::Table, from: toml::Table) {
     }
 }
 
-/// Bounds shared by the gateway-wide batching settings and each model's own.
-const MAX_QUEUE_DELAY_US: u64 = 10_000_000;
-const MAX_QUEUE_SIZE: u64 = 1 << 20;
-const MAX_INFLIGHT: u64 = 1024;
-
-fn in_range(field: &'static str, v: u64, min: u64, max: u64) -> Result<(), ConfigError> {
-    if v < min || v > max {
-        return Err(invalid(field, format!("{v} is outside {min}..={max}")));
-    }
-    Ok(())
-}
-
-/// A PEM file that is named must be there; what is in it is checked when it is loaded.
-fn readable(field: &'static str, path: &Path) -> Result<(), ConfigError> {
-    if path.as_os_str().is_empty() {
-        return Err(invalid(field, "is required"));
-    }
-    std::fs::metadata(path)
-        .map(|_| ())
-        .map_err(|e| invalid(field, format!("cannot read '{}': {e}", path.display())))
-}
-
-fn validate_tls(server: Option<&ServerTls>, t: &TritonConfig) -> Result<(), ConfigError> {
-    if let Some(tls) = server {
-        readable("server.tls.cert", &tls.cert)?;
-        readable("server.tls.key", &tls.key)?;
-        if let Some(ca) = &tls.client_ca {
-            readable("server.tls.client_ca", ca)?;
-        }
-        in_range(
-            "server.tls.handshake_timeout_ms",
-            tls.handshake_timeout_ms,
-            1,
-            600_000,
-        )?;
-        in_range(
-            "server.tls.max_handshakes",
-            tls.max_handshakes as u64,
-            1,
-            65_536,
-        )?;
-    }
-    let https = t.urls.iter().filter(|u| u.starts_with("https://")).count();
-    match &t.tls {
-        None if https > 0 => Err(invalid(
-            "triton.tls.ca",
-            "https:// Triton URLs need the CA that signed Triton's certificate",
-        )),
-        Some(_) if https < t.urls.len() => Err(invalid(
-            "triton.urls",
-            "with triton.tls set, every Triton URL must be https://",
-        )),
-        Some(tls) => {
-            readable("triton.tls.ca", &tls.ca)?;
-            match (&tls.cert, &tls.key) {
-                (Some(c), Some(k)) => {
-                    readable("triton.tls.cert", c)?;
-                    readable("triton.tls.key", k)
-                }
-                (None, None) => Ok(()),
-                _ => Err(invalid(
-                    "triton.tls.cert",
-                    "a client certificate needs its key, and a key its certificate",
-                )),
-            }
-        }
-        None => Ok(()),
-    }
-}
-
-fn validate_url(url: &str) -> Result<(), ConfigError> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| invalid("triton.urls", format!("'{url}' is not a URL: {e}")))?;
-    match uri.scheme_str() {
-        Some("http") | Some("https") => {}
-        _ => {
-            return Err(invalid(
-                "triton.urls",
-                format!("'{url}' must start with http:// or https://"),
-            ));
-        }
-    }
-    if uri.host().is_none() || uri.port_u16().is_none() {
-        return Err(invalid(
-            "triton.urls",
-            format!("'{url}' needs a host and a port, e.g. http://127.0.0.1:8001"),
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1126,16 +1254,22 @@ mod tests {
         serve: ServeArgs,
     }
 
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("infergate-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+        assert_eq!(Config::default().triton.urls, ["http://127.0.0.1:8001"]);
+        assert!(Config::default().server.tls().is_none());
     }
 
     #[test]
     fn flags_override_file_and_repeat_for_urls() {
-        let dir = std::env::temp_dir().join(format!("infergate-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("c.toml");
+        let file = temp_dir("cfg").join("c.toml");
         std::fs::write(
             &file,
             "[server]\ngrpc_addr = \"127.0.0.1:9001\"\nmax_request_bytes = 4096\n[triton]\nurls = [\"http://10.0.0.1:8001\"]\n",
@@ -1154,17 +1288,35 @@ mod tests {
         ]);
         let cfg = Config::load(&cli.serve).unwrap();
         assert_eq!(cfg.server.grpc_addr.port(), 9002);
-        assert_eq!(cfg.server.max_request_bytes, 4096);
+        assert_eq!(cfg.server.max_request_bytes, 4096, "kept from the file");
         assert_eq!(
             cfg.triton.urls,
             vec!["http://127.0.0.1:1", "http://127.0.0.1:2"]
         );
     }
 
+    /// Only what a flag or a variable gave overrides the files: a flag at its default value
+    /// still wins over the file, and a flag not given leaves the file's value.
+    #[test]
+    fn a_flag_at_its_default_value_still_wins_over_the_file() {
+        let file = temp_dir("cfg3").join("c.toml");
+        std::fs::write(
+            &file,
+            "[tasks]\nworkers = 3\nredis_prefix = \"blue\"\n[server.tls]\nhandshake_timeout_ms = 5\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from(["x", "--config", file.to_str().unwrap(), "--workers", "1"]);
+        let cfg = Config::load(&cli.serve).unwrap();
+        assert_eq!(cfg.tasks.workers, 1);
+        assert_eq!(cfg.tasks.redis_prefix, "blue");
+        // A nested section's own key is kept too, and TLS stays off with no file named.
+        assert_eq!(cfg.server.tls.handshake_timeout_ms, 5);
+        assert!(cfg.server.tls().is_none());
+    }
+
     #[test]
     fn later_config_files_win_key_by_key() {
-        let dir = std::env::temp_dir().join(format!("infergate-cfg2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("cfg2");
         let (a, b) = (dir.join("a.toml"), dir.join("b.toml"));
         std::fs::write(
             &a,
@@ -1203,6 +1355,22 @@ mod tests {
         let msg = cfg.validate().unwrap_err().to_string();
         assert!(msg.contains("triton.connections_per_endpoint"), "{msg}");
 
+        let mut cfg = Config::default();
+        cfg.telemetry.otlp_endpoint = Some("collector".into());
+        let msg = cfg.validate().unwrap_err().to_string();
+        assert!(msg.contains("telemetry.otlp_endpoint"), "{msg}");
+
+        let mut cfg = Config::default();
+        cfg.server.tls.handshake_timeout_ms = 0;
+        cfg.validate()
+            .expect("TLS bounds apply only when TLS is on");
+        cfg.server.tls.key = Some("/nonexistent/key.pem".into());
+        let msg = cfg.validate().unwrap_err().to_string();
+        assert!(
+            msg.contains("server.tls.cert") && msg.contains("required"),
+            "{msg}"
+        );
+
         for (key, value) in [
             ("max_inflight_batches", "0"),
             ("max_inflight_batches", "18446744073709551615"),
@@ -1227,6 +1395,11 @@ mod tests {
             let err = toml::from_str::<Config>(text).unwrap_err().to_string();
             assert!(err.contains(key), "{err}");
         }
+        let err = Cli::try_parse_from(["x", "--broker", "kafka://x:9092"])
+            .err()
+            .expect("an unknown broker scheme on the command line")
+            .to_string();
+        assert!(err.contains("tasks.broker"), "{err}");
         assert_eq!(
             "amqp://guest:guest@127.0.0.1:5672/%2f"
                 .parse::<BrokerUrl>()
@@ -1238,46 +1411,58 @@ mod tests {
         assert!(err.to_string().contains("grpc_adr"), "{err}");
     }
 
-    /// A flag's "[default: …]" is written by hand in its help: giving that value must leave
-    /// the built-in defaults as they are, or the help (and docs/configuration.md, generated
-    /// from it and checked by tests/docs.rs) says something the code does not do.
+    /// Each flag lands on the file key of the same setting: given alone, it is the one value
+    /// taken from the flags, found at its path in the config, and that path is a key the file
+    /// format accepts.
     #[test]
-    fn every_documented_flag_default_is_the_real_default() {
-        use clap::{Command, FromArgMatches};
+    fn every_flag_sets_the_file_key_of_its_setting() {
         let cmd = ServeArgs::augment_args(Command::new("serve"));
+        let paths = flag_paths();
         let mut checked = 0;
-        for arg in cmd.get_arguments() {
-            let (Some(long), Some(help)) = (arg.get_long(), arg.get_help()) else {
-                continue;
-            };
-            let help = help.to_string();
-            let Some(value) = help
-                .split_once("[default: ")
-                .and_then(|(_, rest)| rest.split_once(']'))
-                .map(|(v, _)| v)
-            else {
-                continue;
-            };
-            // Prose ("none", "the model's Triton max_queue_delay; …") describes a computed
-            // default; only literal values can be given back.
-            if value == "none" || value.contains(char::is_whitespace) {
-                continue;
-            }
+        for arg in cmd.get_arguments().filter(|a| a.get_id() != "config") {
+            let id = arg.get_id().as_str();
+            let long = arg.get_long().expect("every setting has a long flag");
+            let sample = arg
+                .get_possible_values()
+                .first()
+                .map(|v| v.get_name().to_string())
+                .or_else(|| {
+                    arg.get_default_values()
+                        .first()
+                        .map(|v| v.to_string_lossy().into())
+                })
+                .unwrap_or_else(|| {
+                    match arg
+                        .get_value_names()
+                        .and_then(|v| v.first())
+                        .map(|v| v.as_str())
+                    {
+                        Some("URL") => "http://127.0.0.1:4317".into(),
+                        Some("FILE") => "/tmp/x.pem".into(),
+                        Some("NAME" | "MODEL") => "x".into(),
+                        _ => "5".into(),
+                    }
+                });
             let flag = format!("--{long}");
-            let matches = cmd
+            let m = cmd
                 .clone()
-                .try_get_matches_from(["serve", flag.as_str(), value])
-                .unwrap_or_else(|e| panic!("{flag} {value}: {e}"));
-            let args = ServeArgs::from_arg_matches(&matches).unwrap();
-            let mut cfg = Config::default();
-            cfg.apply(&args);
-            assert_eq!(
-                cfg,
-                Config::default(),
-                "{flag}'s help says [default: {value}], but giving it changes the config"
-            );
+                .try_get_matches_from(["serve", flag.as_str(), sample.as_str()])
+                .unwrap_or_else(|e| panic!("{flag} {sample}: {e}"));
+            let args = ServeArgs::from_arg_matches(&m).unwrap();
+            assert_eq!(args.given, [id], "{flag}");
+            let path = paths
+                .get(id)
+                .unwrap_or_else(|| panic!("{flag}: no path for {id}"));
+            let settings = toml::Table::try_from(&args.settings).unwrap();
+            let value = lookup(&settings, path)
+                .unwrap_or_else(|| panic!("{flag}: {path} is not a key of the config"));
+            let mut table = toml::Table::new();
+            insert(&mut table, path, value.clone());
+            toml::Value::Table(table)
+                .try_into::<Config>()
+                .unwrap_or_else(|e| panic!("{flag}: {path} as a file key: {e}"));
             checked += 1;
         }
-        assert!(checked >= 25, "only {checked} flags checked");
+        assert!(checked >= 45, "only {checked} flags checked");
     }
 }

@@ -32,13 +32,17 @@ enum Command {
     Serve(ServeArgs),
     /// Run async task workers only (needs a shared broker, e.g. --broker redis://...).
     Worker(ServeArgs),
+    /// Print the settings `serve` would run with (files, environment and flags merged, API
+    /// keys redacted) as TOML, after checking them; exit code 2 when they are refused.
+    Config(ServeArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (args, worker) = match cli.command {
-        Command::Serve(args) => (args, false),
-        Command::Worker(args) => (args, true),
+    let (args, worker, print) = match cli.command {
+        Command::Serve(args) => (args, false, false),
+        Command::Worker(args) => (args, true, false),
+        Command::Config(args) => (args, false, true),
     };
     let cfg = match Config::load(&args) {
         Ok(cfg) => cfg,
@@ -47,6 +51,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if print {
+        print!("{}", cfg.to_toml());
+        return ExitCode::SUCCESS;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -198,7 +198,7 @@ impl Gateway {
             cfg.server.max_response_bytes,
             cfg.server.grpc_threads(),
         )?;
-        let (grpc_tls, http_tls) = match &cfg.server.tls {
+        let (grpc_tls, http_tls) = match cfg.server.tls() {
             Some(t) => (
                 Some(crate::tls::grpc_server_config(t)?),
                 Some(crate::tls::http_server_config(t)?),
@@ -340,7 +340,7 @@ impl Gateway {
             max_concurrent_streams: cfg.server.max_concurrent_streams,
             threads: cfg.server.grpc_threads(),
             tls: grpc_tls.map(|config| {
-                let t = cfg.server.tls.as_ref().expect("TLS files loaded at bind");
+                let t = cfg.server.tls().expect("TLS files loaded at bind");
                 GrpcTls {
                     config,
                     handshake_timeout: Duration::from_millis(t.handshake_timeout_ms),
@@ -361,7 +361,7 @@ impl Gateway {
         })
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(crate::api::RequestIds));
-        let mut http_task = match (http_tls, &cfg.server.tls) {
+        let mut http_task = match (http_tls, cfg.server.tls()) {
             (Some(config), Some(files)) => tokio::spawn(
                 axum::serve(
                     crate::tls::TlsListener::new(http_listener, files, config),

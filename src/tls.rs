@@ -28,6 +28,12 @@ pub struct TlsError {
     pub message: String,
 }
 
+/// A file the config names; an unnamed one reads as an empty path, whose error names the field
+/// (the config's validation asks for it before this runs).
+fn named(path: &Option<std::path::PathBuf>) -> &Path {
+    path.as_deref().unwrap_or(Path::new(""))
+}
+
 fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| TlsError {
         field,
@@ -66,8 +72,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// The HTTP listener's rustls config: HTTP/2 and HTTP/1.1 by ALPN, client certificates
 /// required when `client_ca` is set.
 pub fn http_server_config(cfg: &ServerTls) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let chain = certs("server.tls.cert", &cfg.cert)?;
-    let key = key("server.tls.key", &cfg.key)?;
+    let chain = certs("server.tls.cert", named(&cfg.cert))?;
+    let key = key("server.tls.key", named(&cfg.key))?;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError {
@@ -111,9 +117,11 @@ pub fn grpc_server_config(cfg: &ServerTls) -> Result<Arc<rustls::ServerConfig>, 
 
 /// TLS towards Triton: its CA, optionally a client identity (mTLS) and the name to check.
 pub fn triton_client_config(cfg: &TritonTls) -> Result<ClientTlsConfig, TlsError> {
-    certs("triton.tls.ca", &cfg.ca)?;
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("triton.tls.ca", &cfg.ca)?));
+    certs("triton.tls.ca", named(&cfg.ca))?;
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(
+        "triton.tls.ca",
+        named(&cfg.ca),
+    )?));
     if let (Some(cert), Some(k)) = (&cfg.cert, &cfg.key) {
         certs("triton.tls.cert", cert)?;
         key("triton.tls.key", k)?;

@@ -47,6 +47,14 @@ fn flag_table() -> String {
         if !values.is_empty() {
             help.push_str(&format!(" (one of {})", values.join(", ")));
         }
+        let defaults: Vec<String> = a
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        if !defaults.is_empty() {
+            help.push_str(&format!(" [default: {}]", defaults.join(",")));
+        }
         t.push_str(&format!(
             "| `--{long}{value}` | {env} | {} |\n",
             help.trim()
@@ -94,10 +102,11 @@ fn every_flag_on_an_infergate_command_line_in_the_docs_exists() {
     let mut checked = 0;
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
-        for line in text
-            .lines()
-            .filter(|l| l.contains("infergate serve ") || l.contains("infergate worker "))
-        {
+        for line in text.lines().filter(|l| {
+            ["infergate serve ", "infergate worker ", "infergate config "]
+                .iter()
+                .any(|c| l.contains(c))
+        }) {
             for word in line.split_whitespace().filter(|w| w.starts_with("--")) {
                 let flag: String = word
                     .chars()

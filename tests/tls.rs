@@ -120,19 +120,19 @@ async fn both_listeners_speak_mtls_and_triton_is_reached_over_mtls() {
     );
     let triton_url = format!("https://127.0.0.1:{}", triton.grpc_port);
     let mut cfg = test_config(vec![triton_url.clone()]);
-    cfg.server.tls = Some(ServerTls {
-        cert: pki.path("server.pem"),
-        key: pki.path("server.key"),
+    cfg.server.tls = ServerTls {
+        cert: Some(pki.path("server.pem")),
+        key: Some(pki.path("server.key")),
         client_ca: Some(pki.path("ca.pem")),
         ..Default::default()
-    });
+    };
     let triton_tls = TritonTls {
-        ca: pki.path("ca.pem"),
+        ca: Some(pki.path("ca.pem")),
         cert: Some(pki.path("client.pem")),
         key: Some(pki.path("client.key")),
         domain: Some("localhost".into()),
     };
-    cfg.triton.tls = Some(triton_tls.clone());
+    cfg.triton.tls = triton_tls.clone();
     cfg.validate().expect("valid TLS config");
     let gw = gateway_with(cfg.clone()).await;
 
@@ -223,12 +223,12 @@ async fn both_listeners_speak_mtls_and_triton_is_reached_over_mtls() {
     // Triton insists on a client certificate: without one infergate never gets a ready
     // endpoint, and says so.
     let mut no_identity = cfg.clone();
-    no_identity.triton.tls = Some(TritonTls {
+    no_identity.triton.tls = TritonTls {
         cert: None,
         key: None,
         ..triton_tls
-    });
-    no_identity.server.tls = None;
+    };
+    no_identity.server.tls = ServerTls::default();
     let gw2 = gateway_with(no_identity).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut c2 = gw2.client().await;
@@ -244,11 +244,11 @@ async fn both_listeners_speak_mtls_and_triton_is_reached_over_mtls() {
 fn tls_settings_are_checked_at_start_with_the_field_named() {
     let pki = pki();
     let mut cfg = infergate::config::Config::default();
-    cfg.server.tls = Some(ServerTls {
-        cert: pki.path("server.pem"),
-        key: pki.path("missing.key"),
+    cfg.server.tls = ServerTls {
+        cert: Some(pki.path("server.pem")),
+        key: Some(pki.path("missing.key")),
         ..Default::default()
-    });
+    };
     let msg = cfg.validate().unwrap_err().to_string();
     assert!(
         msg.contains("server.tls.key") && msg.contains("missing.key"),
@@ -257,8 +257,8 @@ fn tls_settings_are_checked_at_start_with_the_field_named() {
 
     // A key that does not belong to the certificate.
     let tls = ServerTls {
-        cert: pki.path("server.pem"),
-        key: pki.path("client.key"),
+        cert: Some(pki.path("server.pem")),
+        key: Some(pki.path("client.key")),
         ..Default::default()
     };
     let err = infergate::tls::http_server_config(&tls)
@@ -267,8 +267,8 @@ fn tls_settings_are_checked_at_start_with_the_field_named() {
     assert!(err.contains("server.tls.key"), "{err}");
     // Not PEM at all.
     let tls = ServerTls {
-        cert: pki.path("server.key"),
-        key: pki.path("server.key"),
+        cert: Some(pki.path("server.key")),
+        key: Some(pki.path("server.key")),
         ..Default::default()
     };
     let err = infergate::tls::http_server_config(&tls)

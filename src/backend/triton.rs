@@ -134,8 +134,7 @@ impl TritonPool {
     ) -> Result<Arc<Self>, GatewayError> {
         let mut endpoints = Vec::with_capacity(cfg.urls.len());
         let tls = cfg
-            .tls
-            .as_ref()
+            .tls()
             .map(crate::tls::triton_client_config)
             .transpose()
             .map_err(|e| GatewayError::Internal(e.to_string()))?;
