@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/grpc_service.proto",
         "proto/model_config.proto",
         "proto/tasks.proto",
+        "proto/externalscaler.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

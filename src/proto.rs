@@ -17,6 +17,12 @@ pub mod infergate {
 }
 pub use infergate::tasks::v1 as tasks;
 
+/// KEDA's `externalscaler` service, served by [`crate::scaler`].
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod externalscaler {
+    tonic::include_proto!("externalscaler");
+}
+
 /// Encoded descriptors of every message in `proto/`, for gRPC reflection and proto→JSON.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/inference_descriptor.bin"));

@@ -153,6 +153,7 @@ pub async fn run_workers(
     health.check().await;
     let monitor = health.spawn(cfg.triton_health_interval(), stop.clone());
     let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone());
+    let autoscaling = spawn_autoscaling(&cfg, &infer, &store, None, stop.clone()).await?;
     let ops = axum::serve(
         ops_listener,
         ops_router::<()>(Arc::clone(&health), Some(infer.clone())),
@@ -174,7 +175,77 @@ pub async fn run_workers(
     let _ = ops.await;
     probe.abort();
     monitor.abort();
+    for task in autoscaling {
+        let _ = task.await;
+    }
     Ok(())
+}
+
+/// The autoscaler's parts in this process: with a Redis task store, this process's in-flight
+/// calls shared there (front ends and workers alike); with `scaler.addr`, KEDA's external
+/// scaler on its own listener (its peaks in Redis when the store is there, else in memory).
+async fn spawn_autoscaling(
+    cfg: &Config,
+    infer: &InferService,
+    store: &Arc<dyn TaskStore>,
+    listener: Option<TcpListener>,
+    stop: CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    use crate::{
+        proto::externalscaler::external_scaler_server::ExternalScalerServer,
+        scaler::{
+            Scaler, SharedInFlight, Signals,
+            peaks::{MemoryPeaks, PeakStore},
+            peaks_redis::RedisPeaks,
+        },
+    };
+    let s = &cfg.scaler;
+    let prefix = &cfg.tasks.redis_prefix;
+    let mut tasks = Vec::new();
+    let shared = match &cfg.tasks.task_store {
+        StoreUrl::Redis(url) => {
+            let shared = SharedInFlight::connect(url, prefix)
+                .await
+                .with_context(|| format!("connecting {url} to share in-flight calls"))?;
+            tasks.push(shared.clone().spawn_publisher(
+                Arc::clone(infer.activity()),
+                Duration::from_millis(s.share_interval_ms),
+                stop.clone(),
+            ));
+            Some(shared)
+        }
+        StoreUrl::Memory => None,
+    };
+    let Some(listener) = listener else {
+        return Ok(tasks);
+    };
+    let peaks: Arc<dyn PeakStore> = match &cfg.tasks.task_store {
+        StoreUrl::Redis(url) => Arc::new(
+            RedisPeaks::connect(url, prefix)
+                .await
+                .with_context(|| format!("connecting {url} for the scaler's peaks"))?,
+        ),
+        StoreUrl::Memory => Arc::new(MemoryPeaks::default()),
+    };
+    let signals = Signals {
+        store: Arc::clone(store),
+        activity: Arc::clone(infer.activity()),
+        shared,
+    };
+    let scaler = Arc::new(Scaler::new(s.clone(), signals, peaks, stop.clone()));
+    let addr = listener.local_addr()?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tracing::info!(%addr, "KEDA external scaler serving");
+    tasks.push(tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(ExternalScalerServer::new(scaler))
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the external scaler stopped");
+        }
+    }));
+    Ok(tasks)
 }
 
 /// A gateway whose listeners are bound (so tests can use port 0 and read the real ports).
@@ -183,6 +254,8 @@ pub struct Gateway {
     pool: Arc<TritonPool>,
     grpc_listener: TcpListener,
     http_listener: TcpListener,
+    /// KEDA's external scaler, when `scaler.addr` is set.
+    scaler_listener: Option<TcpListener>,
     store: Arc<dyn TaskStore>,
     broker: Arc<dyn Broker>,
     /// Loaded at bind time, so a bad certificate stops the start with its field named.
@@ -211,12 +284,21 @@ impl Gateway {
         let http_listener = TcpListener::bind(cfg.server.http_addr)
             .await
             .with_context(|| format!("binding HTTP address {}", cfg.server.http_addr))?;
+        let scaler_listener = match cfg.scaler.addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the scaler address {addr}"))?,
+            ),
+            None => None,
+        };
         let (store, broker) = connect_tasks(&cfg).await?;
         Ok(Self {
             cfg,
             pool,
             grpc_listener,
             http_listener,
+            scaler_listener,
             store,
             broker,
             grpc_tls,
@@ -232,6 +314,12 @@ impl Gateway {
         self.http_listener.local_addr().expect("bound listener")
     }
 
+    pub fn scaler_addr(&self) -> Option<SocketAddr> {
+        self.scaler_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener"))
+    }
+
     pub fn pool(&self) -> &Arc<TritonPool> {
         &self.pool
     }
@@ -243,6 +331,7 @@ impl Gateway {
             pool,
             grpc_listener,
             http_listener,
+            scaler_listener,
             store,
             broker,
             grpc_tls,
@@ -289,6 +378,8 @@ impl Gateway {
             .build_v1alpha()?;
 
         let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone());
+        let autoscaling =
+            spawn_autoscaling(&cfg, &infer, &store, scaler_listener, stop.clone()).await?;
         let window_check = spawn_window_check(&infer, cfg.triton_health_interval(), stop.clone());
         let stats = crate::backend::stats::spawn(
             Arc::clone(&pool),
@@ -423,6 +514,9 @@ impl Gateway {
         monitor.abort();
         health_sync.abort();
         window_check.abort();
+        for task in autoscaling {
+            task.abort();
+        }
         if let Some(stats) = stats {
             stats.abort();
         }

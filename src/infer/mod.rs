@@ -26,6 +26,7 @@ use crate::{
         ModelInferRequest, ModelInferResponse, RepositoryIndexRequest,
         infer_parameter::ParameterChoice,
     },
+    scaler::Activity,
 };
 
 #[derive(Clone)]
@@ -33,6 +34,8 @@ pub struct InferService {
     backend: Arc<TritonPool>,
     batcher: Arc<Batcher>,
     caps: Arc<ModelCaps>,
+    /// Calls inside infergate per model, read by the autoscaler.
+    activity: Arc<Activity>,
 }
 
 /// Per-model caps on requests inside infergate at once (`max_concurrent_requests`).
@@ -124,11 +127,16 @@ impl InferService {
             backend,
             batcher,
             caps,
+            activity: Arc::default(),
         }
     }
 
     pub fn backend(&self) -> &Arc<TritonPool> {
         &self.backend
+    }
+
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
     }
 
     /// Describes every ready model once, so that a model batched in two windows (infergate's
@@ -197,6 +205,7 @@ impl InferService {
     ) -> Result<Answer, GatewayError> {
         let call = call.with_deadline(deadline_of(&req, call.deadline, Instant::now()));
         let (info, validated) = self.lookup(&mut req).await?;
+        let _busy = self.activity.enter(&info.name);
         let _permit = self.caps.admit(&info.name, call.admission).await?;
         let settings = self
             .batcher

@@ -113,6 +113,7 @@ impl TaskFront {
             });
         }
         metrics().task_state(TaskState::Queued.as_str());
+        self.infer.activity().task_accepted();
         Ok((rec, true))
     }
 

@@ -133,6 +133,18 @@ impl TaskStore for MemoryTaskStore {
         Ok((rec, true))
     }
 
+    async fn queued_by_model(&self) -> Result<HashMap<String, u64>, StoreError> {
+        let inner = self.inner.lock().expect("task store lock");
+        let now = Instant::now();
+        let mut out = HashMap::new();
+        for e in inner.tasks.values() {
+            if e.rec.state == TaskState::Queued && e.expires > now {
+                *out.entry(e.rec.model.clone()).or_default() += 1;
+            }
+        }
+        Ok(out)
+    }
+
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
         let inner = self.inner.lock().expect("task store lock");
         Ok(inner

@@ -18,7 +18,10 @@ pub mod front;
 pub mod memory;
 pub mod redis;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    collections::HashMap,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -238,6 +241,9 @@ pub trait TaskStore: Send + Sync {
     }
     /// Removes a task (used when its message could not be queued, so no 202 was sent).
     async fn remove(&self, id: &str) -> Result<(), StoreError>;
+    /// Tasks accepted and not started yet, per model (the autoscaler's queue tier). Reads
+    /// every unfinished task: meant for a poll every few seconds, not per request.
+    async fn queued_by_model(&self) -> Result<HashMap<String, u64>, StoreError>;
 }
 
 impl Change {

@@ -4,7 +4,7 @@
 //! task's expiry) so the open-task quota holds across every front end; an entry whose task
 //! expired unfinished drops out by its score, so the count cannot drift upwards.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -277,6 +277,60 @@ fn coded(reply: Vec<Value>) -> Result<(i64, Vec<Value>), StoreError> {
 
 #[async_trait]
 impl TaskStore for RedisTaskStore {
+    async fn queued_by_model(&self) -> Result<HashMap<String, u64>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut sets: Vec<String> = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", self.open_prefix()))
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await
+                .map_err(backend)?;
+            sets.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        // Unfinished tasks of every tenant (entries past their expiry excluded), then each
+        // one's state and model, a pipeline per thousand.
+        let mut out = HashMap::new();
+        if sets.is_empty() {
+            return Ok(out);
+        }
+        let now = super::now_ms();
+        let mut pipe = redis::pipe();
+        for set in &sets {
+            pipe.cmd("ZRANGEBYSCORE").arg(set).arg(now).arg("+inf");
+        }
+        let ids: Vec<Vec<String>> = pipe.query_async(&mut conn).await.map_err(backend)?;
+        let ids: Vec<String> = ids.into_iter().flatten().collect();
+        for chunk in ids.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("HMGET")
+                    .arg(self.key(id))
+                    .arg("state")
+                    .arg("model");
+            }
+            let rows: Vec<(Option<String>, Option<String>)> =
+                pipe.query_async(&mut conn).await.map_err(backend)?;
+            for (state, model) in rows {
+                if let (Some(s), Some(m)) = (state, model)
+                    && s == TaskState::Queued.as_str()
+                {
+                    *out.entry(m).or_default() += 1;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn create(
         &self,
         rec: TaskRecord,

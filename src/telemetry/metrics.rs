@@ -64,6 +64,21 @@ pub struct EndpointLabel {
     pub endpoint: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScalerLabels {
+    /// The ScaledObject, `namespace/name`.
+    pub object: String,
+    /// `queue`, `reactive`, `baseline` (each tier's ask) or `desired` (the answer).
+    pub tier: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScalerWinner {
+    pub object: String,
+    /// The tier that decided: `queue`, `reactive`, `baseline` or `min`.
+    pub winner: &'static str,
+}
+
 type Hist<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency() -> Histogram {
@@ -119,6 +134,9 @@ pub struct Metrics {
     /// (the second window when Triton's dynamic batcher also holds one).
     pub triton_queue_seconds: Family<ModelLabel, Counter<f64, AtomicU64>>,
     pub triton_queued_requests: Family<ModelLabel, Counter>,
+    /// The external scaler's last answer per scaled object, and each tier's ask.
+    pub scaler_replicas: Family<ScalerLabels, Gauge>,
+    pub scaler_decisions: Family<ScalerWinner, Counter>,
 }
 
 impl Metrics {
@@ -140,6 +158,8 @@ impl Metrics {
             amqp_group_tasks: batch_rows(),
             triton_queue_seconds: Family::default(),
             triton_queued_requests: Family::default(),
+            scaler_replicas: Family::default(),
+            scaler_decisions: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -206,6 +226,16 @@ impl Metrics {
             "ready",
             "1 when this process reports ready on /readyz",
             m.ready.clone(),
+        );
+        r.register(
+            "scaler_replicas",
+            "Replicas the external scaler asked for, per scaled object: each tier and the answer",
+            m.scaler_replicas.clone(),
+        );
+        r.register(
+            "scaler_decisions",
+            "External scaler decisions, per scaled object and the tier that decided",
+            m.scaler_decisions.clone(),
         );
         r.register(
             "amqp_group_tasks",

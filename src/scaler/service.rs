@@ -1,0 +1,271 @@
+//! The gRPC service KEDA calls (`externalscaler.ExternalScaler`).
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::{Policy, decide::Decision, demand::Signals, peaks::PeakStore};
+use crate::{
+    config::ScalerConfig,
+    proto::externalscaler::{
+        GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
+        MetricValue, ScaledObjectRef, external_scaler_server::ExternalScaler,
+    },
+    telemetry::metrics::{ScalerLabels, ScalerWinner, metrics},
+};
+
+/// The one metric each scaled object gets: the replicas it should have. Its target is 1, so
+/// KEDA's HPA (AverageValue) asks for exactly the value.
+pub const METRIC: &str = "infergate-desired-replicas";
+
+pub struct Scaler {
+    cfg: ScalerConfig,
+    signals: Signals,
+    peaks: Arc<dyn PeakStore>,
+    /// Ends open StreamIsActive streams at shutdown, so they do not hold the drain.
+    stop: CancellationToken,
+}
+
+/// A scaled object as its trigger's metadata describes it.
+struct Object {
+    id: String,
+    models: Vec<String>,
+    policy: Policy,
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Scaler {
+    pub fn new(
+        cfg: ScalerConfig,
+        signals: Signals,
+        peaks: Arc<dyn PeakStore>,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            cfg,
+            signals,
+            peaks,
+            stop,
+        }
+    }
+
+    fn object(&self, r: &ScaledObjectRef) -> Result<Object, Status> {
+        let meta = &r.scaler_metadata;
+        let models: Vec<String> = meta
+            .get("models")
+            .map(|m| {
+                m.split(',')
+                    .map(str::trim)
+                    .filter(|m| !m.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if models.is_empty() {
+            return Err(Status::invalid_argument(
+                "scalerMetadata.models: name the models this object serves (comma-separated)",
+            ));
+        }
+        let num = |key: &str, default: u64| -> Result<u64, Status> {
+            meta.get(key).map_or(Ok(default), |v| {
+                v.trim().parse().map_err(|_| {
+                    Status::invalid_argument(format!(
+                        "scalerMetadata.{key}: '{v}' is not a whole number"
+                    ))
+                })
+            })
+        };
+        let c = &self.cfg;
+        let policy = Policy {
+            min_replicas: num("minReplicas", c.min_replicas.into())? as u32,
+            max_replicas: num("maxReplicas", c.max_replicas.into())? as u32,
+            capacity_per_replica: num("capacityPerReplica", c.capacity_per_replica.into())?.max(1)
+                as f64,
+            tasks_per_replica: num("tasksPerReplica", c.tasks_per_replica.into())?.max(1) as f64,
+            horizon_s: c.baseline_horizon_s,
+            half_life_s: c.baseline_half_life_s,
+        };
+        if policy.min_replicas > policy.max_replicas {
+            return Err(Status::invalid_argument(
+                "scalerMetadata.minReplicas is over maxReplicas",
+            ));
+        }
+        Ok(Object {
+            id: format!("{}/{}", r.namespace, r.name),
+            models,
+            policy,
+        })
+    }
+
+    /// One decision: read the demand, record what it asks as a peak, read the peaks back,
+    /// decide; export and log it.
+    async fn evaluate(&self, obj: &Object) -> Result<Decision, Status> {
+        let demand = self
+            .signals
+            .demand(&obj.models)
+            .await
+            .map_err(|e| Status::unavailable(format!("reading demand: {e}")))?;
+        let now = now_s();
+        let keep = obj.policy.keep_s();
+        let unavailable = |e: super::peaks::PeakError| Status::unavailable(e.to_string());
+        self.peaks
+            .record(
+                &obj.id,
+                self.cfg.baseline_bucket_s,
+                now,
+                obj.policy.asked_now(demand),
+                keep,
+            )
+            .await
+            .map_err(unavailable)?;
+        let peaks = self
+            .peaks
+            .peaks(&obj.id, now, keep)
+            .await
+            .map_err(unavailable)?;
+        let d = obj.policy.decide(demand, &peaks, now);
+        let m = metrics();
+        for (tier, v) in [
+            ("queue", d.queue),
+            ("reactive", d.reactive),
+            ("baseline", d.baseline),
+            ("desired", d.desired),
+        ] {
+            m.scaler_replicas
+                .get_or_create(&ScalerLabels {
+                    object: obj.id.clone(),
+                    tier,
+                })
+                .set(v.into());
+        }
+        m.scaler_decisions
+            .get_or_create(&ScalerWinner {
+                object: obj.id.clone(),
+                winner: d.winner.as_str(),
+            })
+            .inc();
+        tracing::info!(
+            object = %obj.id,
+            queued = demand.queued,
+            in_flight = demand.in_flight,
+            queue = d.queue,
+            reactive = d.reactive,
+            baseline = d.baseline,
+            desired = d.desired,
+            winner = d.winner.as_str(),
+            reason = %d.reason,
+            "scaler decision"
+        );
+        Ok(d)
+    }
+}
+
+type ActiveStream = Pin<Box<dyn Stream<Item = Result<IsActiveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExternalScaler for Arc<Scaler> {
+    async fn is_active(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<IsActiveResponse>, Status> {
+        let obj = self.object(request.get_ref())?;
+        let d = self.evaluate(&obj).await?;
+        Ok(Response::new(IsActiveResponse {
+            result: d.desired > 0,
+        }))
+    }
+
+    type StreamIsActiveStream = ActiveStream;
+
+    /// Sends the activity at once, then whenever it changes: checked every
+    /// `stream_interval_ms`, and at once when this process accepts a task.
+    async fn stream_is_active(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
+        let obj = self.object(request.get_ref())?;
+        let (tx, rx) = mpsc::channel(4);
+        let this = Arc::clone(self);
+        let every = Duration::from_millis(self.cfg.stream_interval_ms);
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let active = match this.evaluate(&obj).await {
+                    Ok(d) => Ok(d.desired > 0),
+                    Err(e) => Err(e),
+                };
+                let changed = match (&active, last) {
+                    (Ok(a), Some(l)) => *a != l,
+                    _ => true,
+                };
+                if changed {
+                    if let Ok(a) = &active {
+                        last = Some(*a);
+                    }
+                    let msg = active.map(|result| IsActiveResponse { result });
+                    if tx.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+                tokio::select! {
+                    _ = tx.closed() => break,
+                    _ = this.stop.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                    _ = this.signals.activity.accepted() => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_metric_spec(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<GetMetricSpecResponse>, Status> {
+        self.object(request.get_ref())?;
+        Ok(Response::new(GetMetricSpecResponse {
+            metric_specs: vec![MetricSpec {
+                metric_name: METRIC.into(),
+                target_size: 1,
+                target_size_float: 1.0,
+            }],
+        }))
+    }
+
+    async fn get_metrics(
+        &self,
+        request: Request<GetMetricsRequest>,
+    ) -> Result<Response<GetMetricsResponse>, Status> {
+        let req = request.into_inner();
+        let r = req
+            .scaled_object_ref
+            .ok_or_else(|| Status::invalid_argument("scaledObjectRef is required"))?;
+        let obj = self.object(&r)?;
+        let d = self.evaluate(&obj).await?;
+        let name = if req.metric_name.is_empty() {
+            METRIC.to_string()
+        } else {
+            req.metric_name
+        };
+        Ok(Response::new(GetMetricsResponse {
+            metric_values: vec![MetricValue {
+                metric_name: name,
+                metric_value: d.desired.into(),
+                metric_value_float: d.desired.into(),
+            }],
+        }))
+    }
+}
