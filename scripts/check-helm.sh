@@ -83,6 +83,7 @@ bad=(
   "frontend.unknownKnob=1|Additional property unknownKnob is not allowed"
   "broker=rabbitmq,rabbitmq.inCluster=true|rabbitmq.password (or rabbitmq.existingSecret) is needed"
   "triton.enabled=false|triton.externalUrls"
+  "scaler.triton.maxReplicas=0|scaler.triton.maxReplicas: Must be greater than or equal to 1"
 )
 for b in "${bad[@]}"; do
   IFS='|' read -r set want <<<"$b"

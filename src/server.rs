@@ -153,7 +153,7 @@ pub async fn run_workers(
     health.check().await;
     let monitor = health.spawn(cfg.triton_health_interval(), stop.clone());
     let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone());
-    let autoscaling = spawn_autoscaling(&cfg, &infer, &store, None, stop.clone()).await?;
+    let autoscaling = spawn_autoscaling(&cfg, &infer, &store, None, stop.clone())?;
     let ops = axum::serve(
         ops_listener,
         ops_router::<()>(Arc::clone(&health), Some(infer.clone())),
@@ -184,7 +184,7 @@ pub async fn run_workers(
 /// The autoscaler's parts in this process: with a Redis task store, this process's in-flight
 /// calls shared there (front ends and workers alike); with `scaler.addr`, KEDA's external
 /// scaler on its own listener (its peaks in Redis when the store is there, else in memory).
-async fn spawn_autoscaling(
+fn spawn_autoscaling(
     cfg: &Config,
     infer: &InferService,
     store: &Arc<dyn TaskStore>,
@@ -204,9 +204,8 @@ async fn spawn_autoscaling(
     let mut tasks = Vec::new();
     let shared = match &cfg.tasks.task_store {
         StoreUrl::Redis(url) => {
-            let shared = SharedInFlight::connect(url, prefix)
-                .await
-                .with_context(|| format!("connecting {url} to share in-flight calls"))?;
+            let shared = SharedInFlight::new(url, prefix)
+                .with_context(|| format!("{url}, to share in-flight calls"))?;
             tasks.push(shared.clone().spawn_publisher(
                 Arc::clone(infer.activity()),
                 Duration::from_millis(s.share_interval_ms),
@@ -221,9 +220,8 @@ async fn spawn_autoscaling(
     };
     let peaks: Arc<dyn PeakStore> = match &cfg.tasks.task_store {
         StoreUrl::Redis(url) => Arc::new(
-            RedisPeaks::connect(url, prefix)
-                .await
-                .with_context(|| format!("connecting {url} for the scaler's peaks"))?,
+            RedisPeaks::new(url, prefix)
+                .with_context(|| format!("{url}, for the scaler's peaks"))?,
         ),
         StoreUrl::Memory => Arc::new(MemoryPeaks::default()),
     };
@@ -378,8 +376,7 @@ impl Gateway {
             .build_v1alpha()?;
 
         let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone());
-        let autoscaling =
-            spawn_autoscaling(&cfg, &infer, &store, scaler_listener, stop.clone()).await?;
+        let autoscaling = spawn_autoscaling(&cfg, &infer, &store, scaler_listener, stop.clone())?;
         let window_check = spawn_window_check(&infer, cfg.triton_health_interval(), stop.clone());
         let stats = crate::backend::stats::spawn(
             Arc::clone(&pool),

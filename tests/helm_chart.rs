@@ -206,6 +206,9 @@ fn every_chart_mode_renders_a_config_infergate_loads() {
         assert_eq!(front.tasks.publish_timeout_ms, 10_000);
         assert_eq!(front.server.grpc_threads, 0);
         assert_eq!(workers.tasks.worker_concurrency, 256);
+        // The external scaler where the values turn it on (both KEDA modes of helm/ci).
+        let scaled = values.is_some_and(|v| v.ends_with("keda.yaml"));
+        assert_eq!(front.scaler.addr.is_some(), scaled, "{values:?}");
     }
 }
 
@@ -220,6 +223,9 @@ fn chart_values_reach_the_settings_they_name() {
             "config.batching=off",
             "config.grpcThreads=3",
             "workers.concurrency=32",
+            "scaler.port=9191",
+            "scaler.capacityPerReplica=12",
+            "scaler.baselineHorizonSeconds=600",
         ],
     ));
     for cfg in cfgs.values() {
@@ -228,6 +234,11 @@ fn chart_values_reach_the_settings_they_name() {
         assert_eq!(cfg.tasks.queue_capacity, 5_000);
         assert_eq!(cfg.batching.mode, BatchMode::Off);
         assert_eq!(cfg.server.grpc_threads, 3);
+        // The external scaler's settings (served by the front ends only: `worker` opens no
+        // listener for it).
+        assert_eq!(cfg.scaler.addr, Some("0.0.0.0:9191".parse().unwrap()));
+        assert_eq!(cfg.scaler.capacity_per_replica, 12);
+        assert_eq!(cfg.scaler.baseline_horizon_s, 600);
     }
     assert_eq!(cfgs["rel-infergate-worker"].tasks.worker_concurrency, 32);
 }

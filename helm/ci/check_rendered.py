@@ -66,6 +66,12 @@ for name, so in by_kind.get("ScaledObject", {}).items():
             need = {"address", "stream", "consumerGroup"}
             if not {"streamLength", "lagCount", "pendingEntriesCount"} & set(md):
                 fail(f"ScaledObject {name}: redis-streams trigger has no measure")
+        elif t["type"] == "external":
+            need = {"scalerAddress", "models"}
+            host, _, port = md.get("scalerAddress", "").rpartition(":")
+            svc = by_kind.get("Service", {}).get(host.split(".")[0])
+            if not svc or int(port or 0) not in {p["port"] for p in svc["spec"]["ports"]}:
+                fail(f"ScaledObject {name}: scalerAddress {md.get('scalerAddress')} is no rendered Service port")
         else:
             fail(f"ScaledObject {name}: unexpected trigger {t['type']}")
         if need - set(md):

@@ -4,10 +4,9 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
-use super::{activity::Activity, decide::Demand};
+use super::{activity::Activity, decide::Demand, lazy::LazyRedis};
 use crate::tasks::TaskStore;
 
 /// In-flight counts of every process, through Redis: each process writes its own hash
@@ -15,16 +14,16 @@ use crate::tasks::TaskStore;
 /// intervals, so a process that dies drops out rather than leaving its counts behind.
 #[derive(Clone)]
 pub struct SharedInFlight {
-    conn: ConnectionManager,
+    conn: LazyRedis,
     prefix: String,
     instance: String,
 }
 
 impl SharedInFlight {
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
-        let conn = ConnectionManager::new(redis::Client::open(url)?).await?;
+    /// Parses the URL; connects on first use.
+    pub fn new(url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
         Ok(Self {
-            conn,
+            conn: LazyRedis::new(url)?,
             prefix: prefix.to_string(),
             instance: uuid::Uuid::new_v4().simple().to_string(),
         })
@@ -47,7 +46,7 @@ impl SharedInFlight {
             pipe.hset_multiple(&key, &fields)
                 .pexpire(&key, ttl.as_millis() as i64);
         }
-        pipe.query_async::<()>(&mut self.conn.clone()).await
+        pipe.query_async::<()>(&mut self.conn.get().await?).await
     }
 
     /// Writes this process's counts every `interval` until `stop`.
@@ -60,22 +59,38 @@ impl SharedInFlight {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                if let Err(e) = self.publish(&activity.in_flight(), interval * 5).await {
-                    tracing::warn!(error = %e, "cannot share in-flight calls through Redis");
+                // Said once when sharing stops working and once when it works again, not
+                // every interval of an outage.
+                match self.publish(&activity.in_flight(), interval * 5).await {
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "cannot share in-flight calls through Redis");
+                    }
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!("sharing in-flight calls through Redis again");
+                    }
+                    _ => {}
                 }
             }
-            let _ = self.publish(&HashMap::new(), interval).await;
+            // Gone at once rather than after its expiry, if Redis answers soon.
+            let _ = tokio::time::timeout(
+                Duration::from_millis(500),
+                self.publish(&HashMap::new(), interval),
+            )
+            .await;
         })
     }
 
     /// Every other process's latest counts, summed per model.
     async fn others(&self) -> Result<HashMap<String, u64>, redis::RedisError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get().await?;
         let mut keys: Vec<String> = Vec::new();
         let mut cursor = 0u64;
         loop {

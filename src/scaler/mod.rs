@@ -15,6 +15,7 @@
 pub mod activity;
 pub mod decide;
 pub mod demand;
+pub mod lazy;
 pub mod peaks;
 pub mod peaks_redis;
 pub mod service;

@@ -3,10 +3,11 @@
 //! when no peak in it can matter any more.
 
 use async_trait::async_trait;
-use redis::{Script, aio::ConnectionManager};
+use redis::Script;
 
 use super::{
     decide::Peak,
+    lazy::LazyRedis,
     peaks::{PeakError, PeakStore},
 };
 
@@ -25,7 +26,7 @@ return 1
 "#;
 
 pub struct RedisPeaks {
-    conn: ConnectionManager,
+    conn: LazyRedis,
     prefix: String,
     record: Script,
 }
@@ -35,11 +36,10 @@ fn backend(e: redis::RedisError) -> PeakError {
 }
 
 impl RedisPeaks {
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, PeakError> {
-        let client = redis::Client::open(url).map_err(backend)?;
-        let conn = ConnectionManager::new(client).await.map_err(backend)?;
+    /// Parses the URL; connects on first use.
+    pub fn new(url: &str, prefix: &str) -> Result<Self, PeakError> {
         Ok(Self {
-            conn,
+            conn: LazyRedis::new(url).map_err(backend)?,
             prefix: prefix.to_string(),
             record: Script::new(RECORD),
         })
@@ -61,7 +61,7 @@ impl PeakStore for RedisPeaks {
         keep_s: u64,
     ) -> Result<(), PeakError> {
         let at = now_s - now_s % bucket_s.max(1);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get().await.map_err(backend)?;
         self.record
             .key(self.key(object))
             .arg(at)
@@ -75,7 +75,7 @@ impl PeakStore for RedisPeaks {
     }
 
     async fn peaks(&self, object: &str, now_s: u64, keep_s: u64) -> Result<Vec<Peak>, PeakError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get().await.map_err(backend)?;
         let all: Vec<(u64, u32)> = redis::cmd("HGETALL")
             .arg(self.key(object))
             .query_async(&mut conn)

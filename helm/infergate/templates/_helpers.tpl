@@ -137,3 +137,13 @@ true
     defaultMode: 0400
 {{- end }}
 {{- end -}}
+
+{{/* True when KEDA scales through infergate's external scaler. */}}
+{{- define "infergate.externalScaler" -}}
+{{- if and .Values.scaler.enabled (.Capabilities.APIVersions.Has "keda.sh/v1alpha1/ScaledObject") -}}true{{- end -}}
+{{- end -}}
+
+{{/* host:port of the external scaler, served by the front ends' Service. */}}
+{{- define "infergate.scalerAddress" -}}
+{{- printf "%s.%s.svc.cluster.local:%d" (include "infergate.fullname" .) .Release.Namespace (int .Values.scaler.port) -}}
+{{- end -}}
