@@ -59,6 +59,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     #[command(flatten, next_help_heading = "Autoscaling (KEDA external scaler)")]
     pub scaler: ScalerConfig,
+    #[command(flatten, next_help_heading = "Routes")]
+    pub routes: RoutesConfig,
     /// Keys and tenants live in files only (a Secret), never on a command line.
     #[arg(skip)]
     pub auth: AuthConfig,
@@ -92,7 +94,8 @@ clap_defaults!(
     TasksConfig,
     LogConfig,
     TelemetryConfig,
-    ScalerConfig
+    ScalerConfig,
+    RoutesConfig
 );
 
 /// Range checks that name the setting by its section and field, so the name is not written a
@@ -1066,6 +1069,23 @@ impl ScalerConfig {
 }
 
 // ---------------------------------------------------------------------------------------------
+// [routes]
+
+/// Model routes (see `routes/`): names clients call as models, split over models by weight.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutesConfig {
+    /// TOML file of model routes, read at start and again on SIGHUP (a file that does not
+    /// load is refused and the running routes stay); unset: no routes.
+    #[arg(
+        long = "routes-file",
+        env = "INFERGATE_ROUTES_FILE",
+        value_name = "FILE"
+    )]
+    pub file: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------------------------------------
 // [auth] (files only)
 
 /// Who may call and how much. With no `keys`, calls need no key and all belong to the tenant
@@ -1208,7 +1228,7 @@ impl FromArgMatches for ServeArgs {
 /// id), or the id itself where it spells the whole path. Nested sections come first.
 fn flag_paths() -> HashMap<String, String> {
     type Augment = fn(Command) -> Command;
-    let parts: [(&str, Augment); 9] = [
+    let parts: [(&str, Augment); 10] = [
         ("server.tls", ServerTls::augment_args),
         ("triton.tls", TritonTls::augment_args),
         ("server", ServerConfig::augment_args),
@@ -1218,6 +1238,7 @@ fn flag_paths() -> HashMap<String, String> {
         ("log", LogConfig::augment_args),
         ("telemetry", TelemetryConfig::augment_args),
         ("scaler", ScalerConfig::augment_args),
+        ("routes", RoutesConfig::augment_args),
     ];
     let mut paths = HashMap::new();
     for (section, augment) in parts {

@@ -20,6 +20,7 @@ pub mod loadgen;
 pub mod model;
 pub mod proto;
 pub mod queue;
+pub mod routes;
 pub mod scaler;
 pub mod server;
 pub mod tasks;

@@ -181,6 +181,36 @@ pub async fn run_workers(
     Ok(())
 }
 
+/// Reads the routes file again on each SIGHUP; one that does not load is logged with its
+/// setting named and counted, and the running routes stay.
+fn spawn_route_reload(
+    routes: &Arc<crate::routes::Routes>,
+    stop: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let routes = Arc::clone(routes);
+    let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                got = hangup.recv() => if got.is_none() { return },
+            }
+            let file = routes.file().map(|f| f.display().to_string());
+            match routes.reload() {
+                Ok(n) => {
+                    crate::telemetry::metrics::metrics().route_reload("ok");
+                    tracing::info!(routes = n, file = ?file, "routes reloaded");
+                }
+                Err(e) => {
+                    crate::telemetry::metrics::metrics().route_reload("refused");
+                    tracing::error!(error = %e, file = ?file, "routes file refused; the running routes stay");
+                }
+            }
+        }
+    }))
+}
+
 /// The autoscaler's parts in this process: with a Redis task store, this process's in-flight
 /// calls shared there (front ends and workers alike); with `scaler.addr`, KEDA's external
 /// scaler on its own listener (its peaks in Redis when the store is there, else in memory).
@@ -254,6 +284,8 @@ pub struct Gateway {
     http_listener: TcpListener,
     /// KEDA's external scaler, when `scaler.addr` is set.
     scaler_listener: Option<TcpListener>,
+    /// Loaded at bind time, so a bad routes file stops the start with its setting named.
+    routes: Arc<crate::routes::Routes>,
     store: Arc<dyn TaskStore>,
     broker: Arc<dyn Broker>,
     /// Loaded at bind time, so a bad certificate stops the start with its field named.
@@ -290,6 +322,7 @@ impl Gateway {
             ),
             None => None,
         };
+        let routes = Arc::new(crate::routes::Routes::load(cfg.routes.file.clone())?);
         let (store, broker) = connect_tasks(&cfg).await?;
         Ok(Self {
             cfg,
@@ -297,6 +330,7 @@ impl Gateway {
             grpc_listener,
             http_listener,
             scaler_listener,
+            routes,
             store,
             broker,
             grpc_tls,
@@ -330,6 +364,7 @@ impl Gateway {
             grpc_listener,
             http_listener,
             scaler_listener,
+            routes,
             store,
             broker,
             grpc_tls,
@@ -375,7 +410,8 @@ impl Gateway {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
-        let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone());
+        let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone()).with_routes(routes);
+        let route_reload = spawn_route_reload(infer.routes(), stop.clone())?;
         let autoscaling = spawn_autoscaling(&cfg, &infer, &store, scaler_listener, stop.clone())?;
         let window_check = spawn_window_check(&infer, cfg.triton_health_interval(), stop.clone());
         let stats = crate::backend::stats::spawn(
@@ -511,6 +547,7 @@ impl Gateway {
         monitor.abort();
         health_sync.abort();
         window_check.abort();
+        route_reload.abort();
         for task in autoscaling {
             task.abort();
         }

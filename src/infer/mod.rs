@@ -23,10 +23,12 @@ use crate::{
     config::BatchingConfig,
     error::GatewayError,
     proto::inference::{
-        ModelInferRequest, ModelInferResponse, RepositoryIndexRequest,
-        infer_parameter::ParameterChoice,
+        ModelConfigResponse, ModelInferRequest, ModelInferResponse, ModelMetadataResponse,
+        RepositoryIndexRequest, infer_parameter::ParameterChoice,
     },
+    routes::{Route, Routes},
     scaler::Activity,
+    telemetry::metrics::metrics,
 };
 
 #[derive(Clone)]
@@ -36,6 +38,8 @@ pub struct InferService {
     caps: Arc<ModelCaps>,
     /// Calls inside infergate per model, read by the autoscaler.
     activity: Arc<Activity>,
+    /// Names clients call as models, split over models (`routes`).
+    routes: Arc<Routes>,
 }
 
 /// Per-model caps on requests inside infergate at once (`max_concurrent_requests`).
@@ -113,6 +117,17 @@ fn deadline_of(
     Deadline::earliest(caller, param)
 }
 
+/// A route picks its targets' versions itself.
+fn refuse_version(route: &Route, version: &str) -> Result<(), GatewayError> {
+    if version.is_empty() {
+        return Ok(());
+    }
+    Err(GatewayError::invalid(format!(
+        "model_version: '{}' is a route, which picks its targets' versions; send none",
+        route.name
+    )))
+}
+
 fn expired() -> GatewayError {
     GatewayError::DeadlineExceeded(
         "the request's deadline passed before it was sent to Triton".into(),
@@ -128,7 +143,77 @@ impl InferService {
             batcher,
             caps,
             activity: Arc::default(),
+            routes: Arc::default(),
         }
+    }
+
+    /// Serves `routes` besides the models.
+    pub fn with_routes(mut self, routes: Arc<Routes>) -> Self {
+        self.routes = routes;
+        self
+    }
+
+    pub fn routes(&self) -> &Arc<Routes> {
+        &self.routes
+    }
+
+    /// What a name asks Triton for its description: a route's primary target, or the model.
+    fn described(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<(Option<Arc<Route>>, String, String), GatewayError> {
+        match self.routes.get(name) {
+            Some(route) => {
+                refuse_version(&route, version)?;
+                let p = route.primary();
+                let (m, v) = (p.model.clone(), p.version.clone());
+                Ok((Some(route), m, v))
+            }
+            None => Ok((None, name.to_string(), version.to_string())),
+        }
+    }
+
+    /// Triton's metadata of a model, or of a route's primary under the route's name.
+    pub async fn model_metadata(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<ModelMetadataResponse, GatewayError> {
+        let (route, m, v) = self.described(name, version)?;
+        let mut md = self.backend.model_metadata(&m, &v).await?;
+        if route.is_some() {
+            md.name = name.to_string();
+        }
+        Ok(md)
+    }
+
+    /// Triton's config of a model, or of a route's primary under the route's name.
+    pub async fn model_config(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<ModelConfigResponse, GatewayError> {
+        let (route, m, v) = self.described(name, version)?;
+        let mut cfg = self.backend.model_config(&m, &v).await?;
+        if let (Some(_), Some(c)) = (route, cfg.config.as_mut()) {
+            c.name = name.to_string();
+        }
+        Ok(cfg)
+    }
+
+    /// A model's readiness; a route is ready while any of its targets with a weight is.
+    pub async fn model_ready(&self, name: &str, version: &str) -> Result<bool, GatewayError> {
+        let Some(route) = self.routes.get(name) else {
+            return self.backend.model_ready(name, version).await;
+        };
+        refuse_version(&route, version)?;
+        for t in route.targets.iter().filter(|t| t.weight > 0) {
+            if self.backend.model_ready(&t.model, &t.version).await? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     pub fn backend(&self) -> &Arc<TritonPool> {
@@ -177,6 +262,13 @@ impl InferService {
     ) -> Result<(Arc<ModelInfo>, Validated), GatewayError> {
         if req.model_name.is_empty() {
             return Err(GatewayError::invalid("model_name is empty"));
+        }
+        if let Some(route) = self.routes.get(&req.model_name) {
+            refuse_version(&route, &req.model_version)?;
+            let t = route.pick(req);
+            metrics().route_request(&route.name, t);
+            req.model_name.clone_from(&t.model);
+            req.model_version.clone_from(&t.version);
         }
         let info = self
             .backend

@@ -65,6 +65,18 @@ pub struct EndpointLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+    /// `model` or `model:version`.
+    pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScalerLabels {
     /// The ScaledObject, `namespace/name`.
     pub object: String,
@@ -137,6 +149,9 @@ pub struct Metrics {
     /// The external scaler's last answer per scaled object, and each tier's ask.
     pub scaler_replicas: Family<ScalerLabels, Gauge>,
     pub scaler_decisions: Family<ScalerWinner, Counter>,
+    /// Requests sent through each route, by the target chosen.
+    pub route_requests: Family<RouteLabels, Counter>,
+    pub route_reloads: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -160,6 +175,8 @@ impl Metrics {
             triton_queued_requests: Family::default(),
             scaler_replicas: Family::default(),
             scaler_decisions: Family::default(),
+            route_requests: Family::default(),
+            route_reloads: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -238,11 +255,36 @@ impl Metrics {
             m.scaler_decisions.clone(),
         );
         r.register(
+            "route_reloads",
+            "Reloads of the routes file on SIGHUP, by result (ok, refused)",
+            m.route_reloads.clone(),
+        );
+        r.register(
+            "route_requests",
+            "Requests sent through a route, by route and the target chosen",
+            m.route_requests.clone(),
+        );
+        r.register(
             "amqp_group_tasks",
             "Tasks per RabbitMQ message published with grouping on",
             m.amqp_group_tasks.clone(),
         );
         m
+    }
+
+    pub fn route_reload(&self, result: &'static str) {
+        self.route_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    pub fn route_request(&self, route: &str, target: &crate::routes::Target) {
+        self.route_requests
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+                target: target.label(),
+            })
+            .inc();
     }
 
     /// Creates this process's broker series at zero, so they are scraped (and `rate()`

@@ -65,7 +65,7 @@ impl GrpcInferenceService for GrpcApi {
         req: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
         let r = req.into_inner();
-        let ready = self.pool().model_ready(&r.name, &r.version).await?;
+        let ready = self.infer.model_ready(&r.name, &r.version).await?;
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 
@@ -84,7 +84,7 @@ impl GrpcInferenceService for GrpcApi {
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let r = req.into_inner();
         Ok(Response::new(
-            self.pool().model_metadata(&r.name, &r.version).await?,
+            self.infer.model_metadata(&r.name, &r.version).await?,
         ))
     }
 
@@ -149,7 +149,7 @@ impl GrpcInferenceService for GrpcApi {
     ) -> Result<Response<ModelConfigResponse>, Status> {
         let r = req.into_inner();
         Ok(Response::new(
-            self.pool().model_config(&r.name, &r.version).await?,
+            self.infer.model_config(&r.name, &r.version).await?,
         ))
     }
 

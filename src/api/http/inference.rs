@@ -93,7 +93,7 @@ pub(super) async fn model_metadata(
 ) -> Result<Json<Value>, GatewayError> {
     let (m, v) = model_and_version(p);
     Ok(Json(to_triton_json(
-        &s.pool().model_metadata(&m, &v).await?,
+        &s.infer.model_metadata(&m, &v).await?,
         "inference.ModelMetadataResponse",
     )))
 }
@@ -116,7 +116,7 @@ pub(super) async fn model_ready(
     Path(p): Params,
 ) -> Result<Response, GatewayError> {
     let (m, v) = model_and_version(p);
-    Ok(if s.pool().model_ready(&m, &v).await? {
+    Ok(if s.infer.model_ready(&m, &v).await? {
         StatusCode::OK.into_response()
     } else {
         // Triton answers 400 for a model that is unknown or not ready; clients expect that.
@@ -144,7 +144,7 @@ pub(super) async fn model_config(
     Path(p): Params,
 ) -> Result<Json<Value>, GatewayError> {
     let (m, v) = model_and_version(p);
-    let cfg = s.pool().model_config(&m, &v).await?;
+    let cfg = s.infer.model_config(&m, &v).await?;
     Ok(Json(to_triton_json(
         &cfg.config.unwrap_or_default(),
         "inference.ModelConfig",

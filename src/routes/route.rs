@@ -1,0 +1,205 @@
+//! One route: its targets, weights and sticky parameter, and how a request picks a target.
+
+use std::{collections::HashMap, sync::Arc};
+
+use crate::proto::inference::{ModelInferRequest, infer_parameter::ParameterChoice};
+
+/// One place a route sends requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub model: String,
+    /// Empty: the version Triton's policy serves.
+    pub version: String,
+    pub weight: u32,
+}
+
+impl Target {
+    /// `model` or `model:version`, as metrics and logs name it.
+    pub fn label(&self) -> String {
+        if self.version.is_empty() {
+            self.model.clone()
+        } else {
+            format!("{}:{}", self.model, self.version)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub name: String,
+    pub targets: Vec<Target>,
+    /// A request parameter whose value keeps a caller on one target.
+    pub sticky_parameter: Option<String>,
+    total: u64,
+}
+
+impl Route {
+    pub fn new(name: String, targets: Vec<Target>, sticky_parameter: Option<String>) -> Self {
+        let total = targets.iter().map(|t| u64::from(t.weight)).sum();
+        Self {
+            name,
+            targets,
+            sticky_parameter,
+            total,
+        }
+    }
+
+    /// The target that answers metadata, config and readiness for the route: the heaviest
+    /// (the first of equals), i.e. the version in production during a canary.
+    pub fn primary(&self) -> &Target {
+        self.targets
+            .iter()
+            .rev()
+            .max_by_key(|t| t.weight)
+            .expect("a loaded route has a target")
+    }
+
+    /// The target for a point in `0..total`.
+    fn at(&self, point: u64) -> &Target {
+        let mut left = point % self.total.max(1);
+        for t in &self.targets {
+            if left < u64::from(t.weight) {
+                return t;
+            }
+            left -= u64::from(t.weight);
+        }
+        self.primary()
+    }
+
+    /// Where a request goes: by its sticky key's hash when it has one, else by a draw.
+    pub fn pick(&self, req: &ModelInferRequest) -> &Target {
+        match self
+            .sticky_parameter
+            .as_ref()
+            .and_then(|p| sticky_key(req, p))
+        {
+            Some(key) => self.at(fnv1a(&key)),
+            None => self.at(draw()),
+        }
+    }
+}
+
+/// A parameter's value as bytes (strings, integers and booleans; others are not keys).
+fn sticky_key(req: &ModelInferRequest, name: &str) -> Option<Vec<u8>> {
+    match req.parameters.get(name)?.parameter_choice.as_ref()? {
+        ParameterChoice::StringParam(s) => Some(s.as_bytes().to_vec()),
+        ParameterChoice::Int64Param(v) => Some(v.to_le_bytes().to_vec()),
+        ParameterChoice::Uint64Param(v) => Some(v.to_le_bytes().to_vec()),
+        ParameterChoice::BoolParam(b) => Some(vec![u8::from(*b)]),
+        _ => None,
+    }
+}
+
+/// FNV-1a, then a final mix: stable across processes and releases (a sticky caller stays on
+/// its arm whichever front end answers, and after an upgrade), unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+/// A uniform draw from a per-thread xorshift, seeded from the clock and the thread.
+fn draw() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64);
+            let id = format!("{:?}", std::thread::current().id());
+            (t ^ fnv1a(id.as_bytes())) | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x
+    })
+}
+
+/// Routes by name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RouteTable {
+    pub routes: HashMap<String, Arc<Route>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::inference::InferParameter;
+
+    fn route(weights: &[u32]) -> Route {
+        Route::new(
+            "r".into(),
+            weights
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| Target {
+                    model: format!("m{i}"),
+                    version: String::new(),
+                    weight: w,
+                })
+                .collect(),
+            Some("user".into()),
+        )
+    }
+
+    fn with_user(user: &str) -> ModelInferRequest {
+        let mut req = ModelInferRequest::default();
+        req.parameters.insert(
+            "user".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam(user.into())),
+            },
+        );
+        req
+    }
+
+    #[test]
+    fn weights_split_the_draws_and_keys_stick() {
+        let r = route(&[90, 10]);
+        let n = 100_000;
+        let canary = (0..n)
+            .filter(|_| r.pick(&ModelInferRequest::default()).model == "m1")
+            .count();
+        let share = canary as f64 / n as f64;
+        assert!((share - 0.10).abs() < 0.01, "{share}");
+        // Sticky: the same key, the same arm, every time; keys spread by weight too.
+        let mut on_canary = 0;
+        for u in 0..10_000 {
+            let key = format!("user-{u}");
+            let first = r.pick(&with_user(&key)).model.clone();
+            assert!((0..5).all(|_| r.pick(&with_user(&key)).model == first));
+            on_canary += usize::from(first == "m1");
+        }
+        assert!(
+            (on_canary as f64 / 10_000.0 - 0.10).abs() < 0.015,
+            "{on_canary}"
+        );
+        assert_eq!(r.primary().model, "m0");
+        assert_eq!(
+            route(&[50, 50]).primary().model,
+            "m0",
+            "the first of equals"
+        );
+        assert_eq!(
+            route(&[0, 1]).pick(&ModelInferRequest::default()).model,
+            "m1"
+        );
+    }
+
+    #[test]
+    fn the_hash_is_stable() {
+        // Pinned: a change would move sticky callers to another arm after an upgrade.
+        assert_eq!(fnv1a(b"user-1"), fnv1a(b"user-1"));
+        assert_eq!(fnv1a(b""), 0xecba_3df2_c338_3c52);
+    }
+}

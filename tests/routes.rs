@@ -1,0 +1,313 @@
+//! Model routes against a real Triton: a 90/10 split over gRPC, sticky keys, HTTP and tasks
+//! through a route, a route's metadata, config and readiness, and a reload on SIGHUP under
+//! load.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::*;
+use futures::StreamExt;
+use infergate::proto::inference::{
+    InferParameter, ModelConfigRequest, ModelMetadataRequest, ModelReadyRequest,
+    infer_parameter::ParameterChoice,
+};
+use serde_json::{Value, json};
+
+fn routes_file(tag: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("infergate-routes-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("routes.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const CANARY: &str = r#"
+[routes.canary]
+sticky_parameter = "user"
+targets = [
+  { model = "add_sub", weight = 90 },
+  { model = "add_sub_delay", weight = 10 },
+]
+"#;
+
+fn canary_request(user: Option<&str>) -> infergate::proto::inference::ModelInferRequest {
+    let mut req = add_sub_request();
+    req.model_name = "canary".into();
+    if let Some(u) = user {
+        req.parameters.insert(
+            "user".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam(u.into())),
+            },
+        );
+    }
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_route_splits_sticks_and_describes_itself() {
+    let mut cfg = test_config(vec![triton().grpc_url()]);
+    cfg.routes.file = Some(routes_file("split", CANARY));
+    let gw = gateway_with(cfg).await;
+    let client = gw.client().await;
+
+    // 10,000 requests without a sticky key: each arm within 1.5 points of its weight, every
+    // answer computed by the model it names.
+    let n = 10_000;
+    let served: Vec<String> = futures::stream::iter(0..n)
+        .map(|_| {
+            let mut c = client.clone();
+            async move {
+                let r = c
+                    .model_infer(canary_request(None))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(f32_from(&r.raw_output_contents[0]), vec![3.0; 16]);
+                assert_eq!(f32_from(&r.raw_output_contents[1]), vec![1.0; 16]);
+                r.model_name
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let mut by_model: HashMap<&str, usize> = HashMap::new();
+    for m in &served {
+        *by_model.entry(m.as_str()).or_default() += 1;
+    }
+    let share = |m: &str| 100.0 * *by_model.get(m).unwrap_or(&0) as f64 / n as f64;
+    println!(
+        "10,000 requests on a 90/10 route: add_sub {:.2} %, add_sub_delay {:.2} %",
+        share("add_sub"),
+        share("add_sub_delay")
+    );
+    assert_eq!(by_model.len(), 2, "{by_model:?}");
+    assert!((share("add_sub") - 90.0).abs() <= 1.5, "{by_model:?}");
+    assert!((share("add_sub_delay") - 10.0).abs() <= 1.5, "{by_model:?}");
+
+    // A sticky key keeps its caller on one arm, every request.
+    let mut arms = HashMap::new();
+    for u in 0..300 {
+        let user = format!("user-{u}");
+        let mut c = client.clone();
+        for _ in 0..4 {
+            let m = c
+                .model_infer(canary_request(Some(&user)))
+                .await
+                .unwrap()
+                .into_inner()
+                .model_name;
+            let first = arms.entry(user.clone()).or_insert_with(|| m.clone());
+            assert_eq!(*first, m, "{user} moved arms");
+        }
+    }
+    let on_canary = arms.values().filter(|m| *m == "add_sub_delay").count();
+    println!("sticky: 300 users x 4 requests, {on_canary} users on the 10 % arm");
+    assert!((10..=60).contains(&on_canary), "{on_canary}");
+
+    // HTTP and tasks call the route as a model.
+    let http = reqwest::Client::new();
+    let (twos, ones) = ([2.0f32; 16], [1.0f32; 16]);
+    let body = json!({"inputs": [
+        {"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": twos},
+        {"name": "INPUT1", "shape": [1, 16], "datatype": "FP32", "data": ones}]});
+    let r = post_json(
+        &http,
+        &format!("{}/v2/models/canary/infer", gw.http_base()),
+        &body,
+    )
+    .await;
+    assert!(
+        ["add_sub", "add_sub_delay"].contains(&r["model_name"].as_str().unwrap()),
+        "{r}"
+    );
+    let t = post_json(
+        &http,
+        &format!("{}/v1/models/canary/tasks", gw.http_base()),
+        &body,
+    )
+    .await;
+    let id = t["id"].as_str().expect("a task id").to_string();
+    let done = wait_final(&http, &gw.http_base(), &[id], Duration::from_secs(20)).await;
+    assert_eq!(done[0]["status"], "succeeded", "{}", done[0]);
+    assert!(
+        ["add_sub", "add_sub_delay"].contains(&done[0]["model"].as_str().unwrap_or_default()),
+        "the task names the model that ran it: {}",
+        done[0]
+    );
+
+    // The route's description is its primary's (the 90 % arm), under the route's name.
+    let mut c = client.clone();
+    let md = c
+        .model_metadata(ModelMetadataRequest {
+            name: "canary".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(md.name, "canary");
+    assert_eq!(md.inputs.len(), 2);
+    let cfg = c
+        .model_config(ModelConfigRequest {
+            name: "canary".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cfg.config.unwrap().name, "canary");
+    let ready = c
+        .model_ready(ModelReadyRequest {
+            name: "canary".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ready.ready);
+    let http_cfg: Value = http
+        .get(format!("{}/v2/models/canary/config", gw.http_base()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(http_cfg["name"], "canary");
+    let mut versioned = canary_request(None);
+    versioned.model_version = "1".into();
+    let err = c.model_infer(versioned).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("model_version"), "{}", err.message());
+
+    let m = scrape(&http, &gw.http_base()).await;
+    let count = |target: &str| {
+        m.get(&format!(
+            "infergate_route_requests_total{{route=\"canary\",target=\"{target}\"}}"
+        ))
+        .copied()
+        .unwrap_or(0.0)
+    };
+    assert!(count("add_sub") + count("add_sub_delay") >= (n + 1200 + 2) as f64);
+}
+
+#[test]
+fn a_reload_on_sighup_moves_traffic_without_dropping_a_request() {
+    let file = routes_file("reload", CANARY);
+    let (grpc, http) = (free_port(), free_port());
+    let log = file.with_file_name("infergate.stderr");
+    let mut child = infergate(
+        &[
+            "serve".into(),
+            "--triton-url".into(),
+            triton().grpc_url(),
+            "--grpc-addr".into(),
+            format!("127.0.0.1:{grpc}"),
+            "--http-addr".into(),
+            format!("127.0.0.1:{http}"),
+            "--routes-file".into(),
+            file.display().to_string(),
+        ],
+        &log,
+    );
+    wait_status(http, "/readyz", 200, Duration::from_secs(30));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = connect(&format!("http://127.0.0.1:{grpc}")).await;
+        let (stop, errors, sent) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        // Steady load through the route during both reloads; every answer is kept with its
+        // time, so traffic before and after each reload can be told apart.
+        let answers = Arc::new(std::sync::Mutex::new(Vec::<(Instant, String)>::new()));
+        let mut load = Vec::new();
+        for _ in 0..8 {
+            let (mut c, stop, errors, sent, answers) = (
+                client.clone(),
+                stop.clone(),
+                errors.clone(),
+                sent.clone(),
+                answers.clone(),
+            );
+            load.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    match c.model_infer(canary_request(None)).await {
+                        Ok(r) => answers
+                            .lock()
+                            .unwrap()
+                            .push((Instant::now(), r.into_inner().model_name)),
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // All traffic to the canary.
+        std::fs::write(
+            &file,
+            CANARY.replace("weight = 90", "weight = 0").replace("weight = 10", "weight = 100"),
+        )
+        .unwrap();
+        signal(child.id(), "HUP");
+        let reloaded = Instant::now();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // A file that does not load: refused, the running routes stay.
+        std::fs::write(&file, "[routes.canary]\ntargets = []\n").unwrap();
+        signal(child.id(), "HUP");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.store(true, Ordering::Relaxed);
+        for l in load {
+            l.await.unwrap();
+        }
+        let answers = std::mem::take(&mut *answers.lock().unwrap());
+        let before = answers.iter().filter(|(t, _)| *t < reloaded).count();
+        // Requests that started before the signal may finish after it: skip the first 100 ms.
+        let after: Vec<&String> = answers
+            .iter()
+            .filter(|(t, _)| *t > reloaded + Duration::from_millis(100))
+            .map(|(_, m)| m)
+            .collect();
+        println!(
+            "reload under load: {} requests, {} errors; {before} before the reload, {} after it, all on add_sub_delay: {}",
+            sent.load(Ordering::Relaxed),
+            errors.load(Ordering::Relaxed),
+            after.len(),
+            after.iter().all(|m| *m == "add_sub_delay")
+        );
+        assert_eq!(errors.load(Ordering::Relaxed), 0, "no request dropped");
+        assert!(before > 100 && after.len() > 100);
+        assert!(
+            after.iter().all(|m| *m == "add_sub_delay"),
+            "the new weights hold, also after the refused file"
+        );
+        // One reload taken, one refused (the refused file's message, naming
+        // routes.canary.targets, is checked in routes::file's unit test).
+        let m = scrape(&reqwest::Client::new(), &format!("http://127.0.0.1:{http}")).await;
+        assert_eq!(
+            m.get("infergate_route_reloads_total{result=\"ok\"}"),
+            Some(&1.0),
+            "{m:?}"
+        );
+        assert_eq!(
+            m.get("infergate_route_reloads_total{result=\"refused\"}"),
+            Some(&1.0)
+        );
+    });
+    signal(child.id(), "TERM");
+    let _ = child.wait();
+}
