@@ -53,6 +53,18 @@ fn version_suffix(version: &str) -> String {
 }
 
 impl GatewayError {
+    /// True when the model's server, not the request, failed: what a route's circuit
+    /// breaker counts against its target.
+    pub fn is_target_fault(&self) -> bool {
+        matches!(
+            self,
+            Self::Unavailable(_)
+                | Self::DeadlineExceeded(_)
+                | Self::Backend { .. }
+                | Self::Internal(_)
+        )
+    }
+
     pub fn invalid(msg: impl Into<String>) -> Self {
         Self::InvalidArgument(msg.into())
     }

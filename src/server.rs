@@ -184,20 +184,49 @@ pub async fn run_workers(
 /// Reads the routes file again on each SIGHUP; one that does not load is logged with its
 /// setting named and counted, and the running routes stay.
 fn spawn_route_reload(
-    routes: &Arc<crate::routes::Routes>,
+    infer: &InferService,
     stop: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let routes = Arc::clone(routes);
+    let infer = infer.clone();
+    let routes = Arc::clone(infer.routes());
     let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
     Ok(tokio::spawn(async move {
+        // At start, the fallbacks are checked once Triton can describe the models; a
+        // mismatch is reported (the routes already run).
+        if !routes.get_all().is_empty() {
+            let retry = Duration::from_secs(1);
+            loop {
+                if infer.backend().is_ready() {
+                    if let Err(e) = infer.check_fallbacks(&routes.table()).await {
+                        tracing::error!(error = %e, "a route's fallback does not fit its targets");
+                    }
+                    break;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+            }
+        }
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 got = hangup.recv() => if got.is_none() { return },
             }
             let file = routes.file().map(|f| f.display().to_string());
-            match routes.reload() {
+            let checked = match routes.read() {
+                Ok(table) => match infer.check_fallbacks(&table).await {
+                    Ok(()) => {
+                        let n = table.routes.len();
+                        routes.set(table);
+                        Ok(n)
+                    }
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            match checked {
                 Ok(n) => {
                     crate::telemetry::metrics::metrics().route_reload("ok");
                     tracing::info!(routes = n, file = ?file, "routes reloaded");
@@ -411,7 +440,7 @@ impl Gateway {
             .build_v1alpha()?;
 
         let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone()).with_routes(routes);
-        let route_reload = spawn_route_reload(infer.routes(), stop.clone())?;
+        let route_reload = spawn_route_reload(&infer, stop.clone())?;
         let autoscaling = spawn_autoscaling(&cfg, &infer, &store, scaler_listener, stop.clone())?;
         let window_check = spawn_window_check(&infer, cfg.triton_health_interval(), stop.clone());
         let stats = crate::backend::stats::spawn(

@@ -143,6 +143,7 @@ async fn every_rpc_answers_what_triton_answers() {
         "slow",
         "add_sub_delay",
         "add_sub_preferred",
+        "flaky",
     ];
     for m in models {
         let ready = ModelReadyRequest {

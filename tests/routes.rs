@@ -266,10 +266,18 @@ fn a_reload_on_sighup_moves_traffic_without_dropping_a_request() {
         signal(child.id(), "HUP");
         let reloaded = Instant::now();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        // A file that does not load: refused, the running routes stay.
+        // A file that does not load, then one whose fallback does not take the target's
+        // inputs (checked against Triton): both refused, the running routes stay.
         std::fs::write(&file, "[routes.canary]\ntargets = []\n").unwrap();
         signal(child.id(), "HUP");
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        std::fs::write(
+            &file,
+            "[routes.canary]\ntargets = [{ model = \"add_sub\", weight = 1 }]\nfallback = { model = \"slow\" }\n",
+        )
+        .unwrap();
+        signal(child.id(), "HUP");
+        tokio::time::sleep(Duration::from_millis(500)).await;
         stop.store(true, Ordering::Relaxed);
         for l in load {
             l.await.unwrap();
@@ -295,8 +303,8 @@ fn a_reload_on_sighup_moves_traffic_without_dropping_a_request() {
             after.iter().all(|m| *m == "add_sub_delay"),
             "the new weights hold, also after the refused file"
         );
-        // One reload taken, one refused (the refused file's message, naming
-        // routes.canary.targets, is checked in routes::file's unit test).
+        // One reload taken, two refused: the first by the file's own checks (their messages
+        // are checked in routes::file's unit test), the second by the fallback's inputs.
         let m = scrape(&reqwest::Client::new(), &format!("http://127.0.0.1:{http}")).await;
         assert_eq!(
             m.get("infergate_route_reloads_total{result=\"ok\"}"),
@@ -305,9 +313,161 @@ fn a_reload_on_sighup_moves_traffic_without_dropping_a_request() {
         );
         assert_eq!(
             m.get("infergate_route_reloads_total{result=\"refused\"}"),
-            Some(&1.0)
+            Some(&2.0)
         );
     });
     signal(child.id(), "TERM");
     let _ = child.wait();
+}
+
+const FLAKY_CONTROL: &str = "/tmp/infergate-flaky-control";
+
+fn flaky_request() -> infergate::proto::inference::ModelInferRequest {
+    use infergate::proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
+    ModelInferRequest {
+        model_name: "guarded".into(),
+        inputs: vec![InferInputTensor {
+            name: "INPUT".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 1],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![f32_bytes(&[7.0])],
+        // For the fallback (`slow`): answer at once.
+        parameters: HashMap::from([(
+            "delay_ms".to_string(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(0)),
+            },
+        )]),
+        ..Default::default()
+    }
+}
+
+/// One answer of the steady load: when its request started, and the model that answered (or
+/// the error).
+type Outcome = (Instant, Result<String, String>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_or_slow_target_opens_its_breaker_and_the_fallback_answers() {
+    let _ = std::fs::remove_file(FLAKY_CONTROL);
+    let mut cfg = test_config(vec![triton().grpc_url()]);
+    cfg.routes.file = Some(routes_file(
+        "fallback",
+        r#"
+[routes.guarded]
+targets = [{ model = "flaky", weight = 100 }]
+fallback = { model = "slow" }
+slo_ms = 150
+breaker = { consecutive_failures = 3, cooldown_ms = 1000, probes = 2 }
+"#,
+    ));
+    let gw = gateway_with(cfg).await;
+    let client = gw.client().await;
+    let http = reqwest::Client::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes = Arc::new(std::sync::Mutex::new(Vec::<Outcome>::new()));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (mut c, stop, outcomes) = (client.clone(), stop.clone(), outcomes.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let r = c
+                    .model_infer(flaky_request())
+                    .await
+                    .map(|r| {
+                        let r = r.into_inner();
+                        assert_eq!(f32_from(&r.raw_output_contents[0]), vec![7.0]);
+                        r.model_name
+                    })
+                    .map_err(|e| e.message().to_string());
+                outcomes.lock().unwrap().push((started, r));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
+    let breaker = |m: &std::collections::BTreeMap<String, f64>| {
+        m.get("infergate_route_breaker_state{route=\"guarded\",target=\"flaky\"}")
+            .copied()
+    };
+    // Phases: healthy, stopped (fails), healthy, slower than the SLO, healthy.
+    let mut marks = Vec::new();
+    for mode in ["", "fail", "", "slow:400", ""] {
+        std::fs::write(FLAKY_CONTROL, mode).unwrap();
+        marks.push((mode, Instant::now()));
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        if mode.is_empty() {
+            assert_eq!(
+                breaker(&scrape(&http, &gw.http_base()).await),
+                Some(0.0),
+                "closed when healthy"
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    let _ = std::fs::remove_file(FLAKY_CONTROL);
+    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
+    let phase = |k: usize| -> Vec<&Outcome> {
+        let start = marks[k].1;
+        let end = marks.get(k + 1).map(|m| m.1);
+        outcomes
+            .iter()
+            .filter(|(t, _)| *t >= start && end.is_none_or(|e| *t < e))
+            .collect()
+    };
+    let summary = |k: usize| {
+        let p = phase(k);
+        let by = |m: &str| p.iter().filter(|(_, r)| r.as_deref() == Ok(m)).count();
+        let errors = p.iter().filter(|(_, r)| r.is_err()).count();
+        (by("flaky"), by("slow"), errors)
+    };
+    for (k, (mode, _)) in marks.iter().enumerate() {
+        println!(
+            "phase {k} ({mode:?}): (flaky, fallback, errors) = {:?}",
+            summary(k)
+        );
+    }
+    // Stopped: the breaker opens after its 3 failures; from the first fallback answer on, no
+    // request that started fails (the probes that still fail are answered by the fallback).
+    let stopped = phase(1);
+    let opened = stopped
+        .iter()
+        .find(|(_, r)| r.as_deref() == Ok("slow"))
+        .map(|(t, _)| *t)
+        .expect("the fallback answered while the target failed");
+    let errors_before_open = stopped.iter().filter(|(_, r)| r.is_err()).count();
+    assert!(
+        (1..=8).contains(&errors_before_open),
+        "{errors_before_open}"
+    );
+    assert!(
+        stopped
+            .iter()
+            .filter(|(t, _)| *t > opened)
+            .all(|(_, r)| r.is_ok()),
+        "no errors after the breaker opened"
+    );
+    // Slower than the SLO: never an error, and the fallback takes over.
+    let (_, fallback_slow, errors_slow) = summary(3);
+    assert_eq!(errors_slow, 0);
+    assert!(fallback_slow > 20, "{fallback_slow}");
+    // Healthy again: the probes close it and the last second is the target's alone.
+    for k in [2, 4] {
+        let end = marks.get(k + 1).map_or(Instant::now(), |m| m.1);
+        let tail: Vec<_> = phase(k)
+            .into_iter()
+            .filter(|(t, _)| *t > end - Duration::from_millis(1_000))
+            .collect();
+        assert!(tail.len() > 10, "phase {k}");
+        assert!(
+            tail.iter().all(|(_, r)| r.as_deref() == Ok("flaky")),
+            "phase {k}: traffic returned to the target"
+        );
+    }
+    let m = scrape(&http, &gw.http_base()).await;
+    assert!(m["infergate_route_fallbacks_total{route=\"guarded\",target=\"slow\"}"] > 40.0);
 }

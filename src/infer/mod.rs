@@ -26,9 +26,8 @@ use crate::{
         ModelConfigResponse, ModelInferRequest, ModelInferResponse, ModelMetadataResponse,
         RepositoryIndexRequest, infer_parameter::ParameterChoice,
     },
-    routes::{Route, Routes},
+    routes::{Route, RouteTable, Routes, Watch, refuse_version},
     scaler::Activity,
-    telemetry::metrics::metrics,
 };
 
 #[derive(Clone)]
@@ -117,17 +116,6 @@ fn deadline_of(
     Deadline::earliest(caller, param)
 }
 
-/// A route picks its targets' versions itself.
-fn refuse_version(route: &Route, version: &str) -> Result<(), GatewayError> {
-    if version.is_empty() {
-        return Ok(());
-    }
-    Err(GatewayError::invalid(format!(
-        "model_version: '{}' is a route, which picks its targets' versions; send none",
-        route.name
-    )))
-}
-
 fn expired() -> GatewayError {
     GatewayError::DeadlineExceeded(
         "the request's deadline passed before it was sent to Triton".into(),
@@ -208,12 +196,54 @@ impl InferService {
             return self.backend.model_ready(name, version).await;
         };
         refuse_version(&route, version)?;
-        for t in route.targets.iter().filter(|t| t.weight > 0) {
+        let serving = route.targets.iter().filter(|t| t.weight > 0);
+        for t in serving.chain(&route.fallback) {
             if self.backend.model_ready(&t.model, &t.version).await? {
                 return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    /// Every fallback takes the inputs of the targets it stands in for (names, datatypes,
+    /// shapes), as Triton describes them. Checked when routes load, so a request a target
+    /// takes is never refused by its fallback.
+    pub async fn check_fallbacks(&self, table: &RouteTable) -> Result<(), String> {
+        for route in table.routes.values() {
+            let Some(f) = &route.fallback else { continue };
+            let fallback = self
+                .backend
+                .model_info(&f.model, &f.version)
+                .await
+                .map_err(|e| format!("routes.{}.fallback: {e}", route.name))?;
+            let inputs = |info: &ModelInfo| -> Vec<(String, String, Vec<i64>)> {
+                let mut v: Vec<_> = info
+                    .inputs
+                    .iter()
+                    .map(|t| (t.name.clone(), t.datatype.clone(), t.shape.clone()))
+                    .collect();
+                v.sort();
+                v
+            };
+            for t in &route.targets {
+                let target = self
+                    .backend
+                    .model_info(&t.model, &t.version)
+                    .await
+                    .map_err(|e| format!("routes.{}.targets: {e}", route.name))?;
+                if inputs(&target) != inputs(&fallback) {
+                    return Err(format!(
+                        "routes.{}.fallback: '{}' does not take the inputs of '{}' ({:?} against {:?})",
+                        route.name,
+                        f.label(),
+                        t.label(),
+                        inputs(&fallback),
+                        inputs(&target)
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn backend(&self) -> &Arc<TritonPool> {
@@ -252,30 +282,27 @@ impl InferService {
     /// Validates a request (model known, tensors right) without running it: the task API
     /// refuses bad requests before queueing them.
     pub async fn check(&self, req: &mut ModelInferRequest) -> Result<Validated, GatewayError> {
-        self.lookup(req).await.map(|(_, v)| v)
+        self.lookup(req, false).await.map(|(_, v, _)| v)
     }
 
     /// The model's description, and the request validated against it.
+    /// `run`: the request goes to Triton now (not a task being accepted), so a guarded
+    /// route's breaker lets it through and wants its outcome.
     async fn lookup(
         &self,
         req: &mut ModelInferRequest,
-    ) -> Result<(Arc<ModelInfo>, Validated), GatewayError> {
+        run: bool,
+    ) -> Result<(Arc<ModelInfo>, Validated, Option<Watch>), GatewayError> {
         if req.model_name.is_empty() {
             return Err(GatewayError::invalid("model_name is empty"));
         }
-        if let Some(route) = self.routes.get(&req.model_name) {
-            refuse_version(&route, &req.model_version)?;
-            let t = route.pick(req);
-            metrics().route_request(&route.name, t);
-            req.model_name.clone_from(&t.model);
-            req.model_version.clone_from(&t.version);
-        }
+        let watch = self.routes.resolve(req, run)?;
         let info = self
             .backend
             .model_info(&req.model_name, &req.model_version)
             .await?;
         let validated = validate::validate(req, &info)?;
-        Ok((info, validated))
+        Ok((info, validated, watch))
     }
 
     /// Runs one request, decoded.
@@ -296,7 +323,38 @@ impl InferService {
         call: Call,
     ) -> Result<Answer, GatewayError> {
         let call = call.with_deadline(deadline_of(&req, call.deadline, Instant::now()));
-        let (info, validated) = self.lookup(&mut req).await?;
+        let (info, validated, watch) = self.lookup(&mut req, true).await?;
+        let Some(watch) = watch else {
+            return self.run(req, call, info, validated).await;
+        };
+        // A probe that fails is answered by the route's fallback: only probes keep a copy.
+        let again = watch.retry_on().map(|f| {
+            let mut again = req.clone();
+            again.model_name.clone_from(&f.model);
+            again.model_version.clone_from(&f.version);
+            (again, f.clone())
+        });
+        let answer = self.run(req, call, info, validated).await;
+        let failed = answer.as_ref().is_err_and(GatewayError::is_target_fault);
+        let route = watch.route().to_string();
+        watch.finish(!failed);
+        match again {
+            Some((mut again, fallback)) if failed => {
+                crate::telemetry::metrics::metrics().route_fallback(&route, &fallback);
+                let (info, validated, _) = self.lookup(&mut again, false).await?;
+                self.run(again, call, info, validated).await
+            }
+            _ => answer,
+        }
+    }
+
+    async fn run(
+        &self,
+        req: ModelInferRequest,
+        call: Call,
+        info: Arc<ModelInfo>,
+        validated: Validated,
+    ) -> Result<Answer, GatewayError> {
         let _busy = self.activity.enter(&info.name);
         let _permit = self.caps.admit(&info.name, call.admission).await?;
         let settings = self

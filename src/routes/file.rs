@@ -7,13 +7,20 @@
 //!   { model = "classifier_v1", weight = 90 },
 //!   { model = "classifier_v2", version = "2", weight = 10 },
 //! ]
+//! fallback = { model = "classifier_small" }    # optional: while a target's circuit is open
+//! slo_ms = 200                                  # optional: slower calls count as failures
+//! breaker = { consecutive_failures = 5, error_rate = 0.5, window_s = 10, min_calls = 20,
+//!             cooldown_ms = 5000, probes = 3 }  # optional, these are the defaults
 //! ```
 
-use std::{collections::HashMap, path::Path, sync::Arc};
+use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
 use serde::Deserialize;
 
-use super::route::{Route, RouteTable, Target};
+use super::{
+    breaker::BreakerConfig,
+    route::{Route, RouteTable, Target},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -38,6 +45,45 @@ struct RouteSpec {
     targets: Vec<TargetSpec>,
     #[serde(default)]
     sticky_parameter: Option<String>,
+    #[serde(default)]
+    fallback: Option<FallbackSpec>,
+    #[serde(default)]
+    slo_ms: Option<u64>,
+    #[serde(default)]
+    breaker: Option<BreakerSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FallbackSpec {
+    model: String,
+    #[serde(default)]
+    version: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct BreakerSpec {
+    consecutive_failures: u32,
+    error_rate: f64,
+    window_s: u64,
+    min_calls: u32,
+    cooldown_ms: u64,
+    probes: u32,
+}
+
+impl Default for BreakerSpec {
+    fn default() -> Self {
+        let d = BreakerConfig::default();
+        Self {
+            consecutive_failures: d.consecutive_failures,
+            error_rate: d.error_rate,
+            window_s: d.window.as_secs(),
+            min_calls: d.min_calls,
+            cooldown_ms: d.cooldown.as_millis() as u64,
+            probes: d.probes,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -110,14 +156,74 @@ pub fn parse(text: &str) -> Result<RouteTable, RouteError> {
         if spec.sticky_parameter.as_deref().is_some_and(str::is_empty) {
             return Err(bad("sticky_parameter", "is empty".into()));
         }
-        routes.insert(
-            name.clone(),
-            Arc::new(Route::new(name, targets, spec.sticky_parameter)),
-        );
+        let mut route = Route::new(name.clone(), targets, spec.sticky_parameter);
+        if spec.fallback.is_some() || spec.slo_ms.is_some() || spec.breaker.is_some() {
+            let fallback = match spec.fallback {
+                Some(f) if f.model.is_empty() => {
+                    return Err(bad("fallback.model", "is empty".into()));
+                }
+                Some(f) => Some(Target {
+                    model: f.model,
+                    version: f.version,
+                    weight: 0,
+                }),
+                None => None,
+            };
+            if spec.slo_ms.is_some_and(|ms| !(1..=3_600_000).contains(&ms)) {
+                return Err(bad("slo_ms", "is outside 1..=3600000".into()));
+            }
+            let b = spec.breaker.unwrap_or_default();
+            let check = |what: &str, ok: bool, range: &str| {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(bad(
+                        &format!("breaker.{what}"),
+                        format!("is outside {range}"),
+                    ))
+                }
+            };
+            check(
+                "consecutive_failures",
+                (1..=10_000).contains(&b.consecutive_failures),
+                "1..=10000",
+            )?;
+            check(
+                "error_rate",
+                b.error_rate > 0.0 && b.error_rate <= 1.0,
+                "(0, 1]",
+            )?;
+            check("window_s", (1..=3_600).contains(&b.window_s), "1..=3600")?;
+            check("min_calls", (1..=4_096).contains(&b.min_calls), "1..=4096")?;
+            check(
+                "cooldown_ms",
+                (1..=3_600_000).contains(&b.cooldown_ms),
+                "1..=3600000",
+            )?;
+            check("probes", (1..=1_000).contains(&b.probes), "1..=1000")?;
+            route = route.guarded(
+                fallback,
+                spec.slo_ms.map(Duration::from_millis),
+                BreakerConfig {
+                    consecutive_failures: b.consecutive_failures,
+                    error_rate: b.error_rate,
+                    window: Duration::from_secs(b.window_s),
+                    min_calls: b.min_calls,
+                    cooldown: Duration::from_millis(b.cooldown_ms),
+                    probes: b.probes,
+                },
+            );
+        }
+        routes.insert(name, Arc::new(route));
     }
     // A target is a model, never another route: one hop, no loops.
     for r in routes.values() {
-        if let Some(t) = r.targets.iter().find(|t| routes.contains_key(&t.model)) {
+        if let Some(t) = r
+            .targets
+            .iter()
+            .chain(&r.fallback)
+            .find(|t| routes.contains_key(&t.model))
+        {
             return Err(RouteError::Invalid {
                 field: format!("routes.{}.targets", r.name),
                 message: format!("'{}' is a route; targets are models", t.model),
@@ -161,6 +267,14 @@ mod tests {
             (
                 "[routes.c]\ntargets = [{model = \"a\", weight = -1}]",
                 "weight",
+            ),
+            (
+                "[routes.c]\ntargets = [{model = \"a\", weight = 1}]\nbreaker = { probes = 0 }",
+                "routes.c.breaker.probes",
+            ),
+            (
+                "[routes.c]\ntargets = [{model = \"a\", weight = 1}]\nfallback = { model = \"\" }",
+                "routes.c.fallback.model",
             ),
         ] {
             let err = parse(text).unwrap_err().to_string();

@@ -8,6 +8,7 @@
 //! The routes come from their own file (`--routes-file`), read at start and again on SIGHUP; a
 //! file that does not load is refused with the setting named, and the running routes stay.
 
+pub mod breaker;
 pub mod file;
 pub mod route;
 
@@ -17,10 +18,61 @@ use std::{
         Arc, RwLock,
         atomic::{AtomicBool, Ordering},
     },
+    time::{Duration, Instant},
 };
 
+use breaker::{Admit, Breaker, State};
 pub use file::RouteError;
 pub use route::{Route, RouteTable, Target};
+
+use crate::{
+    error::GatewayError, proto::inference::ModelInferRequest, telemetry::metrics::metrics,
+};
+
+/// A call let through a guarded target's breaker, to be told its outcome ([`Watch::finish`]).
+/// Dropped untold (the caller went away), it frees its probe place without counting.
+pub struct Watch {
+    breaker: Arc<Breaker>,
+    admit: Admit,
+    fallback: Option<Target>,
+    slo: Option<Duration>,
+    started: Instant,
+    done: bool,
+    route: String,
+    target: String,
+}
+
+impl Watch {
+    /// A probe (the circuit half-open) with a fallback to answer instead should it fail: the
+    /// caller gets an answer, not the probe's error.
+    pub fn retry_on(&self) -> Option<&Target> {
+        self.fallback
+            .as_ref()
+            .filter(|_| self.admit == Admit::Probe)
+    }
+
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// `ok`: the target answered (errors of the request itself are not its fault). A call
+    /// slower than the route's SLO counts as a failure all the same.
+    pub fn finish(mut self, ok: bool) {
+        let now = Instant::now();
+        let in_time = self.slo.is_none_or(|slo| now - self.started <= slo);
+        self.breaker.record(self.admit, ok && in_time, now);
+        self.done = true;
+        metrics().route_breaker(&self.route, &self.target, self.breaker.state(now));
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if !self.done {
+            self.breaker.release(self.admit);
+        }
+    }
+}
 
 /// The running routes, swapped whole on reload: a request holds the table it started with.
 #[derive(Default)]
@@ -44,18 +96,33 @@ impl Routes {
 
     /// Reads the file again; on an error the running routes stay as they were.
     pub fn reload(&self) -> Result<usize, RouteError> {
-        let Some(path) = &self.file else {
-            return Ok(0);
-        };
-        let table = file::read(path)?;
+        let table = self.read()?;
         let n = table.routes.len();
         self.set(table);
         Ok(n)
     }
 
+    /// The file's routes, checked on their own, not yet running.
+    pub fn read(&self) -> Result<RouteTable, RouteError> {
+        match &self.file {
+            Some(path) => file::read(path),
+            None => Ok(RouteTable::default()),
+        }
+    }
+
     pub fn set(&self, table: RouteTable) {
         self.any.store(!table.routes.is_empty(), Ordering::Release);
         *self.table.write().expect("routes lock") = Arc::new(table);
+    }
+
+    /// The running table.
+    pub fn table(&self) -> Arc<RouteTable> {
+        Arc::clone(&self.table.read().expect("routes lock"))
+    }
+
+    /// Every running route.
+    pub fn get_all(&self) -> Vec<Arc<Route>> {
+        self.table().routes.values().cloned().collect()
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Route>> {
@@ -73,4 +140,77 @@ impl Routes {
     pub fn file(&self) -> Option<&PathBuf> {
         self.file.as_ref()
     }
+
+    /// Sends a request named by a route to its target: by weight (or its sticky key), or to
+    /// the route's fallback while the target's circuit is open. `run`: the call goes to
+    /// Triton now, and its outcome is told back through the [`Watch`]; otherwise (a task
+    /// being accepted) the breakers are only read.
+    pub fn resolve(
+        &self,
+        req: &mut ModelInferRequest,
+        run: bool,
+    ) -> Result<Option<Watch>, GatewayError> {
+        let Some(route) = self.get(&req.model_name) else {
+            return Ok(None);
+        };
+        refuse_version(&route, &req.model_version)?;
+        let i = route.pick_index(req);
+        let picked = &route.targets[i];
+        let mut watch = None;
+        let target = match route.breaker(i) {
+            None => picked,
+            Some(b) => {
+                let now = Instant::now();
+                let admit = match (run, b.state(now)) {
+                    (true, _) => b.admit(now),
+                    (false, State::Closed) => Admit::Closed,
+                    (false, _) => Admit::Open,
+                };
+                metrics().route_breaker(&route.name, &picked.label(), b.state(now));
+                match (admit, &route.fallback) {
+                    (Admit::Open, Some(fallback)) => {
+                        metrics().route_fallback(&route.name, fallback);
+                        fallback
+                    }
+                    (Admit::Open, None) => {
+                        return Err(GatewayError::Unavailable(format!(
+                            "route '{}': '{}' is failing (its circuit is open) and the route has no fallback",
+                            route.name,
+                            picked.label()
+                        )));
+                    }
+                    (how, _) => {
+                        if run {
+                            watch = Some(Watch {
+                                breaker: Arc::clone(b),
+                                admit: how,
+                                fallback: route.fallback.clone(),
+                                slo: route.slo,
+                                started: now,
+                                done: false,
+                                route: route.name.clone(),
+                                target: picked.label(),
+                            });
+                        }
+                        picked
+                    }
+                }
+            }
+        };
+        metrics().route_request(&route.name, target);
+        req.model_name.clone_from(&target.model);
+        req.model_version.clone_from(&target.version);
+        Ok(watch)
+    }
+}
+
+/// A route picks its targets' versions itself.
+pub fn refuse_version(route: &Route, version: &str) -> Result<(), GatewayError> {
+    if version.is_empty() {
+        return Ok(());
+    }
+    Err(GatewayError::invalid(format!(
+        "model_version: '{}' is a route, which picks its targets' versions; send none",
+        route.name
+    )))
 }

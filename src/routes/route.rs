@@ -1,7 +1,8 @@
 //! One route: its targets, weights and sticky parameter, and how a request picks a target.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use super::breaker::{Breaker, BreakerConfig};
 use crate::proto::inference::{ModelInferRequest, infer_parameter::ParameterChoice};
 
 /// One place a route sends requests.
@@ -24,14 +25,40 @@ impl Target {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Route {
     pub name: String,
     pub targets: Vec<Target>,
     /// A request parameter whose value keeps a caller on one target.
     pub sticky_parameter: Option<String>,
+    /// Where a request goes when its target's circuit is open.
+    pub fallback: Option<Target>,
+    /// A call slower than this counts as a failure of its target.
+    pub slo: Option<Duration>,
+    /// One per target, when the route guards its targets (a fallback, an SLO or a breaker).
+    breakers: Vec<Arc<Breaker>>,
     total: u64,
 }
+
+impl PartialEq for Route {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            &self.name,
+            &self.targets,
+            &self.sticky_parameter,
+            &self.fallback,
+            self.slo,
+        ) == (
+            &other.name,
+            &other.targets,
+            &other.sticky_parameter,
+            &other.fallback,
+            other.slo,
+        )
+    }
+}
+
+impl Eq for Route {}
 
 impl Route {
     pub fn new(name: String, targets: Vec<Target>, sticky_parameter: Option<String>) -> Self {
@@ -40,8 +67,33 @@ impl Route {
             name,
             targets,
             sticky_parameter,
+            fallback: None,
+            slo: None,
+            breakers: Vec::new(),
             total,
         }
+    }
+
+    /// Guards every target with a circuit breaker, sending to `fallback` while one is open.
+    pub fn guarded(
+        mut self,
+        fallback: Option<Target>,
+        slo: Option<Duration>,
+        breaker: BreakerConfig,
+    ) -> Self {
+        self.breakers = self
+            .targets
+            .iter()
+            .map(|_| Arc::new(Breaker::new(breaker.clone())))
+            .collect();
+        self.fallback = fallback;
+        self.slo = slo;
+        self
+    }
+
+    /// The breaker of target `i`, when the route guards its targets.
+    pub fn breaker(&self, i: usize) -> Option<&Arc<Breaker>> {
+        self.breakers.get(i)
     }
 
     /// The target that answers metadata, config and readiness for the route: the heaviest
@@ -54,20 +106,21 @@ impl Route {
             .expect("a loaded route has a target")
     }
 
-    /// The target for a point in `0..total`.
-    fn at(&self, point: u64) -> &Target {
+    /// The target for a point in `0..total`, by index.
+    fn at(&self, point: u64) -> usize {
         let mut left = point % self.total.max(1);
-        for t in &self.targets {
+        for (i, t) in self.targets.iter().enumerate() {
             if left < u64::from(t.weight) {
-                return t;
+                return i;
             }
             left -= u64::from(t.weight);
         }
-        self.primary()
+        0
     }
 
-    /// Where a request goes: by its sticky key's hash when it has one, else by a draw.
-    pub fn pick(&self, req: &ModelInferRequest) -> &Target {
+    /// Where a request goes (an index into `targets`): by its sticky key's hash when it has
+    /// one, else by a draw.
+    pub fn pick_index(&self, req: &ModelInferRequest) -> usize {
         match self
             .sticky_parameter
             .as_ref()
@@ -76,6 +129,10 @@ impl Route {
             Some(key) => self.at(fnv1a(&key)),
             None => self.at(draw()),
         }
+    }
+
+    pub fn pick(&self, req: &ModelInferRequest) -> &Target {
+        &self.targets[self.pick_index(req)]
     }
 }
 

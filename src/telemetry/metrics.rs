@@ -152,6 +152,9 @@ pub struct Metrics {
     /// Requests sent through each route, by the target chosen.
     pub route_requests: Family<RouteLabels, Counter>,
     pub route_reloads: Family<ResultLabel, Counter>,
+    /// Requests a route sent to its fallback (by the fallback), and each target's breaker.
+    pub route_fallbacks: Family<RouteLabels, Counter>,
+    pub route_breaker_state: Family<RouteLabels, Gauge>,
 }
 
 impl Metrics {
@@ -177,6 +180,8 @@ impl Metrics {
             scaler_decisions: Family::default(),
             route_requests: Family::default(),
             route_reloads: Family::default(),
+            route_fallbacks: Family::default(),
+            route_breaker_state: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -255,6 +260,16 @@ impl Metrics {
             m.scaler_decisions.clone(),
         );
         r.register(
+            "route_fallbacks",
+            "Requests a route sent to its fallback because the target's circuit was open",
+            m.route_fallbacks.clone(),
+        );
+        r.register(
+            "route_breaker_state",
+            "Circuit breaker of each route target: 0 closed, 1 open, 2 half-open",
+            m.route_breaker_state.clone(),
+        );
+        r.register(
             "route_reloads",
             "Reloads of the routes file on SIGHUP, by result (ok, refused)",
             m.route_reloads.clone(),
@@ -270,6 +285,24 @@ impl Metrics {
             m.amqp_group_tasks.clone(),
         );
         m
+    }
+
+    pub fn route_fallback(&self, route: &str, fallback: &crate::routes::Target) {
+        self.route_fallbacks
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+                target: fallback.label(),
+            })
+            .inc();
+    }
+
+    pub fn route_breaker(&self, route: &str, target: &str, state: crate::routes::breaker::State) {
+        self.route_breaker_state
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+                target: target.to_string(),
+            })
+            .set(state.gauge());
     }
 
     pub fn route_reload(&self, result: &'static str) {
