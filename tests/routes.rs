@@ -471,3 +471,80 @@ breaker = { consecutive_failures = 3, cooldown_ms = 1000, probes = 2 }
     let m = scrape(&http, &gw.http_base()).await;
     assert!(m["infergate_route_fallbacks_total{route=\"guarded\",target=\"slow\"}"] > 40.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_gets_its_share_and_the_caller_only_the_primarys_answers() {
+    let mut cfg = test_config(vec![triton().grpc_url()]);
+    cfg.routes.file = Some(routes_file(
+        "shadow",
+        r#"
+[routes.shadowed]
+targets = [{ model = "add_sub", weight = 1 }]
+shadow = { model = "add_sub_delay", share = 0.2, max_in_flight = 256 }
+"#,
+    ));
+    let gw = gateway_with(cfg).await;
+    let client = gw.client().await;
+    let n = 2_000;
+    let served: Vec<String> = futures::stream::iter(0..n)
+        .map(|_| {
+            let mut c = client.clone();
+            async move {
+                let mut req = add_sub_request();
+                req.model_name = "shadowed".into();
+                let r = c.model_infer(req).await.unwrap().into_inner();
+                assert_eq!(f32_from(&r.raw_output_contents[0]), vec![3.0; 16]);
+                r.model_name
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(
+        served.iter().all(|m| m == "add_sub"),
+        "callers get the primary's answers only"
+    );
+    // The shadow calls finish after their callers were answered.
+    let http = reqwest::Client::new();
+    let series = |m: &std::collections::BTreeMap<String, f64>, name: &str, result: &str| {
+        m.get(&format!("{name}{{route=\"shadowed\",result=\"{result}\"}}"))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = scrape(&http, &gw.http_base()).await;
+        let done = series(&m, "infergate_route_shadow_total", "sent")
+            + series(&m, "infergate_route_shadow_total", "failed");
+        let compared = series(&m, "infergate_route_shadow_compared_total", "match")
+            + series(&m, "infergate_route_shadow_compared_total", "mismatch");
+        if (done > 0.0 && compared >= done) || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (sent, failed, dropped) = (
+        series(&m, "infergate_route_shadow_total", "sent"),
+        series(&m, "infergate_route_shadow_total", "failed"),
+        series(&m, "infergate_route_shadow_total", "dropped"),
+    );
+    let share = 100.0 * (sent + failed + dropped) / n as f64;
+    println!(
+        "shadow: {sent} sent, {failed} failed, {dropped} dropped of {n} requests ({share:.2} %)"
+    );
+    assert!((share - 20.0).abs() <= 2.0, "{share}");
+    assert_eq!((failed, dropped), (0.0, 0.0));
+    // The same computation on both: every answer matches, the largest difference is 0.
+    assert_eq!(
+        series(&m, "infergate_route_shadow_compared_total", "match"),
+        sent
+    );
+    assert_eq!(
+        series(&m, "infergate_route_shadow_compared_total", "mismatch"),
+        0.0
+    );
+    assert_eq!(
+        m.get("infergate_route_shadow_max_abs_diff_sum{route=\"shadowed\"}"),
+        Some(&0.0)
+    );
+}

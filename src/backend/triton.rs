@@ -74,7 +74,7 @@ impl Endpoint {
 }
 
 /// Triton's answer to one ModelInfer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Answer {
     Decoded(ModelInferResponse),
     /// One gRPC frame (flag, length, message) exactly as Triton sent it, already checked to be

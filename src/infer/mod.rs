@@ -26,7 +26,7 @@ use crate::{
         ModelConfigResponse, ModelInferRequest, ModelInferResponse, ModelMetadataResponse,
         RepositoryIndexRequest, infer_parameter::ParameterChoice,
     },
-    routes::{Route, RouteTable, Routes, Watch, refuse_version},
+    routes::{Route, RouteTable, Routed, Routes, ShadowCall, Watch, refuse_version},
     scaler::Activity,
 };
 
@@ -39,6 +39,8 @@ pub struct InferService {
     activity: Arc<Activity>,
     /// Names clients call as models, split over models (`routes`).
     routes: Arc<Routes>,
+    /// The runtime that made this service (the main one): shadow calls run there.
+    main: Option<tokio::runtime::Handle>,
 }
 
 /// Per-model caps on requests inside infergate at once (`max_concurrent_requests`).
@@ -132,6 +134,7 @@ impl InferService {
             caps,
             activity: Arc::default(),
             routes: Arc::default(),
+            main: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -292,17 +295,17 @@ impl InferService {
         &self,
         req: &mut ModelInferRequest,
         run: bool,
-    ) -> Result<(Arc<ModelInfo>, Validated, Option<Watch>), GatewayError> {
+    ) -> Result<(Arc<ModelInfo>, Validated, Routed), GatewayError> {
         if req.model_name.is_empty() {
             return Err(GatewayError::invalid("model_name is empty"));
         }
-        let watch = self.routes.resolve(req, run)?;
+        let routed = self.routes.resolve(req, run)?;
         let info = self
             .backend
             .model_info(&req.model_name, &req.model_version)
             .await?;
         let validated = validate::validate(req, &info)?;
-        Ok((info, validated, watch))
+        Ok((info, validated, routed))
     }
 
     /// Runs one request, decoded.
@@ -323,11 +326,33 @@ impl InferService {
         call: Call,
     ) -> Result<Answer, GatewayError> {
         let call = call.with_deadline(deadline_of(&req, call.deadline, Instant::now()));
-        let (info, validated, watch) = self.lookup(&mut req, true).await?;
+        let (info, validated, routed) = self.lookup(&mut req, true).await?;
+        let shadow = routed.shadow.map(|s| {
+            let mut copy = req.clone();
+            copy.model_name.clone_from(&s.target.model);
+            copy.model_version.clone_from(&s.target.version);
+            (copy, s)
+        });
+        let answer = self.guarded(req, call, info, validated, routed.watch).await;
+        if let Some((copy, s)) = shadow {
+            self.spawn_shadow(copy, s, answer.as_ref().ok().cloned());
+        }
+        answer
+    }
+
+    /// Runs a routed call and tells its target's breaker how it went; a probe that fails is
+    /// answered by the route's fallback (only probes keep a copy of the request for that).
+    async fn guarded(
+        &self,
+        req: ModelInferRequest,
+        call: Call,
+        info: Arc<ModelInfo>,
+        validated: Validated,
+        watch: Option<Watch>,
+    ) -> Result<Answer, GatewayError> {
         let Some(watch) = watch else {
             return self.run(req, call, info, validated).await;
         };
-        // A probe that fails is answered by the route's fallback: only probes keep a copy.
         let again = watch.retry_on().map(|f| {
             let mut again = req.clone();
             again.model_name.clone_from(&f.model);
@@ -345,6 +370,38 @@ impl InferService {
                 self.run(again, call, info, validated).await
             }
             _ => answer,
+        }
+    }
+
+    /// Sends a route's shadow copy on the main runtime (never on the caller's serving
+    /// thread), and compares its answer with the primary's. The caller does not wait; the
+    /// permit bounds how many run at once.
+    fn spawn_shadow(&self, mut copy: ModelInferRequest, s: ShadowCall, primary: Option<Answer>) {
+        let this = self.clone();
+        let task = async move {
+            let ShadowCall { route, permit, .. } = s;
+            let shadow = async {
+                let (info, validated, _) = this.lookup(&mut copy, false).await?;
+                this.run(copy, Call::sync(None), info, validated)
+                    .await?
+                    .into_response()
+            }
+            .await;
+            drop(permit);
+            let m = crate::telemetry::metrics::metrics();
+            let Ok(shadow) = shadow else {
+                m.route_shadow(&route, "failed");
+                return;
+            };
+            m.route_shadow(&route, "sent");
+            if let Some(Ok(primary)) = primary.map(Answer::into_response) {
+                let (exact, diff) = crate::routes::shadow::compare(&primary, &shadow);
+                m.route_shadow_compared(&route, exact, diff);
+            }
+        };
+        match &self.main {
+            Some(main) => drop(main.spawn(task)),
+            None => drop(tokio::spawn(task)),
         }
     }
 

@@ -11,6 +11,7 @@
 //! slo_ms = 200                                  # optional: slower calls count as failures
 //! breaker = { consecutive_failures = 5, error_rate = 0.5, window_s = 10, min_calls = 20,
 //!             cooldown_ms = 5000, probes = 3 }  # optional, these are the defaults
+//! shadow = { model = "classifier_v3", share = 0.1, max_in_flight = 64 }  # optional
 //! ```
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
@@ -19,7 +20,7 @@ use serde::Deserialize;
 
 use super::{
     breaker::BreakerConfig,
-    route::{Route, RouteTable, Target},
+    route::{Route, RouteTable, Shadow, Target},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,24 @@ struct RouteSpec {
     slo_ms: Option<u64>,
     #[serde(default)]
     breaker: Option<BreakerSpec>,
+    #[serde(default)]
+    shadow: Option<ShadowSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShadowSpec {
+    model: String,
+    #[serde(default)]
+    version: String,
+    /// Share of the route's requests also sent to the shadow, 0.0..=1.0.
+    share: f64,
+    #[serde(default = "default_shadow_in_flight")]
+    max_in_flight: usize,
+}
+
+fn default_shadow_in_flight() -> usize {
+    64
 }
 
 #[derive(Deserialize)]
@@ -214,6 +233,26 @@ pub fn parse(text: &str) -> Result<RouteTable, RouteError> {
                 },
             );
         }
+        if let Some(sh) = spec.shadow {
+            if sh.model.is_empty() {
+                return Err(bad("shadow.model", "is empty".into()));
+            }
+            if !(0.0..=1.0).contains(&sh.share) {
+                return Err(bad(
+                    "shadow.share",
+                    format!("{} is outside 0.0..=1.0", sh.share),
+                ));
+            }
+            if !(1..=10_000).contains(&sh.max_in_flight) {
+                return Err(bad("shadow.max_in_flight", "is outside 1..=10000".into()));
+            }
+            let target = Target {
+                model: sh.model,
+                version: sh.version,
+                weight: 0,
+            };
+            route = route.with_shadow(Shadow::new(target, sh.share, sh.max_in_flight));
+        }
         routes.insert(name, Arc::new(route));
     }
     // A target is a model, never another route: one hop, no loops.
@@ -222,6 +261,7 @@ pub fn parse(text: &str) -> Result<RouteTable, RouteError> {
             .targets
             .iter()
             .chain(&r.fallback)
+            .chain(r.shadow.as_ref().map(|s| &s.target))
             .find(|t| routes.contains_key(&t.model))
         {
             return Err(RouteError::Invalid {

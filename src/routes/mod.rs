@@ -11,6 +11,7 @@
 pub mod breaker;
 pub mod file;
 pub mod route;
+pub mod shadow;
 
 use std::{
     path::PathBuf,
@@ -24,10 +25,26 @@ use std::{
 use breaker::{Admit, Breaker, State};
 pub use file::RouteError;
 pub use route::{Route, RouteTable, Target};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::{
     error::GatewayError, proto::inference::ModelInferRequest, telemetry::metrics::metrics,
 };
+
+/// What resolving a route leaves to do after the call: tell its breaker the outcome, and
+/// send its shadow copy.
+#[derive(Default)]
+pub struct Routed {
+    pub watch: Option<Watch>,
+    pub shadow: Option<ShadowCall>,
+}
+
+/// A request's copy for a route's shadow target, with its place among the shadow's calls.
+pub struct ShadowCall {
+    pub route: String,
+    pub target: Target,
+    pub permit: OwnedSemaphorePermit,
+}
 
 /// A call let through a guarded target's breaker, to be told its outcome ([`Watch::finish`]).
 /// Dropped untold (the caller went away), it frees its probe place without counting.
@@ -145,13 +162,9 @@ impl Routes {
     /// the route's fallback while the target's circuit is open. `run`: the call goes to
     /// Triton now, and its outcome is told back through the [`Watch`]; otherwise (a task
     /// being accepted) the breakers are only read.
-    pub fn resolve(
-        &self,
-        req: &mut ModelInferRequest,
-        run: bool,
-    ) -> Result<Option<Watch>, GatewayError> {
+    pub fn resolve(&self, req: &mut ModelInferRequest, run: bool) -> Result<Routed, GatewayError> {
         let Some(route) = self.get(&req.model_name) else {
-            return Ok(None);
+            return Ok(Routed::default());
         };
         refuse_version(&route, &req.model_version)?;
         let i = route.pick_index(req);
@@ -200,7 +213,21 @@ impl Routes {
         metrics().route_request(&route.name, target);
         req.model_name.clone_from(&target.model);
         req.model_version.clone_from(&target.version);
-        Ok(watch)
+        let mut shadow = None;
+        if let (true, Some(sh)) = (run, &route.shadow) {
+            match sh.draw() {
+                Some(Some(permit)) => {
+                    shadow = Some(ShadowCall {
+                        route: route.name.clone(),
+                        target: sh.target.clone(),
+                        permit,
+                    });
+                }
+                Some(None) => metrics().route_shadow(&route.name, "dropped"),
+                None => {}
+            }
+        }
+        Ok(Routed { watch, shadow })
     }
 }
 

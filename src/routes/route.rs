@@ -2,6 +2,8 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use super::breaker::{Breaker, BreakerConfig};
 use crate::proto::inference::{ModelInferRequest, infer_parameter::ParameterChoice};
 
@@ -37,7 +39,35 @@ pub struct Route {
     pub slo: Option<Duration>,
     /// One per target, when the route guards its targets (a fallback, an SLO or a breaker).
     breakers: Vec<Arc<Breaker>>,
+    /// Where a share of the requests is also sent, its answer only compared.
+    pub shadow: Option<Shadow>,
     total: u64,
+}
+
+/// A shadow target: `share` of the route's requests are also sent there, at most
+/// `max_in_flight` at once (more are dropped and counted, never queued).
+#[derive(Debug)]
+pub struct Shadow {
+    pub target: Target,
+    pub share: f64,
+    slots: Arc<Semaphore>,
+}
+
+impl Shadow {
+    pub fn new(target: Target, share: f64, max_in_flight: usize) -> Self {
+        Self {
+            target,
+            share,
+            slots: Arc::new(Semaphore::new(max_in_flight)),
+        }
+    }
+
+    /// Whether this request is one of the share (`None`: not drawn), and a place for it
+    /// (`Some(None)`: drawn, but every place is taken).
+    pub fn draw(&self) -> Option<Option<OwnedSemaphorePermit>> {
+        let point = (draw() >> 11) as f64 / (1u64 << 53) as f64;
+        (point < self.share).then(|| Arc::clone(&self.slots).try_acquire_owned().ok())
+    }
 }
 
 impl PartialEq for Route {
@@ -70,6 +100,7 @@ impl Route {
             fallback: None,
             slo: None,
             breakers: Vec::new(),
+            shadow: None,
             total,
         }
     }
@@ -88,6 +119,11 @@ impl Route {
             .collect();
         self.fallback = fallback;
         self.slo = slo;
+        self
+    }
+
+    pub fn with_shadow(mut self, shadow: Shadow) -> Self {
+        self.shadow = Some(shadow);
         self
     }
 

@@ -65,6 +65,21 @@ pub struct EndpointLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteResult {
+    pub route: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteName {
+    pub route: String,
+}
+
+fn shadow_diff() -> Histogram {
+    Histogram::new([0.0, 1e-6, 1e-4, 1e-2, 1.0, 100.0])
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
 }
@@ -155,6 +170,10 @@ pub struct Metrics {
     /// Requests a route sent to its fallback (by the fallback), and each target's breaker.
     pub route_fallbacks: Family<RouteLabels, Counter>,
     pub route_breaker_state: Family<RouteLabels, Gauge>,
+    /// Shadow calls by outcome, their comparisons, and the largest difference per call.
+    pub route_shadow: Family<RouteResult, Counter>,
+    pub route_shadow_compared: Family<RouteResult, Counter>,
+    pub route_shadow_max_abs_diff: Hist<RouteName>,
 }
 
 impl Metrics {
@@ -182,6 +201,9 @@ impl Metrics {
             route_reloads: Family::default(),
             route_fallbacks: Family::default(),
             route_breaker_state: Family::default(),
+            route_shadow: Family::default(),
+            route_shadow_compared: Family::default(),
+            route_shadow_max_abs_diff: Family::new_with_constructor(shadow_diff),
         };
         let r = &mut m.registry;
         r.register(
@@ -260,6 +282,21 @@ impl Metrics {
             m.scaler_decisions.clone(),
         );
         r.register(
+            "route_shadow",
+            "Shadow calls of a route by result: sent, dropped (every place taken), failed",
+            m.route_shadow.clone(),
+        );
+        r.register(
+            "route_shadow_compared",
+            "Shadow answers compared with the primary's: match (same bytes) or mismatch",
+            m.route_shadow_compared.clone(),
+        );
+        r.register(
+            "route_shadow_max_abs_diff",
+            "Largest absolute difference between a shadow's numeric outputs and the primary's, per call",
+            m.route_shadow_max_abs_diff.clone(),
+        );
+        r.register(
             "route_fallbacks",
             "Requests a route sent to its fallback because the target's circuit was open",
             m.route_fallbacks.clone(),
@@ -303,6 +340,32 @@ impl Metrics {
                 target: target.to_string(),
             })
             .set(state.gauge());
+    }
+
+    pub fn route_shadow(&self, route: &str, result: &'static str) {
+        self.route_shadow
+            .get_or_create(&RouteResult {
+                route: route.to_string(),
+                result,
+            })
+            .inc();
+    }
+
+    /// A shadow answer compared with its primary's.
+    pub fn route_shadow_compared(&self, route: &str, exact: bool, max_abs_diff: Option<f64>) {
+        self.route_shadow_compared
+            .get_or_create(&RouteResult {
+                route: route.to_string(),
+                result: if exact { "match" } else { "mismatch" },
+            })
+            .inc();
+        if let Some(d) = max_abs_diff {
+            self.route_shadow_max_abs_diff
+                .get_or_create(&RouteName {
+                    route: route.to_string(),
+                })
+                .observe(d);
+        }
     }
 
     pub fn route_reload(&self, result: &'static str) {
