@@ -74,9 +74,32 @@ pub struct Call {
     /// thread (on a loaded 2-core host the hand-offs of a shared work-stealing runtime cost
     /// more than the call itself). `None`: the main runtime (HTTP, tasks, other RPCs).
     pub lane: Option<usize>,
+    /// The caller's tenant, as the response cache names it (a digest of its name); `None`:
+    /// the call is not cached (tasks, streams).
+    pub tenant: Option<TenantId>,
+}
+
+/// A tenant's name digested to a fixed size, so that a call stays a small `Copy` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TenantId(pub [u8; 16]);
+
+impl TenantId {
+    pub fn of(tenant: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        let d = Sha256::digest(tenant.as_bytes());
+        Self(d[..16].try_into().expect("16 of 32 bytes"))
+    }
 }
 
 impl Call {
+    /// The same call, made by `tenant` (its answers may come from the response cache).
+    pub fn for_tenant(self, tenant: &str) -> Self {
+        Self {
+            tenant: Some(TenantId::of(tenant)),
+            ..self
+        }
+    }
+
     /// A synchronous API call on the main runtime: refused over the cap, answered decoded.
     pub fn sync(deadline: Option<Deadline>) -> Self {
         Self {
@@ -84,6 +107,7 @@ impl Call {
             admission: Admission::Refuse,
             framing: Framing::Decoded,
             lane: None,
+            tenant: None,
         }
     }
 
@@ -94,6 +118,7 @@ impl Call {
             admission: Admission::Wait,
             framing: Framing::Decoded,
             lane: None,
+            tenant: None,
         }
     }
 
@@ -104,6 +129,7 @@ impl Call {
             admission: Admission::Refuse,
             framing: Framing::AsTriton,
             lane: Some(lane),
+            tenant: None,
         }
     }
 
@@ -115,6 +141,7 @@ impl Call {
             admission: Admission::Wait,
             framing,
             lane,
+            tenant: None,
         }
     }
 

@@ -61,6 +61,8 @@ pub struct Config {
     pub scaler: ScalerConfig,
     #[command(flatten, next_help_heading = "Routes")]
     pub routes: RoutesConfig,
+    #[command(flatten, next_help_heading = "Response cache")]
+    pub cache: CacheConfig,
     /// Keys and tenants live in files only (a Secret), never on a command line.
     #[arg(skip)]
     pub auth: AuthConfig,
@@ -95,7 +97,8 @@ clap_defaults!(
     LogConfig,
     TelemetryConfig,
     ScalerConfig,
-    RoutesConfig
+    RoutesConfig,
+    CacheConfig
 );
 
 /// Range checks that name the setting by its section and field, so the name is not written a
@@ -1086,6 +1089,20 @@ pub struct RoutesConfig {
 }
 
 // ---------------------------------------------------------------------------------------------
+// [cache]
+
+/// The response cache's memory; which models and routes are cached is in the routes file
+/// (`[cache.NAME]`), so it changes on SIGHUP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bytes of answers the response cache keeps in memory (least recently used out first);
+    /// 0: no cache.
+    #[arg(long = "cache-max-bytes", env = "INFERGATE_CACHE_MAX_BYTES", value_name = "BYTES", default_value_t = 64 << 20)]
+    pub max_bytes: usize,
+}
+
+// ---------------------------------------------------------------------------------------------
 // [auth] (files only)
 
 /// Who may call and how much. With no `keys`, calls need no key and all belong to the tenant
@@ -1228,7 +1245,7 @@ impl FromArgMatches for ServeArgs {
 /// id), or the id itself where it spells the whole path. Nested sections come first.
 fn flag_paths() -> HashMap<String, String> {
     type Augment = fn(Command) -> Command;
-    let parts: [(&str, Augment); 10] = [
+    let parts: [(&str, Augment); 11] = [
         ("server.tls", ServerTls::augment_args),
         ("triton.tls", TritonTls::augment_args),
         ("server", ServerConfig::augment_args),
@@ -1239,6 +1256,7 @@ fn flag_paths() -> HashMap<String, String> {
         ("telemetry", TelemetryConfig::augment_args),
         ("scaler", ScalerConfig::augment_args),
         ("routes", RoutesConfig::augment_args),
+        ("cache", CacheConfig::augment_args),
     ];
     let mut paths = HashMap::new();
     for (section, augment) in parts {
@@ -1317,6 +1335,7 @@ impl Config {
         self.log.validate()?;
         self.telemetry.validate()?;
         self.scaler.validate()?;
+        bounds!(self.cache, "cache", { max_bytes: 0..=64u64 << 30 });
         self.auth.validate()
     }
 

@@ -439,7 +439,12 @@ impl Gateway {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
-        let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone()).with_routes(routes);
+        let mut infer =
+            InferService::new(Arc::clone(&pool), cfg.batching.clone()).with_routes(routes);
+        if cfg.cache.max_bytes > 0 {
+            let cache = crate::cache::MemoryCache::new(cfg.cache.max_bytes);
+            infer = infer.with_cache(Arc::new(cache));
+        }
         let route_reload = spawn_route_reload(&infer, stop.clone())?;
         let autoscaling = spawn_autoscaling(&cfg, &infer, &store, scaler_listener, stop.clone())?;
         let window_check = spawn_window_check(&infer, cfg.triton_health_interval(), stop.clone());

@@ -19,7 +19,8 @@ pub use validate::Validated;
 use crate::{
     backend::triton::{Answer, TritonPool},
     batch::{Batcher, ModelSettings, request_is_batchable, split},
-    call::{Admission, Call, Deadline},
+    cache::{CachePolicy, MemoryCache},
+    call::{Admission, Call, Deadline, TenantId},
     config::BatchingConfig,
     error::GatewayError,
     proto::inference::{
@@ -41,6 +42,8 @@ pub struct InferService {
     routes: Arc<Routes>,
     /// The runtime that made this service (the main one): shadow calls run there.
     main: Option<tokio::runtime::Handle>,
+    /// The response cache, when one is configured.
+    cache: Option<Arc<MemoryCache>>,
 }
 
 /// Per-model caps on requests inside infergate at once (`max_concurrent_requests`).
@@ -135,7 +138,14 @@ impl InferService {
             activity: Arc::default(),
             routes: Arc::default(),
             main: tokio::runtime::Handle::try_current().ok(),
+            cache: None,
         }
+    }
+
+    /// Answers cached models and routes from `cache`.
+    pub fn with_cache(mut self, cache: Arc<MemoryCache>) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     /// Serves `routes` besides the models.
@@ -319,8 +329,54 @@ impl InferService {
 
     /// Runs one request. With [`Framing::AsTriton`](crate::call::Framing), a request that
     /// reaches Triton alone is answered as Triton framed it ([`Answer::Framed`]), ready to be
-    /// sent on.
-    pub async fn answer(
+    /// sent on. A request to a cached model or route by a known tenant may be answered from
+    /// the response cache.
+    pub async fn answer(&self, req: ModelInferRequest, call: Call) -> Result<Answer, GatewayError> {
+        if let (Some(cache), Some(tenant)) = (&self.cache, call.tenant)
+            && let Some(policy) = self.routes.cache_policy(&req.model_name)
+        {
+            return self.cached(cache, &policy, tenant, req, call).await;
+        }
+        self.answer_live(req, call).await
+    }
+
+    /// True when calls should say their tenant ([`Call::for_tenant`]): something is cached.
+    pub fn wants_tenant(&self) -> bool {
+        self.cache.is_some() && self.routes.caches_anything()
+    }
+
+    async fn cached(
+        &self,
+        cache: &MemoryCache,
+        policy: &CachePolicy,
+        tenant: TenantId,
+        req: ModelInferRequest,
+        call: Call,
+    ) -> Result<Answer, GatewayError> {
+        let name = req.model_name.clone();
+        let key = crate::cache::key(&req, (!policy.shared).then_some(&tenant));
+        let m = crate::telemetry::metrics::metrics();
+        if let Some(hit) = cache.get(&key, Instant::now()) {
+            m.cache_request(&name, "hit");
+            let mut resp = (*hit).clone();
+            resp.id.clone_from(&req.id);
+            crate::cache::mark_hit(&mut resp);
+            return Ok(Answer::Decoded(resp));
+        }
+        m.cache_request(&name, "miss");
+        let resp = self.answer_live(req, call).await?.into_response()?;
+        let bytes = prost::Message::encoded_len(&resp);
+        if bytes <= policy.max_entry_bytes {
+            let mut kept = resp.clone();
+            kept.id.clear();
+            let evicted = cache.put(key, Arc::new(kept), bytes, Instant::now() + policy.ttl);
+            m.cache_evictions.inc_by(evicted);
+            m.cache_bytes.set(cache.usage().0 as i64);
+        }
+        Ok(Answer::Decoded(resp))
+    }
+
+    async fn answer_live(
         &self,
         mut req: ModelInferRequest,
         call: Call,

@@ -12,6 +12,11 @@
 //! breaker = { consecutive_failures = 5, error_rate = 0.5, window_s = 10, min_calls = 20,
 //!             cooldown_ms = 5000, probes = 3 }  # optional, these are the defaults
 //! shadow = { model = "classifier_v3", share = 0.1, max_in_flight = 64 }  # optional
+//!
+//! [cache.classifier]                 # a model or a route; deterministic models only
+//! ttl_ms = 60000
+//! shared = false                     # true: one entry for every tenant
+//! max_entry_bytes = 1048576
 //! ```
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
@@ -38,6 +43,24 @@ pub enum RouteError {
 struct File {
     #[serde(default)]
     routes: HashMap<String, RouteSpec>,
+    /// Response caching, by model or route name.
+    #[serde(default)]
+    cache: HashMap<String, CacheSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheSpec {
+    ttl_ms: u64,
+    /// One entry for every tenant: only for models whose answers are public.
+    #[serde(default)]
+    shared: bool,
+    #[serde(default = "default_max_entry_bytes")]
+    max_entry_bytes: usize,
+}
+
+fn default_max_entry_bytes() -> usize {
+    1 << 20
 }
 
 #[derive(Deserialize)]
@@ -270,7 +293,28 @@ pub fn parse(text: &str) -> Result<RouteTable, RouteError> {
             });
         }
     }
-    Ok(RouteTable { routes })
+    let mut caches = HashMap::new();
+    for (name, c) in file.cache {
+        let bad = |what: &str, message: &str| RouteError::Invalid {
+            field: format!("cache.{name}.{what}"),
+            message: message.into(),
+        };
+        if !(1..=86_400_000).contains(&c.ttl_ms) {
+            return Err(bad("ttl_ms", "is outside 1..=86400000"));
+        }
+        if !(1..=(256 << 20)).contains(&c.max_entry_bytes) {
+            return Err(bad("max_entry_bytes", "is outside 1..=268435456"));
+        }
+        caches.insert(
+            name,
+            crate::cache::CachePolicy {
+                ttl: Duration::from_millis(c.ttl_ms),
+                shared: c.shared,
+                max_entry_bytes: c.max_entry_bytes,
+            },
+        );
+    }
+    Ok(RouteTable { routes, caches })
 }
 
 #[cfg(test)]

@@ -128,8 +128,30 @@ impl Routes {
     }
 
     pub fn set(&self, table: RouteTable) {
-        self.any.store(!table.routes.is_empty(), Ordering::Release);
+        self.any.store(
+            !table.routes.is_empty() || !table.caches.is_empty(),
+            Ordering::Release,
+        );
         *self.table.write().expect("routes lock") = Arc::new(table);
+    }
+
+    /// True when the running table caches some model or route.
+    pub fn caches_anything(&self) -> bool {
+        self.any.load(Ordering::Acquire)
+            && !self.table.read().expect("routes lock").caches.is_empty()
+    }
+
+    /// How answers called by `name` (a model or a route) are cached, if they are.
+    pub fn cache_policy(&self, name: &str) -> Option<crate::cache::CachePolicy> {
+        if !self.any.load(Ordering::Acquire) {
+            return None;
+        }
+        self.table
+            .read()
+            .expect("routes lock")
+            .caches
+            .get(name)
+            .cloned()
     }
 
     /// The running table.

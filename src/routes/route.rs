@@ -218,10 +218,11 @@ fn draw() -> u64 {
     })
 }
 
-/// Routes by name.
+/// Routes by name, and how each cached model or route is cached.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RouteTable {
     pub routes: HashMap<String, Arc<Route>>,
+    pub caches: HashMap<String, crate::cache::CachePolicy>,
 }
 
 #[cfg(test)]

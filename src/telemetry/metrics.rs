@@ -65,6 +65,13 @@ pub struct EndpointLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub name: String,
+    /// `hit` or `miss`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteResult {
     pub route: String,
     pub result: &'static str,
@@ -174,6 +181,10 @@ pub struct Metrics {
     pub route_shadow: Family<RouteResult, Counter>,
     pub route_shadow_compared: Family<RouteResult, Counter>,
     pub route_shadow_max_abs_diff: Hist<RouteName>,
+    /// Response cache lookups by the name called and result, its bytes and evictions.
+    pub cache_requests: Family<CacheLabels, Counter>,
+    pub cache_bytes: Gauge,
+    pub cache_evictions: Counter,
 }
 
 impl Metrics {
@@ -204,6 +215,9 @@ impl Metrics {
             route_shadow: Family::default(),
             route_shadow_compared: Family::default(),
             route_shadow_max_abs_diff: Family::new_with_constructor(shadow_diff),
+            cache_requests: Family::default(),
+            cache_bytes: Gauge::default(),
+            cache_evictions: Counter::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -282,6 +296,21 @@ impl Metrics {
             m.scaler_decisions.clone(),
         );
         r.register(
+            "cache_requests",
+            "Response cache lookups by the model or route called and result (hit, miss)",
+            m.cache_requests.clone(),
+        );
+        r.register(
+            "cache_bytes",
+            "Bytes of answers the response cache holds",
+            m.cache_bytes.clone(),
+        );
+        r.register(
+            "cache_evictions",
+            "Answers the response cache dropped to stay under its bound",
+            m.cache_evictions.clone(),
+        );
+        r.register(
             "route_shadow",
             "Shadow calls of a route by result: sent, dropped (every place taken), failed",
             m.route_shadow.clone(),
@@ -340,6 +369,15 @@ impl Metrics {
                 target: target.to_string(),
             })
             .set(state.gauge());
+    }
+
+    pub fn cache_request(&self, name: &str, result: &'static str) {
+        self.cache_requests
+            .get_or_create(&CacheLabels {
+                name: name.to_string(),
+                result,
+            })
+            .inc();
     }
 
     pub fn route_shadow(&self, route: &str, result: &'static str) {

@@ -106,7 +106,7 @@ async fn infer(
     headers: &HeaderMap,
     body: RecvStream,
 ) -> Result<Bytes, GatewayError> {
-    shared.auth.admit_http(headers)?;
+    let caller = shared.auth.admit_http(headers)?;
     let gzip = match headers.get(&GRPC_ENCODING).map(HeaderValue::as_bytes) {
         None | Some(b"identity") => false,
         Some(b"gzip") => true,
@@ -123,7 +123,11 @@ async fn infer(
     })?;
     let model = req.model_name.clone();
     // The call's properties, decided here once: its deadline, its lane, Triton's frame.
-    let call = Call::grpc_on_lane(read_timeout(headers).and_then(Deadline::after), lane);
+    let mut call = Call::grpc_on_lane(read_timeout(headers).and_then(Deadline::after), lane);
+    // Digested only when something is cached: the cache is the tenant's only reader here.
+    if shared.infer.wants_tenant() {
+        call = call.for_tenant(&caller.tenant);
+    }
     let answer = observed(
         "grpc ModelInfer",
         "grpc",

@@ -1,7 +1,7 @@
 //! The Open Inference Protocol routes over HTTP/JSON, as Triton's (`/v2/...`).
 
 use axum::{
-    Json,
+    Extension, Json,
     body::Body,
     extract::{Path, State},
     http::{HeaderMap, StatusCode},
@@ -16,6 +16,7 @@ use super::{
 };
 use crate::{
     api::{narrow_extensions, observed},
+    auth::Caller,
     call::{Call, Deadline},
     error::GatewayError,
     proto::{
@@ -268,6 +269,7 @@ pub(super) async fn repository_index(
 pub(super) async fn infer(
     State(s): State<Shared>,
     Path(p): Params,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
@@ -275,9 +277,18 @@ pub(super) async fn infer(
     let work = async {
         let bytes = read_body(body, &headers, s.max_request_bytes).await?;
         let (req, prefs) = codec::decode_request(&m, &v, &headers, bytes)?;
-        let call = Call::sync(timeout_header(&headers)?.and_then(Deadline::after));
+        let mut call = Call::sync(timeout_header(&headers)?.and_then(Deadline::after));
+        if s.infer.wants_tenant() {
+            call = call.for_tenant(&caller.tenant);
+        }
         let resp = s.infer.infer(req, call).await?;
-        Ok(codec::encode_response(resp, &prefs)?.into_response())
+        let hit = crate::cache::is_hit(&resp);
+        let mut out = codec::encode_response(resp, &prefs)?.into_response();
+        if hit {
+            out.headers_mut()
+                .insert("infergate-cache", http::HeaderValue::from_static("hit"));
+        }
+        Ok(out)
     };
     observed("http infer", "http", &m, &headers, work).await
 }
