@@ -79,22 +79,24 @@ impl Scaler {
                 "scalerMetadata.models: name the models this object serves (comma-separated)",
             ));
         }
-        let num = |key: &str, default: u64| -> Result<u64, Status> {
+        // Parsed as u32 itself: a larger number is refused, not wrapped into a small one.
+        let num = |key: &str, default: u32| -> Result<u32, Status> {
             meta.get(key).map_or(Ok(default), |v| {
                 v.trim().parse().map_err(|_| {
                     Status::invalid_argument(format!(
-                        "scalerMetadata.{key}: '{v}' is not a whole number"
+                        "scalerMetadata.{key}: '{v}' is not a whole number in 0..=4294967295"
                     ))
                 })
             })
         };
         let c = &self.cfg;
         let policy = Policy {
-            min_replicas: num("minReplicas", c.min_replicas.into())? as u32,
-            max_replicas: num("maxReplicas", c.max_replicas.into())? as u32,
-            capacity_per_replica: num("capacityPerReplica", c.capacity_per_replica.into())?.max(1)
-                as f64,
-            tasks_per_replica: num("tasksPerReplica", c.tasks_per_replica.into())?.max(1) as f64,
+            min_replicas: num("minReplicas", c.min_replicas)?,
+            max_replicas: num("maxReplicas", c.max_replicas)?,
+            capacity_per_replica: num("capacityPerReplica", c.capacity_per_replica)?
+                .max(1)
+                .into(),
+            tasks_per_replica: num("tasksPerReplica", c.tasks_per_replica)?.max(1).into(),
             horizon_s: c.baseline_horizon_s,
             half_life_s: c.baseline_half_life_s,
         };
