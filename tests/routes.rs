@@ -33,6 +33,7 @@ fn routes_file(tag: &str, text: &str) -> PathBuf {
 const CANARY: &str = r#"
 [routes.canary]
 sticky_parameter = "user"
+sticky_header = "x-user-id"
 targets = [
   { model = "add_sub", weight = 90 },
   { model = "add_sub_delay", weight = 10 },
@@ -114,12 +115,68 @@ async fn a_canary_route_splits_sticks_and_describes_itself() {
     println!("sticky: 300 users x 4 requests, {on_canary} users on the 10 % arm");
     assert!((10..=60).contains(&on_canary), "{on_canary}");
 
-    // HTTP and tasks call the route as a model.
+    // A sticky header does the same, over gRPC, HTTP and tasks alike (and wins over the
+    // parameter): one arm per user.
     let http = reqwest::Client::new();
     let (twos, ones) = ([2.0f32; 16], [1.0f32; 16]);
     let body = json!({"inputs": [
         {"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": twos},
         {"name": "INPUT1", "shape": [1, 16], "datatype": "FP32", "data": ones}]});
+    let mut by_header: HashMap<String, String> = HashMap::new();
+    let mut tasks = Vec::new();
+    for u in 0..100 {
+        let user = format!("header-user-{u}");
+        let mut c = client.clone();
+        let mut arms = Vec::new();
+        for k in 0..3 {
+            // The parameter names another user each time: the header decides.
+            let mut req = tonic::Request::new(canary_request(Some(&format!("other-{u}-{k}"))));
+            req.metadata_mut()
+                .insert("x-user-id", user.parse().unwrap());
+            arms.push(c.model_infer(req).await.unwrap().into_inner().model_name);
+        }
+        let r: Value = http
+            .post(format!("{}/v2/models/canary/infer", gw.http_base()))
+            .header("x-user-id", &user)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        arms.push(r["model_name"].as_str().unwrap().to_string());
+        assert!(arms.iter().all(|a| *a == arms[0]), "{user}: {arms:?}");
+        if u < 20 {
+            let t: Value = http
+                .post(format!("{}/v1/models/canary/tasks", gw.http_base()))
+                .header("x-user-id", &user)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            tasks.push((t["id"].as_str().unwrap().to_string(), arms[0].clone()));
+        }
+        by_header.insert(user, arms.swap_remove(0));
+    }
+    let ids: Vec<String> = tasks.iter().map(|(id, _)| id.clone()).collect();
+    let done = wait_final(&http, &gw.http_base(), &ids, Duration::from_secs(30)).await;
+    for (t, (_, arm)) in done.iter().zip(&tasks) {
+        assert_eq!(t["status"], "succeeded", "{t}");
+        assert_eq!(
+            t["model"].as_str(),
+            Some(arm.as_str()),
+            "a task keeps its caller's arm"
+        );
+    }
+    let on_canary = by_header.values().filter(|m| *m == "add_sub_delay").count();
+    println!("sticky header: 100 users x 4 requests + 20 tasks, {on_canary} users on the 10 % arm");
+    assert!((2..=25).contains(&on_canary), "{on_canary}");
+
+    // HTTP and tasks call the route as a model.
     let r = post_json(
         &http,
         &format!("{}/v2/models/canary/infer", gw.http_base()),
@@ -360,6 +417,11 @@ targets = [{ model = "flaky", weight = 100 }]
 fallback = { model = "slow" }
 slo_ms = 150
 breaker = { consecutive_failures = 3, cooldown_ms = 1000, probes = 2 }
+
+[routes.deadline]
+targets = [{ model = "slow", weight = 100 }]
+fallback = { model = "flaky" }
+breaker = { consecutive_failures = 1000, cooldown_ms = 10000 }
 "#,
     ));
     let gw = gateway_with(cfg).await;
@@ -470,6 +532,42 @@ breaker = { consecutive_failures = 3, cooldown_ms = 1000, probes = 2 }
     }
     let m = scrape(&http, &gw.http_base()).await;
     assert!(m["infergate_route_fallbacks_total{route=\"guarded\",target=\"slow\"}"] > 40.0);
+
+    // A deadline the target would miss: `slow` takes 300 ms a call. Callers without a
+    // deadline teach the route that; then callers with 150 ms are answered by the fallback
+    // (no error), callers with 3 s still by the target.
+    let deadline_request = |ms: Option<u64>| {
+        let mut r = flaky_request();
+        r.model_name = "deadline".into();
+        r.parameters.insert(
+            "delay_ms".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(300)),
+            },
+        );
+        let mut req = tonic::Request::new(r);
+        if let Some(ms) = ms {
+            req.set_timeout(Duration::from_millis(ms));
+        }
+        req
+    };
+    let mut c = client.clone();
+    for _ in 0..3 {
+        let r = c.model_infer(deadline_request(None)).await.unwrap();
+        assert_eq!(r.into_inner().model_name, "slow");
+    }
+    let mut served = Vec::new();
+    for _ in 0..20 {
+        let r = c.model_infer(deadline_request(Some(150))).await;
+        served.push(r.map(|r| r.into_inner().model_name).map_err(|e| e.code()));
+    }
+    println!("20 requests with 150 ms on a 300 ms target: {served:?}");
+    assert!(
+        served.iter().all(|r| r.as_deref() == Ok("flaky")),
+        "{served:?}"
+    );
+    let r = c.model_infer(deadline_request(Some(3_000))).await.unwrap();
+    assert_eq!(r.into_inner().model_name, "slow", "time enough: the target");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,7 +33,12 @@ pub struct CachePolicy {
 pub const HIT_PARAMETER: &str = "infergate_cache";
 
 /// Request parameters that do not change an answer: left out of the key.
-const NOT_IN_KEY: [&str; 3] = ["timeout", "priority", "sequence_id"];
+const NOT_IN_KEY: [&str; 4] = [
+    "timeout",
+    "priority",
+    "sequence_id",
+    crate::routes::STICKY_CARRIER,
+];
 
 fn params(h: &mut Sha256, p: &std::collections::HashMap<String, InferParameter>) {
     let mut keys: Vec<&String> = p

@@ -295,21 +295,23 @@ impl InferService {
     /// Validates a request (model known, tensors right) without running it: the task API
     /// refuses bad requests before queueing them.
     pub async fn check(&self, req: &mut ModelInferRequest) -> Result<Validated, GatewayError> {
-        self.lookup(req, false).await.map(|(_, v, _)| v)
+        self.lookup(req, false, None).await.map(|(_, v, _)| v)
     }
 
     /// The model's description, and the request validated against it.
     /// `run`: the request goes to Triton now (not a task being accepted), so a guarded
-    /// route's breaker lets it through and wants its outcome.
+    /// route's breaker lets it through and wants its outcome; `deadline`: its answer is
+    /// needed by then (a route sends it to its fallback when its target would be late).
     async fn lookup(
         &self,
         req: &mut ModelInferRequest,
         run: bool,
+        deadline: Option<Deadline>,
     ) -> Result<(Arc<ModelInfo>, Validated, Routed), GatewayError> {
         if req.model_name.is_empty() {
             return Err(GatewayError::invalid("model_name is empty"));
         }
-        let routed = self.routes.resolve(req, run)?;
+        let routed = self.routes.resolve(req, run, deadline)?;
         let info = self
             .backend
             .model_info(&req.model_name, &req.model_version)
@@ -382,7 +384,7 @@ impl InferService {
         call: Call,
     ) -> Result<Answer, GatewayError> {
         let call = call.with_deadline(deadline_of(&req, call.deadline, Instant::now()));
-        let (info, validated, routed) = self.lookup(&mut req, true).await?;
+        let (info, validated, routed) = self.lookup(&mut req, true, call.deadline).await?;
         let shadow = routed.shadow.map(|s| {
             let mut copy = req.clone();
             copy.model_name.clone_from(&s.target.model);
@@ -422,7 +424,7 @@ impl InferService {
         match again {
             Some((mut again, fallback)) if failed => {
                 crate::telemetry::metrics::metrics().route_fallback(&route, &fallback);
-                let (info, validated, _) = self.lookup(&mut again, false).await?;
+                let (info, validated, _) = self.lookup(&mut again, false, None).await?;
                 self.run(again, call, info, validated).await
             }
             _ => answer,
@@ -437,7 +439,7 @@ impl InferService {
         let task = async move {
             let ShadowCall { route, permit, .. } = s;
             let shadow = async {
-                let (info, validated, _) = this.lookup(&mut copy, false).await?;
+                let (info, validated, _) = this.lookup(&mut copy, false, None).await?;
                 this.run(copy, Call::sync(None), info, validated)
                     .await?
                     .into_response()

@@ -75,6 +75,9 @@ struct Inner {
     mode: Mode,
     consecutive: u32,
     window: VecDeque<(Instant, bool)>,
+    /// The target's recent latency as its callers saw it (queues included): a moving
+    /// average, and when it was last fed.
+    latency: Option<(Duration, Instant)>,
 }
 
 #[derive(Debug)]
@@ -91,6 +94,7 @@ impl Breaker {
                 mode: Mode::Closed,
                 consecutive: 0,
                 window: VecDeque::new(),
+                latency: None,
             }),
         }
     }
@@ -131,6 +135,30 @@ impl Breaker {
         if let (Admit::Probe, Mode::HalfOpen { in_flight, .. }) = (how, &mut s.mode) {
             *in_flight = in_flight.saturating_sub(1);
         }
+    }
+
+    /// One call's latency, from its route's resolve to its answer.
+    pub fn observe(&self, took: Duration, now: Instant) {
+        let mut s = self.inner.lock().expect("breaker lock");
+        let avg = match s.latency {
+            // A moving average over about the last five calls: quick to see a queue build.
+            Some((avg, _)) => (avg * 4 + took) / 5,
+            None => took,
+        };
+        s.latency = Some((avg, now));
+    }
+
+    /// What a call is expected to take now, if that is known. An estimate no call has fed
+    /// for a cool-down is stale: this caller is let through to measure again (the others go
+    /// on with the old estimate until it answers).
+    pub fn expected(&self, now: Instant) -> Option<Duration> {
+        let mut s = self.inner.lock().expect("breaker lock");
+        let (avg, fed) = s.latency.as_mut()?;
+        if now.saturating_duration_since(*fed) > self.cfg.cooldown {
+            *fed = now;
+            return None;
+        }
+        Some(*avg)
     }
 
     /// The outcome of a call let through as `how`.
@@ -215,6 +243,21 @@ mod tests {
         b.record(Admit::Probe, true, t1);
         assert_eq!(b.state(t1), State::Closed);
         assert_eq!(b.admit(t1), Admit::Closed);
+    }
+
+    #[test]
+    fn the_expected_latency_follows_calls_and_goes_stale() {
+        let b = breaker();
+        let t0 = Instant::now();
+        assert_eq!(b.expected(t0), None, "nothing measured yet");
+        b.observe(Duration::from_millis(100), t0);
+        assert_eq!(b.expected(t0), Some(Duration::from_millis(100)));
+        b.observe(Duration::from_millis(600), t0);
+        assert_eq!(b.expected(t0), Some(Duration::from_millis(200)));
+        // Unfed for over the cool-down (1 s): one caller measures, the next reads the old one.
+        let t1 = t0 + Duration::from_millis(1_500);
+        assert_eq!(b.expected(t1), None);
+        assert_eq!(b.expected(t1), Some(Duration::from_millis(200)));
     }
 
     #[test]

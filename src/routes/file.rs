@@ -2,7 +2,8 @@
 //!
 //! ```toml
 //! [routes.classifier]
-//! sticky_parameter = "user"          # optional: a request parameter that keeps a caller on one arm
+//! sticky_header = "x-user-id"       # optional: a header that keeps a caller on one arm, or
+//! sticky_parameter = "user"          # a request parameter (the header wins when both are sent)
 //! targets = [
 //!   { model = "classifier_v1", weight = 90 },
 //!   { model = "classifier_v2", version = "2", weight = 10 },
@@ -69,6 +70,8 @@ struct RouteSpec {
     targets: Vec<TargetSpec>,
     #[serde(default)]
     sticky_parameter: Option<String>,
+    #[serde(default)]
+    sticky_header: Option<String>,
     #[serde(default)]
     fallback: Option<FallbackSpec>,
     #[serde(default)]
@@ -198,7 +201,15 @@ pub fn parse(text: &str) -> Result<RouteTable, RouteError> {
         if spec.sticky_parameter.as_deref().is_some_and(str::is_empty) {
             return Err(bad("sticky_parameter", "is empty".into()));
         }
+        let sticky_header = match spec.sticky_header {
+            Some(h) => Some(
+                http::HeaderName::from_bytes(h.as_bytes())
+                    .map_err(|_| bad("sticky_header", format!("'{h}' is not a header name")))?,
+            ),
+            None => None,
+        };
         let mut route = Route::new(name.clone(), targets, spec.sticky_parameter);
+        route.sticky_header = sticky_header;
         if spec.fallback.is_some() || spec.slo_ms.is_some() || spec.breaker.is_some() {
             let fallback = match spec.fallback {
                 Some(f) if f.model.is_empty() => {
@@ -359,6 +370,10 @@ mod tests {
             (
                 "[routes.c]\ntargets = [{model = \"a\", weight = 1}]\nfallback = { model = \"\" }",
                 "routes.c.fallback.model",
+            ),
+            (
+                "[routes.c]\ntargets = [{model = \"a\", weight = 1}]\nsticky_header = \"x user\"",
+                "routes.c.sticky_header",
             ),
         ] {
             let err = parse(text).unwrap_err().to_string();

@@ -24,11 +24,12 @@ use std::{
 
 use breaker::{Admit, Breaker, State};
 pub use file::RouteError;
-pub use route::{Route, RouteTable, Target};
+pub use route::{Route, RouteTable, STICKY_CARRIER, Target};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::{
-    error::GatewayError, proto::inference::ModelInferRequest, telemetry::metrics::metrics,
+    call::Deadline, error::GatewayError, proto::inference::ModelInferRequest,
+    telemetry::metrics::metrics,
 };
 
 /// What resolving a route leaves to do after the call: tell its breaker the outcome, and
@@ -76,7 +77,9 @@ impl Watch {
     /// slower than the route's SLO counts as a failure all the same.
     pub fn finish(mut self, ok: bool) {
         let now = Instant::now();
-        let in_time = self.slo.is_none_or(|slo| now - self.started <= slo);
+        let took = now - self.started;
+        self.breaker.observe(took, now);
+        let in_time = self.slo.is_none_or(|slo| took <= slo);
         self.breaker.record(self.admit, ok && in_time, now);
         self.done = true;
         metrics().route_breaker(&self.route, &self.target, self.breaker.state(now));
@@ -180,27 +183,69 @@ impl Routes {
         self.file.as_ref()
     }
 
+    /// At the edge: when `req` names a route with a sticky header and `headers` carry it, its
+    /// value goes with the request (as [`STICKY_CARRIER`]) to where the route is resolved,
+    /// now or, for a task, in the worker.
+    pub fn stick(&self, req: &mut ModelInferRequest, headers: &http::HeaderMap) {
+        let Some(route) = self.get(&req.model_name) else {
+            return;
+        };
+        let value = route
+            .sticky_header
+            .as_ref()
+            .and_then(|h| headers.get(h))
+            .and_then(|v| v.to_str().ok());
+        if let Some(v) = value {
+            req.parameters.insert(
+                STICKY_CARRIER.into(),
+                crate::proto::inference::InferParameter {
+                    parameter_choice: Some(
+                        crate::proto::inference::infer_parameter::ParameterChoice::StringParam(
+                            v.into(),
+                        ),
+                    ),
+                },
+            );
+        }
+    }
+
     /// Sends a request named by a route to its target: by weight (or its sticky key), or to
-    /// the route's fallback while the target's circuit is open. `run`: the call goes to
-    /// Triton now, and its outcome is told back through the [`Watch`]; otherwise (a task
-    /// being accepted) the breakers are only read.
-    pub fn resolve(&self, req: &mut ModelInferRequest, run: bool) -> Result<Routed, GatewayError> {
+    /// the route's fallback while the target's circuit is open, or when the target's recent
+    /// latency says the request's `deadline` would pass before it answers. `run`: the call
+    /// goes to Triton now, and its outcome is told back through the [`Watch`]; otherwise (a
+    /// task being accepted) the breakers are only read.
+    pub fn resolve(
+        &self,
+        req: &mut ModelInferRequest,
+        run: bool,
+        deadline: Option<Deadline>,
+    ) -> Result<Routed, GatewayError> {
         let Some(route) = self.get(&req.model_name) else {
             return Ok(Routed::default());
         };
         refuse_version(&route, &req.model_version)?;
         let i = route.pick_index(req);
+        req.parameters.remove(STICKY_CARRIER);
         let picked = &route.targets[i];
         let mut watch = None;
         let target = match route.breaker(i) {
             None => picked,
             Some(b) => {
                 let now = Instant::now();
-                let admit = match (run, b.state(now)) {
+                let mut admit = match (run, b.state(now)) {
                     (true, _) => b.admit(now),
                     (false, State::Closed) => Admit::Closed,
                     (false, _) => Admit::Open,
                 };
+                // Too slow for this caller: the fallback answers it, the target's state
+                // untouched (only closed targets; a probe must measure).
+                if admit == Admit::Closed
+                    && route.fallback.is_some()
+                    && let Some(d) = deadline
+                    && b.expected(now).is_some_and(|e| now + e > d.instant())
+                {
+                    admit = Admit::Open;
+                }
                 metrics().route_breaker(&route.name, &picked.label(), b.state(now));
                 match (admit, &route.fallback) {
                     (Admit::Open, Some(fallback)) => {

@@ -33,6 +33,9 @@ pub struct Route {
     pub targets: Vec<Target>,
     /// A request parameter whose value keeps a caller on one target.
     pub sticky_parameter: Option<String>,
+    /// A header whose value keeps a caller on one target: the edge that reads it carries its
+    /// value to the route in the request parameter [`STICKY_CARRIER`].
+    pub sticky_header: Option<http::HeaderName>,
     /// Where a request goes when its target's circuit is open.
     pub fallback: Option<Target>,
     /// A call slower than this counts as a failure of its target.
@@ -76,12 +79,14 @@ impl PartialEq for Route {
             &self.name,
             &self.targets,
             &self.sticky_parameter,
+            &self.sticky_header,
             &self.fallback,
             self.slo,
         ) == (
             &other.name,
             &other.targets,
             &other.sticky_parameter,
+            &other.sticky_header,
             &other.fallback,
             other.slo,
         )
@@ -97,6 +102,7 @@ impl Route {
             name,
             targets,
             sticky_parameter,
+            sticky_header: None,
             fallback: None,
             slo: None,
             breakers: Vec::new(),
@@ -155,13 +161,17 @@ impl Route {
     }
 
     /// Where a request goes (an index into `targets`): by its sticky key's hash when it has
-    /// one, else by a draw.
+    /// one (the sticky header's value, else the sticky parameter's), else by a draw.
     pub fn pick_index(&self, req: &ModelInferRequest) -> usize {
-        match self
-            .sticky_parameter
+        let from_header = self
+            .sticky_header
             .as_ref()
-            .and_then(|p| sticky_key(req, p))
-        {
+            .and_then(|_| sticky_key(req, STICKY_CARRIER));
+        match from_header.or_else(|| {
+            self.sticky_parameter
+                .as_ref()
+                .and_then(|p| sticky_key(req, p))
+        }) {
             Some(key) => self.at(fnv1a(&key)),
             None => self.at(draw()),
         }
@@ -171,6 +181,11 @@ impl Route {
         &self.targets[self.pick_index(req)]
     }
 }
+
+/// The request parameter that carries a route's sticky header from the edge (HTTP, gRPC, a
+/// task's stored request) to where the route is resolved, which takes it out again: Triton
+/// never sees it, and the response cache's key leaves it out.
+pub const STICKY_CARRIER: &str = "infergate_sticky";
 
 /// A parameter's value as bytes (strings, integers and booleans; others are not keys).
 fn sticky_key(req: &ModelInferRequest, name: &str) -> Option<Vec<u8>> {

@@ -61,6 +61,12 @@ fn broker_priority(req: &ModelInferRequest) -> u8 {
 impl TaskFront {
     /// Checks and queues a request. Returns the task and whether it was created now (false:
     /// an earlier task with the same idempotency key).
+    /// A route's sticky header, carried in the request to where its arm is picked (at
+    /// accept: a task runs on the target picked then).
+    pub fn stick(&self, req: &mut ModelInferRequest, headers: &http::HeaderMap) {
+        self.infer.routes().stick(req, headers);
+    }
+
     pub async fn submit(
         &self,
         mut req: ModelInferRequest,

@@ -118,9 +118,10 @@ async fn infer(
         }
     };
     let message = read_message(body, shared.max_request_bytes, gzip).await?;
-    let req = ModelInferRequest::decode(message).map_err(|e| {
+    let mut req = ModelInferRequest::decode(message).map_err(|e| {
         GatewayError::invalid(format!("the message is not a ModelInferRequest: {e}"))
     })?;
+    shared.infer.routes().stick(&mut req, headers);
     let model = req.model_name.clone();
     // The call's properties, decided here once: its deadline, its lane, Triton's frame.
     let mut call = Call::grpc_on_lane(read_timeout(headers).and_then(Deadline::after), lane);

@@ -115,7 +115,8 @@ impl GrpcInferenceService for GrpcApi {
             .map(move |msg| {
                 let (infer, headers) = (infer.clone(), Arc::clone(&headers));
                 async move {
-                    let r = msg?;
+                    let mut r = msg?;
+                    infer.routes().stick(&mut r, &headers);
                     let (model_name, model_version, id) =
                         (r.model_name.clone(), r.model_version.clone(), r.id.clone());
                     let call = infer.infer(r, Call::sync(None));

@@ -79,9 +79,10 @@ impl TaskService for GrpcTasks {
         let (md, ext, r) = req.into_parts();
         let caller = caller_of(&ext);
         let headers = md.into_headers();
-        let infer = r
+        let mut infer = r
             .request
             .ok_or_else(|| Status::invalid_argument("field 'request' is missing"))?;
+        self.front.stick(&mut infer, &headers);
         let key = Some(r.idempotency_key).filter(|k| !k.is_empty());
         let incoming = TraceHeaders {
             traceparent: header_text(&headers, "traceparent"),

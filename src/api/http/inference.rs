@@ -276,7 +276,8 @@ pub(super) async fn infer(
     let (m, v) = model_and_version(p);
     let work = async {
         let bytes = read_body(body, &headers, s.max_request_bytes).await?;
-        let (req, prefs) = codec::decode_request(&m, &v, &headers, bytes)?;
+        let (mut req, prefs) = codec::decode_request(&m, &v, &headers, bytes)?;
+        s.infer.routes().stick(&mut req, &headers);
         let mut call = Call::sync(timeout_header(&headers)?.and_then(Deadline::after));
         if s.infer.wants_tenant() {
             call = call.for_tenant(&caller.tenant);

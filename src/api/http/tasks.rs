@@ -104,7 +104,8 @@ pub async fn submit(
     let front = front(&s)?;
     let (model, version) = model_and_version(p);
     let bytes = read_body(body, &headers, s.max_request_bytes).await?;
-    let (req, _) = codec::decode_request(&model, &version, &headers, bytes)?;
+    let (mut req, _) = codec::decode_request(&model, &version, &headers, bytes)?;
+    front.stick(&mut req, &headers);
     let key = headers
         .get(IDEMPOTENCY_KEY)
         .map(|v| {
