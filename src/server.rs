@@ -441,9 +441,17 @@ impl Gateway {
 
         let mut infer =
             InferService::new(Arc::clone(&pool), cfg.batching.clone()).with_routes(routes);
-        if cfg.cache.max_bytes > 0 {
+        if let Some(url) = &cfg.cache.redis {
+            let redis = crate::cache::RedisCache::new(
+                url,
+                &cfg.tasks.redis_prefix,
+                Duration::from_millis(cfg.cache.redis_timeout_ms),
+            )
+            .map_err(|e| anyhow::anyhow!("cache.redis: {e}"))?;
+            infer = infer.with_cache(Arc::new(crate::cache::Store::Redis(redis)));
+        } else if cfg.cache.max_bytes > 0 {
             let cache = crate::cache::MemoryCache::new(cfg.cache.max_bytes);
-            infer = infer.with_cache(Arc::new(cache));
+            infer = infer.with_cache(Arc::new(crate::cache::Store::Memory(cache)));
         }
         let route_reload = spawn_route_reload(&infer, stop.clone())?;
         let autoscaling = spawn_autoscaling(&cfg, &infer, &store, scaler_listener, stop.clone())?;

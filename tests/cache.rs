@@ -150,3 +150,72 @@ async fn memory_stays_under_its_bound_while_distinct_requests_fill_it() {
     // The most recent answers are still there.
     assert!(infer(&http, &base, KEY_A, 499.0).await.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn front_ends_share_one_cache_in_redis_and_a_redis_down_is_only_misses() {
+    let _one = ONNX.lock().await;
+    let prefix = format!("infergate-cache-test-{}", std::process::id());
+    let shared = || {
+        let mut cfg = config("[cache.onnx_linear]\nttl_ms = 1500\n", 64 << 20);
+        cfg.cache.redis = Some(REDIS.into());
+        cfg.tasks.redis_prefix.clone_from(&prefix);
+        cfg
+    };
+    let (one, two) = (gateway_with(shared()).await, gateway_with(shared()).await);
+    let http = reqwest::Client::new();
+    let before = executed().await;
+    // Front end one asks Triton; front end two answers the same request from Redis.
+    let (hit, first) = infer(&http, &one.http_base(), KEY_A, 5.0).await;
+    assert!(!hit);
+    for k in 0..20 {
+        let gw = if k % 2 == 0 { &two } else { &one };
+        let (hit, again) = infer(&http, &gw.http_base(), KEY_A, 5.0).await;
+        assert!(hit, "request {k}");
+        assert_eq!(again, first);
+    }
+    // Tenant B's same request is its own entry.
+    assert!(!infer(&http, &two.http_base(), KEY_B, 5.0).await.0);
+    assert_eq!(
+        executed().await - before,
+        2,
+        "21 of tenant A's 22 and B's one: two calls"
+    );
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:cache:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        (1..=1500).contains(&ttl),
+        "Redis expires it itself: {ttl} ms"
+    );
+    tokio::time::sleep(Duration::from_millis(1_700)).await;
+    assert!(
+        !infer(&http, &two.http_base(), KEY_A, 5.0).await.0,
+        "expired"
+    );
+
+    // A Redis that answers nothing (a port with no listener): every call still answered,
+    // each a miss, the failures counted.
+    let mut cfg = config("[cache.onnx_linear]\nttl_ms = 1500\n", 64 << 20);
+    cfg.cache.redis = Some("redis://127.0.0.1:1".into());
+    let down = gateway_with(cfg).await;
+    for _ in 0..3 {
+        let (hit, out) = infer(&http, &down.http_base(), KEY_A, 5.0).await;
+        assert!(!hit);
+        assert_eq!(out, first);
+    }
+    let m = scrape(&http, &down.http_base()).await;
+    assert!(
+        m["infergate_cache_errors_total{op=\"lookup\"}"] >= 3.0,
+        "{m:?}"
+    );
+}

@@ -2,12 +2,16 @@
 //! deterministic models. An answer is kept under a SHA-256 of everything that decides it (the
 //! name called, version, inputs with their bytes, outputs asked for, parameters) and of the
 //! caller's tenant unless the entry is declared shared; for a TTL, in memory bounded in bytes,
-//! least recently used first out. A hit is marked in the answer (the response parameter
+//! least recently used first out, or in Redis, shared by every front end. A hit is marked in the answer (the response parameter
 //! `infergate_cache`, and the HTTP header `infergate-cache`) and counted.
 
 pub mod memory;
+pub mod redis;
 
-use std::time::Duration;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -18,6 +22,51 @@ use crate::proto::inference::{
 };
 
 pub use memory::{Key, MemoryCache};
+pub use redis::RedisCache;
+
+/// Where answers are kept.
+pub enum Store {
+    Memory(MemoryCache),
+    Redis(RedisCache),
+}
+
+impl Store {
+    /// The answer kept under `key`; a store that fails is a miss, counted.
+    pub async fn get(&self, key: &Key) -> Option<Arc<ModelInferResponse>> {
+        match self {
+            Self::Memory(m) => m.get(key, Instant::now()),
+            Self::Redis(r) => match r.get(key).await {
+                Ok(found) => found.map(Arc::new),
+                Err(e) => {
+                    failed("lookup", &e);
+                    None
+                }
+            },
+        }
+    }
+
+    /// Keeps `resp` (`bytes` encoded) under `key` for `ttl`.
+    pub async fn put(&self, key: Key, resp: ModelInferResponse, bytes: usize, ttl: Duration) {
+        let m = crate::telemetry::metrics::metrics();
+        match self {
+            Self::Memory(c) => {
+                let evicted = c.put(key, Arc::new(resp), bytes, Instant::now() + ttl);
+                m.cache_evictions.inc_by(evicted);
+                m.cache_bytes.set(c.usage().0 as i64);
+            }
+            Self::Redis(r) => {
+                if let Err(e) = r.put(&key, &resp, ttl).await {
+                    failed("store", &e);
+                }
+            }
+        }
+    }
+}
+
+fn failed(what: &'static str, err: &str) {
+    crate::telemetry::metrics::metrics().cache_error(what);
+    tracing::debug!(error = %err, "response cache {what} failed (Redis)");
+}
 
 /// How one model or route is cached.
 #[derive(Debug, Clone, PartialEq, Eq)]

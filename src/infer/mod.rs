@@ -19,7 +19,7 @@ pub use validate::Validated;
 use crate::{
     backend::triton::{Answer, TritonPool},
     batch::{Batcher, ModelSettings, request_is_batchable, split},
-    cache::{CachePolicy, MemoryCache},
+    cache::{CachePolicy, Store},
     call::{Admission, Call, Deadline, TenantId},
     config::BatchingConfig,
     error::GatewayError,
@@ -43,7 +43,7 @@ pub struct InferService {
     /// The runtime that made this service (the main one): shadow calls run there.
     main: Option<tokio::runtime::Handle>,
     /// The response cache, when one is configured.
-    cache: Option<Arc<MemoryCache>>,
+    cache: Option<Arc<Store>>,
 }
 
 /// Per-model caps on requests inside infergate at once (`max_concurrent_requests`).
@@ -143,7 +143,7 @@ impl InferService {
     }
 
     /// Answers cached models and routes from `cache`.
-    pub fn with_cache(mut self, cache: Arc<MemoryCache>) -> Self {
+    pub fn with_cache(mut self, cache: Arc<Store>) -> Self {
         self.cache = Some(cache);
         self
     }
@@ -349,7 +349,7 @@ impl InferService {
 
     async fn cached(
         &self,
-        cache: &MemoryCache,
+        cache: &Store,
         policy: &CachePolicy,
         tenant: TenantId,
         req: ModelInferRequest,
@@ -358,7 +358,7 @@ impl InferService {
         let name = req.model_name.clone();
         let key = crate::cache::key(&req, (!policy.shared).then_some(&tenant));
         let m = crate::telemetry::metrics::metrics();
-        if let Some(hit) = cache.get(&key, Instant::now()) {
+        if let Some(hit) = cache.get(&key).await {
             m.cache_request(&name, "hit");
             let mut resp = (*hit).clone();
             resp.id.clone_from(&req.id);
@@ -371,9 +371,7 @@ impl InferService {
         if bytes <= policy.max_entry_bytes {
             let mut kept = resp.clone();
             kept.id.clear();
-            let evicted = cache.put(key, Arc::new(kept), bytes, Instant::now() + policy.ttl);
-            m.cache_evictions.inc_by(evicted);
-            m.cache_bytes.set(cache.usage().0 as i64);
+            cache.put(key, kept, bytes, policy.ttl).await;
         }
         Ok(Answer::Decoded(resp))
     }

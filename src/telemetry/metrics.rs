@@ -65,6 +65,11 @@ pub struct EndpointLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
     pub name: String,
     /// `hit` or `miss`.
@@ -185,6 +190,8 @@ pub struct Metrics {
     pub cache_requests: Family<CacheLabels, Counter>,
     pub cache_bytes: Gauge,
     pub cache_evictions: Counter,
+    /// Shared-cache (Redis) lookups and stores that failed or timed out.
+    pub cache_errors: Family<OpLabels, Counter>,
 }
 
 impl Metrics {
@@ -218,6 +225,7 @@ impl Metrics {
             cache_requests: Family::default(),
             cache_bytes: Gauge::default(),
             cache_evictions: Counter::default(),
+            cache_errors: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -311,6 +319,11 @@ impl Metrics {
             m.cache_evictions.clone(),
         );
         r.register(
+            "cache_errors",
+            "Shared response cache (Redis) operations that failed or timed out, by operation",
+            m.cache_errors.clone(),
+        );
+        r.register(
             "route_shadow",
             "Shadow calls of a route by result: sent, dropped (every place taken), failed",
             m.route_shadow.clone(),
@@ -369,6 +382,11 @@ impl Metrics {
                 target: target.to_string(),
             })
             .set(state.gauge());
+    }
+
+    /// `op`: `lookup` or `store`.
+    pub fn cache_error(&self, op: &'static str) {
+        self.cache_errors.get_or_create(&OpLabels { op }).inc();
     }
 
     pub fn cache_request(&self, name: &str, result: &'static str) {
