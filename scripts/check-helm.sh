@@ -51,6 +51,7 @@ modes=(
   "rabbitmq-incluster-keda|helm/ci/rabbitmq-incluster-keda.yaml|yes|"
   "rabbitmq-external|helm/ci/rabbitmq-external.yaml|no|infergate-rabbitmq infergate-redis"
   "redis-external-url|helm/ci/redis-external-url.yaml|yes|"
+  "routes|helm/ci/routes.yaml|no|"
 )
 for m in "${modes[@]}"; do
   IFS='|' read -r mode values keda external <<<"$m"

@@ -1086,6 +1086,15 @@ pub struct RoutesConfig {
         value_name = "FILE"
     )]
     pub file: Option<PathBuf>,
+    /// Also read the routes file again when its content changes, looked at every this many
+    /// ms (how a Kubernetes ConfigMap update arrives); 0: on SIGHUP only.
+    #[arg(
+        long = "routes-watch-ms",
+        env = "INFERGATE_ROUTES_WATCH_MS",
+        value_name = "MS",
+        default_value_t = 0
+    )]
+    pub watch_ms: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1366,6 +1375,7 @@ impl Config {
         self.telemetry.validate()?;
         self.scaler.validate()?;
         self.cache.validate()?;
+        bounds!(self.routes, "routes", { watch_ms: 0..=3_600_000 });
         self.auth.validate()
     }
 

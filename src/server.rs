@@ -185,12 +185,31 @@ pub async fn run_workers(
 /// setting named and counted, and the running routes stay.
 fn spawn_route_reload(
     infer: &InferService,
+    watch: Duration,
     stop: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let infer = infer.clone();
     let routes = Arc::clone(infer.routes());
     let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+    // The content last read, so that the watch reloads on a change only.
+    let content = |routes: &crate::routes::Routes| {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        routes
+            .file()
+            .and_then(|f| std::fs::read(f).ok())
+            .hash(&mut h);
+        h.finish()
+    };
+    let mut seen = content(&routes);
+    let watching = !watch.is_zero() && routes.file().is_some();
+    let mut tick = tokio::time::interval(if watching {
+        watch
+    } else {
+        Duration::from_secs(3600)
+    });
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     Ok(tokio::spawn(async move {
         // At start, the fallbacks are checked once Triton can describe the models; a
         // mismatch is reported (the routes already run).
@@ -213,7 +232,14 @@ fn spawn_route_reload(
             tokio::select! {
                 _ = stop.cancelled() => return,
                 got = hangup.recv() => if got.is_none() { return },
+                _ = tick.tick() => {
+                    let now = content(&routes);
+                    if !watching || now == seen {
+                        continue;
+                    }
+                }
             }
+            seen = content(&routes);
             let file = routes.file().map(|f| f.display().to_string());
             let checked = match routes.read() {
                 Ok(table) => match infer.check_fallbacks(&table).await {
@@ -453,7 +479,11 @@ impl Gateway {
             let cache = crate::cache::MemoryCache::new(cfg.cache.max_bytes);
             infer = infer.with_cache(Arc::new(crate::cache::Store::Memory(cache)));
         }
-        let route_reload = spawn_route_reload(&infer, stop.clone())?;
+        let route_reload = spawn_route_reload(
+            &infer,
+            Duration::from_millis(cfg.routes.watch_ms),
+            stop.clone(),
+        )?;
         let autoscaling = spawn_autoscaling(&cfg, &infer, &store, scaler_listener, stop.clone())?;
         let window_check = spawn_window_check(&infer, cfg.triton_health_interval(), stop.clone());
         let stats = crate::backend::stats::spawn(

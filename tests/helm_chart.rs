@@ -242,3 +242,59 @@ fn chart_values_reach_the_settings_they_name() {
     }
     assert_eq!(cfgs["rel-infergate-worker"].tasks.worker_concurrency, 32);
 }
+
+#[test]
+fn a_routes_file_is_mounted_read_by_infergate_and_changes_roll_nothing() {
+    let rendered = render(Some("routes.yaml"), &[]);
+    let cfgs = configs(&rendered);
+    for (name, cfg) in &cfgs {
+        assert_eq!(
+            cfg.routes.file.as_deref(),
+            Some(std::path::Path::new("/etc/infergate/routes/routes.toml")),
+            "{name}"
+        );
+        assert_eq!(cfg.routes.watch_ms, 2_000, "{name}");
+        // The task store's Redis keeps the cached answers.
+        assert_eq!(
+            cfg.cache.redis.as_deref(),
+            Some("redis://rel-infergate-redis:6379/0")
+        );
+    }
+    // The routes file as mounted, read by infergate's own parser.
+    let docs: Vec<&str> = rendered.split("\n---").collect();
+    let text = docs
+        .iter()
+        .filter(|d| d.contains("\nkind: ConfigMap\n") && d.contains("name: rel-infergate-routes"))
+        .find_map(|d| block(d, "routes.toml"))
+        .expect("the routes ConfigMap");
+    let table = infergate::routes::file::parse(&text).expect("the chart's routes file loads");
+    assert_eq!(table.routes["add_sub_canary"].targets.len(), 2);
+    assert!(table.caches.contains_key("onnx_linear"));
+    // Both Deployments mount it.
+    for doc in docs
+        .iter()
+        .filter(|d| d.contains("\nkind: Deployment\n") && d.contains("infergate.toml"))
+    {
+        assert!(doc.contains("mountPath: /etc/infergate/routes"), "{doc}");
+        assert!(doc.contains("name: rel-infergate-routes"), "{doc}");
+    }
+    // A new weight changes the ConfigMap but not the pods' checksum: the running frontends
+    // read it (routes.watchMs), nothing restarts.
+    let checksums = |r: &str| -> Vec<String> {
+        r.lines()
+            .filter_map(|l| l.trim().strip_prefix("checksum/config: "))
+            .map(str::to_string)
+            .collect()
+    };
+    let changed = render(
+        Some("routes.yaml"),
+        &["routes.file=[routes.a]\ntargets = [{ model = \"add_sub\"\\, weight = 1 }]"],
+    );
+    assert_ne!(rendered, changed);
+    assert_eq!(checksums(&rendered), checksums(&changed));
+    assert_eq!(checksums(&rendered).len(), 2);
+    // Without routes, nothing of them is rendered.
+    let plain = render(None, &[]);
+    assert!(!plain.contains("rel-infergate-routes"));
+    assert!(!plain.contains("/etc/infergate/routes"));
+}

@@ -650,3 +650,58 @@ shadow = { model = "add_sub_delay", share = 0.2, max_in_flight = 256 }
         Some(&0.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_routes_file_is_taken_without_a_signal_when_watched() {
+    let mut cfg = test_config(vec![triton().grpc_url()]);
+    let file = routes_file(
+        "watch",
+        "[routes.watched]\ntargets = [{ model = \"add_sub\", weight = 1 }]\n",
+    );
+    cfg.routes.file = Some(file.clone());
+    cfg.routes.watch_ms = 100;
+    let gw = gateway_with(cfg).await;
+    let mut c = gw.client().await;
+    let served = |r: infergate::proto::inference::ModelInferResponse| r.model_name;
+    let mut req = add_sub_request();
+    req.model_name = "watched".into();
+    assert_eq!(
+        served(c.model_infer(req.clone()).await.unwrap().into_inner()),
+        "add_sub"
+    );
+    // As a ConfigMap update does: the file's content changes, no one signals.
+    std::fs::write(
+        &file,
+        "[routes.watched]\ntargets = [{ model = \"add_sub_delay\", weight = 1 }]\n",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let m = served(c.model_infer(req.clone()).await.unwrap().into_inner());
+        if m == "add_sub_delay" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not taken in 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("watched file taken after {:?}", started.elapsed());
+    // A bad change is refused and the running routes stay.
+    std::fs::write(&file, "[routes.watched]\ntargets = []\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        served(c.model_infer(req).await.unwrap().into_inner()),
+        "add_sub_delay"
+    );
+    let m = scrape(&reqwest::Client::new(), &gw.http_base()).await;
+    assert_eq!(
+        m.get("infergate_route_reloads_total{result=\"ok\"}"),
+        Some(&1.0)
+    );
+    assert_eq!(
+        m.get("infergate_route_reloads_total{result=\"refused\"}"),
+        Some(&1.0)
+    );
+}

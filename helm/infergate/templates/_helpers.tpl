@@ -112,6 +112,13 @@ true
     secretKeyRef:
       name: {{ .Values.redis.existingSecret }}
       key: url
+{{- if .Values.cache.redis }}
+- name: INFERGATE_CACHE_REDIS
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.existingSecret }}
+      key: url
+{{- end }}
 {{- end }}
 {{- end -}}
 
@@ -119,6 +126,11 @@ true
 - name: config
   mountPath: /etc/infergate
   readOnly: true
+{{- if .Values.routes.file }}
+- name: routes
+  mountPath: /etc/infergate/routes
+  readOnly: true
+{{- end }}
 {{- if or (include "infergate.ownBroker" .) (include "infergate.ownStore" .) }}
 - name: secret
   mountPath: /etc/infergate/secret
@@ -130,6 +142,11 @@ true
 - name: config
   configMap:
     name: {{ include "infergate.fullname" . }}
+{{- if .Values.routes.file }}
+- name: routes
+  configMap:
+    name: {{ include "infergate.fullname" . }}-routes
+{{- end }}
 {{- if or (include "infergate.ownBroker" .) (include "infergate.ownStore" .) }}
 - name: secret
   secret:
@@ -146,4 +163,11 @@ true
 {{/* host:port of the external scaler, served by the front ends' Service. */}}
 {{- define "infergate.scalerAddress" -}}
 {{- printf "%s.%s.svc.cluster.local:%d" (include "infergate.fullname" .) .Release.Namespace (int .Values.scaler.port) -}}
+{{- end -}}
+
+{{/* The pods' config checksum: a change of infergate.toml rolls them; a change of the routes
+     file's text does not (the running processes read it again, routes.watchMs). */}}
+{{- define "infergate.configChecksum" -}}
+{{- $routes := dict "file" (ternary "set" "" (ne .Values.routes.file "")) "watchMs" .Values.routes.watchMs -}}
+{{- include (print .Template.BasePath "/configmap.yaml") (mergeOverwrite (deepCopy .) (dict "Values" (dict "routes" $routes))) | sha256sum -}}
 {{- end -}}
