@@ -370,6 +370,25 @@ pub struct TritonConfig {
         value_name = "MODEL"
     )]
     pub ready_models: Vec<String>,
+    /// With several endpoints: a model's calls leave an endpoint after this many failures in
+    /// a row there (or half its calls failing over 10 s), while another endpoint serves the
+    /// model; 0: never.
+    #[arg(
+        long = "triton-breaker-failures",
+        env = "INFERGATE_TRITON_BREAKER_FAILURES",
+        value_name = "N",
+        default_value_t = 5
+    )]
+    pub breaker_failures: u32,
+    /// How long a model's calls stay away from an endpoint whose circuit opened, in ms; then
+    /// three probe calls decide.
+    #[arg(
+        long = "triton-breaker-cooldown-ms",
+        env = "INFERGATE_TRITON_BREAKER_COOLDOWN_MS",
+        value_name = "MS",
+        default_value_t = 5_000
+    )]
+    pub breaker_cooldown_ms: u64,
     /// TLS towards Triton, for `https://` URLs.
     #[command(flatten)]
     pub tls: TritonTls,
@@ -398,6 +417,8 @@ impl TritonConfig {
             probe_timeout_ms: 1..=600_000,
             connections_per_endpoint: 1..=64,
             stats_interval_ms: 0..=86_400_000,
+            breaker_failures: 0..=10_000,
+            breaker_cooldown_ms: 1..=3_600_000,
             model_cache_ttl_ms: 0..=86_400_000,
         });
         let https = self

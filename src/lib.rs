@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod batch;
+pub mod breaker;
 pub mod cache;
 pub mod call;
 pub mod config;

@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use super::h2_infer::{H2Infer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use crate::{
+    breaker::{Admit, Breaker, BreakerConfig, State},
     call::{Call, Framing},
     config::TritonConfig,
     error::GatewayError,
@@ -51,9 +52,39 @@ pub struct Endpoint {
     next_client: AtomicUsize,
     healthy: AtomicBool,
     in_flight: AtomicUsize,
+    /// A circuit per model served here (with several endpoints; see [`TritonPool::pick`]).
+    breakers: RwLock<HashMap<String, Arc<Breaker>>>,
 }
 
+/// The most models whose circuits one endpoint keeps (a bound under any traffic; models past
+/// it are not guarded).
+const MAX_BREAKERS: usize = 4096;
+
 impl Endpoint {
+    /// The circuit of `model` here, made on first use.
+    fn breaker(&self, model: &str, cfg: &BreakerConfig) -> Option<Arc<Breaker>> {
+        if let Some(b) = self.breakers.read().expect("breakers lock").get(model) {
+            return Some(Arc::clone(b));
+        }
+        let mut all = self.breakers.write().expect("breakers lock");
+        if all.len() >= MAX_BREAKERS && !all.contains_key(model) {
+            return None;
+        }
+        let b = all
+            .entry(model.to_string())
+            .or_insert_with(|| Arc::new(Breaker::new(cfg.clone())));
+        Some(Arc::clone(b))
+    }
+
+    /// True while `model`'s circuit here is open (its cool-down not over).
+    fn is_open_for(&self, model: &str, now: Instant) -> bool {
+        self.breakers
+            .read()
+            .expect("breakers lock")
+            .get(model)
+            .is_some_and(|b| b.state(now) == State::Open)
+    }
+
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
@@ -113,6 +144,8 @@ type ModelVersions = HashMap<String, (Instant, Arc<ModelInfo>)>;
 pub struct TritonPool {
     endpoints: Vec<Arc<Endpoint>>,
     next: AtomicUsize,
+    /// The circuits' settings, when models are guarded per endpoint.
+    breaker: Option<BreakerConfig>,
     cfg: TritonConfig,
     /// By name, then version: nested so that a lookup borrows the request's strings.
     models: RwLock<HashMap<String, ModelVersions>>,
@@ -193,11 +226,20 @@ impl TritonPool {
                 next_client: AtomicUsize::new(0),
                 healthy: AtomicBool::new(false),
                 in_flight: AtomicUsize::new(0),
+                breakers: RwLock::default(),
             }));
         }
+        // One endpoint has no other to send a failing model to: the route's breaker and
+        // fallback are the answer there.
+        let breaker = (cfg.breaker_failures > 0 && endpoints.len() > 1).then(|| BreakerConfig {
+            consecutive_failures: cfg.breaker_failures,
+            cooldown: Duration::from_millis(cfg.breaker_cooldown_ms),
+            ..BreakerConfig::default()
+        });
         Ok(Arc::new(Self {
             endpoints,
             next: AtomicUsize::new(0),
+            breaker,
             cfg: cfg.clone(),
             models: RwLock::new(HashMap::new()),
         }))
@@ -250,21 +292,38 @@ impl TritonPool {
         })
     }
 
-    /// The less busy of two healthy endpoints taken in turn ("power of two choices").
-    fn pick(&self) -> Result<Arc<Endpoint>, GatewayError> {
-        let healthy: Vec<&Arc<Endpoint>> =
+    /// The less busy of two healthy endpoints taken in turn ("power of two choices"). For a
+    /// `model`'s call with per-endpoint circuits, endpoints whose circuit for it is open are
+    /// passed over while another can serve it (when none can, the call goes as if unguarded:
+    /// failing fast is the route's breaker's part, not the pool's). Answers the circuit to
+    /// tell the outcome, and how the call was let through.
+    fn pick(&self, model: Option<&str>) -> Result<Picked, GatewayError> {
+        let mut healthy: Vec<&Arc<Endpoint>> =
             self.endpoints.iter().filter(|e| e.is_healthy()).collect();
-        let n = healthy.len();
-        if n == 0 {
+        if healthy.is_empty() {
             return Err(GatewayError::Unavailable(format!(
                 "no Triton endpoint is ready (of {})",
                 self.endpoints.len()
             )));
         }
+        let guard = model.zip(self.breaker.as_ref());
+        let now = Instant::now();
+        if let Some((model, _)) = guard
+            && healthy.iter().any(|e| !e.is_open_for(model, now))
+        {
+            healthy.retain(|e| !e.is_open_for(model, now));
+        }
+        let n = healthy.len();
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         let (a, b) = (healthy[i % n], healthy[(i + 1) % n]);
         let load = |e: &Endpoint| e.in_flight.load(Ordering::Relaxed);
-        Ok(Arc::clone(if load(b) < load(a) { b } else { a }))
+        let ep = Arc::clone(if load(b) < load(a) { b } else { a });
+        let circuit = guard.and_then(|(model, cfg)| {
+            let b = ep.breaker(model, cfg)?;
+            let how = b.admit(now);
+            (how != Admit::Open).then_some((b, how))
+        });
+        Ok((ep, circuit))
     }
 
     /// Runs one call on a picked endpoint. A transport failure marks the endpoint unhealthy
@@ -287,12 +346,40 @@ impl TritonPool {
         F: FnOnce(&Endpoint, Duration) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
-        let ep = self.pick()?;
+        let picked = self.pick(None)?;
+        self.run_on(picked, timeout, None, f).await
+    }
+
+    /// Runs one call on a picked endpoint; a call of `model` tells the model's circuit on
+    /// that endpoint how it went.
+    async fn run_on<T, F, Fut>(
+        &self,
+        (ep, circuit): Picked,
+        timeout: Option<Duration>,
+        model: Option<&str>,
+        f: F,
+    ) -> Result<T, GatewayError>
+    where
+        F: FnOnce(&Endpoint, Duration) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
         ep.in_flight.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlight(Arc::clone(&ep));
         let limit = Duration::from_millis(self.cfg.request_timeout_ms);
         let budget = timeout.map_or(limit, |t| t.min(limit));
-        match f(&ep, budget).await {
+        let result = f(&ep, budget).await;
+        if let Some((b, how)) = circuit {
+            let failed = result
+                .as_ref()
+                .is_err_and(|s| endpoint_fault(s, budget == limit));
+            let now = Instant::now();
+            b.record(how, !failed, now);
+            // Only a failure or a probe changes the state (kept off the hot path otherwise).
+            if let (true, Some(model)) = (failed || how == Admit::Probe, model) {
+                metrics().triton_breaker(&ep.url, model, b.state(now));
+            }
+        }
+        match result {
             Ok(resp) => Ok(resp),
             Err(status) => {
                 let err = GatewayError::from_backend(status);
@@ -343,37 +430,61 @@ impl TritonPool {
             tracing::Span::none()
         };
         let started = Instant::now();
-        let result = self
-            .call_on(timeout, |ep, budget| {
-                // Triton continues the trace when it runs with --trace-config mode=opentelemetry.
-                let mut md = tonic::metadata::MetadataMap::new();
-                trace::inject_into(&mut md);
-                let via = match ep.infer_conn(call.lane) {
-                    Some(conn) => Via::Lean(Arc::clone(conn)),
-                    None => Via::Tonic(ep.client()),
-                };
-                async move {
-                    match via {
-                        Via::Lean(conn) if framed => conn
-                            .model_infer_framed(&req, budget, md.into_headers())
+        let once = |ep: &Endpoint, budget: Duration, req: ModelInferRequest| {
+            // Triton continues the trace when it runs with --trace-config mode=opentelemetry.
+            let mut md = tonic::metadata::MetadataMap::new();
+            trace::inject_into(&mut md);
+            let via = match ep.infer_conn(call.lane) {
+                Some(conn) => Via::Lean(Arc::clone(conn)),
+                None => Via::Tonic(ep.client()),
+            };
+            async move {
+                match via {
+                    Via::Lean(conn) if framed => conn
+                        .model_infer_framed(&req, budget, md.into_headers())
+                        .await
+                        .map(Answer::Framed),
+                    Via::Lean(conn) => conn
+                        .model_infer(&req, budget, md.into_headers())
+                        .await
+                        .map(Answer::Decoded),
+                    Via::Tonic(mut c) => {
+                        let mut r = tonic::Request::from_parts(md, Default::default(), req);
+                        r.set_timeout(budget);
+                        c.model_infer(r)
                             .await
-                            .map(Answer::Framed),
-                        Via::Lean(conn) => conn
-                            .model_infer(&req, budget, md.into_headers())
-                            .await
-                            .map(Answer::Decoded),
-                        Via::Tonic(mut c) => {
-                            let mut r = tonic::Request::from_parts(md, Default::default(), req);
-                            r.set_timeout(budget);
-                            c.model_infer(r)
-                                .await
-                                .map(|r| Answer::Decoded(r.into_inner()))
-                        }
+                            .map(|r| Answer::Decoded(r.into_inner()))
                     }
                 }
-            })
-            .instrument(span.clone())
-            .await;
+            }
+        };
+        let result = async {
+            let picked = self.pick(Some(&model))?;
+            // A probe of an endpoint's circuit keeps a copy: should the endpoint still fail
+            // the model, another endpoint answers the caller.
+            let spare = picked
+                .1
+                .as_ref()
+                .filter(|(_, how)| *how == Admit::Probe)
+                .map(|(b, _)| (Arc::clone(b), Arc::clone(&picked.0), req.clone()));
+            let first = self
+                .run_on(picked, timeout, Some(&model), |ep, b| once(ep, b, req))
+                .await;
+            match (first, spare) {
+                (Err(e), Some((b, probed, again))) if b.state(Instant::now()) == State::Open => {
+                    let picked = self.pick(Some(&model))?;
+                    if Arc::ptr_eq(&picked.0, &probed) {
+                        return Err(e);
+                    }
+                    let left = timeout.map(|t| t.saturating_sub(started.elapsed()));
+                    self.run_on(picked, left, Some(&model), |ep, b| once(ep, b, again))
+                        .await
+                }
+                (first, _) => first,
+            }
+        }
+        .instrument(span.clone())
+        .await;
         metrics().triton_call(&model, started.elapsed());
         if let Err(e) = &result {
             trace::record_error(&span, e);
@@ -530,6 +641,21 @@ impl TritonPool {
 /// Sets Triton's own `timeout` request parameter (µs) to the caller's remaining `budget`, so
 /// that Triton, too, can drop a request it cannot start in time (its queue policy decides).
 /// It replaces a `timeout` the caller sent: that one is already part of the budget.
+/// An endpoint's circuit and how a call was let through it.
+type Picked = (Arc<Endpoint>, Option<(Arc<Breaker>, Admit)>);
+
+/// True when a call's failure is the endpoint's: it is down, broke or failed the model, or it
+/// ran out the pool's own time limit (`own_limit`; a caller's shorter deadline is the
+/// caller's). A request Triton refuses as bad is not.
+fn endpoint_fault(status: &tonic::Status, own_limit: bool) -> bool {
+    use tonic::Code;
+    match status.code() {
+        Code::Unavailable | Code::Internal | Code::Unknown | Code::DataLoss | Code::Aborted => true,
+        Code::DeadlineExceeded | Code::Cancelled => own_limit,
+        _ => false,
+    }
+}
+
 fn forward_budget(req: &mut ModelInferRequest, budget: Duration) {
     let us = i64::try_from(budget.as_micros()).unwrap_or(i64::MAX).max(1);
     req.parameters.insert(

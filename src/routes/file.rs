@@ -24,10 +24,9 @@ use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
 use serde::Deserialize;
 
-use super::{
-    breaker::BreakerConfig,
-    route::{Route, RouteTable, Shadow, Target},
-};
+use crate::breaker::BreakerConfig;
+
+use super::route::{Route, RouteTable, Shadow, Target};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {

@@ -8,7 +8,6 @@
 //! The routes come from their own file (`--routes-file`), read at start and again on SIGHUP; a
 //! file that does not load is refused with the setting named, and the running routes stay.
 
-pub mod breaker;
 pub mod file;
 pub mod route;
 pub mod shadow;
@@ -22,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use breaker::{Admit, Breaker, State};
+use crate::breaker::{Admit, Breaker, State};
 pub use file::RouteError;
 pub use route::{Route, RouteTable, STICKY_CARRIER, Target};
 use tokio::sync::OwnedSemaphorePermit;

@@ -4,7 +4,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::breaker::{Breaker, BreakerConfig};
+use crate::breaker::{Breaker, BreakerConfig};
 use crate::proto::inference::{ModelInferRequest, infer_parameter::ParameterChoice};
 
 /// One place a route sends requests.

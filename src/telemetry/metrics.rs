@@ -97,6 +97,12 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointModel {
+    pub endpoint: String,
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: String,
     /// `model` or `model:version`.
@@ -182,6 +188,8 @@ pub struct Metrics {
     /// Requests a route sent to its fallback (by the fallback), and each target's breaker.
     pub route_fallbacks: Family<RouteLabels, Counter>,
     pub route_breaker_state: Family<RouteLabels, Gauge>,
+    /// Each model's circuit on each Triton endpoint (with several endpoints).
+    pub triton_breaker_state: Family<EndpointModel, Gauge>,
     /// Shadow calls by outcome, their comparisons, and the largest difference per call.
     pub route_shadow: Family<RouteResult, Counter>,
     pub route_shadow_compared: Family<RouteResult, Counter>,
@@ -219,6 +227,7 @@ impl Metrics {
             route_reloads: Family::default(),
             route_fallbacks: Family::default(),
             route_breaker_state: Family::default(),
+            triton_breaker_state: Family::default(),
             route_shadow: Family::default(),
             route_shadow_compared: Family::default(),
             route_shadow_max_abs_diff: Family::new_with_constructor(shadow_diff),
@@ -349,6 +358,11 @@ impl Metrics {
             m.route_breaker_state.clone(),
         );
         r.register(
+            "triton_breaker_state",
+            "Circuit of a model on a Triton endpoint: 0 closed, 1 open, 2 half-open",
+            m.triton_breaker_state.clone(),
+        );
+        r.register(
             "route_reloads",
             "Reloads of the routes file on SIGHUP, by result (ok, refused)",
             m.route_reloads.clone(),
@@ -375,11 +389,20 @@ impl Metrics {
             .inc();
     }
 
-    pub fn route_breaker(&self, route: &str, target: &str, state: crate::routes::breaker::State) {
+    pub fn route_breaker(&self, route: &str, target: &str, state: crate::breaker::State) {
         self.route_breaker_state
             .get_or_create(&RouteLabels {
                 route: route.to_string(),
                 target: target.to_string(),
+            })
+            .set(state.gauge());
+    }
+
+    pub fn triton_breaker(&self, endpoint: &str, model: &str, state: crate::breaker::State) {
+        self.triton_breaker_state
+            .get_or_create(&EndpointModel {
+                endpoint: endpoint.to_string(),
+                model: model.to_string(),
             })
             .set(state.gauge());
     }

@@ -55,10 +55,23 @@ impl Triton {
     /// A Triton of the caller's own on the given ports (fresh ones if `None`), with extra
     /// tritonserver flags; waits until it is ready. Stopped when dropped.
     pub fn start(ports: Option<(u16, u16, u16)>, extra: &[String]) -> Triton {
+        Self::serving(None, ports, extra)
+    }
+
+    /// [`Triton::start`] serving the model repository `models` (triton-models/ if `None`).
+    pub fn serving(
+        models: Option<&std::path::Path>,
+        ports: Option<(u16, u16, u16)>,
+        extra: &[String],
+    ) -> Triton {
         let (grpc_port, http_port, metrics_port) =
             ports.unwrap_or_else(|| (free_port(), free_port(), free_port()));
         let log = std::env::temp_dir().join(format!("infergate-triton-{grpc_port}.log"));
-        let child = Command::new(repo().join("scripts/start-triton.sh"))
+        let mut cmd = Command::new(repo().join("scripts/start-triton.sh"));
+        if let Some(m) = models {
+            cmd.env("TRITON_MODELS", m);
+        }
+        let child = cmd
             .args([grpc_port, http_port, metrics_port].map(|p| p.to_string()))
             .args(extra)
             .env("INFERGATE_WATCH_PID", std::process::id().to_string())

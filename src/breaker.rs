@@ -1,6 +1,7 @@
-//! A circuit breaker per route target: it opens after N consecutive failures or an error rate
-//! over a window (a call slower than the route's SLO counts as a failure), sends nothing for a
-//! cool-down, then lets a few probes through (half-open) and closes when they all succeed.
+//! A circuit breaker: it opens after N consecutive failures or an error rate over a window,
+//! sends nothing for a cool-down, then lets a few probes through (half-open) and closes when
+//! they all succeed. One guards each route target (`routes`, where a call slower than the
+//! route's SLO counts as a failure) and each model on each Triton endpoint (`backend`).
 
 use std::{
     collections::VecDeque,
