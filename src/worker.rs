@@ -29,7 +29,7 @@ use crate::{
     infer::InferService,
     proto::inference::ModelInferRequest,
     queue::{Broker, Delivery},
-    tasks::{Change, Start, StoreError, TaskError, TaskState, TaskStore, now_ms},
+    tasks::{Change, Start, StoreError, TaskError, TaskRecord, TaskState, TaskStore, now_ms},
     telemetry::{metrics::metrics, trace},
 };
 
@@ -200,8 +200,7 @@ impl Worker {
                 return;
             }
             Ok(Start::Exhausted(rec)) => {
-                self.give_up(&d, rec.error.map(|e| e.message).unwrap_or_default())
-                    .await;
+                self.give_up(&d, &rec).await;
                 return;
             }
             Err(e) => {
@@ -214,6 +213,7 @@ impl Worker {
             Err(e) => {
                 self.fail(
                     &d,
+                    Some(rec.attempts),
                     TaskError {
                         code: code_name(Code::InvalidArgument).into(),
                         message: format!("undecodable task payload: {e}"),
@@ -230,6 +230,7 @@ impl Worker {
             Ok(resp) => {
                 let change = Change {
                     result: Some(resp.encode_to_vec().into()),
+                    fence: Some(rec.attempts),
                     ..Default::default()
                 };
                 let stored = self
@@ -247,8 +248,14 @@ impl Worker {
                     }
                     // Cancelled or expired meanwhile: the late result is dropped.
                     Err(StoreError::Conflict { .. }) => self.finish(&d).await,
+                    // Another worker took the task over (this one was too slow to answer):
+                    // its attempt owns the task and the delivery; this result is refused.
+                    Err(e @ StoreError::Fenced { .. }) => {
+                        metrics().task_fenced.inc();
+                        tracing::warn!(task = %id, error = %e, "a late result was refused");
+                    }
                     Err(StoreError::ResultTooLarge { size, limit }) => {
-                        self.fail(&d, TaskError {
+                        self.fail(&d, Some(rec.attempts), TaskError {
                             code: code_name(Code::ResourceExhausted).into(),
                             message: format!("result of {size} bytes is over the task store limit of {limit} bytes"),
                         })
@@ -272,7 +279,7 @@ impl Worker {
                 }
                 let err = task_error(&e);
                 if rec.attempts >= self.cfg.max_attempts {
-                    self.fail(&d, err).await;
+                    self.fail(&d, Some(rec.attempts), err).await;
                 } else {
                     let back = self
                         .store
@@ -281,6 +288,7 @@ impl Worker {
                             TaskState::Queued,
                             Change {
                                 error: Some(err),
+                                fence: Some(rec.attempts),
                                 ..Default::default()
                             },
                         )
@@ -301,7 +309,9 @@ impl Worker {
         }
     }
 
-    async fn fail(&self, d: &Delivery, err: TaskError) {
+    /// Fails the task for good (`fence`: the attempt failing it, when one ran) and moves its
+    /// message to the dead letters.
+    async fn fail(&self, d: &Delivery, fence: Option<u32>, err: TaskError) {
         let reason = format!("{}: {}", err.code, err.message);
         let failed = self
             .store
@@ -310,10 +320,16 @@ impl Worker {
                 TaskState::Failed,
                 Change {
                     error: Some(err),
+                    fence,
                     ..Default::default()
                 },
             )
             .await;
+        if let Err(e @ StoreError::Fenced { .. }) = &failed {
+            metrics().task_fenced.inc();
+            tracing::warn!(task = %d.msg.task_id, error = %e, "a late failure was refused");
+            return;
+        }
         if failed.is_ok() {
             metrics().task_state(TaskState::Failed.as_str());
         }
@@ -323,14 +339,34 @@ impl Worker {
         }
     }
 
-    async fn give_up(&self, d: &Delivery, last: String) {
-        let err = TaskError {
-            code: code_name(Code::Aborted).into(),
-            message: format!(
+    /// Every attempt was used. Still `running`, the last one never answered: its worker
+    /// died on it (killed, aborted, out of memory) or stopped answering, and the broker
+    /// delivered it again; such a task fails as "worker lost" instead of being delivered
+    /// forever.
+    async fn give_up(&self, d: &Delivery, rec: &TaskRecord) {
+        let last = rec.error.as_ref().map(|e| e.message.as_str()).unwrap_or("");
+        let message = if rec.state == TaskState::Running {
+            format!(
+                "{}: attempt {} of {} never answered (its worker died or stopped answering){}",
+                crate::tasks::WORKER_LOST,
+                rec.attempts,
+                self.cfg.max_attempts,
+                if last.is_empty() {
+                    String::new()
+                } else {
+                    format!("; an earlier error: {last}")
+                }
+            )
+        } else {
+            format!(
                 "gave up after {} attempts; last error: {last}",
                 self.cfg.max_attempts
-            ),
+            )
         };
-        self.fail(d, err).await;
+        let err = TaskError {
+            code: code_name(Code::Aborted).into(),
+            message,
+        };
+        self.fail(d, None, err).await;
     }
 }

@@ -58,6 +58,37 @@ async fn contract(s: &dyn TaskStore) {
         panic!("a reclaimed delivery restarts a running task")
     };
     assert_eq!(r.attempts, 2);
+    // The first attempt's worker, late: its result and its failure are refused (fenced by
+    // its attempt number), quiet or not, and change nothing.
+    for quiet in [false, true] {
+        let late = Change {
+            result: Some(Bytes::from_static(b"stale")),
+            fence: Some(1),
+            ..Default::default()
+        };
+        let err = if quiet {
+            s.transition_quiet(&a, TaskState::Succeeded, late)
+                .await
+                .unwrap_err()
+        } else {
+            s.transition(&a, TaskState::Succeeded, late)
+                .await
+                .map(drop)
+                .unwrap_err()
+        };
+        assert!(
+            matches!(
+                err,
+                StoreError::Fenced {
+                    fence: 1,
+                    current: 2,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+    assert_eq!(s.get(&a).await.unwrap().unwrap().state, TaskState::Running);
 
     // A transition answers with the record as it left it.
     let done = s
@@ -66,12 +97,25 @@ async fn contract(s: &dyn TaskStore) {
             TaskState::Succeeded,
             Change {
                 result: Some(Bytes::from_static(b"the response")),
+                fence: Some(2),
                 ..Default::default()
             },
         )
         .await
         .unwrap();
     assert_eq!((done.state, done.attempts), (TaskState::Succeeded, 2));
+    // Its history: the attempt whose worker never answered, then the one that succeeded.
+    let outcomes: Vec<(u32, &str)> = done
+        .history
+        .iter()
+        .map(|h| (h.attempt, h.outcome.as_str()))
+        .collect();
+    assert_eq!(outcomes, [(1, "worker lost"), (2, "succeeded")]);
+    assert!(
+        done.history
+            .iter()
+            .all(|h| h.ended_at_ms >= h.started_at_ms && h.started_at_ms > 0)
+    );
     assert!(done.finished_at_ms.is_some());
     assert_eq!(done.tenant, "tenant");
     let (got, result) = s.get_with_result(&a).await.unwrap().unwrap();
@@ -107,6 +151,14 @@ async fn contract(s: &dyn TaskStore) {
     };
     assert_eq!((r.state, r.attempts), (TaskState::Queued, 1));
     assert_eq!(r.error, Some(error.clone()));
+    assert_eq!(r.history.len(), 1);
+    assert_eq!(
+        (
+            r.history[0].outcome.as_str(),
+            r.history[0].error_message.as_deref()
+        ),
+        ("retried", Some("triton went away"))
+    );
     let (r, result) = s.get_with_result(&b).await.unwrap().unwrap();
     assert_eq!((r.state, result), (TaskState::Queued, None));
 

@@ -186,6 +186,11 @@ impl TaskStore for MemoryTaskStore {
         if e.rec.attempts >= max_attempts {
             return Ok(Start::Exhausted(e.rec.clone()));
         }
+        if e.rec.state == TaskState::Running {
+            // Taken back from a worker that never answered: that attempt was lost.
+            let lost = super::Attempt::ending(&e.rec, super::WORKER_LOST, None);
+            remember(&mut e.rec, lost);
+        }
         let change = Change {
             count_attempt: true,
             ..Default::default()
@@ -213,6 +218,19 @@ impl TaskStore for MemoryTaskStore {
                 to,
             });
         }
+        if let Some(fence) = change.fence
+            && fence != e.rec.attempts
+        {
+            return Err(StoreError::Fenced {
+                id: id.to_string(),
+                fence,
+                current: e.rec.attempts,
+            });
+        }
+        if e.rec.state == TaskState::Running && to != TaskState::Running {
+            let done = super::Attempt::ending(&e.rec, super::outcome_of(to), change.error.as_ref());
+            remember(&mut e.rec, done);
+        }
         let was_open = !e.rec.state.is_final();
         apply(&mut e.rec, to, &change);
         if let Some(r) = change.result {
@@ -237,6 +255,14 @@ impl TaskStore for MemoryTaskStore {
         }
         inner.keys.retain(|_, (task, _)| task != id);
         Ok(())
+    }
+}
+
+/// Adds an attempt's end to a record's history, keeping the last [`super::MAX_HISTORY`].
+pub(crate) fn remember(rec: &mut TaskRecord, a: super::Attempt) {
+    rec.history.push(a);
+    if rec.history.len() > super::MAX_HISTORY {
+        rec.history.remove(0);
     }
 }
 

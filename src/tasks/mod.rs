@@ -106,6 +106,48 @@ pub struct TaskError {
     pub message: String,
 }
 
+/// How one attempt ended, written by the store as the task leaves `running` (the last
+/// [`MAX_HISTORY`] are kept): what an operator reads to see why a task failed, and that a
+/// replayed one ran again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub attempt: u32,
+    pub started_at_ms: u64,
+    pub ended_at_ms: u64,
+    /// The state the attempt left the task in (`retried` when queued again), or
+    /// [`WORKER_LOST`] when its worker never answered and the broker delivered it again.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+}
+
+pub const MAX_HISTORY: usize = 16;
+pub const WORKER_LOST: &str = "worker lost";
+
+impl Attempt {
+    /// The entry for the attempt `rec` is running, ending now as `outcome`.
+    pub fn ending(rec: &TaskRecord, outcome: &str, error: Option<&TaskError>) -> Self {
+        Self {
+            attempt: rec.attempts,
+            started_at_ms: rec.started_at_ms.unwrap_or(0),
+            ended_at_ms: now_ms(),
+            outcome: outcome.to_string(),
+            error_code: error.map(|e| e.code.clone()),
+            error_message: error.map(|e| e.message.clone()),
+        }
+    }
+}
+
+/// The outcome an attempt has when it moves its task to `to`.
+pub fn outcome_of(to: TaskState) -> &'static str {
+    match to {
+        TaskState::Queued => "retried",
+        other => other.as_str(),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {
     pub id: String,
@@ -120,6 +162,9 @@ pub struct TaskRecord {
     pub finished_at_ms: Option<u64>,
     pub error: Option<TaskError>,
     pub idempotency_key: Option<String>,
+    /// Attempts that ended, oldest first.
+    #[serde(default)]
+    pub history: Vec<Attempt>,
 }
 
 impl TaskRecord {
@@ -136,6 +181,7 @@ impl TaskRecord {
             finished_at_ms: None,
             error: None,
             idempotency_key: key,
+            history: Vec::new(),
         }
     }
 }
@@ -155,6 +201,10 @@ pub enum Start {
 #[derive(Debug, Clone, Default)]
 pub struct Change {
     pub count_attempt: bool,
+    /// The attempt the writer ran (a fencing token): refused with [`StoreError::Fenced`]
+    /// when the task has been started again since, so a worker that lost its delivery
+    /// cannot overwrite the newer attempt.
+    pub fence: Option<u32>,
     pub error: Option<TaskError>,
     /// The encoded `ModelInferResponse` of a succeeded task.
     pub result: Option<Bytes>,
@@ -174,6 +224,13 @@ pub enum StoreError {
     /// The tenant already has `limit` tasks queued or running.
     #[error("tenant '{tenant}' already has {limit} tasks queued or running (its quota)")]
     QuotaExceeded { tenant: String, limit: u64 },
+    /// A newer attempt started since the writer's ([`Change::fence`]).
+    #[error("task {id}: attempt {fence} was taken over by attempt {current}")]
+    Fenced {
+        id: String,
+        fence: u32,
+        current: u32,
+    },
     #[error("result of {size} bytes is over the limit of {limit} bytes")]
     ResultTooLarge { size: usize, limit: usize },
     #[error("task store: {0}")]

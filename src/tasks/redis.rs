@@ -35,7 +35,7 @@ return ARGV[1]
 
 /// The record's fields, in the order the scripts return them (after a status code) and
 /// `get` reads them; the result, often large, is read only when asked for.
-const FIELDS: [&str; 11] = [
+const FIELDS: [&str; 12] = [
     "state",
     "tenant",
     "model",
@@ -47,6 +47,7 @@ const FIELDS: [&str; 11] = [
     "error_code",
     "error_message",
     "idempotency_key",
+    "history",
 ];
 
 /// Prepended to the scripts below: `record(key, code)` is `{code, HMGET key FIELDS...}`, so a
@@ -54,21 +55,45 @@ const FIELDS: [&str; 11] = [
 fn record_prelude() -> String {
     let names: Vec<String> = FIELDS.iter().map(|f| format!("'{f}'")).collect();
     format!(
-        "local F = {{{}}}\nlocal function record(key, code)\n  local r = redis.call('HMGET', key, unpack(F))\n  table.insert(r, 1, code)\n  return r\nend\n",
+        "local F = {{{}}}\nlocal function record(key, code)\n  local r = redis.call('HMGET', key, unpack(F))\n  table.insert(r, 1, code)\n  return r\nend\n{REMEMBER}",
         names.join(", ")
     )
 }
 
+/// `remember(key, outcome, code, message, now)` appends the end of the attempt the task is
+/// running to its `history` (a JSON array, the last `MAX_HISTORY` kept).
+const REMEMBER: &str = r#"
+local function remember(key, outcome, code, message, now)
+  local a, s, h = unpack(redis.call('HMGET', key, 'attempts', 'started_at_ms', 'history'))
+  local list = {}
+  if h and h ~= '' and h ~= '{}' then list = cjson.decode(h) end
+  local e = {attempt = tonumber(a or '0'), started_at_ms = tonumber(s or '0'),
+             ended_at_ms = tonumber(now), outcome = outcome}
+  if code ~= '' then e.error_code = code; e.error_message = message end
+  table.insert(list, e)
+  while #list > 16 do table.remove(list, 1) end
+  redis.call('HSET', key, 'history', cjson.encode(list))
+end
+"#;
+
 /// Moves KEYS[1] to ARGV[1] if its state is one of ARGV[2] (comma-separated).
 /// Returns record(KEYS[1], 1) on success, record(KEYS[1], 0) if the state forbids it, {-1} if
 /// there is no task. Quiet (ARGV[13] == '1'): {1} on success, {0, state} when forbidden.
+/// With a fence (ARGV[14], an attempt number) other than the task's attempts: {2, attempts}.
+/// Leaving `running`, the attempt's end joins the history (outcome ARGV[15]).
 const TRANSITION: &str = r#"
-local cur, tenant = unpack(redis.call('HMGET', KEYS[1], 'state', 'tenant'))
+local cur, tenant, attempts = unpack(redis.call('HMGET', KEYS[1], 'state', 'tenant', 'attempts'))
 if not cur then return {-1} end
 local quiet = ARGV[13] == '1'
 if not string.find(',' .. ARGV[2] .. ',', ',' .. cur .. ',', 1, true) then
   if quiet then return {0, cur} end
   return record(KEYS[1], 0)
+end
+if ARGV[14] ~= '' and tonumber(attempts or '0') ~= tonumber(ARGV[14]) then
+  return {2, tonumber(attempts or '0')}
+end
+if cur == 'running' and ARGV[1] ~= 'running' then
+  remember(KEYS[1], ARGV[15], ARGV[6], ARGV[7], ARGV[5])
 end
 local set = {'state', ARGV[1]}
 if ARGV[4] ~= '' then table.insert(set, ARGV[4]); table.insert(set, ARGV[5]) end
@@ -106,6 +131,8 @@ for i, key in ipairs(KEYS) do
     if attempts >= tonumber(ARGV[1]) then
       out[i] = record(key, 2)
     else
+      -- Taken back from a worker that never answered: that attempt was lost.
+      if cur == 'running' then remember(key, 'worker lost', '', '', ARGV[2]) end
       redis.call('HSET', key, 'state', 'running', 'started_at_ms', ARGV[2], 'attempts', attempts + 1)
       out[i] = record(key, 1)
     end
@@ -220,6 +247,8 @@ impl RedisTaskStore {
             .arg(self.open_prefix())
             .arg(id)
             .arg(if quiet { "1" } else { "0" })
+            .arg(change.fence.map(|f| f.to_string()).unwrap_or_default())
+            .arg(super::outcome_of(to))
             .invoke_async(&mut conn)
             .await
             .map_err(backend)?;
@@ -261,7 +290,25 @@ fn parse(id: &str, values: &[Value]) -> Option<TaskRecord> {
             message: text(9).unwrap_or_default(),
         }),
         idempotency_key: text(10).filter(|k| !k.is_empty()),
+        // Lua's cjson writes an empty list as `{}`.
+        history: field(values, 11)
+            .filter(|h| *h != b"{}")
+            .and_then(|h| serde_json::from_slice(h).ok())
+            .unwrap_or_default(),
     })
+}
+
+/// The error of a write refused by its fence (`{2, attempts}`).
+fn fenced(id: &str, fence: Option<u32>, values: &[Value]) -> StoreError {
+    let current = match values.first() {
+        Some(Value::Int(n)) => *n as u32,
+        _ => 0,
+    };
+    StoreError::Fenced {
+        id: id.to_string(),
+        fence: fence.unwrap_or(0),
+        current,
+    }
 }
 
 /// A script's `{code, values...}` answer.
@@ -489,7 +536,11 @@ impl TaskStore for RedisTaskStore {
         to: TaskState,
         change: Change,
     ) -> Result<TaskRecord, StoreError> {
+        let fence = change.fence;
         let (code, values) = self.run_transition(id, to, change, false).await?;
+        if code == 2 {
+            return Err(fenced(id, fence, &values));
+        }
         match (code, parse(id, &values)) {
             (1, Some(rec)) => Ok(rec),
             (0, Some(rec)) => Err(StoreError::Conflict {
@@ -507,7 +558,11 @@ impl TaskStore for RedisTaskStore {
         to: TaskState,
         change: Change,
     ) -> Result<(), StoreError> {
+        let fence = change.fence;
         let (code, values) = self.run_transition(id, to, change, true).await?;
+        if code == 2 {
+            return Err(fenced(id, fence, &values));
+        }
         let state = field(&values, 0)
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(TaskState::parse);

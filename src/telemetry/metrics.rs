@@ -198,6 +198,8 @@ pub struct Metrics {
     pub cache_requests: Family<CacheLabels, Counter>,
     pub cache_bytes: Gauge,
     pub cache_evictions: Counter,
+    /// Results and failures a worker wrote after another attempt took its task over, refused.
+    pub task_fenced: Counter,
     /// Shared-cache (Redis) lookups and stores that failed or timed out.
     pub cache_errors: Family<OpLabels, Counter>,
 }
@@ -234,6 +236,7 @@ impl Metrics {
             cache_requests: Family::default(),
             cache_bytes: Gauge::default(),
             cache_evictions: Counter::default(),
+            task_fenced: Counter::default(),
             cache_errors: Family::default(),
         };
         let r = &mut m.registry;
@@ -326,6 +329,11 @@ impl Metrics {
             "cache_evictions",
             "Answers the response cache dropped to stay under its bound",
             m.cache_evictions.clone(),
+        );
+        r.register(
+            "task_fenced",
+            "Late task results refused because a newer attempt had taken the task over",
+            m.task_fenced.clone(),
         );
         r.register(
             "cache_errors",

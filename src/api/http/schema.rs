@@ -145,5 +145,20 @@ pub struct TaskBody {
     started_at_ms: Option<u64>,
     finished_at_ms: Option<u64>,
     error: Option<TaskErrorBody>,
+    /// How each attempt ended, oldest first (the last 16; absent before the first ends).
+    history: Option<Vec<AttemptBody>>,
     response: Option<InferResponseBody>,
+}
+
+/// One attempt's end.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct AttemptBody {
+    attempt: u32,
+    started_at_ms: u64,
+    ended_at_ms: u64,
+    /// `succeeded`, `failed`, `retried`, `cancelled`, `expired` or `worker lost`.
+    outcome: String,
+    error_code: Option<String>,
+    error_message: Option<String>,
 }

@@ -56,6 +56,9 @@ struct TaskJson<'a> {
     started_at_ms: Option<u64>,
     finished_at_ms: Option<u64>,
     error: Option<&'a TaskError>,
+    /// Attempts that ended (not on a fresh task, so a submit's answer stays small).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    history: &'a [crate::tasks::Attempt],
     #[serde(skip_serializing_if = "Option::is_none")]
     response: Option<Value>,
 }
@@ -71,6 +74,7 @@ fn task_json(rec: &TaskRecord, resp: Option<ModelInferResponse>) -> Json<TaskJso
         started_at_ms: rec.started_at_ms,
         finished_at_ms: rec.finished_at_ms,
         error: rec.error.as_ref(),
+        history: &rec.history,
         response: resp.and_then(|r| codec::response_json(r).ok()),
     })
 }
