@@ -43,6 +43,11 @@ impl Deadline {
     }
 }
 
+/// The request parameter that carries a route's sticky header from the edge (HTTP, gRPC, a
+/// task's stored request) to where the route is resolved, which takes it out again: Triton
+/// never sees it, and the response cache's key leaves it out.
+pub const STICKY_CARRIER: &str = "infergate_sticky";
+
 /// What a caller over its model's `max_concurrent_requests` gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {

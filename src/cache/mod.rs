@@ -86,7 +86,7 @@ const NOT_IN_KEY: [&str; 4] = [
     "timeout",
     "priority",
     "sequence_id",
-    crate::routes::STICKY_CARRIER,
+    crate::call::STICKY_CARRIER,
 ];
 
 fn params(h: &mut Sha256, p: &std::collections::HashMap<String, InferParameter>) {

@@ -421,7 +421,7 @@ impl InferService {
         watch.finish(!failed);
         match again {
             Some((mut again, fallback)) if failed => {
-                crate::telemetry::metrics::metrics().route_fallback(&route, &fallback);
+                crate::telemetry::metrics::metrics().route_fallback(&route, fallback.label());
                 let (info, validated, _) = self.lookup(&mut again, false, None).await?;
                 self.run(again, call, info, validated).await
             }

@@ -248,7 +248,7 @@ impl Routes {
                 metrics().route_breaker(&route.name, &picked.label(), b.state(now));
                 match (admit, &route.fallback) {
                     (Admit::Open, Some(fallback)) => {
-                        metrics().route_fallback(&route.name, fallback);
+                        metrics().route_fallback(&route.name, fallback.label());
                         fallback
                     }
                     (Admit::Open, None) => {
@@ -276,7 +276,7 @@ impl Routes {
                 }
             }
         };
-        metrics().route_request(&route.name, target);
+        metrics().route_request(&route.name, target.label());
         req.model_name.clone_from(&target.model);
         req.model_version.clone_from(&target.version);
         let mut shadow = None;

@@ -182,10 +182,7 @@ impl Route {
     }
 }
 
-/// The request parameter that carries a route's sticky header from the edge (HTTP, gRPC, a
-/// task's stored request) to where the route is resolved, which takes it out again: Triton
-/// never sees it, and the response cache's key leaves it out.
-pub const STICKY_CARRIER: &str = "infergate_sticky";
+pub use crate::call::STICKY_CARRIER;
 
 /// A parameter's value as bytes (strings, integers and booleans; others are not keys).
 fn sticky_key(req: &ModelInferRequest, name: &str) -> Option<Vec<u8>> {

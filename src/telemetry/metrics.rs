@@ -388,11 +388,12 @@ impl Metrics {
         m
     }
 
-    pub fn route_fallback(&self, route: &str, fallback: &crate::routes::Target) {
+    /// `fallback`: as [`crate::routes::Target::label`] names it.
+    pub fn route_fallback(&self, route: &str, fallback: String) {
         self.route_fallbacks
             .get_or_create(&RouteLabels {
                 route: route.to_string(),
-                target: fallback.label(),
+                target: fallback,
             })
             .inc();
     }
@@ -461,11 +462,12 @@ impl Metrics {
             .inc();
     }
 
-    pub fn route_request(&self, route: &str, target: &crate::routes::Target) {
+    /// `target`: as [`crate::routes::Target::label`] names it.
+    pub fn route_request(&self, route: &str, target: String) {
         self.route_requests
             .get_or_create(&RouteLabels {
                 route: route.to_string(),
-                target: target.label(),
+                target,
             })
             .inc();
     }
