@@ -15,7 +15,6 @@ use std::{
 };
 
 use common::*;
-use infergate::proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
 
 /// A model repository holding `flaky` alone, reading its mode from `control`.
 fn flaky_repo(tag: &str) -> (PathBuf, PathBuf) {
@@ -33,18 +32,8 @@ fn flaky_repo(tag: &str) -> (PathBuf, PathBuf) {
     (dir, control)
 }
 
-fn request() -> ModelInferRequest {
-    ModelInferRequest {
-        model_name: "flaky".into(),
-        inputs: vec![InferInputTensor {
-            name: "INPUT".into(),
-            datatype: "FP32".into(),
-            shape: vec![1, 1],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![f32_bytes(&[4.0])],
-        ..Default::default()
-    }
+fn request() -> infergate::proto::inference::ModelInferRequest {
+    one_input("flaky", 4.0)
 }
 
 /// Calls of `flaky` a Triton has run, answered or failed.
@@ -103,8 +92,10 @@ async fn a_model_failing_on_one_endpoint_leaves_it_and_comes_back_when_it_heals(
     // Phases: both healthy, B failing the model, B healed.
     let mut marks = Vec::new();
     for mode in ["", "fail", ""] {
-        std::fs::write(&control_b, mode).unwrap();
+        // The phase's mark comes first: a request started before the model changed belongs
+        // to the phase that follows it (it may run after the change).
         marks.push((Instant::now(), calls(&a).await, calls(&b).await));
+        std::fs::write(&control_b, mode).unwrap();
         tokio::time::sleep(Duration::from_millis(3_000)).await;
     }
     marks.push((Instant::now(), calls(&a).await, calls(&b).await));

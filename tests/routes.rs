@@ -122,6 +122,25 @@ async fn a_canary_route_splits_sticks_and_describes_itself() {
     let body = json!({"inputs": [
         {"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": twos},
         {"name": "INPUT1", "shape": [1, 16], "datatype": "FP32", "data": ones}]});
+    // POSTs `body` to `path` as `user` (the sticky header), answers the JSON.
+    let post_as = |path: &'static str, user: String| {
+        let (http, body, url) = (
+            http.clone(),
+            body.clone(),
+            format!("{}{path}", gw.http_base()),
+        );
+        async move {
+            http.post(url)
+                .header("x-user-id", user)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
     let mut by_header: HashMap<String, String> = HashMap::new();
     let mut tasks = Vec::new();
     for u in 0..100 {
@@ -135,29 +154,11 @@ async fn a_canary_route_splits_sticks_and_describes_itself() {
                 .insert("x-user-id", user.parse().unwrap());
             arms.push(c.model_infer(req).await.unwrap().into_inner().model_name);
         }
-        let r: Value = http
-            .post(format!("{}/v2/models/canary/infer", gw.http_base()))
-            .header("x-user-id", &user)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r = post_as("/v2/models/canary/infer", user.clone()).await;
         arms.push(r["model_name"].as_str().unwrap().to_string());
         assert!(arms.iter().all(|a| *a == arms[0]), "{user}: {arms:?}");
         if u < 20 {
-            let t: Value = http
-                .post(format!("{}/v1/models/canary/tasks", gw.http_base()))
-                .header("x-user-id", &user)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let t = post_as("/v1/models/canary/tasks", user.clone()).await;
             tasks.push((t["id"].as_str().unwrap().to_string(), arms[0].clone()));
         }
         by_header.insert(user, arms.swap_remove(0));
@@ -380,25 +381,15 @@ fn a_reload_on_sighup_moves_traffic_without_dropping_a_request() {
 const FLAKY_CONTROL: &str = "/tmp/infergate-flaky-control";
 
 fn flaky_request() -> infergate::proto::inference::ModelInferRequest {
-    use infergate::proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
-    ModelInferRequest {
-        model_name: "guarded".into(),
-        inputs: vec![InferInputTensor {
-            name: "INPUT".into(),
-            datatype: "FP32".into(),
-            shape: vec![1, 1],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![f32_bytes(&[7.0])],
-        // For the fallback (`slow`): answer at once.
-        parameters: HashMap::from([(
-            "delay_ms".to_string(),
-            InferParameter {
-                parameter_choice: Some(ParameterChoice::Int64Param(0)),
-            },
-        )]),
-        ..Default::default()
-    }
+    let mut req = one_input("guarded", 7.0);
+    // For the fallback (`slow`): answer at once.
+    req.parameters.insert(
+        "delay_ms".to_string(),
+        InferParameter {
+            parameter_choice: Some(ParameterChoice::Int64Param(0)),
+        },
+    );
+    req
 }
 
 /// One answer of the steady load: when its request started, and the model that answered (or

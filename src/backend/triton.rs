@@ -308,10 +308,16 @@ impl TritonPool {
         }
         let guard = model.zip(self.breaker.as_ref());
         let now = Instant::now();
-        if let Some((model, _)) = guard
-            && healthy.iter().any(|e| !e.is_open_for(model, now))
-        {
-            healthy.retain(|e| !e.is_open_for(model, now));
+        if let Some((model, _)) = guard {
+            // One look at each circuit (a lock each), kept only when some endpoint serves.
+            let serving: Vec<&Arc<Endpoint>> = healthy
+                .iter()
+                .copied()
+                .filter(|e| !e.is_open_for(model, now))
+                .collect();
+            if !serving.is_empty() {
+                healthy = serving;
+            }
         }
         let n = healthy.len();
         let i = self.next.fetch_add(1, Ordering::Relaxed);

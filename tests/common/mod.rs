@@ -325,6 +325,22 @@ pub async fn connect(url: &str) -> GrpcInferenceServiceClient<Channel> {
     }
 }
 
+/// A request of one FP32 value as `INPUT` [1, 1] (the `flaky` and `slow` models' input).
+pub fn one_input(model: &str, x: f32) -> infergate::proto::inference::ModelInferRequest {
+    use infergate::proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
+    ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![InferInputTensor {
+            name: "INPUT".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 1],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![f32_bytes(&[x])],
+        ..Default::default()
+    }
+}
+
 pub fn f32_bytes(v: &[f32]) -> bytes::Bytes {
     v.iter()
         .flat_map(|x| x.to_le_bytes())
