@@ -28,6 +28,9 @@ pub struct Caller {
     pub tenant: Arc<str>,
     /// Tasks this tenant may have queued or running at once; 0 = unlimited.
     pub max_open_tasks: u64,
+    /// May use the admin API (dead letters): a key marked `admin`, or any caller when no
+    /// keys are configured (then nothing is private anyway).
+    pub admin: bool,
 }
 
 impl Default for Caller {
@@ -35,6 +38,7 @@ impl Default for Caller {
         Self {
             tenant: DEFAULT_TENANT.into(),
             max_open_tasks: 0,
+            admin: true,
         }
     }
 }
@@ -81,8 +85,8 @@ struct Tenant {
 }
 
 pub struct Auth {
-    /// (SHA-256 of the key, index into `tenants`).
-    keys: Vec<([u8; 32], usize)>,
+    /// (SHA-256 of the key, index into `tenants`, admin key).
+    keys: Vec<([u8; 32], usize, bool)>,
     tenants: Vec<Tenant>,
 }
 
@@ -115,6 +119,7 @@ impl Auth {
                 caller: Caller {
                     tenant: DEFAULT_TENANT.into(),
                     max_open_tasks: cfg.max_open_tasks,
+                    admin: true,
                 },
                 bucket: Mutex::new(Bucket::new(cfg.rate_per_s, burst(None))),
             });
@@ -125,6 +130,7 @@ impl Auth {
                     caller: Caller {
                         tenant: k.tenant.as_str().into(),
                         max_open_tasks: k.max_open_tasks.unwrap_or(cfg.max_open_tasks),
+                        admin: false,
                     },
                     bucket: Mutex::new(Bucket::new(
                         k.rate_per_s.unwrap_or(cfg.rate_per_s),
@@ -133,7 +139,7 @@ impl Auth {
                 });
                 tenants.len() - 1
             });
-            keys.push((digest(&k.key), i));
+            keys.push((digest(&k.key), i, k.admin));
         }
         Arc::new(Self { keys, tenants })
     }
@@ -146,7 +152,7 @@ impl Auth {
     /// Authenticates a request by its headers (HTTP headers or gRPC metadata, through `get`)
     /// and takes a token from its tenant's bucket.
     pub fn admit<'a>(&self, get: impl Fn(&str) -> Option<&'a str>) -> Result<Caller, GatewayError> {
-        let tenant = if self.required() {
+        let (tenant, admin) = if self.required() {
             let key = presented(get).filter(|k| !k.is_empty()).ok_or_else(|| {
                 GatewayError::Unauthenticated(
                     "an API key is required (Authorization: Bearer <key> or x-api-key)".into(),
@@ -154,15 +160,16 @@ impl Auth {
             })?;
             let d = digest(key);
             let mut found = None;
-            for (k, i) in &self.keys {
+            for (k, i, admin) in &self.keys {
                 if same(k, &d) {
-                    found = Some(*i);
+                    found = Some((*i, *admin));
                 }
             }
-            &self.tenants[found
-                .ok_or_else(|| GatewayError::Unauthenticated("the API key is not valid".into()))?]
+            let (i, admin) = found
+                .ok_or_else(|| GatewayError::Unauthenticated("the API key is not valid".into()))?;
+            (&self.tenants[i], admin)
         } else {
-            &self.tenants[0]
+            (&self.tenants[0], true)
         };
         let taken = tenant
             .bucket
@@ -176,7 +183,9 @@ impl Auth {
             ),
             retry_after: secs,
         })?;
-        Ok(tenant.caller.clone())
+        let mut caller = tenant.caller.clone();
+        caller.admin = admin;
+        Ok(caller)
     }
 
     /// [`Auth::admit`] for HTTP headers.

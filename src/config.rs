@@ -707,6 +707,23 @@ pub struct TasksConfig {
         default_value_t = 3
     )]
     pub max_attempts: u32,
+    /// Dead-lettered tasks kept for inspection and replay; past it the oldest is dropped
+    /// (counted).
+    #[arg(
+        long,
+        env = "INFERGATE_DEAD_LETTER_MAX",
+        value_name = "N",
+        default_value_t = 10_000
+    )]
+    pub dead_letter_max: usize,
+    /// How long a dead letter is kept, in ms (7 days by default).
+    #[arg(
+        long,
+        env = "INFERGATE_DEAD_LETTER_TTL_MS",
+        value_name = "MS",
+        default_value_t = 604_800_000
+    )]
+    pub dead_letter_ttl_ms: u64,
     /// How long task records and results are kept, in ms.
     #[arg(
         long = "task-ttl-ms",
@@ -769,6 +786,8 @@ impl TasksConfig {
             workers: 0..=256,
             worker_concurrency: 1..=65_536,
             max_attempts: 1..=100,
+            dead_letter_max: 1..=1_000_000,
+            dead_letter_ttl_ms: 60_000..=366 * 86_400_000u64,
             amqp_group_max: 1..=1_000,
             publish_timeout_ms: 100..=600_000,
             ttl_ms: 1_000..=30 * 86_400_000u64,
@@ -1190,6 +1209,8 @@ pub struct ApiKey {
     pub burst: Option<u32>,
     /// Overrides `auth.max_open_tasks` for this key's tenant.
     pub max_open_tasks: Option<u64>,
+    /// This key may use the admin API (dead letters of every tenant).
+    pub admin: bool,
 }
 
 /// Keys never reach logs, even through a debug print of the config.
@@ -1201,6 +1222,7 @@ impl std::fmt::Debug for ApiKey {
             .field("rate_per_s", &self.rate_per_s)
             .field("burst", &self.burst)
             .field("max_open_tasks", &self.max_open_tasks)
+            .field("admin", &self.admin)
             .finish()
     }
 }

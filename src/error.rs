@@ -20,6 +20,10 @@ pub enum GatewayError {
     /// The task reached a final state (`succeeded`, `failed`, `cancelled`) before the change.
     #[error("task '{id}' is already {state} and cannot be cancelled")]
     TaskFinal { id: String, state: &'static str },
+    /// Anything else the caller may not see or that is not there (a dead letter; the admin
+    /// API for a caller that is not an admin).
+    #[error("{0}")]
+    NotFound(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -74,7 +78,7 @@ impl GatewayError {
         match self {
             Self::ModelNotFound { .. } => Code::NotFound,
             Self::InvalidArgument(_) => Code::InvalidArgument,
-            Self::TaskNotFound(_) => Code::NotFound,
+            Self::TaskNotFound(_) | Self::NotFound(_) => Code::NotFound,
             Self::TaskFinal { .. } => Code::FailedPrecondition,
             Self::PayloadTooLarge(_) | Self::Overloaded(_) | Self::RateLimited { .. } => {
                 Code::ResourceExhausted
@@ -104,6 +108,7 @@ impl GatewayError {
             Self::ModelNotFound { .. } => "model_not_found",
             Self::InvalidArgument(_) => "invalid_argument",
             Self::TaskNotFound(_) => "task_not_found",
+            Self::NotFound(_) => "not_found",
             Self::TaskFinal { .. } => "task_final",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Overloaded(_) => "overloaded",

@@ -14,7 +14,7 @@ use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::{
     api::{
-        grpc::{GrpcApi, GrpcServer, GrpcTasks, Tls as GrpcTls},
+        grpc::{GrpcApi, GrpcServer, GrpcTaskAdmin, GrpcTasks, Tls as GrpcTls},
         http::{HttpState, ops_router, router},
     },
     auth::{Auth, interceptor},
@@ -23,11 +23,17 @@ use crate::{
     health::Health,
     infer::InferService,
     proto::{
-        FILE_DESCRIPTOR_SET, inference::grpc_inference_service_server::GrpcInferenceServiceServer,
-        tasks::task_service_server::TaskServiceServer,
+        FILE_DESCRIPTOR_SET,
+        inference::grpc_inference_service_server::GrpcInferenceServiceServer,
+        tasks::{task_admin_server::TaskAdminServer, task_service_server::TaskServiceServer},
     },
     queue::{Broker, memory::MemoryBroker, rabbitmq::RabbitBroker, redis::RedisBroker},
-    tasks::{TaskStore, memory::MemoryTaskStore, redis::RedisTaskStore},
+    tasks::{
+        TaskStore,
+        dead::{DeadLetterStore, memory::MemoryDeadLetters, redis::RedisDeadLetters},
+        memory::MemoryTaskStore,
+        redis::RedisTaskStore,
+    },
     worker::{Worker, WorkerConfig},
 };
 
@@ -38,8 +44,16 @@ const HEALTH_SERVICES: &[&str] = &[
     "infergate.tasks.v1.TaskService",
 ];
 
-/// The task store and broker named by the config, connected.
-pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<(Arc<dyn TaskStore>, Arc<dyn Broker>)> {
+/// The task store, broker and dead letters named by the config, connected.
+#[derive(Clone)]
+pub struct TaskParts {
+    pub store: Arc<dyn TaskStore>,
+    pub broker: Arc<dyn Broker>,
+    /// Kept where the task store is (in process, or in its Redis).
+    pub dead: Arc<dyn DeadLetterStore>,
+}
+
+pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<TaskParts> {
     let t = &cfg.tasks;
     let ttl = Duration::from_millis(t.ttl_ms);
     let store: Arc<dyn TaskStore> = match &t.task_store {
@@ -90,7 +104,27 @@ pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<(Arc<dyn TaskStore>, 
             )
         }
     };
-    Ok((store, broker))
+    let dead: Arc<dyn DeadLetterStore> = match &t.task_store {
+        StoreUrl::Memory => Arc::new(MemoryDeadLetters::new(
+            t.dead_letter_max,
+            t.dead_letter_ttl_ms,
+        )),
+        StoreUrl::Redis(url) => Arc::new(
+            RedisDeadLetters::connect(
+                url,
+                &t.redis_prefix,
+                t.dead_letter_max,
+                t.dead_letter_ttl_ms,
+            )
+            .await
+            .with_context(|| format!("connecting the dead letters' store {url}"))?,
+        ),
+    };
+    Ok(TaskParts {
+        store,
+        broker,
+        dead,
+    })
 }
 
 fn health_of(cfg: &Config, pool: &Arc<TritonPool>, broker: &Arc<dyn Broker>) -> Arc<Health> {
@@ -105,16 +139,16 @@ fn health_of(cfg: &Config, pool: &Arc<TritonPool>, broker: &Arc<dyn Broker>) -> 
 fn spawn_workers(
     cfg: &Config,
     infer: &InferService,
-    store: &Arc<dyn TaskStore>,
-    broker: &Arc<dyn Broker>,
+    tasks: &TaskParts,
     stop: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..cfg.tasks.workers)
         .map(|_| {
             let w = Worker {
                 broker_kind: cfg.tasks.broker.kind(),
-                broker: Arc::clone(broker),
-                store: Arc::clone(store),
+                broker: Arc::clone(&tasks.broker),
+                store: Arc::clone(&tasks.store),
+                dead: Arc::clone(&tasks.dead),
                 infer: infer.clone(),
                 cfg: WorkerConfig {
                     concurrency: cfg.tasks.worker_concurrency,
@@ -148,12 +182,12 @@ pub async fn run_workers(
     let stop = CancellationToken::new();
     pool.probe_all().await;
     let probe = pool.spawn_probe(stop.clone());
-    let (store, broker) = connect_tasks(&cfg).await?;
-    let health = health_of(&cfg, &pool, &broker);
+    let tasks = connect_tasks(&cfg).await?;
+    let health = health_of(&cfg, &pool, &tasks.broker);
     health.check().await;
     let monitor = health.spawn(cfg.triton_health_interval(), stop.clone());
     let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone());
-    let autoscaling = spawn_autoscaling(&cfg, &infer, &store, None, stop.clone())?;
+    let autoscaling = spawn_autoscaling(&cfg, &infer, &tasks.store, None, stop.clone())?;
     let ops = axum::serve(
         ops_listener,
         ops_router::<()>(Arc::clone(&health), Some(infer.clone())),
@@ -162,7 +196,7 @@ pub async fn run_workers(
     .into_future();
     let ops = tokio::spawn(ops);
     let worker_stop = CancellationToken::new();
-    let workers = spawn_workers(&cfg, &infer, &store, &broker, &worker_stop);
+    let workers = spawn_workers(&cfg, &infer, &tasks, &worker_stop);
     tracing::info!(workers = workers.len(), broker = %cfg.tasks.broker, http_addr = %cfg.server.http_addr, "infergate worker running");
     shutdown.await;
     tracing::info!("worker shutting down: finishing running tasks");
@@ -341,8 +375,7 @@ pub struct Gateway {
     scaler_listener: Option<TcpListener>,
     /// Loaded at bind time, so a bad routes file stops the start with its setting named.
     routes: Arc<crate::routes::Routes>,
-    store: Arc<dyn TaskStore>,
-    broker: Arc<dyn Broker>,
+    tasks: TaskParts,
     /// Loaded at bind time, so a bad certificate stops the start with its field named.
     grpc_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     http_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
@@ -378,7 +411,7 @@ impl Gateway {
             None => None,
         };
         let routes = Arc::new(crate::routes::Routes::load(cfg.routes.file.clone())?);
-        let (store, broker) = connect_tasks(&cfg).await?;
+        let tasks = connect_tasks(&cfg).await?;
         Ok(Self {
             cfg,
             pool,
@@ -386,8 +419,7 @@ impl Gateway {
             http_listener,
             scaler_listener,
             routes,
-            store,
-            broker,
+            tasks,
             grpc_tls,
             http_tls,
         })
@@ -420,8 +452,7 @@ impl Gateway {
             http_listener,
             scaler_listener,
             routes,
-            store,
-            broker,
+            tasks,
             grpc_tls,
             http_tls,
         } = self;
@@ -431,7 +462,7 @@ impl Gateway {
 
         pool.probe_all().await;
         let probe = pool.spawn_probe(stop.clone());
-        let health = health_of(&cfg, &pool, &broker);
+        let health = health_of(&cfg, &pool, &tasks.broker);
         health.check().await;
         let monitor = health.spawn(cfg.triton_health_interval(), stop.clone());
 
@@ -484,7 +515,8 @@ impl Gateway {
             Duration::from_millis(cfg.routes.watch_ms),
             stop.clone(),
         )?;
-        let autoscaling = spawn_autoscaling(&cfg, &infer, &store, scaler_listener, stop.clone())?;
+        let autoscaling =
+            spawn_autoscaling(&cfg, &infer, &tasks.store, scaler_listener, stop.clone())?;
         let window_check = spawn_window_check(&infer, cfg.triton_health_interval(), stop.clone());
         let stats = crate::backend::stats::spawn(
             Arc::clone(&pool),
@@ -493,8 +525,9 @@ impl Gateway {
         );
         let front = crate::tasks::front::TaskFront {
             broker_kind: cfg.tasks.broker.kind(),
-            store: Arc::clone(&store),
-            broker: Arc::clone(&broker),
+            store: Arc::clone(&tasks.store),
+            broker: Arc::clone(&tasks.broker),
+            dead: Arc::clone(&tasks.dead),
             infer: infer.clone(),
         };
         let auth = Auth::new(&cfg.auth);
@@ -502,6 +535,10 @@ impl Gateway {
             .max_decoding_message_size(cfg.server.max_request_bytes)
             .max_encoding_message_size(cfg.server.max_response_bytes);
         let task_service = InterceptedService::new(task_service, interceptor(Arc::clone(&auth)));
+        let task_admin = InterceptedService::new(
+            TaskAdminServer::new(GrpcTaskAdmin::new(front.clone())),
+            interceptor(Arc::clone(&auth)),
+        );
         let inference = GrpcInferenceServiceServer::new(GrpcApi::new(
             infer.clone(),
             cfg.server.stream_concurrency,
@@ -519,6 +556,7 @@ impl Gateway {
             .add_service(reflection_v1alpha)
             .add_service(inference)
             .add_service(task_service)
+            .add_service(task_admin)
             .prepare();
         let routes = tower::ServiceBuilder::new()
             .layer(tower::util::MapResponseLayer::new(
@@ -547,7 +585,7 @@ impl Gateway {
         let kill = CancellationToken::new();
         let grpc = grpc_server.serve(grpc_listener, stop.clone(), kill.clone());
         let worker_stop = CancellationToken::new();
-        let workers = spawn_workers(&cfg, &infer, &store, &broker, &worker_stop);
+        let workers = spawn_workers(&cfg, &infer, &tasks, &worker_stop);
         let app = router(HttpState {
             infer,
             max_request_bytes: cfg.server.max_request_bytes,

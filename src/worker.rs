@@ -5,8 +5,10 @@
 //! - A task another worker is running is skipped, unless the broker reclaimed the message
 //!   from a consumer that stopped answering.
 //! - A failed attempt goes back to the broker, after a pause that doubles with each attempt,
-//!   until `max_attempts`; then the task fails with the reason and its message goes to the
-//!   dead-letter queue.
+//!   until `max_attempts`; then the task fails with the reason and is kept, with its message,
+//!   in the dead letters (`tasks::dead`) for an operator to read and replay.
+//! - While a task runs, its delivery's lease is renewed (Redis Streams), so only a dead or
+//!   stalled worker loses it.
 //! - While no Triton endpoint is ready, no message is taken: tasks wait in the broker through
 //!   a Triton outage and run when it is back.
 //! - On shutdown no new message is taken; running ones get the grace period, and anything not
@@ -29,7 +31,11 @@ use crate::{
     infer::InferService,
     proto::inference::ModelInferRequest,
     queue::{Broker, Delivery},
-    tasks::{Change, Start, StoreError, TaskError, TaskRecord, TaskState, TaskStore, now_ms},
+    tasks::{
+        Change, Start, StoreError, TaskError, TaskRecord, TaskState, TaskStore,
+        dead::{DeadEntry, DeadLetter, DeadLetterStore},
+        now_ms,
+    },
     telemetry::{metrics::metrics, trace},
 };
 
@@ -46,6 +52,7 @@ pub struct WorkerConfig {
 pub struct Worker {
     pub broker: Arc<dyn Broker>,
     pub store: Arc<dyn TaskStore>,
+    pub dead: Arc<dyn DeadLetterStore>,
     pub infer: InferService,
     pub cfg: WorkerConfig,
     /// `memory`, `redis` or `rabbitmq`, for metric labels.
@@ -224,7 +231,7 @@ impl Worker {
             }
         };
         let run_started = Instant::now();
-        let result = self.infer.infer(req, Call::task()).await;
+        let result = self.renewing(&d, self.infer.infer(req, Call::task())).await;
         metrics().observe(&rec.model, "task_run", run_started.elapsed());
         match result {
             Ok(resp) => {
@@ -309,13 +316,36 @@ impl Worker {
         }
     }
 
-    /// Fails the task for good (`fence`: the attempt failing it, when one ran) and moves its
-    /// message to the dead letters.
+    /// Runs `work` while renewing the delivery's lease (a third of it at a time), so a task
+    /// longer than the lease stays with this live worker instead of being handed to another.
+    async fn renewing<T>(&self, d: &Delivery, work: impl std::future::Future<Output = T>) -> T {
+        let Some(lease) = self.broker.lease() else {
+            return work.await;
+        };
+        let every = (lease / 3).max(Duration::from_millis(50));
+        let renew = async {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                if let Err(e) = self.broker.renew(d).await {
+                    metrics().broker_error(self.broker_kind, "renew");
+                    tracing::warn!(task = %d.msg.task_id, error = %e, "renewing the lease failed");
+                }
+            }
+        };
+        tokio::select! {
+            out = work => out,
+            never = renew => never,
+        }
+    }
+
+    /// Fails the task for good (`fence`: the attempt failing it, when one ran) and keeps it
+    /// in the dead letters, record and message, for an operator to read and replay.
     async fn fail(&self, d: &Delivery, fence: Option<u32>, err: TaskError) {
         let reason = format!("{}: {}", err.code, err.message);
         let failed = self
             .store
-            .transition_quiet(
+            .transition(
                 &d.msg.task_id,
                 TaskState::Failed,
                 Change {
@@ -325,15 +355,52 @@ impl Worker {
                 },
             )
             .await;
-        if let Err(e @ StoreError::Fenced { .. }) = &failed {
-            metrics().task_fenced.inc();
-            tracing::warn!(task = %d.msg.task_id, error = %e, "a late failure was refused");
-            return;
+        let record = match failed {
+            Ok(rec) => {
+                metrics().task_state(TaskState::Failed.as_str());
+                rec
+            }
+            Err(e @ StoreError::Fenced { .. }) => {
+                metrics().task_fenced.inc();
+                tracing::warn!(task = %d.msg.task_id, error = %e, "a late failure was refused");
+                return;
+            }
+            // Cancelled or expired meanwhile: nothing is left to replay.
+            Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => {
+                self.finish(d).await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(task = %d.msg.task_id, error = %e, "failing the task failed; its message goes to the broker's dead-letter queue");
+                self.broker_dead_letter(d, &reason).await;
+                return;
+            }
+        };
+        let dl = DeadLetter {
+            entry: DeadEntry {
+                record,
+                reason: reason.clone(),
+                dead_at_ms: now_ms(),
+                payload_bytes: d.msg.payload.len() as u64,
+            },
+            message: d.msg.clone(),
+        };
+        match self.dead.bury(dl).await {
+            Ok(depth) => {
+                crate::tasks::dead::report(depth);
+                self.finish(d).await;
+            }
+            Err(e) => {
+                // The dead letters are unreachable: the broker's own dead-letter queue keeps
+                // the message rather than losing it.
+                tracing::warn!(task = %d.msg.task_id, error = %e, "keeping the dead letter failed; it goes to the broker's dead-letter queue");
+                self.broker_dead_letter(d, &reason).await;
+            }
         }
-        if failed.is_ok() {
-            metrics().task_state(TaskState::Failed.as_str());
-        }
-        if let Err(e) = self.broker.dead_letter(d, &reason).await {
+    }
+
+    async fn broker_dead_letter(&self, d: &Delivery, reason: &str) {
+        if let Err(e) = self.broker.dead_letter(d, reason).await {
             metrics().broker_error(self.broker_kind, "dead_letter");
             tracing::warn!(task = %d.msg.task_id, error = %e, "dead-lettering failed");
         }

@@ -2,8 +2,8 @@
 //! read from /proc) in front of a real Triton, on loopback only, each bounded in time:
 //! - 10× overload for 60 s: requests over the model's queue get 429 / RESOURCE_EXHAUSTED at
 //!   once, admitted ones keep a bounded p99, goodput stays near capacity, RSS stays flat;
-//! - a steady mixed load (gRPC, HTTP, async tasks) for `INFERGATE_SOAK_SECS` (default 300):
-//!   every call succeeds, and neither memory nor open sockets grow.
+//! - a steady mixed load (gRPC, HTTP, async tasks) for `INFERGATE_SOAK_SECS` (default 600):
+//!   every call succeeds, memory shows no trend after its 120 s warm-up, sockets do not grow.
 //!
 //! Both print their figures (`cargo test --test endurance -- --nocapture`).
 
@@ -273,7 +273,7 @@ async fn a_steady_soak_keeps_memory_and_sockets_flat() {
     let secs: u64 = std::env::var("INFERGATE_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+        .unwrap_or(600);
     // Task records live 20 s after they end, so the store reaches its steady size early.
     let gw = Process::start("soak", "", &["--task-ttl-ms", "20000"]);
     let client = connect(&gw.grpc_url()).await;
@@ -384,27 +384,46 @@ async fn a_steady_soak_keeps_memory_and_sockets_flat() {
     }
     let errors = errors.lock().unwrap().clone();
     let n = count.load(Ordering::Relaxed);
-    // Compare the first fifth after a 30 s warm-up with the last fifth.
-    let steady: Vec<_> = samples.iter().filter(|s| s.0 >= 30).copied().collect();
-    assert!(steady.len() >= 5, "run long enough to compare: {samples:?}");
+    // RSS settles within about 110 s (jemalloc's arenas and decay); after it, it swings by
+    // about 1 MiB with periods near 100 s (measured over 600 s: 40.7 to 41.6 MiB, no trend).
+    // A comparison of two short windows reads those swings as growth, so the growth is the
+    // least-squares slope over everything after a 120 s warm-up, times that span.
+    let steady: Vec<_> = samples.iter().filter(|s| s.0 >= 120).copied().collect();
+    assert!(
+        steady.len() >= 20,
+        "run long enough to compare: {samples:?}"
+    );
     let k = (steady.len() / 5).max(1);
     let (first, last) = (&steady[..k], &steady[steady.len() - k..]);
     let max =
         |s: &[(u64, u64, usize)], f: fn(&(u64, u64, usize)) -> u64| s.iter().map(f).max().unwrap();
-    let (rss_a, rss_b) = (max(first, |s| s.1), max(last, |s| s.1));
     let (sock_a, sock_b) = (max(first, |s| s.2 as u64), max(last, |s| s.2 as u64));
+    let n_s = steady.len() as f64;
+    let mean_t = steady.iter().map(|s| s.0 as f64).sum::<f64>() / n_s;
+    let mean_r = steady.iter().map(|s| s.1 as f64).sum::<f64>() / n_s;
+    let slope = steady
+        .iter()
+        .map(|s| (s.0 as f64 - mean_t) * (s.1 as f64 - mean_r))
+        .sum::<f64>()
+        / steady
+            .iter()
+            .map(|s| (s.0 as f64 - mean_t).powi(2))
+            .sum::<f64>();
+    let span = (steady[steady.len() - 1].0 - steady[0].0) as f64;
+    let growth = slope * span;
     println!(
-        "soak: {secs} s, {n} calls ({:.0}/s), {} errors; RSS {rss_a} KiB early, {rss_b} KiB \
-         late; sockets {sock_a} early, {sock_b} late; samples (s, KiB, sockets): {samples:?}",
+        "soak: {secs} s, {n} calls ({:.0}/s), {} errors; RSS trend after 120 s {slope:+.2} KiB/s \
+         ({growth:+.0} KiB over {span:.0} s); sockets {sock_a} early, {sock_b} late; samples \
+         (s, KiB, sockets): {samples:?}",
         n as f64 / secs as f64,
         errors.len()
     );
     assert!(errors.is_empty(), "{:?}", &errors[..errors.len().min(5)]);
     // Tight on purpose: expired tasks kept until the in-memory store filled showed up here as
-    // about 1 MiB per 5 minutes at this load.
+    // about 1 MiB per 5 minutes at this load (some 1.5 MiB over this span).
     assert!(
-        rss_b <= rss_a + 512,
-        "RSS grew from {rss_a} KiB to {rss_b} KiB"
+        growth <= 512.0,
+        "RSS grew {growth:.0} KiB over {span:.0} s ({slope:.2} KiB/s)"
     );
     assert!(
         sock_b <= sock_a + 4,

@@ -2,7 +2,8 @@
 //! (the real Redis on 127.0.0.1:6379, a fresh key prefix per run): a worker's start is one
 //! atomic step that counts attempts and respects reclaims, state changes answer with the
 //! record they left (the worker's quiet ones with only the outcome), and a poll reads the
-//! record and its result together. Also the Redis
+//! record and its result together; a failed task is replayed under its id. The dead letters'
+//! contract (bounds, filters, read back whole) for both stores. Also the Redis
 //! stream broker's bound and its handling of entries that are not tasks.
 
 mod common;
@@ -14,7 +15,13 @@ use infergate::{
     queue::{Broker, QueueError, TaskMessage, redis::RedisBroker},
     tasks::{
         Change, Start, StoreError, TaskError, TaskRecord, TaskState, TaskStore,
-        memory::MemoryTaskStore, new_task_id, redis::RedisTaskStore,
+        dead::{
+            DeadDepth, DeadEntry, DeadFilter, DeadLetter, DeadLetterStore,
+            memory::MemoryDeadLetters, redis::RedisDeadLetters,
+        },
+        memory::MemoryTaskStore,
+        new_task_id,
+        redis::RedisTaskStore,
     },
 };
 
@@ -198,6 +205,163 @@ async fn contract(s: &dyn TaskStore) {
             .unwrap_err(),
         StoreError::NotFound(_)
     ));
+
+    // A replay queues the failed task again under its id: attempts from 0, the error gone,
+    // the history kept with a `replayed` mark; it runs and its new attempts follow.
+    let failed = s.get(&c).await.unwrap().unwrap();
+    let q = s.requeue(&failed).await.unwrap();
+    assert_eq!(
+        (q.state, q.attempts, q.error.clone()),
+        (TaskState::Queued, 0, None)
+    );
+    let stored = s.get(&c).await.unwrap().unwrap();
+    assert_eq!(stored, q, "the store holds what requeue answered");
+    let outcomes =
+        |r: &TaskRecord| -> Vec<String> { r.history.iter().map(|a| a.outcome.clone()).collect() };
+    assert_eq!(outcomes(&stored), ["failed", "replayed"]);
+    let err = s.requeue(&failed).await.unwrap_err();
+    assert_conflict(&err, TaskState::Queued, TaskState::Queued);
+    let Start::Started(r) = s.start(&c, false, 1).await.unwrap() else {
+        panic!("a replayed task starts with its attempts reset")
+    };
+    assert_eq!(r.attempts, 1);
+    s.transition_quiet(
+        &c,
+        TaskState::Succeeded,
+        Change {
+            fence: Some(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let done = s.get(&c).await.unwrap().unwrap();
+    assert_eq!(outcomes(&done), ["failed", "replayed", "succeeded"]);
+    // A dead letter's copy of a record that expired meanwhile is written back whole.
+    let mut gone = failed.clone();
+    gone.id = new_task_id();
+    let q = s.requeue(&gone).await.unwrap();
+    assert_eq!(s.get(&gone.id).await.unwrap(), Some(q));
+}
+
+fn dead_letter(id: &str, tenant: &str, model: &str, at: u64) -> DeadLetter {
+    let mut record = TaskRecord::new(id.to_string(), tenant, model, "", None);
+    record.state = TaskState::Failed;
+    record.attempts = 2;
+    record.queued_at_ms = at - 1;
+    DeadLetter {
+        entry: DeadEntry {
+            record,
+            reason: format!("ABORTED: {id} failed"),
+            dead_at_ms: at,
+            payload_bytes: 3,
+        },
+        message: TaskMessage {
+            task_id: id.to_string(),
+            model: model.to_string(),
+            payload: Bytes::from_static(b"\x00\xffz"),
+            trace: infergate::telemetry::trace::TraceHeaders {
+                traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+                tracestate: None,
+            },
+            priority: 7,
+        },
+    }
+}
+
+/// Dead letters: bounded by count (oldest dropped, counted) and age, filtered by model, tenant
+/// and time, read back with their message whole, removed once.
+async fn dead_contract(d: &dyn DeadLetterStore) {
+    let now = infergate::tasks::now_ms();
+    // Max 4 entries: the fifth drops the oldest.
+    for (i, (tenant, model)) in [
+        ("a", "m1"),
+        ("a", "m2"),
+        ("b", "m1"),
+        ("b", "m2"),
+        ("a", "m1"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let depth = d
+            .bury(dead_letter(&format!("t{i}"), tenant, model, now + i as u64))
+            .await
+            .unwrap();
+        assert_eq!(depth.depth, (i as u64 + 1).min(4));
+    }
+    assert_eq!(
+        d.depth().await.unwrap(),
+        DeadDepth {
+            depth: 4,
+            dropped: 1
+        }
+    );
+    assert_eq!(d.get("t0").await.unwrap(), None, "the oldest went first");
+    let ids =
+        |list: Vec<DeadEntry>| -> Vec<String> { list.into_iter().map(|e| e.record.id).collect() };
+    let all = d.list(&DeadFilter::default()).await.unwrap();
+    assert_eq!(ids(all), ["t1", "t2", "t3", "t4"], "oldest first");
+    let f = DeadFilter {
+        model: Some("m1".into()),
+        ..Default::default()
+    };
+    assert_eq!(ids(d.list(&f).await.unwrap()), ["t2", "t4"]);
+    let f = DeadFilter {
+        tenant: Some("b".into()),
+        ..Default::default()
+    };
+    assert_eq!(ids(d.list(&f).await.unwrap()), ["t2", "t3"]);
+    let f = DeadFilter {
+        since_ms: Some(now + 2),
+        until_ms: Some(now + 4),
+        ..Default::default()
+    };
+    assert_eq!(ids(d.list(&f).await.unwrap()), ["t2", "t3"]);
+    let f = DeadFilter {
+        limit: Some(1),
+        ..Default::default()
+    };
+    assert_eq!(ids(d.list(&f).await.unwrap()), ["t1"]);
+    assert_eq!(
+        d.get("t3").await.unwrap(),
+        Some(dead_letter("t3", "b", "m2", now + 3))
+    );
+    assert!(d.remove("t3").await.unwrap());
+    assert!(!d.remove("t3").await.unwrap(), "removed once");
+    assert_eq!(
+        d.depth().await.unwrap(),
+        DeadDepth {
+            depth: 3,
+            dropped: 1
+        }
+    );
+    // Older than the age bound (one minute): dropped at the next entry, counted too.
+    d.bury(dead_letter("old", "a", "m1", now - 120_000))
+        .await
+        .unwrap();
+    assert_eq!(d.get("old").await.unwrap(), None);
+    assert_eq!(
+        d.depth().await.unwrap(),
+        DeadDepth {
+            depth: 3,
+            dropped: 2
+        }
+    );
+}
+
+#[tokio::test]
+async fn memory_dead_letters_keep_the_contract() {
+    dead_contract(&MemoryDeadLetters::new(4, 60_000)).await;
+}
+
+#[tokio::test]
+async fn redis_dead_letters_keep_the_contract() {
+    let prefix = format!("igtest-{}", new_task_id());
+    let d = RedisDeadLetters::connect(common::REDIS, &prefix, 4, 60_000)
+        .await
+        .unwrap();
+    dead_contract(&d).await;
 }
 
 #[tokio::test]

@@ -338,11 +338,25 @@ async fn poison(broker: &str) {
         "{code}"
     );
     assert_eq!(done[1]["status"], "succeeded", "{}", done[1]);
-    let (_, queue) = connect_tasks(&cfg).await.unwrap();
-    let dead = queue.dead_letters().await.unwrap();
+    // The dead letters hold the failed task, its message whole, and the reason.
+    let tasks = connect_tasks(&cfg).await.unwrap();
+    let dead = tasks.dead.list(&Default::default()).await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].0.task_id, ids[0]);
-    assert!(!dead[0].1.is_empty(), "the dead letter carries its reason");
+    assert_eq!(dead[0].record.id, ids[0]);
+    assert!(
+        !dead[0].reason.is_empty(),
+        "the dead letter carries its reason"
+    );
+    let letter = tasks.dead.get(&ids[0]).await.unwrap().unwrap();
+    assert_eq!(
+        letter.message.payload.len() as u64,
+        letter.entry.payload_bytes
+    );
+    assert!(letter.entry.payload_bytes > 0);
+    assert!(
+        tasks.broker.dead_letters().await.unwrap().is_empty(),
+        "kept once, not also in the broker's dead-letter queue"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

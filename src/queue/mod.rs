@@ -56,6 +56,16 @@ pub trait Broker: Send + Sync {
     async fn retry(&self, d: &Delivery) -> Result<(), QueueError>;
     /// Move the message to the dead-letter queue with a reason, and ack it.
     async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), QueueError>;
+    /// How long a delivery stays with its worker without a sign of life before the broker
+    /// hands it to another (`None`: the broker sees its consumers die by itself, as RabbitMQ
+    /// does through the connection). A worker renews its deliveries well within it.
+    fn lease(&self) -> Option<Duration> {
+        None
+    }
+    /// Tells the broker the delivery's worker is alive and still running it.
+    async fn renew(&self, _d: &Delivery) -> Result<(), QueueError> {
+        Ok(())
+    }
     /// Messages waiting or in flight.
     async fn depth(&self) -> Result<u64, QueueError>;
     /// Messages in the dead-letter queue.

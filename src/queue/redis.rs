@@ -372,6 +372,27 @@ impl Broker for RedisBroker {
         self.ack_delete(&d.tag).await
     }
 
+    fn lease(&self) -> Option<Duration> {
+        Some(self.visibility)
+    }
+
+    /// XCLAIM by its own consumer with a minimum idle time of 0 resets the entry's idle time,
+    /// so XAUTOCLAIM leaves it with this live worker (JUSTID: no payload sent back).
+    async fn renew(&self, d: &Delivery) -> Result<(), QueueError> {
+        let mut c = self.conn.clone();
+        let _: Value = redis::cmd("XCLAIM")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg(0)
+            .arg(&d.tag)
+            .arg("JUSTID")
+            .query_async(&mut c)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
     async fn depth(&self) -> Result<u64, QueueError> {
         let mut c = self.conn.clone();
         redis::cmd("XLEN")

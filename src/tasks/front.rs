@@ -19,6 +19,7 @@ use crate::{
 pub struct TaskFront {
     pub store: Arc<dyn TaskStore>,
     pub broker: Arc<dyn Broker>,
+    pub dead: Arc<dyn super::dead::DeadLetterStore>,
     /// `memory`, `redis` or `rabbitmq`, for metric labels.
     pub broker_kind: &'static str,
     pub infer: InferService,
@@ -31,7 +32,7 @@ pub enum Cancelled {
     NotFound,
 }
 
-fn store_error(e: StoreError) -> GatewayError {
+pub(super) fn store_error(e: StoreError) -> GatewayError {
     match e {
         StoreError::Backend(m) => GatewayError::Unavailable(format!("task store unavailable: {m}")),
         // A task ends in milliseconds to seconds: a second is a fair first wait.

@@ -246,6 +246,33 @@ impl TaskStore for MemoryTaskStore {
         Ok(rec)
     }
 
+    async fn requeue(&self, rec: &TaskRecord) -> Result<TaskRecord, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.inner.lock().expect("task store lock");
+        let base = match inner.tasks.get(&rec.id).filter(|e| e.expires > now) {
+            Some(e) if e.rec.state != TaskState::Failed => {
+                return Err(StoreError::Conflict {
+                    id: rec.id.clone(),
+                    from: e.rec.state,
+                    to: TaskState::Queued,
+                });
+            }
+            Some(e) => e.rec.clone(),
+            None => rec.clone(),
+        };
+        let queued = base.replayed();
+        *inner.open.entry(queued.tenant.clone()).or_default() += 1;
+        inner.tasks.insert(
+            queued.id.clone(),
+            Entry {
+                rec: queued.clone(),
+                result: None,
+                expires: now + self.ttl,
+            },
+        );
+        Ok(queued)
+    }
+
     async fn remove(&self, id: &str) -> Result<(), StoreError> {
         let mut inner = self.inner.lock().expect("task store lock");
         if let Some(e) = inner.tasks.remove(id)

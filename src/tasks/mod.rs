@@ -14,6 +14,8 @@
 //! stopped answering. Final states never change, so a late result cannot overwrite a task that
 //! was cancelled or expired meanwhile.
 
+pub mod admin;
+pub mod dead;
 pub mod front;
 pub mod memory;
 pub mod redis;
@@ -125,6 +127,8 @@ pub struct Attempt {
 
 pub const MAX_HISTORY: usize = 16;
 pub const WORKER_LOST: &str = "worker lost";
+/// The history entry that separates a replayed task's runs.
+pub const REPLAYED: &str = "replayed";
 
 impl Attempt {
     /// The entry for the attempt `rec` is running, ending now as `outcome`.
@@ -183,6 +187,31 @@ impl TaskRecord {
             idempotency_key: key,
             history: Vec::new(),
         }
+    }
+}
+
+impl TaskRecord {
+    /// The record a replay queues: attempts start again from 0, the error is cleared, and the
+    /// history keeps the failed run's attempts followed by a `replayed` entry.
+    pub fn replayed(mut self) -> Self {
+        let now = now_ms();
+        self.history.push(Attempt {
+            attempt: self.attempts,
+            started_at_ms: now,
+            ended_at_ms: now,
+            outcome: REPLAYED.to_string(),
+            error_code: None,
+            error_message: None,
+        });
+        let over = self.history.len().saturating_sub(MAX_HISTORY);
+        self.history.drain(..over);
+        self.state = TaskState::Queued;
+        self.attempts = 0;
+        self.queued_at_ms = now;
+        self.started_at_ms = None;
+        self.finished_at_ms = None;
+        self.error = None;
+        self
     }
 }
 
@@ -296,6 +325,10 @@ pub trait TaskStore: Send + Sync {
     ) -> Result<(), StoreError> {
         self.transition(id, to, change).await.map(drop)
     }
+    /// Queues a failed task again under its id ([`TaskRecord::replayed`] of the stored record,
+    /// or of `rec`, the dead letter's copy, when the stored one expired meanwhile). Conflict
+    /// when the task exists and is not `failed`.
+    async fn requeue(&self, rec: &TaskRecord) -> Result<TaskRecord, StoreError>;
     /// Removes a task (used when its message could not be queued, so no 202 was sent).
     async fn remove(&self, id: &str) -> Result<(), StoreError>;
     /// Tasks accepted and not started yet, per model (the autoscaler's queue tier). Reads

@@ -149,6 +149,20 @@ if tenant then redis.call('ZREM', ARGV[1] .. tenant, ARGV[2]) end
 return 1
 "#;
 
+/// Writes a replayed record to KEYS[1] unless a task there is in another state than failed
+/// (answered with that state; '' when written). ARGV[1] TTL, ARGV[2] the open set's score
+/// base (now), ARGV[3] the id, ARGV[4..] the record's fields and values.
+const REQUEUE: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'state')
+if cur and cur ~= 'failed' then return cur end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], tonumber(ARGV[2]) + tonumber(ARGV[1]), ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return ''
+"#;
+
 pub struct RedisTaskStore {
     conn: ConnectionManager,
     prefix: String,
@@ -158,6 +172,7 @@ pub struct RedisTaskStore {
     transition: Script,
     start: Script,
     remove: Script,
+    requeue: Script,
 }
 
 fn backend(e: redis::RedisError) -> StoreError {
@@ -185,6 +200,7 @@ impl RedisTaskStore {
             transition: Script::new(&(record_prelude() + TRANSITION)),
             start: Script::new(&(record_prelude() + START)),
             remove: Script::new(REMOVE),
+            requeue: Script::new(REQUEUE),
         })
     }
 
@@ -574,6 +590,53 @@ impl TaskStore for RedisTaskStore {
                 to,
             }),
             _ => Err(StoreError::NotFound(id.to_string())),
+        }
+    }
+
+    async fn requeue(&self, rec: &TaskRecord) -> Result<TaskRecord, StoreError> {
+        let base = match self.get(&rec.id).await? {
+            Some(cur) if cur.state != TaskState::Failed => {
+                return Err(StoreError::Conflict {
+                    id: rec.id.clone(),
+                    from: cur.state,
+                    to: TaskState::Queued,
+                });
+            }
+            Some(cur) => cur,
+            None => rec.clone(),
+        };
+        let q = base.replayed();
+        let history =
+            serde_json::to_string(&q.history).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let mut inv = self.requeue.key(self.key(&q.id));
+        inv.key(format!("{}{}", self.open_prefix(), q.tenant))
+            .arg(self.ttl_ms())
+            .arg(super::now_ms())
+            .arg(&q.id);
+        for (k, v) in [
+            ("state", q.state.as_str().to_string()),
+            ("tenant", q.tenant.clone()),
+            ("model", q.model.clone()),
+            ("version", q.version.clone()),
+            ("attempts", "0".to_string()),
+            ("queued_at_ms", q.queued_at_ms.to_string()),
+            (
+                "idempotency_key",
+                q.idempotency_key.clone().unwrap_or_default(),
+            ),
+            ("history", history),
+        ] {
+            inv.arg(k).arg(v);
+        }
+        let mut conn = self.conn.clone();
+        let other: String = inv.invoke_async(&mut conn).await.map_err(backend)?;
+        match TaskState::parse(&other) {
+            Some(from) => Err(StoreError::Conflict {
+                id: q.id.clone(),
+                from,
+                to: TaskState::Queued,
+            }),
+            None => Ok(q),
         }
     }
 

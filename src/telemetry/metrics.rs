@@ -50,7 +50,7 @@ pub struct BrokerLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BrokerOpLabels {
     pub broker: &'static str,
-    /// `publish`, `receive`, `ack`, `retry` or `dead_letter`.
+    /// `publish`, `receive`, `ack`, `retry`, `dead_letter` or `renew`.
     pub op: &'static str,
 }
 
@@ -200,6 +200,12 @@ pub struct Metrics {
     pub cache_evictions: Counter,
     /// Results and failures a worker wrote after another attempt took its task over, refused.
     pub task_fenced: Counter,
+    /// Dead letters kept, and those their bounds dropped (both as the dead-letter store
+    /// counts them: refreshed on each dead letter and each admin call).
+    pub task_dead_letters: Gauge,
+    pub task_dead_letters_dropped: Gauge,
+    /// Dead-lettered tasks queued again by an operator.
+    pub task_replays: Counter,
     /// Shared-cache (Redis) lookups and stores that failed or timed out.
     pub cache_errors: Family<OpLabels, Counter>,
 }
@@ -237,6 +243,9 @@ impl Metrics {
             cache_bytes: Gauge::default(),
             cache_evictions: Counter::default(),
             task_fenced: Counter::default(),
+            task_dead_letters: Gauge::default(),
+            task_dead_letters_dropped: Gauge::default(),
+            task_replays: Counter::default(),
             cache_errors: Family::default(),
         };
         let r = &mut m.registry;
@@ -334,6 +343,21 @@ impl Metrics {
             "task_fenced",
             "Late task results refused because a newer attempt had taken the task over",
             m.task_fenced.clone(),
+        );
+        r.register(
+            "task_dead_letters",
+            "Dead-lettered tasks kept for inspection and replay",
+            m.task_dead_letters.clone(),
+        );
+        r.register(
+            "task_dead_letters_dropped",
+            "Dead letters dropped by the bounds (oldest first past tasks.dead_letter_max, or past tasks.dead_letter_ttl_ms), since the store began",
+            m.task_dead_letters_dropped.clone(),
+        );
+        r.register(
+            "task_replays",
+            "Dead-lettered tasks queued again by an operator",
+            m.task_replays.clone(),
         );
         r.register(
             "cache_errors",

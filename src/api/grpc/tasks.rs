@@ -14,12 +14,16 @@ use crate::{
     proto::{
         inference::ModelInferResponse,
         tasks::{
-            CancelRequest, GetRequest, SubmitRequest, Task, TaskError, TaskState as WireState,
-            WatchRequest, task_service_server::TaskService,
+            Attempt, CancelRequest, DeadLetter, DeadLetterFilter, DeadLetterList,
+            DeadLetterSelection, GetRequest, PurgeResult, Refusal, ReplayResult, SubmitRequest,
+            Task, TaskError, TaskState as WireState, WatchRequest, task_admin_server::TaskAdmin,
+            task_service_server::TaskService,
         },
     },
     tasks::{
         TaskRecord, TaskState,
+        admin::Selection,
+        dead::{DeadEntry, DeadFilter},
         front::{Cancelled, TaskFront},
     },
     telemetry::trace::TraceHeaders,
@@ -66,6 +70,20 @@ fn to_wire(rec: &TaskRecord, response: Option<ModelInferResponse>, replayed: boo
         }),
         response,
         replayed,
+        history: rec
+            .history
+            .iter()
+            .map(|a| Attempt {
+                attempt: a.attempt,
+                started_at_ms: a.started_at_ms,
+                ended_at_ms: a.ended_at_ms,
+                outcome: a.outcome.clone(),
+                error: a.error_code.as_ref().map(|code| TaskError {
+                    code: code.clone(),
+                    message: a.error_message.clone().unwrap_or_default(),
+                }),
+            })
+            .collect(),
     }
 }
 
@@ -170,5 +188,113 @@ impl TaskService for GrpcTasks {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+/// `infergate.tasks.v1.TaskAdmin`: dead letters over gRPC (logic in [`crate::tasks::admin`]).
+pub struct GrpcTaskAdmin {
+    front: TaskFront,
+}
+
+impl GrpcTaskAdmin {
+    pub fn new(front: TaskFront) -> Self {
+        Self { front }
+    }
+}
+
+fn filter_of(f: Option<DeadLetterFilter>) -> DeadFilter {
+    let f = f.unwrap_or_default();
+    let text = |s: String| Some(s).filter(|s| !s.is_empty());
+    let num = |n: u64| Some(n).filter(|n| *n > 0);
+    DeadFilter {
+        model: text(f.model),
+        tenant: text(f.tenant),
+        since_ms: num(f.since_ms),
+        until_ms: num(f.until_ms),
+        limit: num(u64::from(f.limit)).map(|n| n as usize),
+    }
+}
+
+fn dead_wire(e: &DeadEntry) -> DeadLetter {
+    DeadLetter {
+        task: Some(to_wire(&e.record, None, false)),
+        tenant: e.record.tenant.clone(),
+        reason: e.reason.clone(),
+        dead_at_ms: e.dead_at_ms,
+        payload_bytes: e.payload_bytes,
+    }
+}
+
+fn selection_of(s: DeadLetterSelection) -> Selection {
+    let f = filter_of(s.filter);
+    Selection {
+        ids: s.ids,
+        model: f.model,
+        tenant: f.tenant,
+        since_ms: f.since_ms,
+        until_ms: f.until_ms,
+        limit: f.limit,
+        all: s.all,
+    }
+}
+
+#[tonic::async_trait]
+impl TaskAdmin for GrpcTaskAdmin {
+    async fn list_dead_letters(
+        &self,
+        req: Request<DeadLetterFilter>,
+    ) -> Result<Response<DeadLetterList>, Status> {
+        let caller = caller_of(req.extensions());
+        let filter = filter_of(Some(req.into_inner()));
+        let (list, depth) = self.front.dead_letters(&caller, &filter).await?;
+        Ok(Response::new(DeadLetterList {
+            depth: depth.depth,
+            dropped: depth.dropped,
+            dead_letters: list.iter().map(dead_wire).collect(),
+        }))
+    }
+
+    async fn get_dead_letter(
+        &self,
+        req: Request<GetRequest>,
+    ) -> Result<Response<DeadLetter>, Status> {
+        let caller = caller_of(req.extensions());
+        let id = req.into_inner().id;
+        let e = self.front.dead_letter(&caller, &id).await?;
+        Ok(Response::new(dead_wire(&e)))
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        req: Request<DeadLetterSelection>,
+    ) -> Result<Response<ReplayResult>, Status> {
+        let caller = caller_of(req.extensions());
+        let out = self
+            .front
+            .replay(&caller, &selection_of(req.into_inner()))
+            .await?;
+        Ok(Response::new(ReplayResult {
+            replayed: out.replayed,
+            refused: out
+                .refused
+                .into_iter()
+                .map(|r| Refusal {
+                    id: r.id,
+                    reason: r.reason,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        req: Request<DeadLetterSelection>,
+    ) -> Result<Response<PurgeResult>, Status> {
+        let caller = caller_of(req.extensions());
+        let purged = self
+            .front
+            .purge(&caller, &selection_of(req.into_inner()))
+            .await?;
+        Ok(Response::new(PurgeResult { purged }))
     }
 }

@@ -1,6 +1,7 @@
 //! The HTTP/JSON API, with the same routes as Triton's (`/v2/...`), so tritonclient.http and
 //! perf_analyzer work against it unchanged.
 
+mod admin;
 pub mod codec;
 mod inference;
 mod openapi;
@@ -49,6 +50,13 @@ pub fn router(state: HttpState) -> Router {
             post(tasks::submit),
         )
         .route("/v1/tasks/{id}", get(tasks::get).delete(tasks::cancel))
+        .route("/v1/admin/dead-letters", get(admin::list))
+        .route(
+            "/v1/admin/dead-letters/{id}",
+            get(admin::get).delete(admin::delete),
+        )
+        .route("/v1/admin/dead-letters/replay", post(admin::replay))
+        .route("/v1/admin/dead-letters/purge", post(admin::purge))
         // Every API route needs a key (when keys are configured) and a token of its tenant.
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state.auth),

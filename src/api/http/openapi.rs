@@ -15,7 +15,7 @@ use utoipa::{
     },
 };
 
-use super::{inference, tasks};
+use super::{admin, inference, tasks};
 
 /// Adds the two ways to present an API key (both optional: keys are off by default).
 struct Keys;
@@ -56,11 +56,17 @@ impl Modify for Keys {
         tasks::submit,
         tasks::get,
         tasks::cancel,
+        admin::list,
+        admin::get,
+        admin::delete,
+        admin::replay,
+        admin::purge,
     ),
     modifiers(&Keys),
     tags(
         (name = "inference", description = "Open Inference Protocol routes, as Triton's"),
         (name = "tasks", description = "Async tasks: submit, poll, cancel"),
+        (name = "admin", description = "Dead letters: list, read, replay, purge (admin keys only)"),
     )
 )]
 struct ApiDoc;
@@ -137,6 +143,11 @@ mod tests {
             ("/v1/models/{model}/versions/{version}/tasks", "post"),
             ("/v1/tasks/{id}", "get"),
             ("/v1/tasks/{id}", "delete"),
+            ("/v1/admin/dead-letters", "get"),
+            ("/v1/admin/dead-letters/{id}", "get"),
+            ("/v1/admin/dead-letters/{id}", "delete"),
+            ("/v1/admin/dead-letters/replay", "post"),
+            ("/v1/admin/dead-letters/purge", "post"),
         ] {
             assert!(
                 paths.get(path).and_then(|p| p.get(method)).is_some(),

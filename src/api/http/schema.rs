@@ -162,3 +162,67 @@ pub struct AttemptBody {
     error_code: Option<String>,
     error_message: Option<String>,
 }
+
+/// A dead-lettered task: the task as it failed (error and attempt history), why, and when.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct DeadLetterBody {
+    id: String,
+    tenant: String,
+    model: String,
+    version: String,
+    status: TaskStatus,
+    attempts: u32,
+    error: Option<TaskErrorBody>,
+    history: Vec<AttemptBody>,
+    reason: String,
+    /// When it was dead-lettered (ms since the Unix epoch).
+    dead_at_ms: u64,
+    /// Bytes of the queued request a replay sends again.
+    payload_bytes: u64,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct DeadLetterListBody {
+    /// Dead letters kept.
+    depth: u64,
+    /// Dropped by the bounds (count and age) since the store began.
+    dropped: u64,
+    dead_letters: Vec<DeadLetterBody>,
+}
+
+/// Which dead letters to act on: `ids`, else those the filter selects (at most `limit`,
+/// oldest first); a selection of everything says `all: true`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct SelectionBody {
+    ids: Option<Vec<String>>,
+    model: Option<String>,
+    tenant: Option<String>,
+    since_ms: Option<u64>,
+    until_ms: Option<u64>,
+    limit: Option<u32>,
+    all: Option<bool>,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct RefusalBody {
+    id: String,
+    reason: String,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ReplayedBody {
+    /// Queued again under their ids.
+    replayed: Vec<String>,
+    refused: Vec<RefusalBody>,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct PurgedBody {
+    purged: u64,
+}
