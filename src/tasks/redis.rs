@@ -175,8 +175,17 @@ pub struct RedisTaskStore {
     requeue: Script,
 }
 
-fn backend(e: redis::RedisError) -> StoreError {
+pub(super) fn backend(e: redis::RedisError) -> StoreError {
     StoreError::Backend(e.to_string())
+}
+
+/// A managed connection to the Redis the task store (and the dead letters) live in.
+pub(super) async fn connect_manager(url: &str) -> Result<ConnectionManager, StoreError> {
+    let client = redis::Client::open(url).map_err(backend)?;
+    let cfg = crate::queue::redis::manager_config(Some(Duration::from_secs(5)));
+    ConnectionManager::new_with_config(client, cfg)
+        .await
+        .map_err(backend)
 }
 
 impl RedisTaskStore {
@@ -186,11 +195,7 @@ impl RedisTaskStore {
         ttl: Duration,
         max_result_bytes: usize,
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(backend)?;
-        let cfg = crate::queue::redis::manager_config(Some(Duration::from_secs(5)));
-        let conn = ConnectionManager::new_with_config(client, cfg)
-            .await
-            .map_err(backend)?;
+        let conn = connect_manager(url).await?;
         Ok(Self {
             conn,
             prefix: prefix.to_string(),

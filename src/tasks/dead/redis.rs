@@ -10,7 +10,10 @@ use redis::{Script, aio::ConnectionManager};
 use super::{DeadDepth, DeadEntry, DeadFilter, DeadLetter, DeadLetterStore};
 use crate::{
     queue::TaskMessage,
-    tasks::{StoreError, now_ms},
+    tasks::{
+        StoreError, now_ms,
+        redis::{backend, connect_manager},
+    },
     telemetry::trace::TraceHeaders,
 };
 
@@ -56,10 +59,6 @@ pub struct RedisDeadLetters {
     remove: Script,
 }
 
-fn backend(e: redis::RedisError) -> StoreError {
-    StoreError::Backend(e.to_string())
-}
-
 impl RedisDeadLetters {
     pub async fn connect(
         url: &str,
@@ -67,11 +66,7 @@ impl RedisDeadLetters {
         max: usize,
         ttl_ms: u64,
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(backend)?;
-        let cfg = crate::queue::redis::manager_config(Some(std::time::Duration::from_secs(5)));
-        let conn = ConnectionManager::new_with_config(client, cfg)
-            .await
-            .map_err(backend)?;
+        let conn = connect_manager(url).await?;
         Ok(Self {
             conn,
             prefix: prefix.to_string(),
