@@ -296,13 +296,7 @@ impl WorkerProcess {
             .args(["--http-addr", &format!("127.0.0.1:{ops_port}")])
             .args(["--log-level", "warn"])
             .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            ))
+            .stderr(append_log(&log))
             .spawn()
             .unwrap();
         Self { child, ops_port }

@@ -432,13 +432,7 @@ async fn killed_worker(broker: &str, group: usize) {
                 "warn",
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            ))
+            .stderr(append_log(&log))
             .spawn()
             .unwrap()
     };

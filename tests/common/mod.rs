@@ -124,6 +124,17 @@ impl Drop for Triton {
 }
 
 /// Sends a signal (`TERM`, `KILL`...) to a process.
+/// A child process's output appended to `path` (kept across restarts of the same process).
+pub fn append_log(path: &std::path::Path) -> Stdio {
+    Stdio::from(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap(),
+    )
+}
+
 pub fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
         .args([format!("-{sig}"), pid.to_string()])
