@@ -135,8 +135,14 @@ fn add_sub_json() -> serde_json::Value {
 const DELAY_MS: i64 = 20;
 const QUEUE: usize = 8;
 
+/// The two tests run one after the other: the overload test reads its capacity in its first
+/// 5 s and holds goodput to it, so the soak's 400 calls/s on the same two cores must not start
+/// between the two (a CI run saw capacity 37/s, then 23/s of goodput under the soak's load).
+static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_times_overload_for_60s_sheds_with_429_keeps_p99_bounded_and_memory_flat() {
+    let _alone = ALONE.lock().await;
     // `slow` one request at a time, 20 ms each, at most 8 waiting: a known, small capacity.
     let gw = Process::start(
         "overload",
@@ -270,6 +276,7 @@ async fn ten_times_overload_for_60s_sheds_with_429_keeps_p99_bounded_and_memory_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_steady_soak_keeps_memory_and_sockets_flat() {
+    let _alone = ALONE.lock().await;
     let secs: u64 = std::env::var("INFERGATE_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
