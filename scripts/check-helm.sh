@@ -49,7 +49,7 @@ modes=(
   "default||no|"
   "redis-keda|helm/ci/redis-keda.yaml|yes|"
   "rabbitmq-incluster-keda|helm/ci/rabbitmq-incluster-keda.yaml|yes|"
-  "rabbitmq-external|helm/ci/rabbitmq-external.yaml|no|infergate-rabbitmq infergate-redis"
+  "rabbitmq-external|helm/ci/rabbitmq-external.yaml|no|infergate-rabbitmq infergate-redis infergate-s3"
   "redis-external-url|helm/ci/redis-external-url.yaml|yes|"
   "routes|helm/ci/routes.yaml|no|"
 )

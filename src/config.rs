@@ -778,6 +778,28 @@ pub struct TasksConfig {
         default_value = "infergate"
     )]
     pub redis_prefix: String,
+    /// Claim check: where payloads over `claim_check_bytes` are kept, so the broker carries
+    /// only a reference: `file:///abs/dir` (a disk or mounted volume), `memory:///` or
+    /// `s3://bucket[/prefix]` (credentials and endpoint from the `AWS_*` variables). Unset:
+    /// payloads travel inside broker messages, bounded by `server.max_request_bytes`.
+    #[arg(long, env = "INFERGATE_BLOB_STORE", value_name = "URL")]
+    pub blob_store: Option<String>,
+    /// Encoded requests and results larger than this go to the blob store, in bytes.
+    #[arg(
+        long,
+        env = "INFERGATE_CLAIM_CHECK_BYTES",
+        value_name = "BYTES",
+        default_value_t = 32_768
+    )]
+    pub claim_check_bytes: usize,
+    /// How often blobs no task needs any more (expired, purged, finished) are removed, in ms.
+    #[arg(
+        long,
+        env = "INFERGATE_BLOB_SWEEP_MS",
+        value_name = "MS",
+        default_value_t = 60_000
+    )]
+    pub blob_sweep_ms: u64,
 }
 
 impl TasksConfig {
@@ -794,7 +816,19 @@ impl TasksConfig {
             max_result_bytes: 1024..=512u64 << 20,
             queue_capacity: 1..=100_000_000,
             visibility_timeout_ms: 100..=86_400_000,
+            claim_check_bytes: 1024..=16u64 << 20,
+            blob_sweep_ms: 100..=86_400_000,
         });
+        if let Some(url) = &self.blob_store
+            && !(url.starts_with("file:///")
+                || url.starts_with("memory:")
+                || url.starts_with("s3://"))
+        {
+            return Err(invalid(
+                "tasks.blob_store",
+                "must be file:///absolute/dir, memory:/// or s3://bucket[/prefix]",
+            ));
+        }
         if self.redis_prefix.is_empty() {
             return Err(invalid("tasks.redis_prefix", "must not be empty"));
         }

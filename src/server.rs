@@ -30,6 +30,7 @@ use crate::{
     queue::{Broker, memory::MemoryBroker, rabbitmq::RabbitBroker, redis::RedisBroker},
     tasks::{
         TaskStore,
+        blobs::Blobs,
         dead::{DeadLetterStore, memory::MemoryDeadLetters, redis::RedisDeadLetters},
         memory::MemoryTaskStore,
         redis::RedisTaskStore,
@@ -51,6 +52,8 @@ pub struct TaskParts {
     pub broker: Arc<dyn Broker>,
     /// Kept where the task store is (in process, or in its Redis).
     pub dead: Arc<dyn DeadLetterStore>,
+    /// The claim check's blob store, when `tasks.blob_store` names one.
+    pub blobs: Option<Arc<Blobs>>,
 }
 
 pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<TaskParts> {
@@ -120,11 +123,35 @@ pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<TaskParts> {
             .with_context(|| format!("connecting the dead letters' store {url}"))?,
         ),
     };
+    let blobs = match &t.blob_store {
+        Some(url) => Some(Arc::new(
+            Blobs::open(url, t.claim_check_bytes)
+                .map_err(|e| anyhow::anyhow!("tasks.blob_store: {e}"))?,
+        )),
+        None => None,
+    };
     Ok(TaskParts {
         store,
         broker,
         dead,
+        blobs,
     })
+}
+
+/// Removes, every `tasks.blob_sweep_ms`, the blobs no task needs any more. Every process
+/// sweeps (removing twice is harmless); a blob younger than one period is left alone, so a
+/// submit writing its input is never raced.
+fn spawn_blob_sweeper(cfg: &Config, tasks: &TaskParts, stop: &CancellationToken) {
+    if let Some(blobs) = &tasks.blobs {
+        let every = Duration::from_millis(cfg.tasks.blob_sweep_ms);
+        Arc::clone(blobs).spawn_sweeper(
+            Arc::clone(&tasks.store),
+            Arc::clone(&tasks.dead),
+            every,
+            every,
+            stop.clone(),
+        );
+    }
 }
 
 fn health_of(cfg: &Config, pool: &Arc<TritonPool>, broker: &Arc<dyn Broker>) -> Arc<Health> {
@@ -149,6 +176,7 @@ fn spawn_workers(
                 broker: Arc::clone(&tasks.broker),
                 store: Arc::clone(&tasks.store),
                 dead: Arc::clone(&tasks.dead),
+                blobs: tasks.blobs.clone(),
                 infer: infer.clone(),
                 cfg: WorkerConfig {
                     concurrency: cfg.tasks.worker_concurrency,
@@ -188,6 +216,7 @@ pub async fn run_workers(
     let monitor = health.spawn(cfg.triton_health_interval(), stop.clone());
     let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone());
     let autoscaling = spawn_autoscaling(&cfg, &infer, &tasks.store, None, stop.clone())?;
+    spawn_blob_sweeper(&cfg, &tasks, &stop);
     let ops = axum::serve(
         ops_listener,
         ops_router::<()>(Arc::clone(&health), Some(infer.clone())),
@@ -528,8 +557,10 @@ impl Gateway {
             store: Arc::clone(&tasks.store),
             broker: Arc::clone(&tasks.broker),
             dead: Arc::clone(&tasks.dead),
+            blobs: tasks.blobs.clone(),
             infer: infer.clone(),
         };
+        spawn_blob_sweeper(&cfg, &tasks, &stop);
         let auth = Auth::new(&cfg.auth);
         let task_service = TaskServiceServer::new(GrpcTasks::new(front.clone()))
             .max_decoding_message_size(cfg.server.max_request_bytes)

@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use prost::Message;
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -33,6 +34,7 @@ use crate::{
     queue::{Broker, Delivery},
     tasks::{
         Change, Start, StoreError, TaskError, TaskRecord, TaskState, TaskStore,
+        blobs::{self, Blobs},
         dead::{DeadEntry, DeadLetter, DeadLetterStore},
         now_ms,
     },
@@ -53,6 +55,8 @@ pub struct Worker {
     pub broker: Arc<dyn Broker>,
     pub store: Arc<dyn TaskStore>,
     pub dead: Arc<dyn DeadLetterStore>,
+    /// The claim check's blob store, when configured.
+    pub blobs: Option<Arc<Blobs>>,
     pub infer: InferService,
     pub cfg: WorkerConfig,
     /// `memory`, `redis` or `rabbitmq`, for metric labels.
@@ -230,13 +234,51 @@ impl Worker {
                 return;
             }
         };
+        // A stand-in names the request's blob (the claim check): read it back. A failed read
+        // is a failed attempt, retried like any other.
+        let claimed_input = blobs::is_claimed(&req);
+        let req = if claimed_input {
+            match &self.blobs {
+                Some(b) => b
+                    .check_out_request(&id, &req)
+                    .await
+                    .map_err(|e| GatewayError::Unavailable(e.to_string())),
+                None => Err(GatewayError::Unavailable(
+                    "the task's input is in a blob store and this worker has none (tasks.blob_store)"
+                        .into(),
+                )),
+            }
+        } else {
+            Ok(req)
+        };
         let run_started = Instant::now();
-        let result = self.renewing(&d, self.infer.infer(req, Call::task())).await;
+        let result = match req {
+            Ok(req) => self.renewing(&d, self.infer.infer(req, Call::task())).await,
+            Err(e) => Err(e),
+        };
         metrics().observe(&rec.model, "task_run", run_started.elapsed());
         match result {
             Ok(resp) => {
+                let encoded: Bytes = resp.encode_to_vec().into();
+                let (result, blob) = match &self.blobs {
+                    Some(b) => match b.check_in_result(&id, rec.attempts, &resp, encoded).await {
+                        Ok(kept) => kept,
+                        Err(e) => {
+                            let _ = self
+                                .store
+                                .transition_quiet(&id, TaskState::Queued, Change::default())
+                                .await;
+                            tracing::warn!(task = %id, error = %e, "storing a result in the blob store failed; retrying later");
+                            self.retry_later(&d, &StoreError::Backend(e.to_string()))
+                                .await;
+                            return;
+                        }
+                    },
+                    None => (encoded, None),
+                };
+                drop(resp);
                 let change = Change {
-                    result: Some(resp.encode_to_vec().into()),
+                    result: Some(result),
                     fence: Some(rec.attempts),
                     ..Default::default()
                 };
@@ -248,16 +290,29 @@ impl Worker {
                         otel.name = "task store result"
                     ))
                     .await;
+                // A result blob the store did not take is nobody's: removed now, not at a sweep.
+                let unwanted = |blob: Option<String>| async move {
+                    if let (Some(b), Some(key)) = (&self.blobs, blob) {
+                        let _ = b.delete(&key).await;
+                    }
+                };
                 match stored {
                     Ok(_) => {
                         metrics().task_state(TaskState::Succeeded.as_str());
+                        if claimed_input && let Some(b) = &self.blobs {
+                            b.drop_input(&id).await;
+                        }
                         self.finish(&d).await
                     }
                     // Cancelled or expired meanwhile: the late result is dropped.
-                    Err(StoreError::Conflict { .. }) => self.finish(&d).await,
+                    Err(StoreError::Conflict { .. }) => {
+                        unwanted(blob).await;
+                        self.finish(&d).await
+                    }
                     // Another worker took the task over (this one was too slow to answer):
                     // its attempt owns the task and the delivery; this result is refused.
                     Err(e @ StoreError::Fenced { .. }) => {
+                        unwanted(blob).await;
                         metrics().task_fenced.inc();
                         tracing::warn!(task = %id, error = %e, "a late result was refused");
                     }
@@ -269,6 +324,7 @@ impl Worker {
                         .await;
                     }
                     Err(e) => {
+                        unwanted(blob).await;
                         let _ = self
                             .store
                             .transition_quiet(&id, TaskState::Queued, Change::default())

@@ -40,6 +40,10 @@ for kind in ("Deployment", "StatefulSet"):
                 ref = e.get("valueFrom", {}).get("secretKeyRef")
                 if ref and ref["name"] not in secrets:
                     fail(f"{kind} {name}: env {e['name']} uses unknown Secret {ref['name']}")
+            for e in c.get("envFrom", []):
+                ref = e.get("secretRef")
+                if ref and ref["name"] not in secrets:
+                    fail(f"{kind} {name}: envFrom uses unknown Secret {ref['name']}")
             for p in ("livenessProbe", "readinessProbe"):
                 if p not in c and c in spec["containers"]:
                     fail(f"{kind} {name}: container {c['name']} has no {p}")

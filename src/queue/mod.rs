@@ -24,6 +24,15 @@ pub struct TaskMessage {
     pub priority: u8,
 }
 
+impl TaskMessage {
+    /// Bytes the message takes on the wire, about: payload, ids and trace headers.
+    pub fn wire_size(&self) -> usize {
+        let trace = self.trace.traceparent.as_ref().map_or(0, String::len)
+            + self.trace.tracestate.as_ref().map_or(0, String::len);
+        self.payload.len() + self.task_id.len() + self.model.len() + trace + 1
+    }
+}
+
 /// A message handed to a worker, to be acked, retried or dead-lettered.
 #[derive(Debug, Clone)]
 pub struct Delivery {

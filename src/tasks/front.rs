@@ -3,9 +3,15 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt, stream::BoxStream};
 use prost::Message;
 
-use super::{Change, StoreError, TaskRecord, TaskState, TaskStore, new_task_id};
+use super::{
+    Change, StoreError, TaskRecord, TaskState, TaskStore,
+    blobs::{self, Blobs, StoredResult},
+    new_task_id,
+};
 use crate::{
     auth::Caller,
     error::GatewayError,
@@ -20,10 +26,27 @@ pub struct TaskFront {
     pub store: Arc<dyn TaskStore>,
     pub broker: Arc<dyn Broker>,
     pub dead: Arc<dyn super::dead::DeadLetterStore>,
+    /// The claim check's blob store, when configured.
+    pub blobs: Option<Arc<Blobs>>,
     /// `memory`, `redis` or `rabbitmq`, for metric labels.
     pub broker_kind: &'static str,
     pub infer: InferService,
 }
+
+/// A succeeded task's result: in the task store, or (over the claim-check size) in the
+/// blob store, read by streaming it.
+pub enum TaskResult {
+    Inline(ModelInferResponse),
+    Stored(StoredResult),
+}
+
+/// Where a result kept in the blob store is read over HTTP (`GET`, streamed).
+pub fn result_url(id: &str) -> String {
+    format!("/v1/tasks/{id}/result")
+}
+
+/// A result's encoded `ModelInferResponse`, as chunks.
+pub type ResultStream = BoxStream<'static, Result<Bytes, std::io::Error>>;
 
 /// What a cancel found.
 pub enum Cancelled {
@@ -76,6 +99,12 @@ impl TaskFront {
         caller: &Caller,
     ) -> Result<(TaskRecord, bool), GatewayError> {
         // Bad requests are refused now, not turned into failed tasks.
+        if blobs::is_claimed(&req) {
+            return Err(GatewayError::invalid(format!(
+                "parameter '{}' is reserved for infergate",
+                blobs::CLAIM_PARAM
+            )));
+        }
         self.infer.check(&mut req).await?;
         if let Some(k) = &idempotency_key
             && (k.is_empty() || k.len() > 256)
@@ -99,17 +128,34 @@ impl TaskFront {
         if !created {
             return Ok((rec, false));
         }
+        let encoded: Bytes = req.encode_to_vec().into();
+        let payload = match &self.blobs {
+            Some(b) => match b.check_in_request(&rec.id, &req, encoded).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = self.store.remove(&rec.id).await;
+                    return Err(GatewayError::Unavailable(format!(
+                        "blob store unavailable: {e}"
+                    )));
+                }
+            },
+            None => encoded,
+        };
         let msg = TaskMessage {
             task_id: rec.id.clone(),
             model: req.model_name.clone(),
             priority: broker_priority(&req),
-            payload: req.encode_to_vec().into(),
+            payload,
             trace: TraceHeaders::outgoing(&incoming),
         };
+        metrics().task_message_bytes.observe(msg.wire_size() as f64);
         if let Err(e) = self.broker.publish(&msg).await {
             metrics().broker_error(self.broker_kind, "publish");
-            // Not queued, so not accepted: forget the record and say why.
+            // Not queued, so not accepted: forget the record (and its input blob) and say why.
             let _ = self.store.remove(&rec.id).await;
+            if let Some(b) = &self.blobs {
+                b.drop_input(&rec.id).await;
+            }
             return Err(match e {
                 QueueError::Full(n) => {
                     GatewayError::Overloaded(format!("the task queue is full ({n} tasks waiting)"))
@@ -130,7 +176,7 @@ impl TaskFront {
         &self,
         id: &str,
         tenant: &str,
-    ) -> Result<Option<(TaskRecord, Option<ModelInferResponse>)>, GatewayError> {
+    ) -> Result<Option<(TaskRecord, Option<TaskResult>)>, GatewayError> {
         let Some((rec, result)) = self.store.get_with_result(id).await.map_err(store_error)? else {
             return Ok(None);
         };
@@ -139,8 +185,46 @@ impl TaskFront {
         }
         let resp = result
             .filter(|_| rec.state == TaskState::Succeeded)
-            .and_then(|b| ModelInferResponse::decode(b).ok());
+            .and_then(|b| ModelInferResponse::decode(b).ok())
+            .map(|r| match blobs::stored_result(&r) {
+                Some(s) => TaskResult::Stored(s),
+                None => TaskResult::Inline(r),
+            });
         Ok(Some((rec, resp)))
+    }
+
+    /// A succeeded task's encoded result as a stream (from the blob store when it is there,
+    /// never whole in memory), with its length. `None`: no such task for this tenant, or
+    /// no result (yet).
+    pub async fn result_stream(
+        &self,
+        id: &str,
+        tenant: &str,
+    ) -> Result<Option<(u64, ResultStream)>, GatewayError> {
+        let Some((_, Some(result))) = self.get(id, tenant).await? else {
+            return Ok(None);
+        };
+        match result {
+            TaskResult::Inline(r) => {
+                let b = Bytes::from(r.encode_to_vec());
+                Ok(Some((
+                    b.len() as u64,
+                    futures::stream::iter([Ok(b)]).boxed(),
+                )))
+            }
+            TaskResult::Stored(s) => {
+                let blobs = self.blobs.as_ref().ok_or_else(|| {
+                    GatewayError::Unavailable("the result is in a blob store this process was not configured with (tasks.blob_store)".into())
+                })?;
+                let stream = blobs.stream(&s.key).await.map_err(|e| {
+                    GatewayError::Unavailable(format!("blob store unavailable: {e}"))
+                })?;
+                Ok(Some((
+                    s.bytes,
+                    stream.map_err(std::io::Error::other).boxed(),
+                )))
+            }
+        }
     }
 
     pub async fn cancel(&self, id: &str, tenant: &str) -> Result<Cancelled, GatewayError> {

@@ -15,6 +15,7 @@
 //! was cancelled or expired meanwhile.
 
 pub mod admin;
+pub mod blobs;
 pub mod dead;
 pub mod front;
 pub mod memory;

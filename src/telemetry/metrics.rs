@@ -97,6 +97,13 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BlobLabels {
+    /// `put`, `get`, `stream` or `delete`.
+    pub op: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointModel {
     pub endpoint: String,
     pub model: String,
@@ -208,6 +215,24 @@ pub struct Metrics {
     pub task_replays: Counter,
     /// Shared-cache (Redis) lookups and stores that failed or timed out.
     pub cache_errors: Family<OpLabels, Counter>,
+    /// Size of each task message handed to the broker (payload and headers).
+    pub task_message_bytes: Histogram,
+    /// Claim-check blob operations by result, and the bytes they moved.
+    pub blob_ops: Family<BlobLabels, Counter>,
+    pub blob_bytes: Family<BlobLabels, Counter>,
+}
+
+fn message_bytes() -> Histogram {
+    Histogram::new([
+        1024.0,
+        4096.0,
+        16384.0,
+        65536.0,
+        262_144.0,
+        1_048_576.0,
+        16_777_216.0,
+        67_108_864.0,
+    ])
 }
 
 impl Metrics {
@@ -247,6 +272,9 @@ impl Metrics {
             task_dead_letters_dropped: Gauge::default(),
             task_replays: Counter::default(),
             cache_errors: Family::default(),
+            task_message_bytes: message_bytes(),
+            blob_ops: Family::default(),
+            blob_bytes: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -358,6 +386,21 @@ impl Metrics {
             "task_replays",
             "Dead-lettered tasks queued again by an operator",
             m.task_replays.clone(),
+        );
+        r.register(
+            "task_message_bytes",
+            "Size of each task message handed to the broker, payload and headers (payloads over tasks.claim_check_bytes travel by reference)",
+            m.task_message_bytes.clone(),
+        );
+        r.register(
+            "blob_ops",
+            "Claim-check blob store operations by op (put, get, stream, delete) and result",
+            m.blob_ops.clone(),
+        );
+        r.register(
+            "blob_bytes",
+            "Bytes written to (put) and read from (get, stream) the claim-check blob store",
+            m.blob_bytes.clone(),
         );
         r.register(
             "cache_errors",
@@ -683,6 +726,17 @@ impl Metrics {
         self.broker_errors
             .get_or_create(&BrokerOpLabels { broker, op })
             .inc();
+    }
+
+    pub fn blob_op(&self, op: &'static str, ok: bool, bytes: u64) {
+        let l = BlobLabels {
+            op,
+            result: if ok { "ok" } else { "error" },
+        };
+        self.blob_ops.get_or_create(&l).inc();
+        if bytes > 0 {
+            self.blob_bytes.get_or_create(&l).inc_by(bytes);
+        }
     }
 
     pub fn broker_reconnect(&self, broker: &'static str) {

@@ -4,30 +4,57 @@
 
 use std::{pin::Pin, time::Duration};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::{
     api::{header_text, traced},
     auth::{caller_of, tenant_of},
     error::GatewayError,
-    proto::{
-        inference::ModelInferResponse,
-        tasks::{
-            Attempt, CancelRequest, DeadLetter, DeadLetterFilter, DeadLetterList,
-            DeadLetterSelection, GetRequest, PurgeResult, Refusal, ReplayResult, SubmitRequest,
-            Task, TaskError, TaskState as WireState, WatchRequest, task_admin_server::TaskAdmin,
-            task_service_server::TaskService,
-        },
+    proto::tasks::{
+        Attempt, CancelRequest, DeadLetter, DeadLetterFilter, DeadLetterList, DeadLetterSelection,
+        GetRequest, PurgeResult, Refusal, ReplayResult, ResultChunk, SubmitRequest, Task,
+        TaskError, TaskState as WireState, WatchRequest, task_admin_server::TaskAdmin,
+        task_service_server::TaskService,
     },
     tasks::{
         TaskRecord, TaskState,
         admin::Selection,
         dead::{DeadEntry, DeadFilter},
-        front::{Cancelled, TaskFront},
+        front::{Cancelled, TaskFront, TaskResult, result_url},
     },
     telemetry::trace::TraceHeaders,
 };
+
+/// Result chunks sent over gRPC are about this size: big enough to be cheap per message, well
+/// under any client's message limit.
+const CHUNK: usize = 1 << 20;
+
+/// Regroups a stream of byte pieces (a blob store's, often a few KiB) into chunks of about
+/// [`CHUNK`] bytes.
+fn rechunk(
+    pieces: crate::tasks::front::ResultStream,
+) -> impl Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send {
+    futures::stream::unfold((pieces, false), |(mut pieces, done)| async move {
+        if done {
+            return None;
+        }
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            match pieces.next().await {
+                Some(Ok(b)) => {
+                    buf.extend_from_slice(&b);
+                    if buf.len() >= CHUNK {
+                        return Some((Ok(buf.freeze()), (pieces, false)));
+                    }
+                }
+                Some(Err(e)) => return Some((Err(e), (pieces, true))),
+                None if buf.is_empty() => return None,
+                None => return Some((Ok(buf.freeze()), (pieces, true))),
+            }
+        }
+    })
+}
 
 const WATCH_POLL: Duration = Duration::from_millis(100);
 /// A watch is bounded: clients that need longer watch again.
@@ -54,8 +81,15 @@ fn wire_state(s: TaskState) -> WireState {
     }
 }
 
-fn to_wire(rec: &TaskRecord, response: Option<ModelInferResponse>, replayed: bool) -> Task {
+fn to_wire(rec: &TaskRecord, result: Option<TaskResult>, replayed: bool) -> Task {
+    let (response, result_url, result_bytes) = match result {
+        Some(TaskResult::Inline(r)) => (Some(r), String::new(), 0),
+        Some(TaskResult::Stored(s)) => (None, result_url(&rec.id), s.bytes),
+        None => (None, String::new(), 0),
+    };
     Task {
+        result_url,
+        result_bytes,
         id: rec.id.clone(),
         model: rec.model.clone(),
         version: rec.version.clone(),
@@ -142,6 +176,27 @@ impl TaskService for GrpcTasks {
     }
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<Task, Status>> + Send>>;
+    type GetResultStream = Pin<Box<dyn Stream<Item = Result<ResultChunk, Status>> + Send>>;
+
+    async fn get_result(
+        &self,
+        req: Request<GetRequest>,
+    ) -> Result<Response<Self::GetResultStream>, Status> {
+        let tenant = tenant_of(req.extensions());
+        let id = req.into_inner().id;
+        let Some((total, chunks)) = self.front.result_stream(&id, &tenant).await? else {
+            return Err(Status::not_found(format!(
+                "task {id} has no result (unknown, not yours, or not succeeded)"
+            )));
+        };
+        let mut first = true;
+        let out = rechunk(chunks).map(move |c| {
+            let total_bytes = if std::mem::take(&mut first) { total } else { 0 };
+            c.map(|data| ResultChunk { data, total_bytes })
+                .map_err(|e| Status::unavailable(format!("reading the result: {e}")))
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
 
     async fn watch(
         &self,

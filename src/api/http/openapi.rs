@@ -55,6 +55,7 @@ impl Modify for Keys {
         inference::infer,
         tasks::submit,
         tasks::get,
+        tasks::result,
         tasks::cancel,
         admin::list,
         admin::get,

@@ -148,6 +148,11 @@ pub struct TaskBody {
     /// How each attempt ended, oldest first (the last 16; absent before the first ends).
     history: Option<Vec<AttemptBody>>,
     response: Option<InferResponseBody>,
+    /// Set instead of `response` when the result is over `tasks.claim_check_bytes` and kept
+    /// in the blob store: `GET` it (an encoded ModelInferResponse, streamed).
+    result_url: Option<String>,
+    /// The stored result's size in bytes, with `result_url`.
+    result_bytes: Option<u64>,
 }
 
 /// One attempt's end.

@@ -23,10 +23,9 @@ use crate::{
     api::{header_text, traced},
     auth::Caller,
     error::GatewayError,
-    proto::inference::ModelInferResponse,
     tasks::{
         TaskError, TaskRecord,
-        front::{Cancelled, TaskFront},
+        front::{Cancelled, TaskFront, TaskResult, result_url},
     },
     telemetry::trace::TraceHeaders,
 };
@@ -61,10 +60,22 @@ struct TaskJson<'a> {
     history: &'a [crate::tasks::Attempt],
     #[serde(skip_serializing_if = "Option::is_none")]
     response: Option<Value>,
+    /// Set instead of `response` when the result is in the blob store (claim check).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result_bytes: Option<u64>,
 }
 
-fn task_json(rec: &TaskRecord, resp: Option<ModelInferResponse>) -> Json<TaskJson<'_>> {
+fn task_json(rec: &TaskRecord, result: Option<TaskResult>) -> Json<TaskJson<'_>> {
+    let (resp, result_url, result_bytes) = match result {
+        Some(TaskResult::Inline(r)) => (Some(r), None, None),
+        Some(TaskResult::Stored(s)) => (None, Some(result_url(&rec.id)), Some(s.bytes)),
+        None => (None, None, None),
+    };
     Json(TaskJson {
+        result_url,
+        result_bytes,
         id: &rec.id,
         model: &rec.model,
         version: &rec.version,
@@ -163,6 +174,36 @@ pub async fn get(
         Some((rec, resp)) => task_json(&rec, resp).into_response(),
         None => not_found(&id),
     })
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{id}/result",
+    tag = "tasks",
+    params(("id" = String, Path, description = "task id")),
+    responses(
+        (status = 200, description = "the succeeded task's result, an encoded inference.ModelInferResponse (protobuf), streamed from the blob store when it is kept there", content_type = "application/x-protobuf", body = Vec<u8>),
+        (status = 401, description = "no valid API key", body = schema::ErrorBody),
+        (status = 404, description = "no such task (or another tenant's), or not succeeded", body = schema::ErrorBody),
+        (status = 503, description = "task store or blob store unavailable", body = schema::ErrorBody),
+    ),
+)]
+pub async fn result(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, GatewayError> {
+    let Some((len, chunks)) = front(&s)?.result_stream(&id, &caller.tenant).await? else {
+        return Ok(not_found(&id));
+    };
+    let mut r = Body::from_stream(chunks).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-protobuf"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    Ok(r)
 }
 
 #[utoipa::path(
