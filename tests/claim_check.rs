@@ -85,7 +85,12 @@ impl Drop for Moto {
 /// Where the blobs are, to count them from outside infergate.
 enum Bucket {
     Dir(PathBuf),
-    S3 { endpoint: String, bucket: String },
+    /// Blobs under `prefix/` in the bucket; keys are answered without it.
+    S3 {
+        endpoint: String,
+        bucket: String,
+        prefix: String,
+    },
 }
 
 impl Bucket {
@@ -110,7 +115,11 @@ impl Bucket {
                 }
                 out
             }
-            Bucket::S3 { endpoint, bucket } => {
+            Bucket::S3 {
+                endpoint,
+                bucket,
+                prefix,
+            } => {
                 let xml = http
                     .get(format!("{endpoint}/{bucket}?list-type=2"))
                     .send()
@@ -121,20 +130,16 @@ impl Bucket {
                     .unwrap();
                 xml.split("<Key>")
                     .skip(1)
-                    .filter_map(|s| s.split_once("</Key>").map(|(k, _)| k.to_string()))
+                    .filter_map(|s| s.split_once("</Key>").map(|(k, _)| k))
+                    .map(|k| {
+                        k.strip_prefix(&format!("{prefix}/"))
+                            .unwrap_or_else(|| panic!("{k} is outside the prefix {prefix}/"))
+                            .to_string()
+                    })
                     .collect()
             }
         }
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn request(seed: f32) -> ModelInferRequest {
@@ -237,14 +242,14 @@ async fn run(broker: &str, blob_url: &str, bucket: Bucket, env: &[(&str, String)
     assert!(msg.contains("infergate.claim_check"), "{msg}");
 
     // RSS sampled every 20 ms while the tasks run.
-    let idle_kib = rss_kib(pid);
+    let idle_kib = rss_kib(pid).expect("VmRSS");
     let peak = Arc::new(AtomicU64::new(idle_kib));
     let sampling = Arc::new(AtomicBool::new(true));
     let sampler = {
         let (peak, sampling) = (Arc::clone(&peak), Arc::clone(&sampling));
         std::thread::spawn(move || {
             while sampling.load(Ordering::Relaxed) {
-                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                peak.fetch_max(rss_kib(pid).unwrap_or(0), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(20));
             }
         })
@@ -323,7 +328,7 @@ async fn run(broker: &str, blob_url: &str, bucket: Bucket, env: &[(&str, String)
         assert_eq!(first_total, Some(size));
         assert!(grpc_body == body, "gRPC and HTTP answer the same bytes");
         drop((body, grpc_body));
-        after.push(rss_kib(pid));
+        after.push(rss_kib(pid).expect("VmRSS"));
         println!(
             "{name}: task {n}: input {:.1} MiB, result {:.1} MiB (HTTP {pieces} pieces, gRPC {grpc_chunks} chunks), RSS after {:.1} MiB",
             in_bytes as f64 / MIB,
@@ -430,10 +435,11 @@ async fn fifty_mib_through_rabbitmq_with_blobs_on_an_s3_server() {
     ];
     run(
         RABBIT,
-        &format!("s3://{bucket}"),
+        &format!("s3://{bucket}/prod"),
         Bucket::S3 {
             endpoint: moto.endpoint(),
             bucket,
+            prefix: "prod".into(),
         },
         &env,
         "rabbitmq+s3",

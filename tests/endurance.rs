@@ -80,12 +80,7 @@ impl Process {
 
     /// Resident memory in KiB.
     fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .expect("VmRSS")
+        rss_kib(self.child.id()).expect("VmRSS")
     }
 
     /// Open sockets (listeners, client connections, connections to Triton).

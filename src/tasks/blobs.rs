@@ -113,13 +113,19 @@ impl Blobs {
             )
         } else if url.starts_with("memory:") {
             Arc::new(object_store::memory::InMemory::new())
-        } else if url.starts_with("s3://") {
-            Arc::new(
-                object_store::aws::AmazonS3Builder::from_env()
-                    .with_url(url)
-                    .build()
-                    .map_err(|e| format!("{url}: {e}"))?,
-            )
+        } else if let Some(rest) = url.strip_prefix("s3://") {
+            let s3 = object_store::aws::AmazonS3Builder::from_env()
+                .with_url(url)
+                .build()
+                .map_err(|e| format!("{url}: {e}"))?;
+            // The builder takes the bucket from the URL and ignores its path: the prefix is
+            // applied here.
+            match rest.split_once('/').map(|(_, p)| p.trim_matches('/')) {
+                Some(prefix) if !prefix.is_empty() => {
+                    Arc::new(object_store::prefix::PrefixStore::new(s3, prefix))
+                }
+                _ => Arc::new(s3),
+            }
         } else {
             return Err(format!(
                 "{url}: a blob store is file:///dir, memory:/// or s3://bucket"

@@ -123,6 +123,15 @@ impl Drop for Triton {
     }
 }
 
+/// A process's resident memory in KiB (`VmRSS`); `None` once it has exited.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 /// Sends a signal (`TERM`, `KILL`...) to a process.
 /// A child process's output appended to `path` (kept across restarts of the same process).
 pub fn append_log(path: &std::path::Path) -> Stdio {
