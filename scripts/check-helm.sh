@@ -49,7 +49,7 @@ modes=(
   "default||no|"
   "redis-keda|helm/ci/redis-keda.yaml|yes|"
   "rabbitmq-incluster-keda|helm/ci/rabbitmq-incluster-keda.yaml|yes|"
-  "rabbitmq-external|helm/ci/rabbitmq-external.yaml|no|infergate-rabbitmq infergate-redis infergate-s3"
+  "rabbitmq-external|helm/ci/rabbitmq-external.yaml|no|infergate-rabbitmq infergate-redis infergate-s3 infergate-webhooks"
   "redis-external-url|helm/ci/redis-external-url.yaml|yes|"
   "routes|helm/ci/routes.yaml|no|"
 )
@@ -85,6 +85,7 @@ bad=(
   "broker=rabbitmq,rabbitmq.inCluster=true|rabbitmq.password (or rabbitmq.existingSecret) is needed"
   "triton.enabled=false|triton.externalUrls"
   "scaler.triton.maxReplicas=0|scaler.triton.maxReplicas: Must be greater than or equal to 1"
+  "webhooks.allowHosts[0]=hooks.example.com|webhooks.existingSecret (a Secret with key secret) is needed"
 )
 for b in "${bad[@]}"; do
   IFS='|' read -r set want <<<"$b"

@@ -53,6 +53,8 @@ pub struct Config {
     pub batching: BatchingConfig,
     #[command(flatten, next_help_heading = "Tasks")]
     pub tasks: TasksConfig,
+    #[command(flatten, next_help_heading = "Completion webhooks")]
+    pub webhooks: WebhooksConfig,
     #[command(flatten, next_help_heading = "Logs")]
     pub log: LogConfig,
     #[command(flatten, next_help_heading = "Traces")]
@@ -94,6 +96,7 @@ clap_defaults!(
     TritonTls,
     BatchingConfig,
     TasksConfig,
+    WebhooksConfig,
     LogConfig,
     TelemetryConfig,
     ScalerConfig,
@@ -675,6 +678,111 @@ impl ModelBatching {
 }
 
 // ---------------------------------------------------------------------------------------------
+// [webhooks]
+
+/// Completion webhooks: who may be called, how it is signed, and how long it is retried.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Hosts a task's `callback_url` may name (comma-separated in the variable): `host`,
+    /// `*.example.com`, an IP, or a network such as `10.1.0.0/16`. Private, loopback and
+    /// link-local addresses are refused unless an entry names them (a host exactly, or its
+    /// network). None: callbacks are refused.
+    #[arg(
+        long = "webhook-allow-host",
+        env = "INFERGATE_WEBHOOK_ALLOW_HOSTS",
+        value_delimiter = ',',
+        value_name = "HOST"
+    )]
+    pub allow_hosts: Vec<String>,
+    /// The signing secret of tenants without their own (`auth.keys[].webhook_secret`):
+    /// `whsec_<base64>` (Standard Webhooks) or 16+ characters. Prefer the variable or a file.
+    #[arg(
+        long = "webhook-secret",
+        env = "INFERGATE_WEBHOOK_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub secret: Option<String>,
+    /// How long a delivery is retried (with backoff) before it is marked failed, in ms.
+    #[arg(
+        long = "webhook-retry-ms",
+        env = "INFERGATE_WEBHOOK_RETRY_MS",
+        value_name = "MS",
+        default_value_t = 3_600_000
+    )]
+    pub retry_ms: u64,
+    /// Longest pause between two tries of a delivery, in ms (the pause doubles from 500 ms).
+    #[arg(
+        long = "webhook-max-backoff-ms",
+        env = "INFERGATE_WEBHOOK_MAX_BACKOFF_MS",
+        value_name = "MS",
+        default_value_t = 60_000
+    )]
+    pub max_backoff_ms: u64,
+    /// Longest wait for one try's answer, in ms.
+    #[arg(
+        long = "webhook-timeout-ms",
+        env = "INFERGATE_WEBHOOK_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 10_000
+    )]
+    pub timeout_ms: u64,
+    /// Tries in flight at once, per process.
+    #[arg(
+        long = "webhook-concurrency",
+        env = "INFERGATE_WEBHOOK_CONCURRENCY",
+        value_name = "N",
+        default_value_t = 64
+    )]
+    pub concurrency: usize,
+    /// Deliveries kept retrying at once, per process; past it a new one is marked failed.
+    #[arg(
+        long = "webhook-max-pending",
+        env = "INFERGATE_WEBHOOK_MAX_PENDING",
+        value_name = "N",
+        default_value_t = 10_000
+    )]
+    pub max_pending: usize,
+}
+
+/// The secret never reaches logs.
+impl std::fmt::Debug for WebhooksConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhooksConfig")
+            .field("allow_hosts", &self.allow_hosts)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("retry_ms", &self.retry_ms)
+            .field("max_backoff_ms", &self.max_backoff_ms)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("concurrency", &self.concurrency)
+            .field("max_pending", &self.max_pending)
+            .finish()
+    }
+}
+
+impl WebhooksConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        bounds!(self, "webhooks", {
+            retry_ms: 0..=7 * 86_400_000u64,
+            max_backoff_ms: 100..=3_600_000,
+            timeout_ms: 100..=600_000,
+            concurrency: 1..=10_000,
+            max_pending: 1..=1_000_000,
+        });
+        for h in &self.allow_hosts {
+            crate::tasks::webhooks::allow::AllowEntry::parse(h)
+                .map_err(|m| invalid("webhooks.allow_hosts", format!("'{h}': {m}")))?;
+        }
+        if let Some(s) = &self.secret {
+            crate::tasks::webhooks::allow::secret_bytes(s)
+                .map_err(|m| invalid("webhooks.secret", m))?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // [tasks]
 
 /// The async path: broker, task store, workers and their bounds.
@@ -1245,6 +1353,9 @@ pub struct ApiKey {
     pub max_open_tasks: Option<u64>,
     /// This key may use the admin API (dead letters of every tenant).
     pub admin: bool,
+    /// Signs this tenant's completion webhooks (`whsec_<base64>` or 16+ characters);
+    /// overrides `webhooks.secret`. Keys of one tenant should carry the same.
+    pub webhook_secret: Option<String>,
 }
 
 /// Keys never reach logs, even through a debug print of the config.
@@ -1257,6 +1368,10 @@ impl std::fmt::Debug for ApiKey {
             .field("burst", &self.burst)
             .field("max_open_tasks", &self.max_open_tasks)
             .field("admin", &self.admin)
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -1281,6 +1396,11 @@ impl AuthConfig {
             }
             if !seen.insert(&k.key) {
                 return Err(bad("the same key is listed twice"));
+            }
+            if let Some(secret) = &k.webhook_secret
+                && let Err(m) = crate::tasks::webhooks::allow::secret_bytes(secret)
+            {
+                return Err(bad(&format!("webhook_secret {m}")));
             }
         }
         Ok(())
@@ -1361,7 +1481,7 @@ impl FromArgMatches for ServeArgs {
 /// id), or the id itself where it spells the whole path. Nested sections come first.
 fn flag_paths() -> HashMap<String, String> {
     type Augment = fn(Command) -> Command;
-    let parts: [(&str, Augment); 11] = [
+    let parts: [(&str, Augment); 12] = [
         ("server.tls", ServerTls::augment_args),
         ("triton.tls", TritonTls::augment_args),
         ("server", ServerConfig::augment_args),
@@ -1373,6 +1493,7 @@ fn flag_paths() -> HashMap<String, String> {
         ("scaler", ScalerConfig::augment_args),
         ("routes", RoutesConfig::augment_args),
         ("cache", CacheConfig::augment_args),
+        ("webhooks", WebhooksConfig::augment_args),
     ];
     let mut paths = HashMap::new();
     for (section, augment) in parts {
@@ -1448,6 +1569,7 @@ impl Config {
         self.triton.validate()?;
         self.batching.validate()?;
         self.tasks.validate()?;
+        self.webhooks.validate()?;
         self.log.validate()?;
         self.telemetry.validate()?;
         self.scaler.validate()?;
@@ -1469,6 +1591,12 @@ impl Config {
         let mut shown = self.clone();
         for k in &mut shown.auth.keys {
             k.key = "<redacted>".into();
+            if k.webhook_secret.is_some() {
+                k.webhook_secret = Some("<redacted>".into());
+            }
+        }
+        if shown.webhooks.secret.is_some() {
+            shown.webhooks.secret = Some("<redacted>".into());
         }
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot print the config: {e}\n"))
     }

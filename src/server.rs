@@ -34,6 +34,7 @@ use crate::{
         dead::{DeadLetterStore, memory::MemoryDeadLetters, redis::RedisDeadLetters},
         memory::MemoryTaskStore,
         redis::RedisTaskStore,
+        webhooks::Webhooks,
     },
     worker::{Worker, WorkerConfig},
 };
@@ -54,6 +55,8 @@ pub struct TaskParts {
     pub dead: Arc<dyn DeadLetterStore>,
     /// The claim check's blob store, when `tasks.blob_store` names one.
     pub blobs: Option<Arc<Blobs>>,
+    /// Completion webhooks, sent by whichever process finishes a task.
+    pub webhooks: Arc<Webhooks>,
 }
 
 pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<TaskParts> {
@@ -130,11 +133,17 @@ pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<TaskParts> {
         )),
         None => None,
     };
+    let webhooks = Arc::new(Webhooks::new(
+        &cfg.webhooks,
+        &cfg.auth.keys,
+        Arc::clone(&store),
+    ));
     Ok(TaskParts {
         store,
         broker,
         dead,
         blobs,
+        webhooks,
     })
 }
 
@@ -177,6 +186,7 @@ fn spawn_workers(
                 store: Arc::clone(&tasks.store),
                 dead: Arc::clone(&tasks.dead),
                 blobs: tasks.blobs.clone(),
+                webhooks: Arc::clone(&tasks.webhooks),
                 infer: infer.clone(),
                 cfg: WorkerConfig {
                     concurrency: cfg.tasks.worker_concurrency,
@@ -558,6 +568,7 @@ impl Gateway {
             broker: Arc::clone(&tasks.broker),
             dead: Arc::clone(&tasks.dead),
             blobs: tasks.blobs.clone(),
+            webhooks: Arc::clone(&tasks.webhooks),
             infer: infer.clone(),
         };
         spawn_blob_sweeper(&cfg, &tasks, &stop);

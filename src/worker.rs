@@ -57,6 +57,7 @@ pub struct Worker {
     pub dead: Arc<dyn DeadLetterStore>,
     /// The claim check's blob store, when configured.
     pub blobs: Option<Arc<Blobs>>,
+    pub webhooks: Arc<crate::tasks::webhooks::Webhooks>,
     pub infer: InferService,
     pub cfg: WorkerConfig,
     /// `memory`, `redis` or `rabbitmq`, for metric labels.
@@ -302,7 +303,14 @@ impl Worker {
                         if claimed_input && let Some(b) = &self.blobs {
                             b.drop_input(&id).await;
                         }
-                        self.finish(&d).await
+                        self.finish(&d).await;
+                        // The final record (its times) is read back only for a task that
+                        // asked to be told.
+                        if rec.callback_url.is_some()
+                            && let Ok(Some(done)) = self.store.get(&id).await
+                        {
+                            self.webhooks.notify(done);
+                        }
                     }
                     // Cancelled or expired meanwhile: the late result is dropped.
                     Err(StoreError::Conflict { .. }) => {
@@ -415,6 +423,7 @@ impl Worker {
         let record = match failed {
             Ok(rec) => {
                 metrics().task_state(TaskState::Failed.as_str());
+                self.webhooks.notify(rec.clone());
                 rec
             }
             Err(e @ StoreError::Fenced { .. }) => {

@@ -269,6 +269,7 @@ async fn run(broker: &str, blob_url: &str, bucket: Bucket, env: &[(&str, String)
         let id = tasks
             .submit(SubmitRequest {
                 request: Some(req),
+                callback_url: String::new(),
                 idempotency_key: String::new(),
             })
             .await

@@ -346,6 +346,7 @@ async fn bad_requests_get_documented_codes_naming_the_field() {
     let mut tasks = infergate::proto::tasks::task_service_client::TaskServiceClient::new(ch);
     let s = tasks
         .submit(infergate::proto::tasks::SubmitRequest {
+            callback_url: String::new(),
             request: Some(big),
             idempotency_key: String::new(),
         })

@@ -152,6 +152,7 @@ fn configs(rendered: &str) -> BTreeMap<String, Config> {
                 ("INFERGATE_BROKER", None) if doc.contains("name: infergate-rabbitmq") => {
                     "amqp://u:p@rabbitmq:5672/%2f".into()
                 }
+                ("INFERGATE_WEBHOOK_SECRET", None) => "whsec_MDEyMzQ1Njc4OWFiY2RlZg==".into(),
                 (_, None) => "redis://redis:6379/0".into(),
             };
             argv.extend([flag.clone(), value]);
@@ -209,6 +210,18 @@ fn every_chart_mode_renders_a_config_infergate_loads() {
         // The external scaler where the values turn it on (both KEDA modes of helm/ci).
         let scaled = values.is_some_and(|v| v.ends_with("keda.yaml"));
         assert_eq!(front.scaler.addr.is_some(), scaled, "{values:?}");
+        // Completion webhooks where the values list hosts (rabbitmq-external), signed with the
+        // Secret's key; the workers, which finish tasks, deliver them.
+        let hooks = values == Some("rabbitmq-external.yaml");
+        for cfg in [front, workers] {
+            assert_eq!(cfg.webhooks.secret.is_some(), hooks, "{values:?}");
+            let want: &[&str] = if hooks {
+                &["hooks.example.com", "*.partner.example"]
+            } else {
+                &[]
+            };
+            assert_eq!(cfg.webhooks.allow_hosts, want, "{values:?}");
+        }
     }
 }
 

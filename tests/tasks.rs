@@ -546,67 +546,6 @@ async fn every_accepted_task_completes_across_a_rabbitmq_restart() {
     );
 }
 
-/// A private redis-server on a free loopback port, persisting every write (AOF, fsync always)
-/// into its own directory, so it can be killed and restarted like a real deployment's.
-struct PrivateRedis {
-    port: u16,
-    dir: std::path::PathBuf,
-    child: Option<std::process::Child>,
-}
-
-impl PrivateRedis {
-    fn start(port: u16, dir: &std::path::Path) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/ensure-services.sh installs it)");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self {
-            port,
-            dir: dir.to_path_buf(),
-            child: Some(child),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// SIGKILL: no chance to save anything beyond what each write already made durable.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_accepted_task_completes_across_a_redis_restart() {
     let _onnx = ONNX_MODEL.lock().await;
@@ -772,6 +711,7 @@ async fn grpc_task_service_submits_watches_and_cancels() {
     };
     let first = c
         .submit(SubmitRequest {
+            callback_url: String::new(),
             request: Some(req.clone()),
             idempotency_key: "grpc-key-1".into(),
         })
@@ -782,6 +722,7 @@ async fn grpc_task_service_submits_watches_and_cancels() {
     assert!(!first.replayed);
     let again = c
         .submit(SubmitRequest {
+            callback_url: String::new(),
             request: Some(req.clone()),
             idempotency_key: "grpc-key-1".into(),
         })
@@ -837,6 +778,7 @@ async fn grpc_task_service_submits_watches_and_cancels() {
     bad.inputs[0].datatype = "FP32".into();
     let err = c
         .submit(SubmitRequest {
+            callback_url: String::new(),
             request: Some(bad),
             idempotency_key: String::new(),
         })
@@ -845,6 +787,7 @@ async fn grpc_task_service_submits_watches_and_cancels() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     let err = c
         .submit(SubmitRequest {
+            callback_url: String::new(),
             request: None,
             idempotency_key: String::new(),
         })

@@ -28,6 +28,7 @@ pub struct TaskFront {
     pub dead: Arc<dyn super::dead::DeadLetterStore>,
     /// The claim check's blob store, when configured.
     pub blobs: Option<Arc<Blobs>>,
+    pub webhooks: Arc<super::webhooks::Webhooks>,
     /// `memory`, `redis` or `rabbitmq`, for metric labels.
     pub broker_kind: &'static str,
     pub infer: InferService,
@@ -38,11 +39,6 @@ pub struct TaskFront {
 pub enum TaskResult {
     Inline(ModelInferResponse),
     Stored(StoredResult),
-}
-
-/// Where a result kept in the blob store is read over HTTP (`GET`, streamed).
-pub fn result_url(id: &str) -> String {
-    format!("/v1/tasks/{id}/result")
 }
 
 /// A result's encoded `ModelInferResponse`, as chunks.
@@ -95,6 +91,7 @@ impl TaskFront {
         &self,
         mut req: ModelInferRequest,
         idempotency_key: Option<String>,
+        callback_url: Option<String>,
         incoming: TraceHeaders,
         caller: &Caller,
     ) -> Result<(TaskRecord, bool), GatewayError> {
@@ -113,13 +110,17 @@ impl TaskFront {
                 "the idempotency key must be 1..=256 characters",
             ));
         }
-        let rec = TaskRecord::new(
+        if let Some(url) = &callback_url {
+            self.webhooks.check(url, &caller.tenant)?;
+        }
+        let mut rec = TaskRecord::new(
             new_task_id(),
             &caller.tenant,
             &req.model_name,
             &req.model_version,
             idempotency_key,
         );
+        rec.callback_url = callback_url;
         let (rec, created) = self
             .store
             .create(rec, caller.max_open_tasks)
@@ -240,6 +241,7 @@ impl TaskFront {
         {
             Ok(rec) => {
                 metrics().task_state(TaskState::Cancelled.as_str());
+                self.webhooks.notify(rec.clone());
                 Ok(Cancelled::Done(Box::new(rec)))
             }
             Err(StoreError::NotFound(_)) => Ok(Cancelled::NotFound),

@@ -273,6 +273,14 @@ impl TaskStore for MemoryTaskStore {
         Ok(queued)
     }
 
+    async fn set_webhook(&self, id: &str, status: &super::WebhookStatus) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock().expect("task store lock");
+        if let Some(e) = inner.tasks.get_mut(id) {
+            e.rec.webhook = Some(status.clone());
+        }
+        Ok(())
+    }
+
     async fn remove(&self, id: &str) -> Result<(), StoreError> {
         let mut inner = self.inner.lock().expect("task store lock");
         if let Some(e) = inner.tasks.remove(id)

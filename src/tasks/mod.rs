@@ -20,6 +20,7 @@ pub mod dead;
 pub mod front;
 pub mod memory;
 pub mod redis;
+pub mod webhooks;
 
 use std::{
     collections::HashMap,
@@ -170,6 +171,27 @@ pub struct TaskRecord {
     /// Attempts that ended, oldest first.
     #[serde(default)]
     pub history: Vec<Attempt>,
+    /// Where the final state is POSTed, signed (checked against the allow-list at submit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+    /// How the completion webhook's delivery went, once there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookStatus>,
+}
+
+/// The delivery state of a task's completion webhook, kept on the task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookStatus {
+    /// `pending` (retrying), `delivered` or `failed` (gave up, or refused to send).
+    pub state: String,
+    /// The `webhook-id` header: the same on every try of one delivery.
+    pub id: String,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub updated_at_ms: u64,
 }
 
 impl TaskRecord {
@@ -187,6 +209,8 @@ impl TaskRecord {
             error: None,
             idempotency_key: key,
             history: Vec::new(),
+            callback_url: None,
+            webhook: None,
         }
     }
 }
@@ -212,6 +236,8 @@ impl TaskRecord {
         self.started_at_ms = None;
         self.finished_at_ms = None;
         self.error = None;
+        // A replayed task ends again, and is told about again.
+        self.webhook = None;
         self
     }
 }
@@ -332,6 +358,8 @@ pub trait TaskStore: Send + Sync {
     async fn requeue(&self, rec: &TaskRecord) -> Result<TaskRecord, StoreError>;
     /// Removes a task (used when its message could not be queued, so no 202 was sent).
     async fn remove(&self, id: &str) -> Result<(), StoreError>;
+    /// Writes the completion webhook's delivery state onto the task, if it still exists.
+    async fn set_webhook(&self, id: &str, status: &WebhookStatus) -> Result<(), StoreError>;
     /// Tasks accepted and not started yet, per model (the autoscaler's queue tier). Reads
     /// every unfinished task: meant for a poll every few seconds, not per request.
     async fn queued_by_model(&self) -> Result<HashMap<String, u64>, StoreError>;
@@ -348,6 +376,12 @@ impl Change {
             _ => Ok(()),
         }
     }
+}
+
+/// Where a task's result is read over HTTP (`GET`, streamed; a result kept in the blob store
+/// is only there).
+pub fn result_url(id: &str) -> String {
+    format!("/v1/tasks/{id}/result")
 }
 
 pub fn now_ms() -> u64 {

@@ -35,7 +35,7 @@ return ARGV[1]
 
 /// The record's fields, in the order the scripts return them (after a status code) and
 /// `get` reads them; the result, often large, is read only when asked for.
-const FIELDS: [&str; 12] = [
+const FIELDS: [&str; 14] = [
     "state",
     "tenant",
     "model",
@@ -48,7 +48,16 @@ const FIELDS: [&str; 12] = [
     "error_message",
     "idempotency_key",
     "history",
+    "callback_url",
+    "webhook",
 ];
+
+/// Sets one field of a task that still exists (an HSET alone would bring back an expired
+/// task without its TTL).
+const SET_IF_EXISTS: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 0
+"#;
 
 /// Prepended to the scripts below: `record(key, code)` is `{code, HMGET key FIELDS...}`, so a
 /// state change answers with the record it left and needs no second read.
@@ -173,6 +182,7 @@ pub struct RedisTaskStore {
     start: Script,
     remove: Script,
     requeue: Script,
+    set_if_exists: Script,
 }
 
 pub(super) fn backend(e: redis::RedisError) -> StoreError {
@@ -206,6 +216,7 @@ impl RedisTaskStore {
             start: Script::new(&(record_prelude() + START)),
             remove: Script::new(REMOVE),
             requeue: Script::new(REQUEUE),
+            set_if_exists: Script::new(SET_IF_EXISTS),
         })
     }
 
@@ -316,6 +327,8 @@ fn parse(id: &str, values: &[Value]) -> Option<TaskRecord> {
             .filter(|h| *h != b"{}")
             .and_then(|h| serde_json::from_slice(h).ok())
             .unwrap_or_default(),
+        callback_url: text(12).filter(|u| !u.is_empty()),
+        webhook: field(values, 13).and_then(|w| serde_json::from_slice(w).ok()),
     })
 }
 
@@ -432,6 +445,7 @@ impl TaskStore for RedisTaskStore {
                 "idempotency_key",
                 rec.idempotency_key.clone().unwrap_or_default(),
             ),
+            ("callback_url", rec.callback_url.clone().unwrap_or_default()),
         ] {
             inv.arg(k).arg(v);
         }
@@ -630,6 +644,7 @@ impl TaskStore for RedisTaskStore {
                 q.idempotency_key.clone().unwrap_or_default(),
             ),
             ("history", history),
+            ("callback_url", q.callback_url.clone().unwrap_or_default()),
         ] {
             inv.arg(k).arg(v);
         }
@@ -643,6 +658,20 @@ impl TaskStore for RedisTaskStore {
             }),
             None => Ok(q),
         }
+    }
+
+    async fn set_webhook(&self, id: &str, status: &super::WebhookStatus) -> Result<(), StoreError> {
+        let json = serde_json::to_string(status).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .set_if_exists
+            .key(self.key(id))
+            .arg("webhook")
+            .arg(json)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        Ok(())
     }
 
     async fn remove(&self, id: &str) -> Result<(), StoreError> {

@@ -220,6 +220,8 @@ pub struct Metrics {
     /// Claim-check blob operations by result, and the bytes they moved.
     pub blob_ops: Family<BlobLabels, Counter>,
     pub blob_bytes: Family<BlobLabels, Counter>,
+    /// Completion webhook tries by result.
+    pub webhooks: Family<ResultLabel, Counter>,
 }
 
 fn message_bytes() -> Histogram {
@@ -275,6 +277,7 @@ impl Metrics {
             task_message_bytes: message_bytes(),
             blob_ops: Family::default(),
             blob_bytes: Family::default(),
+            webhooks: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -401,6 +404,11 @@ impl Metrics {
             "blob_bytes",
             "Bytes written to (put) and read from (get, stream) the claim-check blob store",
             m.blob_bytes.clone(),
+        );
+        r.register(
+            "webhooks",
+            "Completion webhook tries by result: delivered, retried, failed (gave up), refused (not allowed), dropped (too many pending)",
+            m.webhooks.clone(),
         );
         r.register(
             "cache_errors",
@@ -737,6 +745,10 @@ impl Metrics {
         if bytes > 0 {
             self.blob_bytes.get_or_create(&l).inc_by(bytes);
         }
+    }
+
+    pub fn webhook(&self, result: &'static str) {
+        self.webhooks.get_or_create(&ResultLabel { result }).inc();
     }
 
     pub fn broker_reconnect(&self, broker: &'static str) {

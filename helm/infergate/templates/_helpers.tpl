@@ -120,6 +120,13 @@ true
       key: url
 {{- end }}
 {{- end }}
+{{- if .Values.webhooks.allowHosts }}
+- name: INFERGATE_WEBHOOK_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "webhooks.existingSecret (a Secret with key secret) is needed when webhooks.allowHosts is set" .Values.webhooks.existingSecret }}
+      key: secret
+{{- end }}
 {{- end -}}
 
 {{- define "infergate.volumeMounts" -}}

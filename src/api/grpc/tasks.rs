@@ -14,14 +14,15 @@ use crate::{
     proto::tasks::{
         Attempt, CancelRequest, DeadLetter, DeadLetterFilter, DeadLetterList, DeadLetterSelection,
         GetRequest, PurgeResult, Refusal, ReplayResult, ResultChunk, SubmitRequest, Task,
-        TaskError, TaskState as WireState, WatchRequest, task_admin_server::TaskAdmin,
-        task_service_server::TaskService,
+        TaskError, TaskState as WireState, WatchRequest, WebhookDelivery,
+        task_admin_server::TaskAdmin, task_service_server::TaskService,
     },
     tasks::{
         TaskRecord, TaskState,
         admin::Selection,
         dead::{DeadEntry, DeadFilter},
-        front::{Cancelled, TaskFront, TaskResult, result_url},
+        front::{Cancelled, TaskFront, TaskResult},
+        result_url,
     },
     telemetry::trace::TraceHeaders,
 };
@@ -90,6 +91,14 @@ fn to_wire(rec: &TaskRecord, result: Option<TaskResult>, replayed: bool) -> Task
     Task {
         result_url,
         result_bytes,
+        webhook: rec.webhook.as_ref().map(|w| WebhookDelivery {
+            state: w.state.clone(),
+            id: w.id.clone(),
+            attempts: w.attempts,
+            last_status: w.last_status.map_or(0, u32::from),
+            last_error: w.last_error.clone().unwrap_or_default(),
+            updated_at_ms: w.updated_at_ms,
+        }),
         id: rec.id.clone(),
         model: rec.model.clone(),
         version: rec.version.clone(),
@@ -136,6 +145,7 @@ impl TaskService for GrpcTasks {
             .ok_or_else(|| Status::invalid_argument("field 'request' is missing"))?;
         self.front.stick(&mut infer, &headers);
         let key = Some(r.idempotency_key).filter(|k| !k.is_empty());
+        let callback = Some(r.callback_url).filter(|u| !u.is_empty());
         let incoming = TraceHeaders {
             traceparent: header_text(&headers, "traceparent"),
             tracestate: header_text(&headers, "tracestate"),
@@ -146,7 +156,7 @@ impl TaskService for GrpcTasks {
             "grpc",
             &model,
             &headers,
-            self.front.submit(infer, key, incoming, &caller),
+            self.front.submit(infer, key, callback, incoming, &caller),
         )
         .await?;
         Ok(Response::new(to_wire(&rec, None, !created)))

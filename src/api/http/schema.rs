@@ -153,6 +153,25 @@ pub struct TaskBody {
     result_url: Option<String>,
     /// The stored result's size in bytes, with `result_url`.
     result_bytes: Option<u64>,
+    /// Where the final state is POSTed (the `Callback-Url` header at submit).
+    callback_url: Option<String>,
+    /// How the completion webhook's delivery went, once there was one.
+    webhook: Option<WebhookBody>,
+}
+
+/// A completion webhook's delivery.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct WebhookBody {
+    /// `pending` (retrying), `delivered` or `failed` (gave up, or refused to send).
+    state: String,
+    /// The `webhook-id` header, the same on every try.
+    id: String,
+    attempts: u32,
+    /// The receiver's last HTTP status.
+    last_status: Option<u16>,
+    last_error: Option<String>,
+    updated_at_ms: u64,
 }
 
 /// One attempt's end.

@@ -25,12 +25,15 @@ use crate::{
     error::GatewayError,
     tasks::{
         TaskError, TaskRecord,
-        front::{Cancelled, TaskFront, TaskResult, result_url},
+        front::{Cancelled, TaskFront, TaskResult},
+        result_url,
     },
     telemetry::trace::TraceHeaders,
 };
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Where the final state is POSTed (completion webhook).
+const CALLBACK_URL: &str = "callback-url";
 
 fn front(s: &HttpState) -> Result<&TaskFront, GatewayError> {
     s.tasks
@@ -65,6 +68,10 @@ struct TaskJson<'a> {
     result_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     result_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    callback_url: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook: Option<&'a crate::tasks::WebhookStatus>,
 }
 
 fn task_json(rec: &TaskRecord, result: Option<TaskResult>) -> Json<TaskJson<'_>> {
@@ -76,6 +83,8 @@ fn task_json(rec: &TaskRecord, result: Option<TaskResult>) -> Json<TaskJson<'_>>
     Json(TaskJson {
         result_url,
         result_bytes,
+        callback_url: rec.callback_url.as_deref(),
+        webhook: rec.webhook.as_ref(),
         id: &rec.id,
         model: &rec.model,
         version: &rec.version,
@@ -97,6 +106,7 @@ fn task_json(rec: &TaskRecord, result: Option<TaskResult>) -> Json<TaskJson<'_>>
     params(
         ("model" = String, Path, description = "model name"),
         ("Idempotency-Key" = Option<String>, Header, description = "1..=256 characters; the same key from the same tenant returns the same task"),
+        ("Callback-Url" = Option<String>, Header, description = "POSTed the task, signed (webhook-id, webhook-timestamp, webhook-signature), once it is final; its host must be on webhooks.allow_hosts (400 otherwise)"),
     ),
     request_body(content = schema::InferRequestBody),
     responses(
@@ -129,6 +139,14 @@ pub async fn submit(
                 .map_err(|_| GatewayError::invalid("header Idempotency-Key must be visible ASCII"))
         })
         .transpose()?;
+    let callback = headers
+        .get(CALLBACK_URL)
+        .map(|v| {
+            v.to_str()
+                .map(str::to_string)
+                .map_err(|_| GatewayError::invalid("header Callback-Url must be visible ASCII"))
+        })
+        .transpose()?;
     let incoming = TraceHeaders {
         traceparent: header_text(&headers, "traceparent"),
         tracestate: header_text(&headers, "tracestate"),
@@ -138,7 +156,7 @@ pub async fn submit(
         "http",
         &model,
         &headers,
-        front.submit(req, key, incoming, &caller),
+        front.submit(req, key, callback, incoming, &caller),
     )
     .await?;
     let mut r = (StatusCode::ACCEPTED, task_json(&rec, None)).into_response();

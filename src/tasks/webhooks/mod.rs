@@ -1,0 +1,419 @@
+//! Completion webhooks: a task may carry a `callback_url`; when it reaches a final state, the
+//! process that moved it there POSTs the task, signed, and retries with backoff for a bounded
+//! time. The delivery's state is kept on the task (`pending`, `delivered`, `failed`).
+//!
+//! - **Who may be called.** The URL's host must be on `webhooks.allow_hosts` (checked at
+//!   submit: 400 otherwise). Private, loopback and link-local addresses are refused unless an
+//!   entry names them exactly (the host, or a network holding the address): at submit for an
+//!   address in the URL, and at each try for the addresses a name resolves to, the connection
+//!   then going to the address that was checked (no second lookup to rebind).
+//! - **Signed** as Standard Webhooks does: headers `webhook-id` (the same on every try),
+//!   `webhook-timestamp` (Unix seconds) and `webhook-signature` = `v1,` + base64 of
+//!   HMAC-SHA256(secret, `id.timestamp.body`), with the tenant's secret.
+//! - **Bounded**: tries in flight (`concurrency`), deliveries retrying (`max_pending`), each
+//!   try (`timeout_ms`), the pause between tries (500 ms doubling up to `max_backoff_ms`) and
+//!   the whole (`retry_ms`).
+//!
+//! A delivery lives in the process that finished the task: if that process dies while it
+//! retries, the task shows `pending` and the client reads the task by polling instead.
+
+pub mod allow;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde_json::json;
+use sha2::Sha256;
+use tokio::sync::Semaphore;
+
+pub use allow::{AllowEntry, is_public, secret_bytes};
+
+use super::{TaskRecord, TaskStore, WebhookStatus, now_ms, result_url};
+use crate::{
+    config::{ApiKey, WebhooksConfig},
+    error::GatewayError,
+    telemetry::metrics::metrics,
+};
+
+/// `v1,<base64 HMAC-SHA256(secret, "id.timestamp.body")>`.
+pub fn sign(secret: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    )
+}
+
+/// The URL's host and port, once checked against the allow-list; `exact`: an entry names the
+/// host itself (so it may be private).
+struct Target {
+    host: String,
+    port: u16,
+    addr: Option<IpAddr>,
+    exact: bool,
+}
+
+pub struct Webhooks {
+    allow: Vec<AllowEntry>,
+    secrets: HashMap<String, Vec<u8>>,
+    default_secret: Option<Vec<u8>>,
+    store: Arc<dyn TaskStore>,
+    slots: Arc<Semaphore>,
+    pending: AtomicUsize,
+    max_pending: usize,
+    timeout: Duration,
+    retry_for: Duration,
+    max_backoff: Duration,
+}
+
+impl Webhooks {
+    /// From the config (already validated).
+    pub fn new(cfg: &WebhooksConfig, keys: &[ApiKey], store: Arc<dyn TaskStore>) -> Self {
+        let secrets = keys
+            .iter()
+            .filter_map(|k| {
+                let s = secret_bytes(k.webhook_secret.as_deref()?).ok()?;
+                Some((k.tenant.clone(), s))
+            })
+            .collect();
+        Self {
+            allow: cfg
+                .allow_hosts
+                .iter()
+                .filter_map(|h| AllowEntry::parse(h).ok())
+                .collect(),
+            secrets,
+            default_secret: cfg.secret.as_deref().and_then(|s| secret_bytes(s).ok()),
+            store,
+            slots: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
+            pending: AtomicUsize::new(0),
+            max_pending: cfg.max_pending,
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            retry_for: Duration::from_millis(cfg.retry_ms),
+            max_backoff: Duration::from_millis(cfg.max_backoff_ms),
+        }
+    }
+
+    fn secret(&self, tenant: &str) -> Option<&[u8]> {
+        self.secrets
+            .get(tenant)
+            .or(self.default_secret.as_ref())
+            .map(Vec::as_slice)
+    }
+
+    fn target(&self, url: &str) -> Result<(reqwest::Url, Target), String> {
+        let u = reqwest::Url::parse(url).map_err(|e| format!("is not a URL: {e}"))?;
+        if !matches!(u.scheme(), "http" | "https") {
+            return Err("must be http:// or https://".into());
+        }
+        if !u.username().is_empty() || u.password().is_some() {
+            return Err("must not carry credentials".into());
+        }
+        let port = u.port_or_known_default().unwrap_or(443);
+        let host = u
+            .host_str()
+            .ok_or("has no host")?
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_ascii_lowercase();
+        let addr = host.parse::<IpAddr>().ok();
+        let exact = self.allow.iter().any(|e| match e {
+            AllowEntry::Host(h) => *h == host,
+            AllowEntry::Net(..) => addr.is_some_and(|a| e.holds(a)),
+            AllowEntry::Under(_) => false,
+        });
+        let under = addr.is_none()
+            && self.allow.iter().any(|e| match e {
+                AllowEntry::Under(suffix) => host.ends_with(suffix.as_str()),
+                _ => false,
+            });
+        if !exact && !under {
+            return Err(format!(
+                "host '{host}' is not on webhooks.allow_hosts (private and link-local addresses must be listed by name or network)"
+            ));
+        }
+        Ok((
+            u,
+            Target {
+                host,
+                port,
+                addr,
+                exact,
+            },
+        ))
+    }
+
+    /// Checks a submitted `callback_url` for the tenant: 400 naming the field when refused.
+    pub fn check(&self, url: &str, tenant: &str) -> Result<(), GatewayError> {
+        if url.len() > 2048 {
+            return Err(GatewayError::invalid(
+                "callback_url is longer than 2048 characters",
+            ));
+        }
+        self.target(url)
+            .map_err(|m| GatewayError::invalid(format!("callback_url {m}")))?;
+        if self.secret(tenant).is_none() {
+            return Err(GatewayError::invalid(format!(
+                "callback_url: no webhook secret is configured for tenant '{tenant}' (webhooks.secret or auth.keys[].webhook_secret)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Delivers the final state of `rec` to its callback, if it has one, in the background.
+    pub fn notify(self: &Arc<Self>, rec: TaskRecord) {
+        if rec.callback_url.is_none() || !rec.state.is_final() {
+            return;
+        }
+        let id = format!("{}.{}", rec.id, rec.finished_at_ms.unwrap_or_else(now_ms));
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            metrics().webhook("dropped");
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                let status = WebhookStatus {
+                    state: "failed".into(),
+                    id,
+                    attempts: 0,
+                    last_status: None,
+                    last_error: Some("too many deliveries pending (webhooks.max_pending)".into()),
+                    updated_at_ms: now_ms(),
+                };
+                let _ = this.store.set_webhook(&rec.id, &status).await;
+            });
+            return;
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            this.deliver(rec, id).await;
+            this.pending.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+
+    fn body(rec: &TaskRecord) -> Vec<u8> {
+        let data = json!({
+            "id": rec.id,
+            "model": rec.model,
+            "version": rec.version,
+            "status": rec.state.as_str(),
+            "attempts": rec.attempts,
+            "queued_at_ms": rec.queued_at_ms,
+            "started_at_ms": rec.started_at_ms,
+            "finished_at_ms": rec.finished_at_ms,
+            "error": rec.error,
+            "result_url": (rec.state == super::TaskState::Succeeded).then(|| result_url(&rec.id)),
+        });
+        serde_json::to_vec(&json!({
+            "type": format!("task.{}", rec.state.as_str()),
+            "timestamp": rec.finished_at_ms.unwrap_or_else(now_ms),
+            "data": data,
+        }))
+        .unwrap_or_default()
+    }
+
+    async fn deliver(&self, rec: TaskRecord, id: String) {
+        let url = rec.callback_url.clone().unwrap_or_default();
+        let body = Self::body(&rec);
+        let deadline = Instant::now() + self.retry_for;
+        let mut backoff = Duration::from_millis(500);
+        let mut status = WebhookStatus {
+            state: "pending".into(),
+            id: id.clone(),
+            attempts: 0,
+            last_status: None,
+            last_error: None,
+            updated_at_ms: now_ms(),
+        };
+        loop {
+            status.attempts += 1;
+            let outcome = {
+                let _slot = self.slots.acquire().await.expect("semaphore open");
+                self.try_once(&url, &rec.tenant, &id, &body).await
+            };
+            status.updated_at_ms = now_ms();
+            let retry = match outcome {
+                Ok(code) if (200..300).contains(&code) => {
+                    status.state = "delivered".into();
+                    status.last_status = Some(code);
+                    status.last_error = None;
+                    metrics().webhook("delivered");
+                    false
+                }
+                Ok(code) => {
+                    status.last_status = Some(code);
+                    status.last_error = Some(format!("answered {code}"));
+                    true
+                }
+                Err(Refused(m)) => {
+                    status.state = "failed".into();
+                    status.last_error = Some(m);
+                    metrics().webhook("refused");
+                    false
+                }
+                Err(Failed(m)) => {
+                    status.last_error = Some(m);
+                    true
+                }
+            };
+            if retry && Instant::now() + backoff > deadline {
+                status.state = "failed".into();
+                metrics().webhook("failed");
+            } else if retry {
+                metrics().webhook("retried");
+            }
+            let _ = self.store.set_webhook(&rec.id, &status).await;
+            if !retry || status.state == "failed" {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.max_backoff);
+        }
+    }
+
+    /// One try: resolves and checks the host, then POSTs to the address checked.
+    async fn try_once(
+        &self,
+        url: &str,
+        tenant: &str,
+        id: &str,
+        body: &[u8],
+    ) -> Result<u16, TryError> {
+        let (u, t) = self.target(url).map_err(Refused)?;
+        let secret = self
+            .secret(tenant)
+            .ok_or_else(|| Refused(format!("no webhook secret for tenant '{tenant}'")))?;
+        let addr = match t.addr {
+            Some(a) => a,
+            None => {
+                let found: Vec<SocketAddr> = tokio::time::timeout(
+                    self.timeout,
+                    tokio::net::lookup_host((t.host.as_str(), t.port)),
+                )
+                .await
+                .map_err(|_| Failed(format!("resolving {} timed out", t.host)))?
+                .map_err(|e| Failed(format!("resolving {}: {e}", t.host)))?
+                .collect();
+                let first = found
+                    .first()
+                    .ok_or_else(|| Failed(format!("{} has no address", t.host)))?
+                    .ip();
+                // A name allowed by a wildcard must not lead inside: every address it has is
+                // public, or held by a listed network.
+                if let Some(inner) = found.iter().map(|a| a.ip()).find(|ip| {
+                    !is_public(*ip)
+                        && !t.exact
+                        && !self
+                            .allow
+                            .iter()
+                            .any(|e| matches!(e, AllowEntry::Net(..)) && e.holds(*ip))
+                }) {
+                    return Err(Refused(format!(
+                        "{} resolves to {inner}, a private or link-local address not on webhooks.allow_hosts",
+                        t.host
+                    )));
+                }
+                first
+            }
+        };
+        let client = reqwest::Client::builder()
+            .timeout(self.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .resolve(&t.host, SocketAddr::new(addr, t.port))
+            .build()
+            .map_err(|e| Failed(e.to_string()))?;
+        let ts = now_ms() / 1000;
+        let resp = client
+            .post(u)
+            .header("content-type", "application/json")
+            .header("webhook-id", id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", sign(secret, id, ts, body))
+            .body(body.to_vec())
+            .send()
+            .await
+            .map_err(|e| Failed(format!("{e}")))?;
+        Ok(resp.status().as_u16())
+    }
+}
+
+enum TryError {
+    /// Not sent, and never will be (not allowed).
+    Refused(String),
+    /// Sent or not, worth another try.
+    Failed(String),
+}
+use TryError::{Failed, Refused};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hooks(allow: &[&str]) -> Webhooks {
+        let cfg = WebhooksConfig {
+            allow_hosts: allow.iter().map(|s| s.to_string()).collect(),
+            secret: Some("0123456789abcdef".into()),
+            ..Default::default()
+        };
+        let store = Arc::new(super::super::memory::MemoryTaskStore::new(
+            Duration::from_secs(60),
+            10,
+            1024,
+        ));
+        Webhooks::new(&cfg, &[], store)
+    }
+
+    #[test]
+    fn the_allow_list_decides_and_private_addresses_must_be_named() {
+        let h = hooks(&[
+            "hooks.example.com",
+            "*.partner.io",
+            "127.0.0.1",
+            "10.1.0.0/16",
+        ]);
+        let ok = |u: &str| h.check(u, "t").is_ok();
+        assert!(ok("https://hooks.example.com/done"));
+        assert!(ok("https://a.b.partner.io/x"));
+        assert!(
+            !ok("https://partner.io/x"),
+            "the wildcard needs a subdomain"
+        );
+        assert!(!ok("https://evil.example.org/"));
+        assert!(ok("http://127.0.0.1:9000/cb"), "listed exactly");
+        assert!(!ok("http://127.0.0.2/cb"), "loopback not listed");
+        assert!(!ok("http://169.254.169.254/latest/meta-data"), "link-local");
+        assert!(!ok("http://[::1]/cb"));
+        assert!(ok("http://10.1.2.3/cb"), "inside a listed network");
+        assert!(!ok("http://10.2.0.1/cb"));
+        assert!(!ok("ftp://hooks.example.com/"));
+        assert!(!ok("https://user:pw@hooks.example.com/"));
+        let e = h.check("https://evil.example.org/", "t").unwrap_err();
+        assert!(e.to_string().contains("callback_url"), "{e}");
+        assert!(hooks(&[]).check("https://hooks.example.com/", "t").is_err());
+    }
+
+    #[test]
+    fn signatures_follow_standard_webhooks() {
+        // The example of the Standard Webhooks specification.
+        let secret = secret_bytes("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let body = br#"{"test": 2432232314}"#;
+        assert_eq!(
+            sign(&secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+        assert!(secret_bytes("short").is_err());
+        assert!(secret_bytes("whsec_!!").is_err());
+    }
+}
