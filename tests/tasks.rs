@@ -571,7 +571,7 @@ async fn every_accepted_task_completes_across_a_redis_restart() {
         }
         // Down for at least 2 s of submissions, then back on the same port and files.
         if down_since.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
-            redis = PrivateRedis::start(port, &dir);
+            redis.restart();
             down_since = None;
         }
         let x = [k as f32, 1.0, 0.0, 0.0];
@@ -666,7 +666,7 @@ async fn a_task_store_outage_under_a_rabbitmq_worker_loses_nothing_and_does_not_
         "{errors} hand-backs in {down:?} (at most {most} with {conc} slots)"
     );
     // Back on the same port and files: every task completes, with the right rows.
-    store = PrivateRedis::start(port, &dir);
+    store.restart();
     let ids: Vec<String> = accepted.iter().map(|(id, _)| id.clone()).collect();
     let done = wait_final(&http, &base, &ids, Duration::from_secs(60)).await;
     for (t, (_, x)) in done.iter().zip(&accepted) {

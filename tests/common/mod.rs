@@ -499,6 +499,21 @@ pub struct PrivateRedis {
 
 impl PrivateRedis {
     pub fn start(port: u16, dir: &std::path::Path) -> Self {
+        Self {
+            port,
+            dir: dir.to_path_buf(),
+            child: Some(Self::spawn(port, dir)),
+        }
+    }
+
+    /// Starts it again (killing it first if it runs) on the same port and files. A new
+    /// value would not do: dropping the old one removes the directory the new one uses.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Some(Self::spawn(self.port, &self.dir));
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> std::process::Child {
         std::fs::create_dir_all(dir).unwrap();
         let child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -523,11 +538,7 @@ impl PrivateRedis {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self {
-            port,
-            dir: dir.to_path_buf(),
-            child: Some(child),
-        }
+        child
     }
 
     pub fn url(&self) -> String {
