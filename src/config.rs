@@ -736,7 +736,8 @@ pub struct WebhooksConfig {
         default_value_t = 64
     )]
     pub concurrency: usize,
-    /// Deliveries kept retrying at once, per process; past it a new one is marked failed.
+    /// Deliveries kept retrying at once, per process; past it a new one waits in the outbox
+    /// (Redis task store) or is marked failed (in-memory store).
     #[arg(
         long = "webhook-max-pending",
         env = "INFERGATE_WEBHOOK_MAX_PENDING",

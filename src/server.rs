@@ -34,7 +34,7 @@ use crate::{
         dead::{DeadLetterStore, memory::MemoryDeadLetters, redis::RedisDeadLetters},
         memory::MemoryTaskStore,
         redis::RedisTaskStore,
-        webhooks::Webhooks,
+        webhooks::{self, Webhooks},
     },
     worker::{Worker, WorkerConfig},
 };
@@ -71,7 +71,8 @@ pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<TaskParts> {
         StoreUrl::Redis(url) => Arc::new(
             RedisTaskStore::connect(url, &t.redis_prefix, ttl, t.max_result_bytes)
                 .await
-                .with_context(|| format!("connecting the task store {url}"))?,
+                .with_context(|| format!("connecting the task store {url}"))?
+                .with_webhook_hold(webhooks::hold(&cfg.webhooks)),
         ),
     };
     let broker: Arc<dyn Broker> = match &t.broker {
@@ -147,10 +148,12 @@ pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<TaskParts> {
     })
 }
 
-/// Removes, every `tasks.blob_sweep_ms`, the blobs no task needs any more. Every process
-/// sweeps (removing twice is harmless); a blob younger than one period is left alone, so a
-/// submit writing its input is never raced.
-fn spawn_blob_sweeper(cfg: &Config, tasks: &TaskParts, stop: &CancellationToken) {
+/// The async path's upkeep, in every process: owed webhooks whose holder died are taken
+/// over, and every `tasks.blob_sweep_ms` the blobs no task needs any more are removed
+/// (removing twice is harmless; a blob younger than one period is left alone, so a submit
+/// writing its input is never raced).
+fn spawn_task_upkeep(cfg: &Config, tasks: &TaskParts, stop: &CancellationToken) {
+    Arc::clone(&tasks.webhooks).spawn_resumer(stop.clone());
     if let Some(blobs) = &tasks.blobs {
         let every = Duration::from_millis(cfg.tasks.blob_sweep_ms);
         Arc::clone(blobs).spawn_sweeper(
@@ -226,7 +229,7 @@ pub async fn run_workers(
     let monitor = health.spawn(cfg.triton_health_interval(), stop.clone());
     let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone());
     let autoscaling = spawn_autoscaling(&cfg, &infer, &tasks.store, None, stop.clone())?;
-    spawn_blob_sweeper(&cfg, &tasks, &stop);
+    spawn_task_upkeep(&cfg, &tasks, &stop);
     let ops = axum::serve(
         ops_listener,
         ops_router::<()>(Arc::clone(&health), Some(infer.clone())),
@@ -571,7 +574,7 @@ impl Gateway {
             webhooks: Arc::clone(&tasks.webhooks),
             infer: infer.clone(),
         };
-        spawn_blob_sweeper(&cfg, &tasks, &stop);
+        spawn_task_upkeep(&cfg, &tasks, &stop);
         let auth = Auth::new(&cfg.auth);
         let task_service = TaskServiceServer::new(GrpcTasks::new(front.clone()))
             .max_decoding_message_size(cfg.server.max_request_bytes)

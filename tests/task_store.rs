@@ -3,7 +3,8 @@
 //! atomic step that counts attempts and respects reclaims, state changes answer with the
 //! record they left (the worker's quiet ones with only the outcome), and a poll reads the
 //! record and its result together; a failed task is replayed under its id. The dead letters'
-//! contract (bounds, filters, read back whole) for both stores. Also the Redis
+//! contract (bounds, filters, read back whole) for both stores. The Redis store's webhook
+//! outbox (owed deliveries handed over only when their holder's hold ends). Also the Redis
 //! stream broker's bound and its handling of entries that are not tasks.
 
 mod common;
@@ -472,4 +473,75 @@ async fn a_stream_entry_that_is_not_a_task_is_moved_to_the_dead_letter_stream() 
             "world"
         ]]
     );
+}
+
+/// The Redis store's webhook outbox: a task with a callback enters it atomically with its
+/// final state, held by the finishing process; claimable only once the hold runs out; a
+/// claim holds it again; an ended delivery takes it out; a task without a callback, or one
+/// replayed meanwhile, never comes back from a claim.
+#[tokio::test]
+async fn the_redis_outbox_hands_over_owed_webhooks_only_when_their_hold_ends() {
+    use infergate::tasks::WebhookStatus;
+    let prefix = format!("igtest-{}", new_task_id());
+    let hold = Duration::from_millis(600);
+    let s = RedisTaskStore::connect(common::REDIS, &prefix, Duration::from_secs(60), 1024)
+        .await
+        .unwrap()
+        .with_webhook_hold(hold);
+    assert!(s.keeps_outbox());
+    let finish = |id: String, to: TaskState, callback: bool| {
+        let s = &s;
+        async move {
+            let mut r = rec(&id);
+            if callback {
+                r.callback_url = Some("http://127.0.0.1:9/cb".into());
+            }
+            s.create(r, 0).await.unwrap();
+            assert!(matches!(
+                s.start(&id, false, 3).await.unwrap(),
+                Start::Started(_)
+            ));
+            s.transition(&id, to, Change::default()).await.unwrap();
+        }
+    };
+    let (owed, plain, failed) = (new_task_id(), new_task_id(), new_task_id());
+    finish(owed.clone(), TaskState::Succeeded, true).await;
+    finish(plain.clone(), TaskState::Succeeded, false).await;
+    finish(failed.clone(), TaskState::Failed, true).await;
+    assert!(
+        s.claim_webhooks(10).await.unwrap().is_empty(),
+        "the finishing process holds them"
+    );
+    tokio::time::sleep(hold + Duration::from_millis(200)).await;
+    let mut got = s.claim_webhooks(10).await.unwrap();
+    got.sort();
+    let mut want = vec![owed.clone(), failed.clone()];
+    want.sort();
+    assert_eq!(got, want, "both owed, and only they");
+    assert!(
+        s.claim_webhooks(10).await.unwrap().is_empty(),
+        "a claim holds them again"
+    );
+    // One ends; the other is renewed as pending, then its holder stops.
+    let status = |state: &str| WebhookStatus {
+        state: state.into(),
+        id: "x".into(),
+        attempts: 1,
+        last_status: None,
+        last_error: None,
+        updated_at_ms: 0,
+    };
+    s.set_webhook(&owed, &status("delivered")).await.unwrap();
+    s.set_webhook(&failed, &status("pending")).await.unwrap();
+    tokio::time::sleep(hold + Duration::from_millis(200)).await;
+    assert_eq!(s.claim_webhooks(10).await.unwrap(), vec![failed.clone()]);
+    // Replayed meanwhile: queued again, so nothing is owed until it ends again.
+    let stored = s.get(&failed).await.unwrap().unwrap();
+    s.requeue(&stored).await.unwrap();
+    tokio::time::sleep(hold + Duration::from_millis(200)).await;
+    assert!(s.claim_webhooks(10).await.unwrap().is_empty());
+    // A limit of 0 claims nothing; the in-memory store keeps no outbox.
+    assert!(s.claim_webhooks(0).await.unwrap().is_empty());
+    let m = MemoryTaskStore::new(Duration::from_secs(60), 100, 1024);
+    assert!(!m.keeps_outbox());
 }

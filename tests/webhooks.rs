@@ -1,8 +1,11 @@
 //! Completion webhooks, end to end against the real Triton and Redis: a receiver in this test
 //! checks every delivery's Standard Webhooks signature (its own HMAC-SHA256, per tenant secret)
 //! and timestamp; a receiver that is down for 30 s still gets every delivery, once, when it is
-//! back, and the task shows how the delivery went; a callback URL off the allow-list, or on an
-//! address not listed, is refused at submit (400 over HTTP, INVALID_ARGUMENT over gRPC).
+//! back, and the task shows how the delivery went; a delivery outlives the process that was
+//! retrying it (SIGKILLed; another process takes it over from the outbox), and one past the
+//! bound on deliveries retrying waits in the outbox instead of failing; a callback URL off
+//! the allow-list, or on an address not listed, is refused at submit (400 over HTTP,
+//! INVALID_ARGUMENT over gRPC).
 
 mod common;
 
@@ -382,6 +385,212 @@ async fn deliveries_are_signed_and_a_receiver_down_for_30_s_gets_each_once() {
         m.iter()
             .filter(|(k, _)| k.contains("webhook"))
             .collect::<Vec<_>>()
+    );
+    receiver.stop().await;
+    gw.shutdown().await.unwrap();
+}
+
+/// The process retrying deliveries dies: a worker process finishes 6 tasks while the receiver
+/// is down, tries each delivery a few times, and is SIGKILLed. Another process (here the
+/// front end, which runs no workers) takes each delivery over from the outbox once the dead
+/// one's hold ends; the receiver, back at the kill, gets each once, signed, and the task
+/// counts the tries on from where the dead process stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_outlives_the_process_that_was_retrying_it() {
+    let prefix = format!("igtest-{}", infergate::tasks::new_task_id());
+    let mut cfg = config(&prefix);
+    cfg.tasks.workers = 0;
+    cfg.webhooks.max_backoff_ms = 1_000;
+    cfg.webhooks.timeout_ms = 1_000;
+    let hold = infergate::tasks::webhooks::hold(&cfg.webhooks);
+    let gw = gateway_with(cfg).await;
+    let base = gw.http_base();
+    let b = client(KEY_B);
+    let port = free_port();
+    let hook_url = format!("http://127.0.0.1:{port}/hook/b");
+    let log = std::env::temp_dir().join(format!("{prefix}-worker.log"));
+    let args: Vec<String> = [
+        "worker",
+        "--triton-url",
+        &triton().grpc_url(),
+        "--broker",
+        REDIS,
+        "--task-store",
+        REDIS,
+        "--redis-prefix",
+        &prefix,
+        "--workers",
+        "1",
+        "--task-max-attempts",
+        "1",
+        "--webhook-allow-host",
+        "127.0.0.1",
+        "--webhook-secret",
+        SECRET_DEFAULT,
+        "--webhook-max-backoff-ms",
+        "1000",
+        "--webhook-timeout-ms",
+        "1000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut worker = infergate(&args, &log);
+
+    let mut ids = Vec::new();
+    for k in 0..6 {
+        let (code, body) = submit(&b, &base, &one(k as f32, json!(0)), &hook_url).await;
+        assert_eq!(code, 202, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    // Every task done by the worker process, and each delivery tried there at least twice.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let before: Vec<u64> = loop {
+        let mut tries = Vec::new();
+        for id in &ids {
+            let t = task(&b, &base, id).await;
+            if t["status"] == "succeeded" && t["webhook"]["state"] == "pending" {
+                tries.push(t["webhook"]["attempts"].as_u64().unwrap());
+            }
+        }
+        if tries.len() == ids.len() && tries.iter().all(|&n| n >= 2) {
+            break tries;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker process did not finish and try every delivery: {:?}; log {}",
+            tries,
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    signal(worker.id(), "KILL");
+    let _ = worker.wait();
+    let killed_at = Instant::now();
+    let got: Receipts = Arc::default();
+    let receiver = Receiver::start(port, got.clone()).await;
+    let seen = receipts(&got, ids.len(), hold + Duration::from_secs(30)).await;
+    let caught_up = killed_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let seen_all = got.lock().unwrap().clone();
+    assert_eq!(seen.len(), ids.len(), "{seen:#?}");
+    assert_eq!(
+        seen_all.len(),
+        ids.len(),
+        "a delivery came twice: {seen_all:#?}"
+    );
+    let mut after = Vec::new();
+    for (id, tried) in ids.iter().zip(&before) {
+        let r: Vec<_> = seen_all
+            .iter()
+            .filter(|r| r.body["data"]["id"] == **id)
+            .collect();
+        assert_eq!(r.len(), 1, "one delivery for {id}: {seen_all:#?}");
+        assert!(r[0].signed && r[0].fresh, "{:?}", r[0]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let t = loop {
+            let t = task(&b, &base, id).await;
+            if t["webhook"]["state"] == "delivered" || Instant::now() >= deadline {
+                break t;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(t["webhook"]["state"], "delivered", "{t}");
+        assert_eq!(t["webhook"]["id"], r[0].id.as_str(), "{t}");
+        let n = t["webhook"]["attempts"].as_u64().unwrap();
+        assert!(n > *tried, "the tries go on from {tried}: {t}");
+        after.push(n);
+    }
+    // The front end took them over: it ran no task, so it owed none of its own.
+    let m = scrape(&b, &base).await;
+    assert!(
+        m.get("infergate_webhooks_total{result=\"resumed\"}")
+            .copied()
+            >= Some(ids.len() as f64),
+        "{:?}",
+        m.iter()
+            .filter(|(k, _)| k.contains("webhook"))
+            .collect::<Vec<_>>()
+    );
+    println!(
+        "webhooks: the worker process SIGKILLed after trying {} deliveries {:?} times each; \
+         the front end took them over (hold {:.1} s) and all arrived {:.1} s after the kill, \
+         each once, signed; tries in all {:?}",
+        ids.len(),
+        before,
+        hold.as_secs_f64(),
+        caught_up.as_secs_f64(),
+        after
+    );
+    receiver.stop().await;
+    gw.shutdown().await.unwrap();
+}
+
+/// Past `webhooks.max_pending` deliveries retrying in a process, a new one is not failed but
+/// left in the outbox: with the receiver down, 2 deliveries retry and 3 wait; once it is back,
+/// all 5 arrive, each once, the 3 taken up as room frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_past_max_pending_wait_in_the_outbox_and_none_is_lost() {
+    let prefix = format!("igtest-{}", infergate::tasks::new_task_id());
+    let mut cfg = config(&prefix);
+    cfg.webhooks.max_pending = 2;
+    cfg.webhooks.max_backoff_ms = 1_000;
+    cfg.webhooks.timeout_ms = 1_000;
+    let hold = infergate::tasks::webhooks::hold(&cfg.webhooks);
+    let gw = gateway_with(cfg).await;
+    let base = gw.http_base();
+    let b = client(KEY_B);
+    let port = free_port();
+    let hook_url = format!("http://127.0.0.1:{port}/hook/b");
+    let mut ids = Vec::new();
+    for k in 0..5 {
+        let (code, body) = submit(&b, &base, &one(k as f32, json!(0)), &hook_url).await;
+        assert_eq!(code, 202, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    for done in wait_final(&b, &base, &ids, Duration::from_secs(60)).await {
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+    let count = |m: &std::collections::BTreeMap<String, f64>, r: &str| {
+        m.get(&format!("infergate_webhooks_total{{result=\"{r}\"}}"))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let m = scrape(&b, &base).await;
+    assert_eq!(count(&m, "deferred"), 3.0, "{m:?}");
+    assert_eq!(count(&m, "dropped"), 0.0);
+    // Past the hold, with no room, still nobody takes them; nothing is marked failed.
+    tokio::time::sleep(hold + Duration::from_secs(1)).await;
+    for id in &ids {
+        let t = task(&b, &base, id).await;
+        assert_ne!(t["webhook"]["state"], "failed", "{t}");
+    }
+    let got: Receipts = Arc::default();
+    let receiver = Receiver::start(port, got.clone()).await;
+    let back_at = Instant::now();
+    let seen = receipts(&got, ids.len(), Duration::from_secs(40)).await;
+    let caught_up = back_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let seen_all = got.lock().unwrap().clone();
+    assert_eq!(seen.len(), ids.len(), "{seen:#?}");
+    assert_eq!(
+        seen_all.len(),
+        ids.len(),
+        "a delivery came twice: {seen_all:#?}"
+    );
+    for id in &ids {
+        let n = seen_all
+            .iter()
+            .filter(|r| r.body["data"]["id"] == **id && r.signed)
+            .count();
+        assert_eq!(n, 1, "one signed delivery for {id}: {seen_all:#?}");
+    }
+    let m = scrape(&b, &base).await;
+    assert!(count(&m, "resumed") >= 3.0, "{m:?}");
+    println!(
+        "webhooks: max_pending 2, receiver down: 3 of 5 deliveries deferred to the outbox; \
+         all 5 arrived {:.1} s after the receiver was back, each once",
+        caught_up.as_secs_f64()
     );
     receiver.stop().await;
     gw.shutdown().await.unwrap();

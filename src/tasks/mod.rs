@@ -179,6 +179,9 @@ pub struct TaskRecord {
     pub webhook: Option<WebhookStatus>,
 }
 
+/// `WebhookStatus::state` while the delivery is retried.
+pub const WEBHOOK_PENDING: &str = "pending";
+
 /// The delivery state of a task's completion webhook, kept on the task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WebhookStatus {
@@ -358,8 +361,21 @@ pub trait TaskStore: Send + Sync {
     async fn requeue(&self, rec: &TaskRecord) -> Result<TaskRecord, StoreError>;
     /// Removes a task (used when its message could not be queued, so no 202 was sent).
     async fn remove(&self, id: &str) -> Result<(), StoreError>;
-    /// Writes the completion webhook's delivery state onto the task, if it still exists.
+    /// Writes the completion webhook's delivery state onto the task, if it still exists. In a
+    /// store that keeps an outbox, a `pending` write renews the writer's hold on the delivery
+    /// and an ended one (`delivered`, `failed`) takes the task out.
     async fn set_webhook(&self, id: &str, status: &WebhookStatus) -> Result<(), StoreError>;
+    /// The durable outbox of completion webhooks: up to `limit` tasks whose webhook is owed
+    /// and whose holder (the process that finished the task, or the last one to claim it)
+    /// stopped renewing its hold, e.g. because it died. Each is held for the claimer now.
+    /// A store that lives and dies with its process keeps none.
+    async fn claim_webhooks(&self, _limit: usize) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Whether owed webhooks outlive the process delivering them ([`Self::claim_webhooks`]).
+    fn keeps_outbox(&self) -> bool {
+        false
+    }
     /// Tasks accepted and not started yet, per model (the autoscaler's queue tier). Reads
     /// every unfinished task: meant for a poll every few seconds, not per request.
     async fn queued_by_model(&self) -> Result<HashMap<String, u64>, StoreError>;

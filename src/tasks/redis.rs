@@ -52,11 +52,44 @@ const FIELDS: [&str; 14] = [
     "webhook",
 ];
 
-/// Sets one field of a task that still exists (an HSET alone would bring back an expired
-/// task without its TTL).
-const SET_IF_EXISTS: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+/// Writes the webhook delivery state ARGV[1] of task KEYS[1] (id ARGV[2]) if the task still
+/// exists (an HSET alone would bring back an expired task without its TTL). Pending (ARGV[3]
+/// is a time): the outbox entry (KEYS[2]) is held until then; otherwise it leaves.
+const SET_WEBHOOK: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'webhook', ARGV[1])
+  if ARGV[3] ~= '' then
+    redis.call('ZADD', KEYS[2], tonumber(ARGV[3]), ARGV[2])
+    return 0
+  end
+end
+redis.call('ZREM', KEYS[2], ARGV[2])
 return 0
+"#;
+
+/// Claims up to ARGV[3] entries of the webhook outbox KEYS[1] due by ARGV[1] (their holder
+/// stopped renewing): each still owed (task ARGV[4] .. id in a final state of ARGV[5], with a
+/// callback, its delivery not ended) is held ARGV[2] ms more and answered; the others leave.
+const CLAIM_WEBHOOKS: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(due) do
+  local state, callback, hook =
+    unpack(redis.call('HMGET', ARGV[4] .. id, 'state', 'callback_url', 'webhook'))
+  local owed = state and string.find(ARGV[5], ',' .. state .. ',', 1, true)
+    and callback and callback ~= ''
+  if owed and hook and hook ~= '' then
+    local ok, h = pcall(cjson.decode, hook)
+    if ok and type(h) == 'table' and h.state ~= 'pending' then owed = false end
+  end
+  if owed then
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), id)
+    table.insert(out, id)
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return out
 "#;
 
 /// Prepended to the scripts below: `record(key, code)` is `{code, HMGET key FIELDS...}`, so a
@@ -89,9 +122,12 @@ end
 /// Returns record(KEYS[1], 1) on success, record(KEYS[1], 0) if the state forbids it, {-1} if
 /// there is no task. Quiet (ARGV[13] == '1'): {1} on success, {0, state} when forbidden.
 /// With a fence (ARGV[14], an attempt number) other than the task's attempts: {2, attempts}.
-/// Leaving `running`, the attempt's end joins the history (outcome ARGV[15]).
+/// Leaving `running`, the attempt's end joins the history (outcome ARGV[15]). A final state
+/// of a task with a callback puts it in the webhook outbox (KEYS[2]), held ARGV[16] ms for
+/// the process delivering it.
 const TRANSITION: &str = r#"
-local cur, tenant, attempts = unpack(redis.call('HMGET', KEYS[1], 'state', 'tenant', 'attempts'))
+local cur, tenant, attempts, callback =
+  unpack(redis.call('HMGET', KEYS[1], 'state', 'tenant', 'attempts', 'callback_url'))
 if not cur then return {-1} end
 local quiet = ARGV[13] == '1'
 if not string.find(',' .. ARGV[2] .. ',', ',' .. cur .. ',', 1, true) then
@@ -117,6 +153,9 @@ if ARGV[10] ~= '' then
   redis.call('PEXPIRE', KEYS[1], ARGV[10])
   -- Records written before tenants existed have no tenant field, and no place to free.
   if tenant then redis.call('ZREM', ARGV[11] .. tenant, ARGV[12]) end
+  if callback and callback ~= '' then
+    redis.call('ZADD', KEYS[2], tonumber(ARGV[5]) + tonumber(ARGV[16]), ARGV[12])
+  end
 end
 if quiet then return {1} end
 return record(KEYS[1], 1)
@@ -182,7 +221,10 @@ pub struct RedisTaskStore {
     start: Script,
     remove: Script,
     requeue: Script,
-    set_if_exists: Script,
+    set_webhook: Script,
+    claim_webhooks: Script,
+    /// How long an owed webhook stays with the process delivering it without a renewal.
+    webhook_hold: Duration,
 }
 
 pub(super) fn backend(e: redis::RedisError) -> StoreError {
@@ -216,8 +258,21 @@ impl RedisTaskStore {
             start: Script::new(&(record_prelude() + START)),
             remove: Script::new(REMOVE),
             requeue: Script::new(REQUEUE),
-            set_if_exists: Script::new(SET_IF_EXISTS),
+            set_webhook: Script::new(SET_WEBHOOK),
+            claim_webhooks: Script::new(CLAIM_WEBHOOKS),
+            webhook_hold: Duration::from_secs(60),
         })
+    }
+
+    /// How long the process delivering a task's webhook holds it between renewals (see
+    /// `webhooks::hold`): past it, another process takes the delivery over.
+    pub fn with_webhook_hold(mut self, hold: Duration) -> Self {
+        self.webhook_hold = hold;
+        self
+    }
+
+    fn outbox(&self) -> String {
+        format!("{}:webhooks", self.prefix)
     }
 
     fn key(&self, id: &str) -> String {
@@ -262,6 +317,7 @@ impl RedisTaskStore {
         let reply: Vec<Value> = self
             .transition
             .key(self.key(id))
+            .key(self.outbox())
             .arg(to.as_str())
             .arg(from.join(","))
             .arg(if change.count_attempt { "1" } else { "0" })
@@ -281,6 +337,7 @@ impl RedisTaskStore {
             .arg(if quiet { "1" } else { "0" })
             .arg(change.fence.map(|f| f.to_string()).unwrap_or_default())
             .arg(super::outcome_of(to))
+            .arg(self.webhook_hold.as_millis() as u64)
             .invoke_async(&mut conn)
             .await
             .map_err(backend)?;
@@ -662,16 +719,46 @@ impl TaskStore for RedisTaskStore {
 
     async fn set_webhook(&self, id: &str, status: &super::WebhookStatus) -> Result<(), StoreError> {
         let json = serde_json::to_string(status).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let due = (status.state == super::WEBHOOK_PENDING)
+            .then(|| (super::now_ms() + self.webhook_hold.as_millis() as u64).to_string());
         let mut conn = self.conn.clone();
         let _: i64 = self
-            .set_if_exists
+            .set_webhook
             .key(self.key(id))
-            .arg("webhook")
+            .key(self.outbox())
             .arg(json)
+            .arg(id)
+            .arg(due.unwrap_or_default())
             .invoke_async(&mut conn)
             .await
             .map_err(backend)?;
         Ok(())
+    }
+
+    async fn claim_webhooks(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let finals: Vec<&str> = super::ALL_STATES
+            .into_iter()
+            .filter(|s| s.is_final())
+            .map(TaskState::as_str)
+            .collect();
+        let mut conn = self.conn.clone();
+        self.claim_webhooks
+            .key(self.outbox())
+            .arg(super::now_ms())
+            .arg(self.webhook_hold.as_millis() as u64)
+            .arg(limit)
+            .arg(format!("{}:task:", self.prefix))
+            .arg(format!(",{},", finals.join(",")))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(backend)
+    }
+
+    fn keeps_outbox(&self) -> bool {
+        true
     }
 
     async fn remove(&self, id: &str) -> Result<(), StoreError> {

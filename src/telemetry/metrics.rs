@@ -407,7 +407,7 @@ impl Metrics {
         );
         r.register(
             "webhooks",
-            "Completion webhook tries by result: delivered, retried, failed (gave up), refused (not allowed), dropped (too many pending)",
+            "Completion webhook tries by result: delivered, retried, failed (gave up), refused (not allowed), dropped (too many pending), deferred (too many pending here, left in the outbox), resumed (taken over from a process that stopped)",
             m.webhooks.clone(),
         );
         r.register(

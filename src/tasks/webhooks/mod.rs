@@ -14,19 +14,23 @@
 //!   try (`timeout_ms`), the pause between tries (500 ms doubling up to `max_backoff_ms`) and
 //!   the whole (`retry_ms`).
 //!
-//! A delivery lives in the process that finished the task: if that process dies while it
-//! retries, the task shows `pending` and the client reads the task by polling instead.
+//! - **Durable** with the Redis task store: the final transition itself puts the task in an
+//!   outbox (a sorted set, scored by when its holder's hold runs out), the process that
+//!   finished the task delivers it and renews the hold after each try, and an ended delivery
+//!   leaves. Every process claims, every [`RESUME_EVERY`], the entries whose hold ran out (the
+//!   holder died, or deferred it past `max_pending`) and goes on from the attempts recorded,
+//!   within `retry_ms` of the task's end. So a webhook outlives the process that owed it; the
+//!   price is at-least-once: a holder that dies after a receiver's 2xx and before writing
+//!   `delivered` leaves the next process to send it again (the same `webhook-id`).
+//!   The in-memory store lives and dies with its process, and keeps no outbox.
 
 pub mod allow;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant},
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use base64::Engine;
@@ -34,15 +38,25 @@ use hmac::{Hmac, Mac};
 use serde_json::json;
 use sha2::Sha256;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 pub use allow::{AllowEntry, is_public, secret_bytes};
 
-use super::{TaskRecord, TaskStore, WebhookStatus, now_ms, result_url};
+use super::{TaskRecord, TaskStore, WEBHOOK_PENDING, WebhookStatus, now_ms, result_url};
 use crate::{
     config::{ApiKey, WebhooksConfig},
     error::GatewayError,
     telemetry::metrics::metrics,
 };
+
+/// How often each process looks for owed webhooks whose holder stopped renewing.
+pub const RESUME_EVERY: Duration = Duration::from_secs(2);
+
+/// How long the process delivering a webhook holds it without renewing: the longest pause
+/// between tries, plus a try (a lookup and a POST, each up to `timeout_ms`), plus slack.
+pub fn hold(cfg: &WebhooksConfig) -> Duration {
+    Duration::from_millis(cfg.max_backoff_ms + 2 * cfg.timeout_ms + 5_000)
+}
 
 /// `v1,<base64 HMAC-SHA256(secret, "id.timestamp.body")>`.
 pub fn sign(secret: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
@@ -73,10 +87,11 @@ pub struct Webhooks {
     default_secret: Option<Vec<u8>>,
     store: Arc<dyn TaskStore>,
     slots: Arc<Semaphore>,
-    pending: AtomicUsize,
+    /// Tasks whose delivery this process is running (at most `max_pending`).
+    delivering: Mutex<HashSet<String>>,
     max_pending: usize,
     timeout: Duration,
-    retry_for: Duration,
+    retry_ms: u64,
     max_backoff: Duration,
 }
 
@@ -100,10 +115,10 @@ impl Webhooks {
             default_secret: cfg.secret.as_deref().and_then(|s| secret_bytes(s).ok()),
             store,
             slots: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
-            pending: AtomicUsize::new(0),
+            delivering: Mutex::new(HashSet::new()),
             max_pending: cfg.max_pending,
             timeout: Duration::from_millis(cfg.timeout_ms),
-            retry_for: Duration::from_millis(cfg.retry_ms),
+            retry_ms: cfg.retry_ms,
             max_backoff: Duration::from_millis(cfg.max_backoff_ms),
         }
     }
@@ -178,29 +193,95 @@ impl Webhooks {
         if rec.callback_url.is_none() || !rec.state.is_final() {
             return;
         }
-        let id = format!("{}.{}", rec.id, rec.finished_at_ms.unwrap_or_else(now_ms));
-        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            metrics().webhook("dropped");
-            let this = Arc::clone(self);
-            tokio::spawn(async move {
-                let status = WebhookStatus {
-                    state: "failed".into(),
-                    id,
-                    attempts: 0,
-                    last_status: None,
-                    last_error: Some("too many deliveries pending (webhooks.max_pending)".into()),
-                    updated_at_ms: now_ms(),
-                };
-                let _ = this.store.set_webhook(&rec.id, &status).await;
-            });
+        {
+            let mut delivering = self.delivering.lock().expect("webhooks lock");
+            if delivering.contains(&rec.id) {
+                return;
+            }
+            if delivering.len() < self.max_pending {
+                delivering.insert(rec.id.clone());
+                let this = Arc::clone(self);
+                tokio::spawn(async move {
+                    let id = rec.id.clone();
+                    this.deliver(rec).await;
+                    this.delivering.lock().expect("webhooks lock").remove(&id);
+                });
+                return;
+            }
+        }
+        if self.store.keeps_outbox() {
+            // Left in the outbox: a process with room claims it when this one's hold ends.
+            metrics().webhook("deferred");
             return;
         }
+        metrics().webhook("dropped");
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            this.deliver(rec, id).await;
-            this.pending.fetch_sub(1, Ordering::AcqRel);
+            let status = WebhookStatus {
+                state: "failed".into(),
+                id: Self::delivery_id(&rec),
+                attempts: 0,
+                last_status: None,
+                last_error: Some("too many deliveries pending (webhooks.max_pending)".into()),
+                updated_at_ms: now_ms(),
+            };
+            let _ = this.store.set_webhook(&rec.id, &status).await;
         });
+    }
+
+    /// Takes over the owed webhooks whose holder stopped renewing (as many as there is room
+    /// for here), and delivers them. Answers how many it took.
+    pub async fn resume(self: &Arc<Self>) -> usize {
+        let room = self
+            .max_pending
+            .saturating_sub(self.delivering.lock().expect("webhooks lock").len())
+            .min(1_000);
+        let ids = match self.store.claim_webhooks(room).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming owed webhooks failed");
+                return 0;
+            }
+        };
+        let mut taken = 0;
+        for id in ids {
+            match self.store.get(&id).await {
+                Ok(Some(rec)) => {
+                    metrics().webhook("resumed");
+                    taken += 1;
+                    self.notify(rec);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(task = %id, error = %e, "reading a task owed a webhook failed")
+                }
+            }
+        }
+        taken
+    }
+
+    /// Resumes owed webhooks every [`RESUME_EVERY`] until `stop` (stores that keep an outbox).
+    pub fn spawn_resumer(self: Arc<Self>, stop: CancellationToken) {
+        if !self.store.keeps_outbox() {
+            return;
+        }
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(RESUME_EVERY) => {}
+                }
+                let n = self.resume().await;
+                if n > 0 {
+                    tracing::info!(webhooks = n, "took over owed webhooks whose holder stopped");
+                }
+            }
+        });
+    }
+
+    /// The `webhook-id`: the same for every try of one delivery, in any process.
+    fn delivery_id(rec: &TaskRecord) -> String {
+        format!("{}.{}", rec.id, rec.finished_at_ms.unwrap_or_default())
     }
 
     fn body(rec: &TaskRecord) -> Vec<u8> {
@@ -224,18 +305,24 @@ impl Webhooks {
         .unwrap_or_default()
     }
 
-    async fn deliver(&self, rec: TaskRecord, id: String) {
+    /// Tries until delivered, refused, or `retry_ms` after the task ended; a delivery taken
+    /// over from another process goes on from the tries it recorded.
+    async fn deliver(&self, rec: TaskRecord) {
         let url = rec.callback_url.clone().unwrap_or_default();
         let body = Self::body(&rec);
-        let deadline = Instant::now() + self.retry_for;
+        let id = Self::delivery_id(&rec);
+        let deadline_ms = rec.finished_at_ms.unwrap_or_else(now_ms) + self.retry_ms;
         let mut backoff = Duration::from_millis(500);
-        let mut status = WebhookStatus {
-            state: "pending".into(),
-            id: id.clone(),
-            attempts: 0,
-            last_status: None,
-            last_error: None,
-            updated_at_ms: now_ms(),
+        let mut status = match rec.webhook {
+            Some(s) if s.state == WEBHOOK_PENDING && s.id == id => s,
+            _ => WebhookStatus {
+                state: WEBHOOK_PENDING.into(),
+                id: id.clone(),
+                attempts: 0,
+                last_status: None,
+                last_error: None,
+                updated_at_ms: now_ms(),
+            },
         };
         loop {
             status.attempts += 1;
@@ -268,7 +355,7 @@ impl Webhooks {
                     true
                 }
             };
-            if retry && Instant::now() + backoff > deadline {
+            if retry && now_ms() + backoff.as_millis() as u64 > deadline_ms {
                 status.state = "failed".into();
                 metrics().webhook("failed");
             } else if retry {
