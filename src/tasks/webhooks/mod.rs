@@ -190,13 +190,18 @@ impl Webhooks {
 
     /// Delivers the final state of `rec` to its callback, if it has one, in the background.
     pub fn notify(self: &Arc<Self>, rec: TaskRecord) {
+        self.start(rec);
+    }
+
+    /// `notify`, answering whether a delivery started here.
+    fn start(self: &Arc<Self>, rec: TaskRecord) -> bool {
         if rec.callback_url.is_none() || !rec.state.is_final() {
-            return;
+            return false;
         }
         {
             let mut delivering = self.delivering.lock().expect("webhooks lock");
             if delivering.contains(&rec.id) {
-                return;
+                return false;
             }
             if delivering.len() < self.max_pending {
                 delivering.insert(rec.id.clone());
@@ -206,13 +211,13 @@ impl Webhooks {
                     this.deliver(rec).await;
                     this.delivering.lock().expect("webhooks lock").remove(&id);
                 });
-                return;
+                return true;
             }
         }
         if self.store.keeps_outbox() {
             // Left in the outbox: a process with room claims it when this one's hold ends.
             metrics().webhook("deferred");
-            return;
+            return false;
         }
         metrics().webhook("dropped");
         let this = Arc::clone(self);
@@ -227,6 +232,7 @@ impl Webhooks {
             };
             let _ = this.store.set_webhook(&rec.id, &status).await;
         });
+        false
     }
 
     /// Takes over the owed webhooks whose holder stopped renewing (as many as there is room
@@ -246,10 +252,17 @@ impl Webhooks {
         let mut taken = 0;
         for id in ids {
             match self.store.get(&id).await {
+                // Ended since the claim read it: nothing is owed.
+                Ok(Some(rec))
+                    if rec
+                        .webhook
+                        .as_ref()
+                        .is_some_and(|w| w.state != WEBHOOK_PENDING) => {}
                 Ok(Some(rec)) => {
-                    metrics().webhook("resumed");
-                    taken += 1;
-                    self.notify(rec);
+                    if self.start(rec) {
+                        metrics().webhook("resumed");
+                        taken += 1;
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => {
