@@ -909,6 +909,26 @@ pub struct TasksConfig {
         default_value_t = 60_000
     )]
     pub blob_sweep_ms: u64,
+    /// How often each process publishes task messages their submitter left in the task
+    /// store's outbox (it died, or the broker or store failed under it), in ms. A message is
+    /// left alone for `publish_timeout_ms` (at least 5 s) + 2 s first.
+    #[arg(
+        long,
+        env = "INFERGATE_OUTBOX_SWEEP_MS",
+        value_name = "MS",
+        default_value_t = 1_000
+    )]
+    pub outbox_sweep_ms: u64,
+    /// How long an accepted task's message is kept after the broker confirmed it, for a
+    /// worker to start the task, before it is published again (the broker may have lost it),
+    /// in ms. A broker that finds its queue or consumer group missing has it done at once.
+    #[arg(
+        long,
+        env = "INFERGATE_OUTBOX_RECHECK_MS",
+        value_name = "MS",
+        default_value_t = 300_000
+    )]
+    pub outbox_recheck_ms: u64,
 }
 
 impl TasksConfig {
@@ -927,6 +947,8 @@ impl TasksConfig {
             visibility_timeout_ms: 100..=86_400_000,
             claim_check_bytes: 1024..=16u64 << 20,
             blob_sweep_ms: 100..=86_400_000,
+            outbox_sweep_ms: 50..=600_000,
+            outbox_recheck_ms: 1_000..=30 * 86_400_000u64,
         });
         if let Some(url) = &self.blob_store
             && !(url.starts_with("file:///")
@@ -1229,12 +1251,18 @@ pub struct ScalerConfig {
     pub share_interval_ms: u64,
 }
 
+/// Bounds of the scaler's per-object numbers, for the flags and for a ScaledObject's
+/// metadata alike.
+pub const MAX_REPLICAS: u32 = 10_000;
+pub const MAX_CAPACITY_PER_REPLICA: u32 = 1_000_000;
+pub const MAX_TASKS_PER_REPLICA: u32 = 100_000_000;
+
 impl ScalerConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         bounds!(self, "scaler", {
-            capacity_per_replica: 1..=1_000_000,
-            tasks_per_replica: 1..=100_000_000,
-            max_replicas: 1..=10_000,
+            capacity_per_replica: 1..=MAX_CAPACITY_PER_REPLICA,
+            tasks_per_replica: 1..=MAX_TASKS_PER_REPLICA,
+            max_replicas: 1..=MAX_REPLICAS,
             baseline_horizon_s: 0..=30 * 86_400,
             baseline_half_life_s: 1..=30 * 86_400,
             baseline_bucket_s: 1..=86_400,

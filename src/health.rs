@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     backend::triton::TritonPool,
     queue::Broker,
+    tasks::TaskStore,
     telemetry::metrics::{BrokerLabel, EndpointLabel, metrics},
 };
 
@@ -39,12 +40,17 @@ pub struct Readiness {
     /// Whether the broker answered; absent when there is no broker to check.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker: Option<bool>,
+    /// Whether the task store answered with its data intact (false for the one check that
+    /// finds it came back empty); absent when there is none to check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_store: Option<bool>,
     pub draining: bool,
 }
 
 pub struct Health {
     pool: Arc<TritonPool>,
     broker: Option<(Arc<dyn Broker>, &'static str)>,
+    store: Option<Arc<dyn TaskStore>>,
     models: Vec<String>,
     timeout: Duration,
     draining: AtomicBool,
@@ -54,9 +60,11 @@ pub struct Health {
 }
 
 impl Health {
+    /// `store`: readiness also asks the task store (reachable, its data intact).
     pub fn new(
         pool: Arc<TritonPool>,
         broker: Option<(Arc<dyn Broker>, &'static str)>,
+        store: Option<Arc<dyn TaskStore>>,
         models: Vec<String>,
         timeout: Duration,
     ) -> Arc<Self> {
@@ -66,6 +74,7 @@ impl Health {
         Arc::new(Self {
             pool,
             broker,
+            store,
             models,
             timeout,
             draining: AtomicBool::new(false),
@@ -125,13 +134,25 @@ impl Health {
             }),
             None => None,
         };
+        let task_store = match &self.store {
+            Some(s) => Some(matches!(
+                tokio::time::timeout(self.timeout, s.check()).await,
+                Ok(Ok(true))
+            )),
+            None => None,
+        };
         let draining = self.draining.load(Ordering::Relaxed);
-        let ready = triton && models.values().all(|&v| v) && broker != Some(false) && !draining;
+        let ready = triton
+            && models.values().all(|&v| v)
+            && broker != Some(false)
+            && task_store != Some(false)
+            && !draining;
         let r = Readiness {
             ready,
             triton,
             models,
             broker,
+            task_store,
             draining,
         };
         m.ready.set(ready as i64);

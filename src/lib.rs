@@ -22,6 +22,7 @@ pub mod loadgen;
 pub mod model;
 pub mod proto;
 pub mod queue;
+pub mod redis_conn;
 pub mod routes;
 pub mod scaler;
 pub mod server;

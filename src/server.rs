@@ -33,6 +33,7 @@ use crate::{
         blobs::Blobs,
         dead::{DeadLetterStore, memory::MemoryDeadLetters, redis::RedisDeadLetters},
         memory::MemoryTaskStore,
+        outbox, outbox_grace,
         redis::RedisTaskStore,
         webhooks::{self, Webhooks},
     },
@@ -62,17 +63,19 @@ pub struct TaskParts {
 pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<TaskParts> {
     let t = &cfg.tasks;
     let ttl = Duration::from_millis(t.ttl_ms);
+    let grace = outbox_grace(Duration::from_millis(t.publish_timeout_ms));
+    let recheck = Duration::from_millis(t.outbox_recheck_ms);
     let store: Arc<dyn TaskStore> = match &t.task_store {
-        StoreUrl::Memory => Arc::new(MemoryTaskStore::new(
-            ttl,
-            t.queue_capacity as usize * 2,
-            t.max_result_bytes,
-        )),
+        StoreUrl::Memory => Arc::new(
+            MemoryTaskStore::new(ttl, t.queue_capacity as usize * 2, t.max_result_bytes)
+                .with_outbox(grace, recheck),
+        ),
         StoreUrl::Redis(url) => Arc::new(
             RedisTaskStore::connect(url, &t.redis_prefix, ttl, t.max_result_bytes)
                 .await
                 .with_context(|| format!("connecting the task store {url}"))?
-                .with_webhook_hold(webhooks::hold(&cfg.webhooks)),
+                .with_webhook_hold(webhooks::hold(&cfg.webhooks))
+                .with_outbox(grace, recheck),
         ),
     };
     let broker: Arc<dyn Broker> = match &t.broker {
@@ -149,11 +152,19 @@ pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<TaskParts> {
 }
 
 /// The async path's upkeep, in every process: owed webhooks whose holder died are taken
-/// over, and every `tasks.blob_sweep_ms` the blobs no task needs any more are removed
+/// over, task messages a submitter left in the outbox are published, and every `tasks.blob_sweep_ms` the blobs no task needs any more are removed
 /// (removing twice is harmless; a blob younger than one period is left alone, so a submit
 /// writing its input is never raced).
 fn spawn_task_upkeep(cfg: &Config, tasks: &TaskParts, stop: &CancellationToken) {
     Arc::clone(&tasks.webhooks).spawn_resumer(stop.clone());
+    outbox::spawn_relay(
+        Arc::clone(&tasks.store),
+        Arc::clone(&tasks.broker),
+        cfg.tasks.broker.kind(),
+        Duration::from_millis(cfg.tasks.outbox_sweep_ms),
+        outbox_grace(Duration::from_millis(cfg.tasks.publish_timeout_ms)),
+        stop.clone(),
+    );
     if let Some(blobs) = &tasks.blobs {
         let every = Duration::from_millis(cfg.tasks.blob_sweep_ms);
         Arc::clone(blobs).spawn_sweeper(
@@ -166,10 +177,11 @@ fn spawn_task_upkeep(cfg: &Config, tasks: &TaskParts, stop: &CancellationToken) 
     }
 }
 
-fn health_of(cfg: &Config, pool: &Arc<TritonPool>, broker: &Arc<dyn Broker>) -> Arc<Health> {
+fn health_of(cfg: &Config, pool: &Arc<TritonPool>, tasks: &TaskParts) -> Arc<Health> {
     Health::new(
         Arc::clone(pool),
-        Some((Arc::clone(broker), cfg.tasks.broker.kind())),
+        Some((Arc::clone(&tasks.broker), cfg.tasks.broker.kind())),
+        Some(Arc::clone(&tasks.store)),
         cfg.triton.ready_models.clone(),
         Duration::from_millis(cfg.triton.probe_timeout_ms),
     )
@@ -224,7 +236,7 @@ pub async fn run_workers(
     pool.probe_all().await;
     let probe = pool.spawn_probe(stop.clone());
     let tasks = connect_tasks(&cfg).await?;
-    let health = health_of(&cfg, &pool, &tasks.broker);
+    let health = health_of(&cfg, &pool, &tasks);
     health.check().await;
     let monitor = health.spawn(cfg.triton_health_interval(), stop.clone());
     let infer = InferService::new(Arc::clone(&pool), cfg.batching.clone());
@@ -287,14 +299,14 @@ fn spawn_route_reload(
     });
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     Ok(tokio::spawn(async move {
-        // At start, the fallbacks are checked once Triton can describe the models; a
-        // mismatch is reported (the routes already run).
+        // At start, the routes are checked once Triton can describe the models; an unknown
+        // model or a mismatch is reported (the routes already run).
         if !routes.get_all().is_empty() {
             let retry = Duration::from_secs(1);
             loop {
                 if infer.backend().is_ready() {
-                    if let Err(e) = infer.check_fallbacks(&routes.table()).await {
-                        tracing::error!(error = %e, "a route's fallback does not fit its targets");
+                    if let Err(e) = infer.check_routes(&routes.table()).await {
+                        tracing::error!(error = %e, "a route names a model Triton does not serve, or a fallback that does not fit its targets");
                     }
                     break;
                 }
@@ -318,7 +330,7 @@ fn spawn_route_reload(
             seen = content(&routes);
             let file = routes.file().map(|f| f.display().to_string());
             let checked = match routes.read() {
-                Ok(table) => match infer.check_fallbacks(&table).await {
+                Ok(table) => match infer.check_routes(&table).await {
                     Ok(()) => {
                         let n = table.routes.len();
                         routes.set(table);
@@ -355,7 +367,7 @@ fn spawn_autoscaling(
     use crate::{
         proto::externalscaler::external_scaler_server::ExternalScalerServer,
         scaler::{
-            Scaler, SharedInFlight, Signals,
+            ModelCheck, Scaler, SharedInFlight, Signals,
             peaks::{MemoryPeaks, PeakStore},
             peaks_redis::RedisPeaks,
         },
@@ -391,7 +403,25 @@ fn spawn_autoscaling(
         activity: Arc::clone(infer.activity()),
         shared,
     };
-    let scaler = Arc::new(Scaler::new(s.clone(), signals, peaks, stop.clone()));
+    // A ScaledObject's models must be ones this front end serves (a route, or a model Triton
+    // knows): a typo is refused rather than scaled to its minimum forever.
+    let known = infer.clone();
+    let models: ModelCheck = Arc::new(move |name: String| {
+        let infer = known.clone();
+        Box::pin(async move {
+            if infer.routes().get(&name).is_some() {
+                return Ok(());
+            }
+            match infer.backend().model_info(&name, "").await {
+                Err(e) if e.grpc_code() == tonic::Code::NotFound => Err(e.to_string()),
+                // Triton unreachable: nothing to check against now.
+                _ => Ok(()),
+            }
+        })
+    });
+    let scaler = Arc::new(Scaler::new(s.clone(), signals, peaks, models, stop.clone()));
+    // Peaks recorded as often as the calls in flight are shared.
+    tasks.push(scaler.spawn_recorder(Duration::from_millis(s.share_interval_ms)));
     let addr = listener.local_addr()?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tracing::info!(%addr, "KEDA external scaler serving");
@@ -504,7 +534,7 @@ impl Gateway {
 
         pool.probe_all().await;
         let probe = pool.spawn_probe(stop.clone());
-        let health = health_of(&cfg, &pool, &tasks.broker);
+        let health = health_of(&cfg, &pool, &tasks);
         health.check().await;
         let monitor = health.spawn(cfg.triton_health_interval(), stop.clone());
 

@@ -114,8 +114,40 @@ fn slow_call(delay_ms: i64) -> ModelInferRequest {
     }
 }
 
+/// The tests time calls of the `slow` model: one at a time.
+static SLOW: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_between_two_polls_reaches_the_baseline() {
+    let _slow = SLOW.lock().await;
+    let prefix = format!("igscaler-{}", infergate::tasks::new_task_id());
+    let (gw, mut keda) = scaler_gateway(config(&prefix, true)).await;
+    let pool = object("burst-pool", "slow");
+    // KEDA's first poll makes the object known; the next comes after the burst is over.
+    assert_eq!(desired(&mut keda, &pool).await, 0);
+    let started = Instant::now();
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let mut c = gw.client().await;
+        calls.push(tokio::spawn(async move {
+            c.model_infer(slow_call(1_500)).await
+        }));
+    }
+    for c in calls {
+        c.await.unwrap().expect("slow call");
+    }
+    let burst = started.elapsed();
+    // 8 calls against 2 per replica asked for 4 while they ran; the baseline remembers it
+    // for its 5 s horizon, though no poll saw them.
+    let after = desired(&mut keda, &pool).await;
+    println!("a {burst:?} burst of 8 calls between two polls: the next poll asks {after}");
+    assert!(after >= 2, "the burst did not reach the baseline: {after}");
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn keda_sees_the_queue_the_calls_in_flight_and_the_recent_peak() {
+    let _slow = SLOW.lock().await;
     let prefix = format!("igscaler-{}", infergate::tasks::new_task_id());
     let (gw, mut keda) = scaler_gateway(config(&prefix, true)).await;
     // A second front end, without the scaler: its calls count through Redis.
@@ -144,6 +176,37 @@ async fn keda_sees_the_queue_the_calls_in_flight_and_the_recent_peak() {
         "{}",
         err.message()
     );
+    // Metadata is held to the flags' bounds, and its models to what this front end serves:
+    // a typo or a zero is refused naming it, never answered with a pool pinned at its minimum.
+    for (key, value, named) in [
+        ("models", "ADD_SUB", "'ADD_SUB'"),
+        ("models", "add_sub,no_such_model", "'no_such_model'"),
+        ("tasksPerReplica", "0", "scalerMetadata.tasksPerReplica"),
+        ("maxReplicas", "0", "scalerMetadata.maxReplicas"),
+        ("maxReplicas", "4294967295", "scalerMetadata.maxReplicas"),
+        (
+            "capacityPerReplica",
+            "-1",
+            "scalerMetadata.capacityPerReplica",
+        ),
+    ] {
+        let mut bad = triton_pool.clone();
+        bad.scaler_metadata.insert(key.into(), value.into());
+        let err = keda
+            .get_metrics(GetMetricsRequest {
+                scaled_object_ref: Some(bad.clone()),
+                metric_name: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{key}={value}");
+        assert!(
+            err.message().contains(named),
+            "{key}={value}: {}",
+            err.message()
+        );
+        assert!(keda.is_active(bad).await.is_err(), "{key}={value}");
+    }
 
     // Scaled to zero: nothing asked.
     assert!(

@@ -976,15 +976,15 @@ async fn a_fixed_window_holds_a_lone_caller_its_length_and_the_default_not_at_al
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_batching_windows_are_reported_at_start_and_triton_queue_time_is_a_metric() {
     use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_infergate"))
-        .args(["serve", "--triton-url", &triton().grpc_url()])
-        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
-        .args(["--log-format", "json", "--log-level", "info"])
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = reaped(
+        std::process::Command::new(env!("CARGO_BIN_EXE_infergate"))
+            .args(["serve", "--triton-url", &triton().grpc_url()])
+            .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+            .args(["--log-format", "json", "--log-level", "info"])
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null()),
+    );
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -221,7 +221,7 @@ async fn run(broker: &str, blob_url: &str, bucket: Bucket, env: &[(&str, String)
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = reaped(&mut cmd);
     let pid = child.id();
     wait_status(http_port, "/v2/health/ready", 200, Duration::from_secs(60));
     let base = format!("http://127.0.0.1:{http_port}");
@@ -293,10 +293,24 @@ async fn run(broker: &str, blob_url: &str, bucket: Bucket, env: &[(&str, String)
         let size = done["result_bytes"].as_u64().unwrap();
         assert!(size > (50 << 20), "{size}");
 
-        // While the task lives its result is in the blob store and its input is gone.
+        // While the task lives its result is in the blob store and its input is gone. The
+        // worker removes the input after the result is stored (a store write that failed
+        // would retry the task, which needs it), so its removal is waited for, bounded.
         let keys = bucket.keys(&http).await;
         assert!(keys.contains(&format!("tasks/{id}/result-1")), "{keys:?}");
-        assert!(!keys.contains(&format!("tasks/{id}/input")), "{keys:?}");
+        let input = format!("tasks/{id}/input");
+        let removed_by = Instant::now() + Duration::from_secs(10);
+        loop {
+            let keys = bucket.keys(&http).await;
+            if !keys.contains(&input) {
+                break;
+            }
+            assert!(
+                Instant::now() < removed_by,
+                "input kept 10 s after success: {keys:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
 
         // Streamed over HTTP...
         let r = http.get(format!("{base}{url}")).send().await.unwrap();

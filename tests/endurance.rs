@@ -11,7 +11,6 @@ mod common;
 
 use std::{
     path::PathBuf,
-    process::Child,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -30,16 +29,9 @@ use tonic::Code;
 
 /// A running `infergate serve`, killed on drop.
 struct Process {
-    child: Child,
+    child: Reaped,
     grpc_port: u16,
     http_port: u16,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Process {

@@ -601,16 +601,16 @@ fn text_logs_to_a_pipe_are_plain() {
     use std::io::{BufRead, BufReader};
     // No Triton is needed to start serving (it is reported unready); the first log line is
     // enough.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_infergate"))
-        .args(["serve", "--triton-url", "http://127.0.0.1:1"])
-        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
-        .args(["--log-format", "text", "--log-level", "info"])
-        .env_remove("RUST_LOG")
-        .env_remove("NO_COLOR")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = reaped(
+        Command::new(env!("CARGO_BIN_EXE_infergate"))
+            .args(["serve", "--triton-url", "http://127.0.0.1:1"])
+            .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+            .args(["--log-format", "text", "--log-level", "info"])
+            .env_remove("RUST_LOG")
+            .env_remove("NO_COLOR")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
     let mut line = String::new();
     let read = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
     let _ = child.kill();

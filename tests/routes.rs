@@ -336,6 +336,15 @@ fn a_reload_on_sighup_moves_traffic_without_dropping_a_request() {
         .unwrap();
         signal(child.id(), "HUP");
         tokio::time::sleep(Duration::from_millis(500)).await;
+        // A target Triton does not serve (a typo, and no fallback): every call to the route
+        // would answer NOT_FOUND, so it is refused too.
+        std::fs::write(
+            &file,
+            "[routes.canary]\ntargets = [{ model = \"add_sub\", weight = 1 }, { model = \"ADD_SUB\", weight = 1 }]\n",
+        )
+        .unwrap();
+        signal(child.id(), "HUP");
+        tokio::time::sleep(Duration::from_millis(500)).await;
         stop.store(true, Ordering::Relaxed);
         for l in load {
             l.await.unwrap();
@@ -361,8 +370,9 @@ fn a_reload_on_sighup_moves_traffic_without_dropping_a_request() {
             after.iter().all(|m| *m == "add_sub_delay"),
             "the new weights hold, also after the refused file"
         );
-        // One reload taken, two refused: the first by the file's own checks (their messages
-        // are checked in routes::file's unit test), the second by the fallback's inputs.
+        // One reload taken, three refused: the first by the file's own checks (their messages
+        // are checked in routes::file's unit test), the second by the fallback's inputs, the
+        // third by a target Triton does not know.
         let m = scrape(&reqwest::Client::new(), &format!("http://127.0.0.1:{http}")).await;
         assert_eq!(
             m.get("infergate_route_reloads_total{result=\"ok\"}"),
@@ -371,7 +381,7 @@ fn a_reload_on_sighup_moves_traffic_without_dropping_a_request() {
         );
         assert_eq!(
             m.get("infergate_route_reloads_total{result=\"refused\"}"),
-            Some(&2.0)
+            Some(&3.0)
         );
     });
     signal(child.id(), "TERM");

@@ -30,6 +30,95 @@ fn rec(id: &str) -> TaskRecord {
     TaskRecord::new(id.to_string(), "tenant", "add_sub", "", None)
 }
 
+fn message(id: &str) -> TaskMessage {
+    TaskMessage {
+        task_id: id.to_string(),
+        model: "add_sub".into(),
+        payload: Bytes::from(format!("payload of {id}")),
+        trace: infergate::telemetry::trace::TraceHeaders {
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            tracestate: None,
+        },
+        priority: 7,
+    }
+}
+
+/// The transactional outbox: a task created with its message keeps it until `published`;
+/// past the grace a claimer gets it (and holds it); a started task leaves the outbox; a
+/// withdrawal removes only a task no worker started.
+async fn outbox_contract(s: &dyn TaskStore, grace: Duration) {
+    let hold = Duration::from_secs(60);
+    // Entries of earlier runs (the Redis prefix is fresh, so only this run's) are claimed first.
+    let (a, b, c) = (new_task_id(), new_task_id(), new_task_id());
+    for id in [&a, &b, &c] {
+        assert!(s.create(rec(id), 0, Some(&message(id))).await.unwrap().1);
+    }
+    assert_eq!(s.unpublished(&a).await.unwrap(), Some(message(&a)));
+    assert!(
+        s.claim_unpublished(10, hold, false)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a submitter's own publish is not raced"
+    );
+    s.published(&a).await.unwrap();
+    assert_eq!(s.unpublished(&a).await.unwrap(), None);
+    // b's worker starts it (its publish was confirmed to nobody): it leaves the outbox.
+    assert!(matches!(
+        s.start(&b, false, 3).await.unwrap(),
+        Start::Started(_)
+    ));
+    assert_eq!(s.unpublished(&b).await.unwrap(), None);
+    tokio::time::sleep(grace + Duration::from_millis(100)).await;
+    assert_eq!(
+        s.claim_unpublished(10, hold, false).await.unwrap(),
+        vec![message(&c)],
+        "only the never-confirmed, never-started task is relayed"
+    );
+    assert!(
+        s.claim_unpublished(10, hold, false)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a claim holds it"
+    );
+    // Withdrawn: a started task stands, a queued one is forgotten (and its key with it).
+    assert!(!s.withdraw(&b).await.unwrap());
+    assert!(s.get(&b).await.unwrap().is_some());
+    assert!(s.withdraw(&c).await.unwrap());
+    assert_eq!(s.get(&c).await.unwrap(), None);
+    assert_eq!(s.unpublished(&c).await.unwrap(), None);
+    // An idempotent retry finds the earlier task and its unconfirmed message.
+    let keyed = |id: &str| TaskRecord::new(id.into(), "tenant", "add_sub", "", Some(c.clone()));
+    let d = new_task_id();
+    assert!(s.create(keyed(&d), 0, Some(&message(&d))).await.unwrap().1);
+    let (again, created) = s
+        .create(keyed(&new_task_id()), 0, Some(&message("other")))
+        .await
+        .unwrap();
+    assert_eq!((again.id.as_str(), created), (d.as_str(), false));
+    assert_eq!(s.unpublished(&d).await.unwrap(), Some(message(&d)));
+}
+
+#[tokio::test]
+async fn the_memory_store_keeps_the_outbox_contract() {
+    let grace = Duration::from_millis(300);
+    let s = MemoryTaskStore::new(Duration::from_secs(60), 100, 1024)
+        .with_outbox(grace, Duration::from_secs(60));
+    outbox_contract(&s, grace).await;
+}
+
+#[tokio::test]
+async fn the_redis_store_keeps_the_outbox_contract() {
+    let grace = Duration::from_millis(300);
+    let prefix = format!("igtest-{}", new_task_id());
+    let s = RedisTaskStore::connect(common::REDIS, &prefix, Duration::from_secs(60), 1024)
+        .await
+        .unwrap()
+        .with_outbox(grace, Duration::from_secs(60));
+    outbox_contract(&s, grace).await;
+}
+
 /// A refused transition names the state it found and the one asked for.
 fn assert_conflict(err: &StoreError, found: TaskState, asked: TaskState) {
     assert!(
@@ -47,7 +136,7 @@ fn with_error(error: &TaskError) -> Change {
 
 async fn contract(s: &dyn TaskStore) {
     let a = new_task_id();
-    s.create(rec(&a), 0).await.unwrap();
+    s.create(rec(&a), 0, None).await.unwrap();
 
     // Unknown tasks are skipped, not errors: the worker acks their messages.
     assert_eq!(
@@ -140,7 +229,7 @@ async fn contract(s: &dyn TaskStore) {
 
     // Attempts used up: the record comes back unchanged, with its last error.
     let b = new_task_id();
-    s.create(rec(&b), 0).await.unwrap();
+    s.create(rec(&b), 0, None).await.unwrap();
     assert!(matches!(
         s.start(&b, false, 1).await.unwrap(),
         Start::Started(_)
@@ -181,7 +270,7 @@ async fn contract(s: &dyn TaskStore) {
     // The quiet transition (the worker's) writes the same, answers nothing but the outcome,
     // and refuses what `transition` refuses, naming the state it found.
     let c = new_task_id();
-    s.create(rec(&c), 0).await.unwrap();
+    s.create(rec(&c), 0, None).await.unwrap();
     assert!(matches!(
         s.start(&c, false, 3).await.unwrap(),
         Start::Started(_)
@@ -210,7 +299,7 @@ async fn contract(s: &dyn TaskStore) {
     // A replay queues the failed task again under its id: attempts from 0, the error gone,
     // the history kept with a `replayed` mark; it runs and its new attempts follow.
     let failed = s.get(&c).await.unwrap().unwrap();
-    let q = s.requeue(&failed).await.unwrap();
+    let q = s.requeue(&failed, &message(&c)).await.unwrap();
     assert_eq!(
         (q.state, q.attempts, q.error.clone()),
         (TaskState::Queued, 0, None)
@@ -220,7 +309,7 @@ async fn contract(s: &dyn TaskStore) {
     let outcomes =
         |r: &TaskRecord| -> Vec<String> { r.history.iter().map(|a| a.outcome.clone()).collect() };
     assert_eq!(outcomes(&stored), ["failed", "replayed"]);
-    let err = s.requeue(&failed).await.unwrap_err();
+    let err = s.requeue(&failed, &message(&c)).await.unwrap_err();
     assert_conflict(&err, TaskState::Queued, TaskState::Queued);
     let Start::Started(r) = s.start(&c, false, 1).await.unwrap() else {
         panic!("a replayed task starts with its attempts reset")
@@ -241,7 +330,7 @@ async fn contract(s: &dyn TaskStore) {
     // A dead letter's copy of a record that expired meanwhile is written back whole.
     let mut gone = failed.clone();
     gone.id = new_task_id();
-    let q = s.requeue(&gone).await.unwrap();
+    let q = s.requeue(&gone, &message(&gone.id)).await.unwrap();
     assert_eq!(s.get(&gone.id).await.unwrap(), Some(q));
 }
 
@@ -496,7 +585,7 @@ async fn the_redis_outbox_hands_over_owed_webhooks_only_when_their_hold_ends() {
             if callback {
                 r.callback_url = Some("http://127.0.0.1:9/cb".into());
             }
-            s.create(r, 0).await.unwrap();
+            s.create(r, 0, None).await.unwrap();
             assert!(matches!(
                 s.start(&id, false, 3).await.unwrap(),
                 Start::Started(_)
@@ -537,7 +626,7 @@ async fn the_redis_outbox_hands_over_owed_webhooks_only_when_their_hold_ends() {
     assert_eq!(s.claim_webhooks(10).await.unwrap(), vec![failed.clone()]);
     // Replayed meanwhile: queued again, so nothing is owed until it ends again.
     let stored = s.get(&failed).await.unwrap().unwrap();
-    s.requeue(&stored).await.unwrap();
+    s.requeue(&stored, &message(&failed)).await.unwrap();
     tokio::time::sleep(hold + Duration::from_millis(200)).await;
     assert!(s.claim_webhooks(10).await.unwrap().is_empty());
     // A limit of 0 claims nothing; the in-memory store keeps no outbox.

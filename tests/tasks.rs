@@ -405,36 +405,36 @@ async fn killed_worker(broker: &str, group: usize) {
     }
     let log = std::env::temp_dir().join(format!("{p}-worker.log"));
     let spawn_worker = || {
-        Command::new(env!("CARGO_BIN_EXE_infergate"))
-            .args([
-                "worker",
-                "--triton-url",
-                &triton().grpc_url(),
-                "--broker",
-                broker,
-            ])
-            .args([
-                "--task-store",
-                REDIS,
-                "--redis-prefix",
-                &p,
-                "--visibility-timeout-ms",
-                "1500",
-            ])
-            .args([
-                "--workers",
-                "1",
-                "--worker-concurrency",
-                "8",
-                "--amqp-group-max",
-                &group.to_string(),
-                "--log-level",
-                "warn",
-            ])
-            .stdout(Stdio::null())
-            .stderr(append_log(&log))
-            .spawn()
-            .unwrap()
+        reaped(
+            Command::new(env!("CARGO_BIN_EXE_infergate"))
+                .args([
+                    "worker",
+                    "--triton-url",
+                    &triton().grpc_url(),
+                    "--broker",
+                    broker,
+                ])
+                .args([
+                    "--task-store",
+                    REDIS,
+                    "--redis-prefix",
+                    &p,
+                    "--visibility-timeout-ms",
+                    "1500",
+                ])
+                .args([
+                    "--workers",
+                    "1",
+                    "--worker-concurrency",
+                    "8",
+                    "--amqp-group-max",
+                    &group.to_string(),
+                    "--log-level",
+                    "warn",
+                ])
+                .stdout(Stdio::null())
+                .stderr(append_log(&log)),
+        )
     };
     let mut doomed = spawn_worker();
     // Kill it once its first batch has finished, while the next ones are in flight.

@@ -10,7 +10,7 @@ use prost::Message;
 use redis::AsyncCommands;
 
 use super::Key;
-use crate::{proto::inference::ModelInferResponse, scaler::lazy::LazyRedis};
+use crate::{proto::inference::ModelInferResponse, redis_conn::LazyRedis};
 
 pub struct RedisCache {
     redis: LazyRedis,

@@ -218,40 +218,45 @@ impl InferService {
         Ok(false)
     }
 
-    /// Every fallback takes the inputs of the targets it stands in for (names, datatypes,
-    /// shapes), as Triton describes them. Checked when routes load, so a request a target
-    /// takes is never refused by its fallback.
-    pub async fn check_fallbacks(&self, table: &RouteTable) -> Result<(), String> {
+    /// Every target and fallback of every route is a model Triton describes, and a fallback
+    /// takes the inputs of the targets it stands in for (names, datatypes, shapes). Checked
+    /// when routes load, so a route never answers every call with NOT_FOUND, and a request a
+    /// target takes is never refused by its fallback.
+    pub async fn check_routes(&self, table: &RouteTable) -> Result<(), String> {
+        let inputs = |info: &ModelInfo| -> Vec<(String, String, Vec<i64>)> {
+            let mut v: Vec<_> = info
+                .inputs
+                .iter()
+                .map(|t| (t.name.clone(), t.datatype.clone(), t.shape.clone()))
+                .collect();
+            v.sort();
+            v
+        };
         for route in table.routes.values() {
+            let mut targets = Vec::with_capacity(route.targets.len());
+            for t in &route.targets {
+                let info = self
+                    .backend
+                    .model_info(&t.model, &t.version)
+                    .await
+                    .map_err(|e| format!("routes.{}.targets: '{}': {e}", route.name, t.label()))?;
+                targets.push((t, info));
+            }
             let Some(f) = &route.fallback else { continue };
             let fallback = self
                 .backend
                 .model_info(&f.model, &f.version)
                 .await
-                .map_err(|e| format!("routes.{}.fallback: {e}", route.name))?;
-            let inputs = |info: &ModelInfo| -> Vec<(String, String, Vec<i64>)> {
-                let mut v: Vec<_> = info
-                    .inputs
-                    .iter()
-                    .map(|t| (t.name.clone(), t.datatype.clone(), t.shape.clone()))
-                    .collect();
-                v.sort();
-                v
-            };
-            for t in &route.targets {
-                let target = self
-                    .backend
-                    .model_info(&t.model, &t.version)
-                    .await
-                    .map_err(|e| format!("routes.{}.targets: {e}", route.name))?;
-                if inputs(&target) != inputs(&fallback) {
+                .map_err(|e| format!("routes.{}.fallback: '{}': {e}", route.name, f.label()))?;
+            for (t, target) in &targets {
+                if inputs(target) != inputs(&fallback) {
                     return Err(format!(
                         "routes.{}.fallback: '{}' does not take the inputs of '{}' ({:?} against {:?})",
                         route.name,
                         f.label(),
                         t.label(),
                         inputs(&fallback),
-                        inputs(&target)
+                        inputs(target)
                     ));
                 }
             }

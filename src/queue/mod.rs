@@ -11,6 +11,24 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+/// Where a broker says that messages may have been lost under it (its queue or consumer
+/// group was found missing and made again): the outbox relay then publishes at once every
+/// accepted task no worker has started, instead of at its regular recheck.
+fn losses() -> &'static tokio::sync::Notify {
+    static LOST: std::sync::OnceLock<tokio::sync::Notify> = std::sync::OnceLock::new();
+    LOST.get_or_init(tokio::sync::Notify::new)
+}
+
+/// Says that messages may have been lost (see [`lost_messages`]).
+pub fn report_lost_messages() {
+    losses().notify_one();
+}
+
+/// Resolves at the next [`report_lost_messages`] (one reported meanwhile counts).
+pub async fn lost_messages() {
+    losses().notified().await
+}
+
 /// One queued task.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskMessage {

@@ -15,7 +15,10 @@ use bytes::Bytes;
 use redis::{Script, Value, aio::ConnectionManager};
 
 use super::{Broker, Delivery, QueueError, TaskMessage};
-use crate::telemetry::{metrics::metrics, trace::TraceHeaders};
+use crate::{
+    redis_conn::{self, Repeatable},
+    telemetry::{metrics::metrics, trace::TraceHeaders},
+};
 
 /// XADD to KEYS[1] unless it holds ARGV[1] entries or more already (then -1 - its length).
 /// ARGV[2] is MAXLEN's approximate bound, ARGV[3..] the entry's fields and values. One call,
@@ -34,7 +37,9 @@ return redis.call('XDEL', KEYS[1], ARGV[2])
 "#;
 
 pub struct RedisBroker {
-    conn: ConnectionManager,
+    /// Every command here may be sent twice (see `redis_conn`): the worst a repeat does is a
+    /// duplicate entry, which the task's state machine skips.
+    conn: Repeatable,
     /// XREADGROUP BLOCK holds its connection: it gets its own, with no response timeout.
     /// With it, when the pending entries were last checked for reclaiming.
     reader: tokio::sync::Mutex<(ConnectionManager, Option<Instant>)>,
@@ -102,21 +107,6 @@ fn message(fields: &HashMap<String, Vec<u8>>) -> Option<TaskMessage> {
     })
 }
 
-/// Connection settings for every Redis client infergate opens (stream and task store). While
-/// Redis is away a command waits for at most one short reconnect (an attempt, ~100 ms, one
-/// more; each connect bounded to 1 s) and then fails: a submitter gets its 503 at once and a
-/// worker backs off by itself. The client's default, six retries with doubling delays, made
-/// every submission during an outage wait 8–11 s for its 503.
-pub(crate) fn manager_config(
-    response_timeout: Option<Duration>,
-) -> redis::aio::ConnectionManagerConfig {
-    redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(1)))
-        .set_min_delay(Duration::from_millis(100))
-        .set_number_of_retries(1)
-        .set_response_timeout(response_timeout)
-}
-
 impl RedisBroker {
     pub async fn connect(
         url: &str,
@@ -125,17 +115,9 @@ impl RedisBroker {
         capacity: u64,
         visibility: Duration,
     ) -> Result<Self, QueueError> {
-        let client = redis::Client::open(url).map_err(backend)?;
-        let conn = ConnectionManager::new_with_config(
-            client.clone(),
-            manager_config(Some(Duration::from_secs(5))),
-        )
-        .await
-        .map_err(backend)?;
+        let conn = Repeatable(redis_conn::connect(url).await.map_err(backend)?);
         // Blocking reads wait on the server by design: no response timeout.
-        let reader = ConnectionManager::new_with_config(client, manager_config(None))
-            .await
-            .map_err(backend)?;
+        let reader = redis_conn::connect_with(url, None).await.map_err(backend)?;
         let (stream, group) = (format!("{prefix}:tasks"), "workers".to_string());
         let b = Self {
             publish: Script::new(PUBLISH),
@@ -234,25 +216,9 @@ impl RedisBroker {
             .map_err(backend)?;
         Ok(())
     }
-}
 
-#[async_trait]
-impl Broker for RedisBroker {
-    async fn publish(&self, msg: &TaskMessage) -> Result<(), QueueError> {
-        let mut c = self.conn.clone();
-        let mut inv = self.publish.key(&self.stream);
-        inv.arg(self.capacity).arg(self.capacity * 4);
-        for (k, v) in Self::fields(msg) {
-            inv.arg(k).arg(v);
-        }
-        let depth: i64 = inv.invoke_async(&mut c).await.map_err(backend)?;
-        if depth < 0 {
-            return Err(QueueError::Full((-1 - depth) as u64));
-        }
-        Ok(())
-    }
-
-    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
+    /// One receive: entries a dead consumer left pending first, else new ones.
+    async fn read(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
         let mut guard = self.reader.lock().await;
         let (reader, last_claim) = &mut *guard;
         // First take back what a dead consumer left pending for longer than `visibility`.
@@ -350,6 +316,39 @@ impl Broker for RedisBroker {
             }
         }
         Ok(out)
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn publish(&self, msg: &TaskMessage) -> Result<(), QueueError> {
+        let mut c = self.conn.clone();
+        let mut inv = self.publish.key(&self.stream);
+        inv.arg(self.capacity).arg(self.capacity * 4);
+        for (k, v) in Self::fields(msg) {
+            inv.arg(k).arg(v);
+        }
+        let depth: i64 = inv.invoke_async(&mut c).await.map_err(backend)?;
+        if depth < 0 {
+            return Err(QueueError::Full((-1 - depth) as u64));
+        }
+        Ok(())
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
+        match self.read(max, wait).await {
+            // The group is gone: Redis came back without its data (a new pod without
+            // persistence, a flush, a failover to an empty replica), or someone removed it.
+            // Made again from the stream's start, so what was published since is read.
+            Err(QueueError::Backend(m)) if m.contains("NOGROUP") => {
+                tracing::warn!(stream = %self.stream, group = %self.group, "the consumer group is missing (did Redis lose its data?); creating it again");
+                metrics().broker_error("redis", "group_missing");
+                self.ensure_group().await?;
+                super::report_lost_messages();
+                Ok(Vec::new())
+            }
+            other => other,
+        }
     }
 
     async fn ack(&self, d: &Delivery) -> Result<(), QueueError> {

@@ -6,7 +6,8 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{activity::Activity, decide::Demand, lazy::LazyRedis};
+use super::{activity::Activity, decide::Demand};
+use crate::redis_conn::LazyRedis;
 use crate::tasks::TaskStore;
 
 /// In-flight counts of every process, through Redis: each process writes its own hash

@@ -15,7 +15,6 @@
 pub mod activity;
 pub mod decide;
 pub mod demand;
-pub mod lazy;
 pub mod peaks;
 pub mod peaks_redis;
 pub mod service;
@@ -23,4 +22,4 @@ pub mod service;
 pub use activity::Activity;
 pub use decide::{Decision, Demand, Peak, Policy, Tier};
 pub use demand::{SharedInFlight, Signals};
-pub use service::Scaler;
+pub use service::{ModelCheck, Scaler};

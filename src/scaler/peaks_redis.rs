@@ -7,9 +7,9 @@ use redis::Script;
 
 use super::{
     decide::Peak,
-    lazy::LazyRedis,
     peaks::{PeakError, PeakStore},
 };
+use crate::redis_conn::LazyRedis;
 
 /// Raises field ARGV[1] of KEYS[1] to ARGV[2] if below it; drops fields before ARGV[4]; the
 /// hash lives ARGV[3] seconds past its last record.

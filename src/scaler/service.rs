@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Policy, decide::Decision, demand::Signals, peaks::PeakStore};
 use crate::{
-    config::ScalerConfig,
+    config::{MAX_CAPACITY_PER_REPLICA, MAX_REPLICAS, MAX_TASKS_PER_REPLICA, ScalerConfig},
     proto::externalscaler::{
         GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
         MetricValue, ScaledObjectRef, external_scaler_server::ExternalScaler,
@@ -26,10 +26,26 @@ use crate::{
 /// KEDA's HPA (AverageValue) asks for exactly the value.
 pub const METRIC: &str = "infergate-desired-replicas";
 
+/// Whether a name is a model (or route) the front end serves: `Err` names why not. A check
+/// that cannot be made (Triton unreachable) passes.
+pub type ModelCheck =
+    Arc<dyn Fn(String) -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// The numbers a ScaledObject's metadata may set, with the bounds their flags have.
+const BOUNDS: [(&str, u32, u32); 4] = [
+    ("minReplicas", 0, MAX_REPLICAS),
+    ("maxReplicas", 1, MAX_REPLICAS),
+    ("capacityPerReplica", 1, MAX_CAPACITY_PER_REPLICA),
+    ("tasksPerReplica", 1, MAX_TASKS_PER_REPLICA),
+];
+
 pub struct Scaler {
     cfg: ScalerConfig,
     signals: Signals,
     peaks: Arc<dyn PeakStore>,
+    models: ModelCheck,
+    /// The objects KEDA asked about, by id: their peaks are recorded between its polls too.
+    seen: std::sync::Mutex<std::collections::HashMap<String, Arc<Object>>>,
     /// Ends open StreamIsActive streams at shutdown, so they do not hold the drain.
     stop: CancellationToken,
 }
@@ -52,17 +68,83 @@ impl Scaler {
         cfg: ScalerConfig,
         signals: Signals,
         peaks: Arc<dyn PeakStore>,
+        models: ModelCheck,
         stop: CancellationToken,
     ) -> Self {
         Self {
             cfg,
             signals,
             peaks,
+            models,
+            seen: Default::default(),
             stop,
         }
     }
 
-    fn object(&self, r: &ScaledObjectRef) -> Result<Object, Status> {
+    /// The object a request names, its metadata checked like the flags (bounds) and its models
+    /// against what this front end serves: a typo is refused, not scaled to its minimum.
+    async fn object(&self, r: &ScaledObjectRef) -> Result<Arc<Object>, Status> {
+        let obj = Arc::new(self.parse(r)?);
+        for m in &obj.models {
+            (self.models)(m.clone()).await.map_err(|why| {
+                Status::invalid_argument(format!("scalerMetadata.models: '{m}': {why}"))
+            })?;
+        }
+        let mut seen = self.seen.lock().expect("scaler objects lock");
+        // Bounded: each object KEDA knows keeps one entry (its latest metadata).
+        if seen.len() < 10_000 || seen.contains_key(&obj.id) {
+            seen.insert(obj.id.clone(), Arc::clone(&obj));
+        }
+        Ok(obj)
+    }
+
+    /// Records every known object's demand as a peak every `every`, so a burst that comes and
+    /// goes between two of KEDA's polls (15 s in the chart) still reaches the baseline tier.
+    pub fn spawn_recorder(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = this.stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let objects: Vec<Arc<Object>> = this
+                    .seen
+                    .lock()
+                    .expect("scaler objects lock")
+                    .values()
+                    .cloned()
+                    .collect();
+                for obj in objects {
+                    if let Err(e) = this.record(&obj).await {
+                        tracing::debug!(object = %obj.id, error = %e, "recording a peak failed");
+                    }
+                }
+            }
+        })
+    }
+
+    /// Reads the object's demand and records what it asks as a peak; answers the demand.
+    async fn record(&self, obj: &Object) -> Result<super::decide::Demand, Status> {
+        let demand = self
+            .signals
+            .demand(&obj.models)
+            .await
+            .map_err(|e| Status::unavailable(format!("reading demand: {e}")))?;
+        self.peaks
+            .record(
+                &obj.id,
+                self.cfg.baseline_bucket_s,
+                now_s(),
+                obj.policy.asked_now(demand),
+                obj.policy.keep_s(),
+            )
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(demand)
+    }
+
+    fn parse(&self, r: &ScaledObjectRef) -> Result<Object, Status> {
         let meta = &r.scaler_metadata;
         let models: Vec<String> = meta
             .get("models")
@@ -79,24 +161,32 @@ impl Scaler {
                 "scalerMetadata.models: name the models this object serves (comma-separated)",
             ));
         }
-        // Parsed as u32 itself: a larger number is refused, not wrapped into a small one.
+        // Within the bounds the matching flag has: 0 tasks per replica, or a pool pinned at
+        // 0, is refused rather than read as something else.
         let num = |key: &str, default: u32| -> Result<u32, Status> {
-            meta.get(key).map_or(Ok(default), |v| {
-                v.trim().parse().map_err(|_| {
+            let Some(v) = meta.get(key) else {
+                return Ok(default);
+            };
+            let (_, lo, hi) = BOUNDS
+                .iter()
+                .find(|(k, ..)| *k == key)
+                .expect("a bounded key");
+            v.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (*lo..=*hi).contains(n))
+                .ok_or_else(|| {
                     Status::invalid_argument(format!(
-                        "scalerMetadata.{key}: '{v}' is not a whole number in 0..=4294967295"
+                        "scalerMetadata.{key}: '{v}' is not a whole number in {lo}..={hi}"
                     ))
                 })
-            })
         };
         let c = &self.cfg;
         let policy = Policy {
             min_replicas: num("minReplicas", c.min_replicas)?,
             max_replicas: num("maxReplicas", c.max_replicas)?,
-            capacity_per_replica: num("capacityPerReplica", c.capacity_per_replica)?
-                .max(1)
-                .into(),
-            tasks_per_replica: num("tasksPerReplica", c.tasks_per_replica)?.max(1).into(),
+            capacity_per_replica: num("capacityPerReplica", c.capacity_per_replica)?.into(),
+            tasks_per_replica: num("tasksPerReplica", c.tasks_per_replica)?.into(),
             horizon_s: c.baseline_horizon_s,
             half_life_s: c.baseline_half_life_s,
         };
@@ -115,24 +205,10 @@ impl Scaler {
     /// One decision: read the demand, record what it asks as a peak, read the peaks back,
     /// decide; export and log it.
     async fn evaluate(&self, obj: &Object) -> Result<Decision, Status> {
-        let demand = self
-            .signals
-            .demand(&obj.models)
-            .await
-            .map_err(|e| Status::unavailable(format!("reading demand: {e}")))?;
+        let demand = self.record(obj).await?;
         let now = now_s();
         let keep = obj.policy.keep_s();
         let unavailable = |e: super::peaks::PeakError| Status::unavailable(e.to_string());
-        self.peaks
-            .record(
-                &obj.id,
-                self.cfg.baseline_bucket_s,
-                now,
-                obj.policy.asked_now(demand),
-                keep,
-            )
-            .await
-            .map_err(unavailable)?;
         let peaks = self
             .peaks
             .peaks(&obj.id, now, keep)
@@ -183,7 +259,7 @@ impl ExternalScaler for Arc<Scaler> {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
-        let obj = self.object(request.get_ref())?;
+        let obj = self.object(request.get_ref()).await?;
         let d = self.evaluate(&obj).await?;
         Ok(Response::new(IsActiveResponse {
             result: d.desired > 0,
@@ -198,7 +274,7 @@ impl ExternalScaler for Arc<Scaler> {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
-        let obj = self.object(request.get_ref())?;
+        let obj = self.object(request.get_ref()).await?;
         let (tx, rx) = mpsc::channel(4);
         let this = Arc::clone(self);
         let every = Duration::from_millis(self.cfg.stream_interval_ms);
@@ -237,7 +313,7 @@ impl ExternalScaler for Arc<Scaler> {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<GetMetricSpecResponse>, Status> {
-        self.object(request.get_ref())?;
+        self.object(request.get_ref()).await?;
         Ok(Response::new(GetMetricSpecResponse {
             metric_specs: vec![MetricSpec {
                 metric_name: METRIC.into(),
@@ -255,7 +331,7 @@ impl ExternalScaler for Arc<Scaler> {
         let r = req
             .scaled_object_ref
             .ok_or_else(|| Status::invalid_argument("scaledObjectRef is required"))?;
-        let obj = self.object(&r)?;
+        let obj = self.object(&r).await?;
         let d = self.evaluate(&obj).await?;
         let name = if req.metric_name.is_empty() {
             METRIC.to_string()

@@ -128,7 +128,9 @@ impl TaskFront {
             Ok(None) => return Err("not in the dead letters".into()),
             Err(e) => return Err(e.to_string()),
         };
-        match self.store.requeue(&dl.entry.record).await {
+        // The message joins the outbox with the record: should this process fail before the
+        // broker has it (and before it can fail the task again), the relay queues it.
+        match self.store.requeue(&dl.entry.record, &dl.message).await {
             Ok(_) => {}
             Err(StoreError::Conflict { from, .. }) => {
                 return Err(format!(
@@ -161,6 +163,7 @@ impl TaskFront {
                 .await;
             return Err(why);
         }
+        let _ = self.store.published(id).await;
         metrics().task_replays.inc();
         metrics().task_state(TaskState::Queued.as_str());
         // Queued: a failure to remove the entry leaves a stale one that a second replay

@@ -11,6 +11,7 @@ use super::{
     Change, StoreError, TaskRecord, TaskState, TaskStore,
     blobs::{self, Blobs, StoredResult},
     new_task_id,
+    outbox::{self, OnFailure, Queued},
 };
 use crate::{
     auth::Caller,
@@ -49,6 +50,16 @@ pub enum Cancelled {
     Done(Box<TaskRecord>),
     AlreadyFinal(TaskState),
     NotFound,
+}
+
+/// Why a task was not queued.
+fn refused(e: QueueError) -> GatewayError {
+    match e {
+        QueueError::Full(n) => {
+            GatewayError::Overloaded(format!("the task queue is full ({n} tasks waiting)"))
+        }
+        QueueError::Backend(m) => GatewayError::Unavailable(format!("broker unavailable: {m}")),
+    }
 }
 
 pub(super) fn store_error(e: StoreError) -> GatewayError {
@@ -113,62 +124,85 @@ impl TaskFront {
         if let Some(url) = &callback_url {
             self.webhooks.check(url, &caller.tenant)?;
         }
+        let id = new_task_id();
+        // The message as the broker will carry it (a large input goes to the blob store
+        // first): the store keeps it with the record until the broker holds it.
+        let encoded: Bytes = req.encode_to_vec().into();
+        let payload = match &self.blobs {
+            Some(b) => b
+                .check_in_request(&id, &req, encoded)
+                .await
+                .map_err(|e| GatewayError::Unavailable(format!("blob store unavailable: {e}")))?,
+            None => encoded,
+        };
+        let msg = TaskMessage {
+            task_id: id.clone(),
+            model: req.model_name.clone(),
+            priority: broker_priority(&req),
+            payload,
+            trace: TraceHeaders::outgoing(&incoming),
+        };
         let mut rec = TaskRecord::new(
-            new_task_id(),
+            id.clone(),
             &caller.tenant,
             &req.model_name,
             &req.model_version,
             idempotency_key,
         );
         rec.callback_url = callback_url;
-        let (rec, created) = self
+        let created = self
             .store
-            .create(rec, caller.max_open_tasks)
+            .create(rec, caller.max_open_tasks, Some(&msg))
             .await
-            .map_err(store_error)?;
+            .map_err(store_error);
+        let (rec, created) = match created {
+            Ok(c) => c,
+            Err(e) => {
+                self.drop_input(&id).await;
+                return Err(e);
+            }
+        };
         if !created {
+            self.drop_input(&id).await;
+            // An earlier submission under this key whose publish was never confirmed (the
+            // broker or store failed under it): queued now, with its own stored message.
+            if let Some(earlier) = self.store.unpublished(&rec.id).await.map_err(store_error)?
+                && let Queued::No(e) = outbox::queue(
+                    &*self.store,
+                    &*self.broker,
+                    self.broker_kind,
+                    &earlier,
+                    OnFailure::Keep,
+                )
+                .await
+            {
+                return Err(refused(e));
+            }
             return Ok((rec, false));
         }
-        let encoded: Bytes = req.encode_to_vec().into();
-        let payload = match &self.blobs {
-            Some(b) => match b.check_in_request(&rec.id, &req, encoded).await {
-                Ok(p) => p,
-                Err(e) => {
-                    let _ = self.store.remove(&rec.id).await;
-                    return Err(GatewayError::Unavailable(format!(
-                        "blob store unavailable: {e}"
-                    )));
-                }
-            },
-            None => encoded,
-        };
-        let msg = TaskMessage {
-            task_id: rec.id.clone(),
-            model: req.model_name.clone(),
-            priority: broker_priority(&req),
-            payload,
-            trace: TraceHeaders::outgoing(&incoming),
-        };
         metrics().task_message_bytes.observe(msg.wire_size() as f64);
-        if let Err(e) = self.broker.publish(&msg).await {
-            metrics().broker_error(self.broker_kind, "publish");
-            // Not queued, so not accepted: forget the record (and its input blob) and say why.
-            let _ = self.store.remove(&rec.id).await;
-            if let Some(b) = &self.blobs {
-                b.drop_input(&rec.id).await;
-            }
-            return Err(match e {
-                QueueError::Full(n) => {
-                    GatewayError::Overloaded(format!("the task queue is full ({n} tasks waiting)"))
-                }
-                QueueError::Backend(m) => {
-                    GatewayError::Unavailable(format!("broker unavailable: {m}"))
-                }
-            });
+        if let Queued::No(e) = outbox::queue(
+            &*self.store,
+            &*self.broker,
+            self.broker_kind,
+            &msg,
+            OnFailure::Withdraw,
+        )
+        .await
+        {
+            self.drop_input(&id).await;
+            return Err(refused(e));
         }
         metrics().task_state(TaskState::Queued.as_str());
         self.infer.activity().task_accepted();
         Ok((rec, true))
+    }
+
+    /// Removes the input blob of a task that was not created (or was withdrawn).
+    async fn drop_input(&self, id: &str) {
+        if let Some(b) = &self.blobs {
+            b.drop_input(id).await;
+        }
     }
 
     /// The task and, once it succeeded, its response. Another tenant's task is `None`, as

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{Change, Start, StoreError, TaskRecord, TaskState, TaskStore, now_ms};
+use crate::queue::TaskMessage;
 
 struct Entry {
     rec: TaskRecord,
@@ -22,6 +23,8 @@ pub struct MemoryTaskStore {
     ttl: Duration,
     max_tasks: usize,
     max_result_bytes: usize,
+    outbox_grace: Duration,
+    outbox_recheck: Duration,
     inner: Mutex<Inner>,
 }
 
@@ -35,6 +38,9 @@ struct Inner {
     /// Expired entries are swept at most once a second (on a create), so memory follows the
     /// live tasks rather than everything seen since the store was last full.
     last_purge: Option<Instant>,
+    /// The outbox: messages of tasks no worker started yet, with when another claimer may
+    /// publish them and whether their submitter's publish was confirmed.
+    outbox: HashMap<String, (TaskMessage, Instant, bool)>,
 }
 
 impl Inner {
@@ -54,8 +60,18 @@ impl MemoryTaskStore {
             ttl,
             max_tasks,
             max_result_bytes,
+            outbox_grace: super::outbox_grace(Duration::ZERO),
+            outbox_recheck: Duration::from_secs(300),
             inner: Mutex::new(Inner::default()),
         }
+    }
+
+    /// How long a new task's message waits in the outbox for its submitter's publish, and a
+    /// published one for a worker to start it before it is published again.
+    pub fn with_outbox(mut self, grace: Duration, recheck: Duration) -> Self {
+        self.outbox_grace = grace;
+        self.outbox_recheck = recheck;
+        self
     }
 
     fn purge(inner: &mut Inner, now: Instant) {
@@ -71,6 +87,8 @@ impl MemoryTaskStore {
             inner.closed(&t);
         }
         inner.keys.retain(|_, (_, exp)| *exp > now);
+        let Inner { outbox, tasks, .. } = inner;
+        outbox.retain(|id, _| tasks.contains_key(id));
     }
 }
 
@@ -80,6 +98,7 @@ impl TaskStore for MemoryTaskStore {
         &self,
         rec: TaskRecord,
         max_open: u64,
+        outbox: Option<&TaskMessage>,
     ) -> Result<(TaskRecord, bool), StoreError> {
         let now = Instant::now();
         let mut inner = self.inner.lock().expect("task store lock");
@@ -130,7 +149,63 @@ impl TaskStore for MemoryTaskStore {
                 expires: now + self.ttl,
             },
         );
+        if let Some(msg) = outbox {
+            inner.outbox.insert(
+                rec.id.clone(),
+                (msg.clone(), now + self.outbox_grace, false),
+            );
+        }
         Ok((rec, true))
+    }
+
+    async fn published(&self, id: &str) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock().expect("task store lock");
+        if let Some((_, due, sent)) = inner.outbox.get_mut(id) {
+            *due = Instant::now() + self.outbox_recheck;
+            *sent = true;
+        }
+        Ok(())
+    }
+
+    async fn unpublished(&self, id: &str) -> Result<Option<TaskMessage>, StoreError> {
+        let inner = self.inner.lock().expect("task store lock");
+        let queued = inner
+            .tasks
+            .get(id)
+            .is_some_and(|e| e.rec.state == TaskState::Queued && e.rec.attempts == 0);
+        Ok(inner
+            .outbox
+            .get(id)
+            .filter(|(_, _, sent)| queued && !sent)
+            .map(|(m, ..)| m.clone()))
+    }
+
+    async fn claim_unpublished(
+        &self,
+        limit: usize,
+        hold: Duration,
+        all: bool,
+    ) -> Result<Vec<TaskMessage>, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.inner.lock().expect("task store lock");
+        let Inner { outbox, tasks, .. } = &mut *inner;
+        // Only a task still waiting for its first start needs its message; the rest leave.
+        outbox.retain(|id, _| {
+            tasks.get(id).is_some_and(|e| {
+                e.expires > now && e.rec.state == TaskState::Queued && e.rec.attempts == 0
+            })
+        });
+        let mut out = Vec::new();
+        for (msg, due, _) in outbox.values_mut() {
+            if out.len() >= limit {
+                break;
+            }
+            if all || *due <= now {
+                *due = now + hold;
+                out.push(msg.clone());
+            }
+        }
+        Ok(out)
     }
 
     async fn queued_by_model(&self) -> Result<HashMap<String, u64>, StoreError> {
@@ -196,7 +271,10 @@ impl TaskStore for MemoryTaskStore {
             ..Default::default()
         };
         apply(&mut e.rec, TaskState::Running, &change);
-        Ok(Start::Started(e.rec.clone()))
+        let rec = e.rec.clone();
+        // Started: the broker delivered it, so the outbox has nothing more to keep.
+        inner.outbox.remove(id);
+        Ok(Start::Started(rec))
     }
 
     async fn transition(
@@ -246,7 +324,7 @@ impl TaskStore for MemoryTaskStore {
         Ok(rec)
     }
 
-    async fn requeue(&self, rec: &TaskRecord) -> Result<TaskRecord, StoreError> {
+    async fn requeue(&self, rec: &TaskRecord, msg: &TaskMessage) -> Result<TaskRecord, StoreError> {
         let now = Instant::now();
         let mut inner = self.inner.lock().expect("task store lock");
         let base = match inner.tasks.get(&rec.id).filter(|e| e.expires > now) {
@@ -262,6 +340,10 @@ impl TaskStore for MemoryTaskStore {
         };
         let queued = base.replayed();
         *inner.open.entry(queued.tenant.clone()).or_default() += 1;
+        inner.outbox.insert(
+            queued.id.clone(),
+            (msg.clone(), now + self.outbox_grace, false),
+        );
         inner.tasks.insert(
             queued.id.clone(),
             Entry {
@@ -281,15 +363,19 @@ impl TaskStore for MemoryTaskStore {
         Ok(())
     }
 
-    async fn remove(&self, id: &str) -> Result<(), StoreError> {
+    async fn withdraw(&self, id: &str) -> Result<bool, StoreError> {
         let mut inner = self.inner.lock().expect("task store lock");
-        if let Some(e) = inner.tasks.remove(id)
-            && !e.rec.state.is_final()
-        {
+        inner.outbox.remove(id);
+        match inner.tasks.get(id) {
+            None => return Ok(true),
+            Some(e) if e.rec.state != TaskState::Queued || e.rec.attempts > 0 => return Ok(false),
+            Some(_) => {}
+        }
+        if let Some(e) = inner.tasks.remove(id) {
             inner.closed(&e.rec.tenant);
         }
         inner.keys.retain(|_, (task, _)| task != id);
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -331,12 +417,12 @@ mod tests {
         let s = store();
         for id in ["a", "b"] {
             let key = Some(format!("key-{id}"));
-            s.create(TaskRecord::new(id.into(), "t1", "m", "", key), 2)
+            s.create(TaskRecord::new(id.into(), "t1", "m", "", key), 2, None)
                 .await
                 .unwrap();
         }
         let err = s
-            .create(TaskRecord::new("c".into(), "t1", "m", "", None), 2)
+            .create(TaskRecord::new("c".into(), "t1", "m", "", None), 2, None)
             .await
             .unwrap_err();
         assert!(
@@ -344,33 +430,33 @@ mod tests {
             "{err:?}"
         );
         // Another tenant is not held back; a replayed key is answered despite the quota.
-        s.create(TaskRecord::new("d".into(), "t2", "m", "", None), 2)
+        s.create(TaskRecord::new("d".into(), "t2", "m", "", None), 2, None)
             .await
             .unwrap();
         let replay = TaskRecord::new("z".into(), "t1", "m", "", Some("key-a".into()));
-        let (rec, created) = s.create(replay, 2).await.unwrap();
+        let (rec, created) = s.create(replay, 2, None).await.unwrap();
         assert_eq!((rec.id.as_str(), created), ("a", false));
         // Running still counts; a final state frees a place; so does removal.
         s.transition("a", TaskState::Running, Change::default())
             .await
             .unwrap();
         assert!(
-            s.create(TaskRecord::new("c".into(), "t1", "m", "", None), 2)
+            s.create(TaskRecord::new("c".into(), "t1", "m", "", None), 2, None)
                 .await
                 .is_err()
         );
         s.transition("a", TaskState::Succeeded, Change::default())
             .await
             .unwrap();
-        s.create(TaskRecord::new("c".into(), "t1", "m", "", None), 2)
+        s.create(TaskRecord::new("c".into(), "t1", "m", "", None), 2, None)
             .await
             .unwrap();
-        s.remove("b").await.unwrap();
-        s.create(TaskRecord::new("e".into(), "t1", "m", "", None), 2)
+        assert!(s.withdraw("b").await.unwrap());
+        s.create(TaskRecord::new("e".into(), "t1", "m", "", None), 2, None)
             .await
             .unwrap();
         assert!(
-            s.create(TaskRecord::new("f".into(), "t1", "m", "", None), 2)
+            s.create(TaskRecord::new("f".into(), "t1", "m", "", None), 2, None)
                 .await
                 .is_err()
         );
@@ -380,12 +466,16 @@ mod tests {
     async fn expired_tasks_are_swept_without_waiting_for_the_store_to_fill() {
         let s = MemoryTaskStore::new(Duration::from_millis(50), 1000, 16);
         for i in 0..10 {
-            s.create(TaskRecord::new(format!("t{i}"), "t", "m", "", None), 0)
-                .await
-                .unwrap();
+            s.create(
+                TaskRecord::new(format!("t{i}"), "t", "m", "", None),
+                0,
+                None,
+            )
+            .await
+            .unwrap();
         }
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        s.create(TaskRecord::new("new".into(), "t", "m", "", None), 0)
+        s.create(TaskRecord::new("new".into(), "t", "m", "", None), 0, None)
             .await
             .unwrap();
         let inner = s.inner.lock().unwrap();
@@ -397,14 +487,14 @@ mod tests {
     async fn idempotency_keys_are_per_tenant() {
         let s = store();
         let a = TaskRecord::new("a".into(), "t1", "m", "", Some("k".into()));
-        let (_, created) = s.create(a, 0).await.unwrap();
+        let (_, created) = s.create(a, 0, None).await.unwrap();
         assert!(created);
         let again = TaskRecord::new("b".into(), "t1", "m", "", Some("k".into()));
-        let (rec, created) = s.create(again, 0).await.unwrap();
+        let (rec, created) = s.create(again, 0, None).await.unwrap();
         assert_eq!((rec.id.as_str(), created), ("a", false));
         let other = TaskRecord::new("c".into(), "t2", "m", "", Some("k".into()));
         assert!(
-            s.create(other, 0).await.unwrap().1,
+            s.create(other, 0, None).await.unwrap().1,
             "another tenant's key is its own"
         );
     }
@@ -412,7 +502,7 @@ mod tests {
     #[tokio::test]
     async fn late_results_do_not_overwrite_a_cancelled_task() {
         let s = store();
-        s.create(TaskRecord::new("a".into(), "t", "m", "", None), 0)
+        s.create(TaskRecord::new("a".into(), "t", "m", "", None), 0, None)
             .await
             .unwrap();
         s.transition(
@@ -454,7 +544,7 @@ mod tests {
     #[tokio::test]
     async fn oversize_results_are_refused_and_the_store_is_bounded() {
         let s = store();
-        s.create(TaskRecord::new("a".into(), "t", "m", "", None), 0)
+        s.create(TaskRecord::new("a".into(), "t", "m", "", None), 0, None)
             .await
             .unwrap();
         s.transition("a", TaskState::Running, Change::default())
@@ -479,12 +569,16 @@ mod tests {
             }
         );
         for i in 0..99 {
-            s.create(TaskRecord::new(format!("x{i}"), "t", "m", "", None), 0)
-                .await
-                .unwrap();
+            s.create(
+                TaskRecord::new(format!("x{i}"), "t", "m", "", None),
+                0,
+                None,
+            )
+            .await
+            .unwrap();
         }
         assert!(
-            s.create(TaskRecord::new("y".into(), "t", "m", "", None), 0)
+            s.create(TaskRecord::new("y".into(), "t", "m", "", None), 0, None)
                 .await
                 .is_err()
         );

@@ -19,17 +19,20 @@ pub mod blobs;
 pub mod dead;
 pub mod front;
 pub mod memory;
+pub mod outbox;
 pub mod redis;
 pub mod webhooks;
 
 use std::{
     collections::HashMap,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+
+use crate::queue::TaskMessage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -304,11 +307,36 @@ pub trait TaskStore: Send + Sync {
     /// then the existing task is returned and `false` says nothing was created. With
     /// `max_open` > 0, a tenant that already has that many tasks queued or running gets
     /// `QuotaExceeded` (a replayed idempotency key is answered first, quota or not).
+    ///
+    /// With `outbox`, the task's broker message is kept with the record, in the same atomic
+    /// write, until [`Self::published`] says the broker holds it (the transactional outbox):
+    /// a submitter that dies between create and publish, or loses the store before it can
+    /// say so, leaves the message for [`Self::claim_unpublished`], so a task the store
+    /// accepted is always queued in the end.
     async fn create(
         &self,
         rec: TaskRecord,
         max_open: u64,
+        outbox: Option<&TaskMessage>,
     ) -> Result<(TaskRecord, bool), StoreError>;
+    /// The broker holds the task's message: it stays in the outbox only for the recheck (a
+    /// message the broker loses later is published again) and leaves when a worker starts
+    /// the task.
+    async fn published(&self, id: &str) -> Result<(), StoreError>;
+    /// The message of a task still in the outbox and still queued (never started), if any:
+    /// an idempotent retry of a task whose publish was never confirmed publishes it.
+    async fn unpublished(&self, id: &str) -> Result<Option<TaskMessage>, StoreError>;
+    /// Up to `limit` messages left in the outbox past the store's grace ([`outbox_grace`]:
+    /// their submitter died, or lost the store before confirming) or past the recheck after a
+    /// publish (no worker started the task: the broker may have lost it), each held `hold`
+    /// more for this claimer; with `all`, every one, held or not (a broker reported lost
+    /// messages: claimed once so). Entries whose task was started, ended or expired leave.
+    async fn claim_unpublished(
+        &self,
+        limit: usize,
+        hold: Duration,
+        all: bool,
+    ) -> Result<Vec<TaskMessage>, StoreError>;
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError>;
     /// The task and its stored result (the encoded response of a succeeded task), read
     /// together: a polling client needs both, and one read is one round trip.
@@ -358,9 +386,12 @@ pub trait TaskStore: Send + Sync {
     /// Queues a failed task again under its id ([`TaskRecord::replayed`] of the stored record,
     /// or of `rec`, the dead letter's copy, when the stored one expired meanwhile). Conflict
     /// when the task exists and is not `failed`.
-    async fn requeue(&self, rec: &TaskRecord) -> Result<TaskRecord, StoreError>;
-    /// Removes a task (used when its message could not be queued, so no 202 was sent).
-    async fn remove(&self, id: &str) -> Result<(), StoreError>;
+    /// The replayed task's message goes to the outbox with it, as at [`Self::create`].
+    async fn requeue(&self, rec: &TaskRecord, msg: &TaskMessage) -> Result<TaskRecord, StoreError>;
+    /// Withdraws a task whose message could not be queued (so no 202 was sent): removed
+    /// when no worker started it, and `false` when one did (the broker held the message
+    /// after all, e.g. a publish whose confirmation was lost): the task stands.
+    async fn withdraw(&self, id: &str) -> Result<bool, StoreError>;
     /// Writes the completion webhook's delivery state onto the task, if it still exists. In a
     /// store that keeps an outbox, a `pending` write renews the writer's hold on the delivery
     /// and an ended one (`delivered`, `failed`) takes the task out.
@@ -375,6 +406,13 @@ pub trait TaskStore: Send + Sync {
     /// Whether owed webhooks outlive the process delivering them ([`Self::claim_webhooks`]).
     fn keeps_outbox(&self) -> bool {
         false
+    }
+    /// Whether the store still holds what it held (readiness asks every health interval):
+    /// `Ok(false)` when it came back without its data (a Redis restarted empty, flushed,
+    /// or failed over to an empty replica), reported once (log, metric) and then used
+    /// afresh; `Err` when unreachable. A store that lives in the process is always intact.
+    async fn check(&self) -> Result<bool, StoreError> {
+        Ok(true)
     }
     /// Tasks accepted and not started yet, per model (the autoscaler's queue tier). Reads
     /// every unfinished task: meant for a poll every few seconds, not per request.
@@ -392,6 +430,14 @@ impl Change {
             _ => Ok(()),
         }
     }
+}
+
+/// How long a new task's message stays in the outbox before another process may publish it:
+/// longer than its submitter's own publish can take (`publish_timeout`, and Redis's 5 s
+/// response timeout), so a live submitter is not raced (a race would only queue a duplicate,
+/// which the state machine skips).
+pub fn outbox_grace(publish_timeout: Duration) -> Duration {
+    publish_timeout.max(Duration::from_secs(5)) + Duration::from_secs(2)
 }
 
 /// Where a task's result is read over HTTP (`GET`, streamed; a result kept in the blob store

@@ -11,11 +11,16 @@ use bytes::Bytes;
 use redis::{Script, Value, aio::ConnectionManager};
 
 use super::{Change, Start, StoreError, TaskError, TaskRecord, TaskState, TaskStore};
+use crate::{queue::TaskMessage, redis_conn::Repeatable};
 
 /// Creates the task unless the idempotency key (KEYS[2], if ARGV[3] == '1') names one already,
 /// or the tenant's open tasks (KEYS[3]) number ARGV[5] (> 0) already. Returns the id of the
-/// task that holds the key afterwards, or '' when over the quota.
+/// task that holds the key afterwards, or '' when over the quota. With a time in ARGV[7], the
+/// task joins the outbox (KEYS[4]) due then: its message is among its fields (`ob_*`). Safe to
+/// send twice: a second run finds the task and answers its id.
 const CREATE: &str = r#"
+-- Ids are fresh random: a task already there is this very call, sent again.
+if redis.call('EXISTS', KEYS[1]) == 1 then return ARGV[1] end
 if ARGV[3] == '1' then
   local existing = redis.call('GET', KEYS[2])
   if existing and redis.call('EXISTS', ARGV[4] .. existing) == 1 then return existing end
@@ -26,8 +31,9 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])
 local quota = tonumber(ARGV[5])
 if quota > 0 and redis.call('ZCARD', KEYS[3]) >= quota then return '' end
 if ARGV[3] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ARGV[7] ~= '' then redis.call('ZADD', KEYS[4], tonumber(ARGV[7]), ARGV[1]) end
 redis.call('ZADD', KEYS[3], tonumber(ARGV[6]) + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
 return ARGV[1]
@@ -163,9 +169,11 @@ return record(KEYS[1], 1)
 
 /// Starts each task KEYS[i] if its state is one of ARGV[2 + i] (comma-delimited, from
 /// `TaskState::startable`) and fewer than ARGV[1] attempts were made: running, attempts + 1,
-/// started at ARGV[2]. Answers, per key in order, record(key, 1) when started, {0} when the
+/// started at ARGV[2], its message out of the outbox (the last two ARGV: the outbox, and the
+/// task keys' prefix). Answers, per key in order, record(key, 1) when started, {0} when the
 /// state forbids it, record(key, 2) when the attempts are used up, {-1} if there is no task.
 const START: &str = r#"
+local outbox, tp = ARGV[#ARGV - 1], ARGV[#ARGV]
 local out = {}
 for i, key in ipairs(KEYS) do
   local from = ARGV[2 + i]
@@ -182,6 +190,9 @@ for i, key in ipairs(KEYS) do
       -- Taken back from a worker that never answered: that attempt was lost.
       if cur == 'running' then remember(key, 'worker lost', '', '', ARGV[2]) end
       redis.call('HSET', key, 'state', 'running', 'started_at_ms', ARGV[2], 'attempts', attempts + 1)
+      -- Started: the broker delivered it, so the outbox has nothing more to keep.
+      redis.call('ZREM', outbox, string.sub(key, #tp + 1))
+      redis.call('HDEL', key, 'ob_payload', 'ob_priority', 'ob_traceparent', 'ob_tracestate', 'ob_sent')
       out[i] = record(key, 1)
     end
   end
@@ -189,23 +200,61 @@ end
 return out
 "#;
 
-/// Deletes task KEYS[1] (id ARGV[2]) and its place among its tenant's open tasks.
-const REMOVE: &str = r#"
-local tenant = redis.call('HGET', KEYS[1], 'tenant')
+/// Withdraws task KEYS[1] (id ARGV[2]) from the outbox (KEYS[2]) and, unless a worker
+/// started it (then 0), deletes it and its place among its tenant's open tasks (1).
+const WITHDRAW: &str = r#"
+redis.call('ZREM', KEYS[2], ARGV[2])
+local state, attempts, tenant = unpack(redis.call('HMGET', KEYS[1], 'state', 'attempts', 'tenant'))
+if not state then return 1 end
+if state ~= 'queued' or (attempts and attempts ~= '0') then return 0 end
 redis.call('DEL', KEYS[1])
 if tenant then redis.call('ZREM', ARGV[1] .. tenant, ARGV[2]) end
 return 1
 "#;
 
+/// The outbox message fields of a task's hash.
+const OUTBOX_FIELDS: [&str; 4] = [
+    "ob_payload",
+    "ob_priority",
+    "ob_traceparent",
+    "ob_tracestate",
+];
+
+/// Claims up to ARGV[4] entries of the outbox KEYS[1] due by ARGV[1] (a time, or +inf): each
+/// task (ARGV[5] .. id) still queued and never started is held until ARGV[2] + ARGV[3] ms
+/// and answered as {id, model, payload, priority, traceparent, tracestate}; the others leave,
+/// with their message.
+const CLAIM_UNPUBLISHED: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[4]))
+local out = {}
+for _, id in ipairs(due) do
+  local key = ARGV[5] .. id
+  local state, attempts, model, p, pr, tp, ts = unpack(redis.call('HMGET', key, 'state',
+    'attempts', 'model', 'ob_payload', 'ob_priority', 'ob_traceparent', 'ob_tracestate'))
+  if state == 'queued' and (not attempts or attempts == '0') and p then
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]), id)
+    table.insert(out, {id, model or '', p, pr or '', tp or '', ts or ''})
+  else
+    redis.call('ZREM', KEYS[1], id)
+    if state then
+      redis.call('HDEL', key, 'ob_payload', 'ob_priority', 'ob_traceparent', 'ob_tracestate', 'ob_sent')
+    end
+  end
+end
+return out
+"#;
+
 /// Writes a replayed record to KEYS[1] unless a task there is in another state than failed
 /// (answered with that state; '' when written). ARGV[1] TTL, ARGV[2] the open set's score
-/// base (now), ARGV[3] the id, ARGV[4..] the record's fields and values.
+/// base (now), ARGV[3] the id, ARGV[4] when it is due in the outbox (KEYS[3]), ARGV[5..] the
+/// record's fields and values, its message among them.
 const REQUEUE: &str = r#"
 local cur = redis.call('HGET', KEYS[1], 'state')
 if cur and cur ~= 'failed' then return cur end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[3], tonumber(ARGV[4]), ARGV[3])
 redis.call('ZADD', KEYS[2], tonumber(ARGV[2]) + tonumber(ARGV[1]), ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return ''
@@ -219,12 +268,22 @@ pub struct RedisTaskStore {
     create: Script,
     transition: Script,
     start: Script,
-    remove: Script,
+    withdraw: Script,
     requeue: Script,
     set_webhook: Script,
     claim_webhooks: Script,
+    claim_unpublished: Script,
     /// How long an owed webhook stays with the process delivering it without a renewal.
     webhook_hold: Duration,
+    /// How long a new task's message waits in the outbox for its submitter's publish.
+    outbox_grace: Duration,
+    /// How long a published task's message is kept before it is published again, should no
+    /// worker have started the task by then.
+    outbox_recheck: Duration,
+    /// The epoch this process last saw in `<prefix>:epoch`: the key is written once by
+    /// whichever process comes first and never removed, so finding it missing or changed
+    /// means Redis lost its data.
+    epoch: std::sync::Mutex<Option<String>>,
 }
 
 pub(super) fn backend(e: redis::RedisError) -> StoreError {
@@ -233,11 +292,7 @@ pub(super) fn backend(e: redis::RedisError) -> StoreError {
 
 /// A managed connection to the Redis the task store (and the dead letters) live in.
 pub(super) async fn connect_manager(url: &str) -> Result<ConnectionManager, StoreError> {
-    let client = redis::Client::open(url).map_err(backend)?;
-    let cfg = crate::queue::redis::manager_config(Some(Duration::from_secs(5)));
-    ConnectionManager::new_with_config(client, cfg)
-        .await
-        .map_err(backend)
+    crate::redis_conn::connect(url).await.map_err(backend)
 }
 
 impl RedisTaskStore {
@@ -256,12 +311,35 @@ impl RedisTaskStore {
             create: Script::new(CREATE),
             transition: Script::new(&(record_prelude() + TRANSITION)),
             start: Script::new(&(record_prelude() + START)),
-            remove: Script::new(REMOVE),
+            withdraw: Script::new(WITHDRAW),
             requeue: Script::new(REQUEUE),
             set_webhook: Script::new(SET_WEBHOOK),
             claim_webhooks: Script::new(CLAIM_WEBHOOKS),
+            claim_unpublished: Script::new(CLAIM_UNPUBLISHED),
             webhook_hold: Duration::from_secs(60),
+            outbox_grace: super::outbox_grace(Duration::ZERO),
+            outbox_recheck: Duration::from_secs(300),
+            epoch: Default::default(),
         })
+    }
+
+    /// How long a new task's message waits in the outbox for its submitter's publish, and a
+    /// published one for a worker to start it before it is published again.
+    pub fn with_outbox(mut self, grace: Duration, recheck: Duration) -> Self {
+        self.outbox_grace = grace;
+        self.outbox_recheck = recheck;
+        self
+    }
+
+    /// The tasks whose message the broker may not hold yet, by when another process may
+    /// publish it.
+    fn unpublished_set(&self) -> String {
+        format!("{}:outbox", self.prefix)
+    }
+
+    /// When a message put in the outbox now is due for another publisher.
+    fn outbox_due(&self) -> String {
+        (super::now_ms() + self.outbox_grace.as_millis() as u64).to_string()
     }
 
     /// How long the process delivering a task's webhook holds it between renewals (see
@@ -273,6 +351,12 @@ impl RedisTaskStore {
 
     fn outbox(&self) -> String {
         format!("{}:webhooks", self.prefix)
+    }
+
+    /// The connection for commands safe to repeat (reads, conditional or same-value writes):
+    /// the first one after Redis came back is not lost to the dead connection.
+    fn repeatable(&self) -> Repeatable {
+        Repeatable(self.conn.clone())
     }
 
     fn key(&self, id: &str) -> String {
@@ -343,6 +427,36 @@ impl RedisTaskStore {
             .map_err(backend)?;
         coded(reply)
     }
+}
+
+/// A message's fields as the outbox keeps them in its task's hash.
+fn message_fields(msg: &TaskMessage) -> [(&'static str, Vec<u8>); 4] {
+    let text = |s: &Option<String>| s.clone().unwrap_or_default().into_bytes();
+    [
+        ("ob_payload", msg.payload.to_vec()),
+        ("ob_priority", msg.priority.to_string().into_bytes()),
+        ("ob_traceparent", text(&msg.trace.traceparent)),
+        ("ob_tracestate", text(&msg.trace.tracestate)),
+    ]
+}
+
+/// The message of task `id` from `[model, payload, priority, traceparent, tracestate]`.
+fn outboxed(id: &str, values: &[Value]) -> Option<TaskMessage> {
+    let text = |i| {
+        field(values, i)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .filter(|t| !t.is_empty())
+    };
+    Some(TaskMessage {
+        task_id: id.to_string(),
+        model: text(0).unwrap_or_default(),
+        payload: Bytes::copy_from_slice(field(values, 1)?),
+        priority: text(2).and_then(|p| p.parse().ok()).unwrap_or(4),
+        trace: crate::telemetry::trace::TraceHeaders {
+            traceparent: text(3),
+            tracestate: text(4),
+        },
+    })
 }
 
 /// A field's bytes from an HMGET answer (nil, a missing field, is `None`).
@@ -416,7 +530,7 @@ fn coded(reply: Vec<Value>) -> Result<(i64, Vec<Value>), StoreError> {
 #[async_trait]
 impl TaskStore for RedisTaskStore {
     async fn queued_by_model(&self) -> Result<HashMap<String, u64>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.repeatable();
         let mut sets: Vec<String> = Vec::new();
         let mut cursor = 0u64;
         loop {
@@ -473,6 +587,7 @@ impl TaskStore for RedisTaskStore {
         &self,
         rec: TaskRecord,
         max_open: u64,
+        outbox: Option<&TaskMessage>,
     ) -> Result<(TaskRecord, bool), StoreError> {
         let idem_key = rec
             .idempotency_key
@@ -488,9 +603,16 @@ impl TaskStore for RedisTaskStore {
         .arg(self.ttl_ms())
         .arg(if idem_key.is_some() { "1" } else { "0" })
         .key(format!("{}{}", self.open_prefix(), rec.tenant))
+        .key(self.unpublished_set())
         .arg(format!("{}:task:", self.prefix))
         .arg(max_open)
-        .arg(super::now_ms());
+        .arg(super::now_ms())
+        .arg(outbox.map(|_| self.outbox_due()).unwrap_or_default());
+        if let Some(msg) = outbox {
+            for (k, v) in message_fields(msg) {
+                inv.arg(k).arg(v);
+            }
+        }
         for (k, v) in [
             ("state", rec.state.as_str().to_string()),
             ("tenant", rec.tenant.clone()),
@@ -506,7 +628,7 @@ impl TaskStore for RedisTaskStore {
         ] {
             inv.arg(k).arg(v);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.repeatable();
         let holder: String = inv.invoke_async(&mut conn).await.map_err(backend)?;
         if holder.is_empty() {
             return Err(StoreError::QuotaExceeded {
@@ -525,7 +647,7 @@ impl TaskStore for RedisTaskStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.repeatable();
         let values: Vec<Value> = redis::cmd("HMGET")
             .arg(self.key(id))
             .arg(&FIELDS[..])
@@ -539,7 +661,7 @@ impl TaskStore for RedisTaskStore {
         &self,
         id: &str,
     ) -> Result<Option<(TaskRecord, Option<Bytes>)>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.repeatable();
         let mut values: Vec<Value> = redis::cmd("HMGET")
             .arg(self.key(id))
             .arg(&FIELDS[..])
@@ -596,6 +718,8 @@ impl TaskStore for RedisTaskStore {
             inv.key(self.key(id))
                 .arg(if *was_reclaimed { &reclaimed } else { &fresh });
         }
+        inv.arg(self.unpublished_set())
+            .arg(format!("{}:task:", self.prefix));
         let replies: Vec<Vec<Value>> = match inv.invoke_async(&mut conn).await {
             Ok(r) => r,
             Err(e) => return tasks.iter().map(|_| Err(backend(e.clone()))).collect(),
@@ -669,7 +793,7 @@ impl TaskStore for RedisTaskStore {
         }
     }
 
-    async fn requeue(&self, rec: &TaskRecord) -> Result<TaskRecord, StoreError> {
+    async fn requeue(&self, rec: &TaskRecord, msg: &TaskMessage) -> Result<TaskRecord, StoreError> {
         let base = match self.get(&rec.id).await? {
             Some(cur) if cur.state != TaskState::Failed => {
                 return Err(StoreError::Conflict {
@@ -686,9 +810,14 @@ impl TaskStore for RedisTaskStore {
             serde_json::to_string(&q.history).map_err(|e| StoreError::Backend(e.to_string()))?;
         let mut inv = self.requeue.key(self.key(&q.id));
         inv.key(format!("{}{}", self.open_prefix(), q.tenant))
+            .key(self.unpublished_set())
             .arg(self.ttl_ms())
             .arg(super::now_ms())
-            .arg(&q.id);
+            .arg(&q.id)
+            .arg(self.outbox_due());
+        for (k, v) in message_fields(msg) {
+            inv.arg(k).arg(v);
+        }
         for (k, v) in [
             ("state", q.state.as_str().to_string()),
             ("tenant", q.tenant.clone()),
@@ -721,7 +850,7 @@ impl TaskStore for RedisTaskStore {
         let json = serde_json::to_string(status).map_err(|e| StoreError::Backend(e.to_string()))?;
         let due = (status.state == super::WEBHOOK_PENDING)
             .then(|| (super::now_ms() + self.webhook_hold.as_millis() as u64).to_string());
-        let mut conn = self.conn.clone();
+        let mut conn = self.repeatable();
         let _: i64 = self
             .set_webhook
             .key(self.key(id))
@@ -761,16 +890,128 @@ impl TaskStore for RedisTaskStore {
         true
     }
 
-    async fn remove(&self, id: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: i64 = self
-            .remove
+    async fn check(&self) -> Result<bool, StoreError> {
+        let mine = super::new_task_id();
+        let mut conn = self.repeatable();
+        // SET NX GET: writes ours if there is none, answers what was there.
+        let found: Option<String> = redis::cmd("SET")
+            .arg(format!("{}:epoch", self.prefix))
+            .arg(&mine)
+            .arg("NX")
+            .arg("GET")
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        let now = found.unwrap_or(mine);
+        let mut seen = self.epoch.lock().expect("epoch lock");
+        let intact = seen.as_ref().is_none_or(|e| *e == now);
+        if !intact {
+            crate::telemetry::metrics::metrics()
+                .task_store_data_loss
+                .inc();
+            tracing::error!(
+                prefix = %self.prefix,
+                "the task store came back without its data: tasks accepted before now, their \
+                 records, results, queued messages and dead letters are gone; new tasks are \
+                 accepted and run again"
+            );
+        }
+        *seen = Some(now);
+        Ok(intact)
+    }
+
+    async fn withdraw(&self, id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.repeatable();
+        let removed: i64 = self
+            .withdraw
             .key(self.key(id))
+            .key(self.unpublished_set())
             .arg(self.open_prefix())
             .arg(id)
             .invoke_async(&mut conn)
             .await
             .map_err(backend)?;
+        Ok(removed == 1)
+    }
+
+    async fn published(&self, id: &str) -> Result<(), StoreError> {
+        // Kept until a worker starts the task (START takes it out), due again only at the
+        // recheck: a message the broker loses later (a deleted queue) is published again.
+        let due = super::now_ms() + self.outbox_recheck.as_millis() as u64;
+        let mut conn = self.repeatable();
+        let _: (i64, i64) = redis::pipe()
+            .cmd("ZADD")
+            .arg(self.unpublished_set())
+            .arg("XX")
+            .arg(due)
+            .arg(id)
+            .cmd("HSETNX")
+            .arg(self.key(id))
+            .arg("ob_sent")
+            .arg("1")
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
         Ok(())
+    }
+
+    async fn unpublished(&self, id: &str) -> Result<Option<TaskMessage>, StoreError> {
+        let mut conn = self.repeatable();
+        let (due, values): (Option<f64>, Vec<Value>) = redis::pipe()
+            .cmd("ZSCORE")
+            .arg(self.unpublished_set())
+            .arg(id)
+            .cmd("HMGET")
+            .arg(self.key(id))
+            .arg("state")
+            .arg("attempts")
+            .arg("ob_sent")
+            .arg("model")
+            .arg(&OUTBOX_FIELDS[..])
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        let waiting = field(&values, 0) == Some(b"queued".as_slice())
+            && field(&values, 1).is_none_or(|a| a == b"0")
+            && field(&values, 2).is_none();
+        if due.is_none() || !waiting {
+            return Ok(None);
+        }
+        Ok(outboxed(id, &values[3..]))
+    }
+
+    async fn claim_unpublished(
+        &self,
+        limit: usize,
+        hold: Duration,
+        all: bool,
+    ) -> Result<Vec<TaskMessage>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now = super::now_ms();
+        let mut conn = self.repeatable();
+        let rows: Vec<Vec<Value>> = self
+            .claim_unpublished
+            .key(self.unpublished_set())
+            .arg(if all {
+                "+inf".to_string()
+            } else {
+                now.to_string()
+            })
+            .arg(now)
+            .arg(hold.as_millis() as u64)
+            .arg(limit)
+            .arg(format!("{}:task:", self.prefix))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                let id = std::str::from_utf8(field(row, 0)?).ok()?;
+                outboxed(id, &row[1..])
+            })
+            .collect())
     }
 }

@@ -213,6 +213,11 @@ pub struct Metrics {
     pub task_dead_letters_dropped: Gauge,
     /// Dead-lettered tasks queued again by an operator.
     pub task_replays: Counter,
+    /// Task messages the outbox relay published for a submitter that never confirmed its
+    /// own publish (it died, or lost the store or the broker on the way).
+    pub task_outbox_relayed: Counter,
+    /// Times the task store was found to have lost its data (its epoch key gone).
+    pub task_store_data_loss: Counter,
     /// Shared-cache (Redis) lookups and stores that failed or timed out.
     pub cache_errors: Family<OpLabels, Counter>,
     /// Size of each task message handed to the broker (payload and headers).
@@ -273,6 +278,8 @@ impl Metrics {
             task_dead_letters: Gauge::default(),
             task_dead_letters_dropped: Gauge::default(),
             task_replays: Counter::default(),
+            task_outbox_relayed: Counter::default(),
+            task_store_data_loss: Counter::default(),
             cache_errors: Family::default(),
             task_message_bytes: message_bytes(),
             blob_ops: Family::default(),
@@ -389,6 +396,16 @@ impl Metrics {
             "task_replays",
             "Dead-lettered tasks queued again by an operator",
             m.task_replays.clone(),
+        );
+        r.register(
+            "task_outbox_relayed",
+            "Task messages published from the task store's outbox because their submitter never confirmed its own publish",
+            m.task_outbox_relayed.clone(),
+        );
+        r.register(
+            "task_store_data_loss",
+            "Times the task store (Redis) was found to have come back without its data: the tasks it held are gone",
+            m.task_store_data_loss.clone(),
         );
         r.register(
             "task_message_bytes",

@@ -220,15 +220,47 @@ pub fn http_status(port: u16, path: &str) -> Option<u16> {
     buf.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// A child process that is SIGKILLed and reaped when dropped: a test that fails (panics)
+/// leaves no server running into the tests after it, consuming from the shared brokers.
+pub struct Reaped(pub Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns `cmd` as a [`Reaped`] child.
+pub fn reaped(cmd: &mut Command) -> Reaped {
+    Reaped(
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}")),
+    )
+}
+
 /// An `infergate` process (this build's binary) with stderr to `log`.
-pub fn infergate(args: &[String], log: &PathBuf) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_infergate"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
-        .spawn()
-        .unwrap()
+pub fn infergate(args: &[String], log: &PathBuf) -> Reaped {
+    reaped(
+        Command::new(env!("CARGO_BIN_EXE_infergate"))
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(log).unwrap())),
+    )
 }
 
 /// Waits until a loopback HTTP GET answers `want`.
@@ -543,6 +575,19 @@ impl PrivateRedis {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Its process id, for SIGSTOP/SIGCONT.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("redis-server running").id()
+    }
+
+    /// Kills it and starts it again on the same port with nothing: its files removed, as a
+    /// new pod without persistence, a flush or a failover to an empty replica would.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        self.child = Some(Self::spawn(self.port, &self.dir));
     }
 
     /// SIGKILL: no chance to save anything beyond what each write already made durable.

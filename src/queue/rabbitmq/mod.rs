@@ -86,6 +86,9 @@ struct Down {
 const REOPEN_DELAY_MIN: Duration = Duration::from_millis(100);
 const REOPEN_DELAY_MAX: Duration = Duration::from_secs(2);
 
+/// A mandatory message RabbitMQ could not route: its queue does not exist.
+struct Unroutable;
+
 fn backend(e: impl std::fmt::Display) -> QueueError {
     QueueError::Backend(e.to_string())
 }
@@ -277,7 +280,10 @@ impl Inner {
         }
     }
 
-    /// One persistent message, returning once RabbitMQ confirms it.
+    /// One persistent message, returning once RabbitMQ confirms it. Published as mandatory:
+    /// a queue deleted under us (by an operator, a policy, a broker that lost its
+    /// definitions) returns the message instead of dropping it, and the queues are declared
+    /// again on a new channel for a second try.
     async fn publish_raw(
         &self,
         queue: &str,
@@ -285,7 +291,38 @@ impl Inner {
         priority: u8,
         headers: FieldTable,
     ) -> Result<(), QueueError> {
-        let ch = self.publish_channel().await?;
+        match self
+            .publish_once(queue, body, priority, headers.clone())
+            .await
+        {
+            Err(Unroutable) => {
+                tracing::warn!(
+                    queue,
+                    "a task message came back unroutable (its queue is gone); declaring the queues again"
+                );
+                metrics().broker_error("rabbitmq", "queue_missing");
+                super::report_lost_messages();
+                *self.publisher.lock().await = None;
+                self.publish_once(queue, body, priority, headers)
+                    .await
+                    .map_err(|Unroutable| backend(format!("queue {queue} is missing")))?
+            }
+            Ok(r) => r,
+        }
+    }
+
+    /// [`Self::publish_raw`]'s one try; `Err(Unroutable)` when the message came back.
+    async fn publish_once(
+        &self,
+        queue: &str,
+        body: &[u8],
+        priority: u8,
+        headers: FieldTable,
+    ) -> Result<Result<(), QueueError>, Unroutable> {
+        let ch = match self.publish_channel().await {
+            Ok(ch) => ch,
+            Err(e) => return Ok(Err(e)),
+        };
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_priority(priority.min(9))
@@ -294,7 +331,10 @@ impl Inner {
             ch.basic_publish(
                 ShortString::from(""),
                 ShortString::from(queue),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 body,
                 props,
             )
@@ -306,13 +346,14 @@ impl Inner {
         let Ok(sent) = tokio::time::timeout(self.publish_timeout, sent).await else {
             *self.publisher.lock().await = None;
             reconnecting(true);
-            return Err(backend(format!(
+            return Ok(Err(backend(format!(
                 "no publisher confirm within {} ms",
                 self.publish_timeout.as_millis()
-            )));
+            ))));
         };
-        match sent {
-            Ok(Confirmation::Ack(_)) => Ok(()),
+        Ok(match sent {
+            Ok(Confirmation::Ack(Some(_))) => return Err(Unroutable),
+            Ok(Confirmation::Ack(None)) => Ok(()),
             Ok(Confirmation::Nack(_)) => Err(QueueError::Full(self.capacity)),
             Ok(Confirmation::NotRequested) => Err(backend("publisher confirms are off")),
             Err(e) => {
@@ -320,7 +361,7 @@ impl Inner {
                 reconnecting(true);
                 Err(backend(e))
             }
-        }
+        })
     }
 
     /// One task as one message. `reclaimed` marks a task handed back by a worker, which
@@ -544,9 +585,12 @@ impl Broker for RabbitBroker {
         let mut got: Vec<lapin::message::Delivery> = Vec::new();
         match tokio::time::timeout(wait, consumer.next()).await {
             Err(_) => return Ok(Vec::new()),
+            // RabbitMQ cancels a consumer whose queue was deleted: what waited in it is gone.
             Ok(None) => {
                 *guard = None;
                 reconnecting(true);
+                tracing::warn!(queue = %b.queue, "the RabbitMQ consumer was cancelled (its queue deleted?); declaring it again");
+                super::report_lost_messages();
                 return Err(backend("the RabbitMQ consumer was cancelled"));
             }
             Ok(Some(Err(e))) => {

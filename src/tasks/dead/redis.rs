@@ -5,11 +5,12 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::{Script, aio::ConnectionManager};
+use redis::Script;
 
 use super::{DeadDepth, DeadEntry, DeadFilter, DeadLetter, DeadLetterStore};
 use crate::{
     queue::TaskMessage,
+    redis_conn::Repeatable,
     tasks::{
         StoreError, now_ms,
         redis::{backend, connect_manager},
@@ -51,7 +52,9 @@ return n
 "#;
 
 pub struct RedisDeadLetters {
-    conn: ConnectionManager,
+    /// Every command here is safe to repeat (a bury writes the same entry again), so the
+    /// first one after Redis came back is not lost to the dead connection.
+    conn: Repeatable,
     prefix: String,
     max: usize,
     ttl_ms: u64,
@@ -66,7 +69,7 @@ impl RedisDeadLetters {
         max: usize,
         ttl_ms: u64,
     ) -> Result<Self, StoreError> {
-        let conn = connect_manager(url).await?;
+        let conn = Repeatable(connect_manager(url).await?);
         Ok(Self {
             conn,
             prefix: prefix.to_string(),
