@@ -49,9 +49,11 @@ pub async fn connect_with(
     ConnectionManager::new_with_config(client, manager_config(response_timeout)).await
 }
 
-/// Whether a command failed because its connection was gone (so the manager reconnects).
+/// Whether a command failed because its connection was gone (so the manager reconnects). A
+/// timeout is not: the server may be only slow (paused, loaded) and still run the command, so
+/// sending it again would run it twice.
 pub fn connection_lost(e: &RedisError) -> bool {
-    e.is_connection_dropped() || e.is_io_error()
+    (e.is_connection_dropped() || e.is_connection_refusal()) && !e.is_timeout()
 }
 
 /// A connection for commands that are safe to repeat: one that fails because the connection

@@ -33,7 +33,7 @@ use crate::{
     proto::inference::ModelInferRequest,
     queue::{Broker, Delivery},
     tasks::{
-        Change, Start, StoreError, TaskError, TaskRecord, TaskState, TaskStore,
+        Change, Start, StoreError, Takeover, TaskError, TaskRecord, TaskState, TaskStore,
         blobs::{self, Blobs},
         dead::{DeadEntry, DeadLetter, DeadLetterStore},
         now_ms,
@@ -109,9 +109,17 @@ impl Worker {
                 Ok(deliveries) => {
                     backoff = Duration::from_millis(100);
                     // The whole batch starts in one store call.
-                    let ids: Vec<(&str, bool)> = deliveries
+                    let lease = self.broker.lease();
+                    let ids: Vec<(&str, Takeover)> = deliveries
                         .iter()
-                        .map(|d| (d.msg.task_id.as_str(), d.reclaimed))
+                        .map(|d| {
+                            let how = match (d.reclaimed, d.lease_expired, lease) {
+                                (true, true, Some(l)) => Takeover::AfterLease(l),
+                                (true, ..) => Takeover::Yes,
+                                _ => Takeover::No,
+                            };
+                            (d.msg.task_id.as_str(), how)
+                        })
                         .collect();
                     let starts = self.store.start_many(&ids, self.cfg.max_attempts).await;
                     store_failing = starts.iter().any(Result::is_err);

@@ -114,6 +114,30 @@ fn body(x: f32) -> Value {
     json!({"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": input(x)}]})
 }
 
+/// What each load loop shares: the client, where it records what it saw, what was accepted.
+#[derive(Clone)]
+struct Driver {
+    http: reqwest::Client,
+    base: String,
+    stop: CancellationToken,
+    accepted: Arc<Mutex<Vec<Accepted>>>,
+    seen: Seen,
+}
+
+impl Driver {
+    /// Records one operation's outcome, now.
+    fn note(&self) -> impl Fn(&'static str, bool) + Clone + Send + 'static {
+        let seen = Arc::clone(&self.seen);
+        move |op, ok| {
+            seen.lock()
+                .unwrap()
+                .entry(op)
+                .or_default()
+                .push((Instant::now(), ok));
+        }
+    }
+}
+
 /// One row of the figure.
 struct Row {
     fault: Fault,
@@ -221,26 +245,24 @@ async fn run(fault: Fault) -> Row {
     let seen: Seen = Arc::default();
     let accepted: Arc<Mutex<Vec<Accepted>>> = Arc::default();
     let stop = CancellationToken::new();
-    let note = {
-        let seen = Arc::clone(&seen);
-        move |op: &'static str, ok: bool| {
-            seen.lock()
-                .unwrap()
-                .entry(op)
-                .or_default()
-                .push((Instant::now(), ok));
-        }
+    let d = Driver {
+        http: http.clone(),
+        base: base.clone(),
+        stop: stop.clone(),
+        accepted: Arc::clone(&accepted),
+        seen: Arc::clone(&seen),
     };
     let mut load = Vec::new();
     // Submissions: a new key each 100 ms; a refused key is tried again (the client's retry).
     {
-        let (http, base, stop, accepted, note) = (
-            http.clone(),
-            base.clone(),
-            stop.clone(),
-            Arc::clone(&accepted),
-            note.clone(),
-        );
+        let Driver {
+            http,
+            base,
+            stop,
+            accepted,
+            ..
+        } = d.clone();
+        let note = d.note();
         load.push(tokio::spawn(async move {
             let mut next = 0u32;
             let mut refused: Vec<u32> = Vec::new();
@@ -285,13 +307,14 @@ async fn run(fault: Fault) -> Row {
     }
     // Polls of the latest accepted task, and cancels of one in five.
     {
-        let (http, base, stop, accepted, note) = (
-            http.clone(),
-            base.clone(),
-            stop.clone(),
-            Arc::clone(&accepted),
-            note.clone(),
-        );
+        let Driver {
+            http,
+            base,
+            stop,
+            accepted,
+            ..
+        } = d.clone();
+        let note = d.note();
         load.push(tokio::spawn(async move {
             let mut tick = 0u64;
             while !stop.is_cancelled() {
@@ -319,7 +342,10 @@ async fn run(fault: Fault) -> Row {
     }
     // The operator's dead-letter list.
     {
-        let (http, base, stop, note) = (http.clone(), base.clone(), stop.clone(), note.clone());
+        let Driver {
+            http, base, stop, ..
+        } = d.clone();
+        let note = d.note();
         load.push(tokio::spawn(async move {
             while !stop.is_cancelled() {
                 let r = http
@@ -333,7 +359,10 @@ async fn run(fault: Fault) -> Row {
     }
     // Sync inference, its answer checked.
     {
-        let (http, base, stop, note) = (http.clone(), base.clone(), stop.clone(), note.clone());
+        let Driver {
+            http, base, stop, ..
+        } = d.clone();
+        let note = d.note();
         load.push(tokio::spawn(async move {
             let mut k = 0u32;
             while !stop.is_cancelled() {
@@ -358,7 +387,7 @@ async fn run(fault: Fault) -> Row {
     }
     // KEDA asking the scaler.
     {
-        let (stop, note) = (stop.clone(), note.clone());
+        let (stop, note) = (stop.clone(), d.note());
         load.push(tokio::spawn(async move {
             let object = ScaledObjectRef {
                 name: "matrix".into(),

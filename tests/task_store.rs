@@ -15,7 +15,7 @@ use bytes::Bytes;
 use infergate::{
     queue::{Broker, QueueError, TaskMessage, redis::RedisBroker},
     tasks::{
-        Change, Start, StoreError, TaskError, TaskRecord, TaskState, TaskStore,
+        Change, Start, StoreError, Takeover, TaskError, TaskRecord, TaskState, TaskStore,
         dead::{
             DeadDepth, DeadEntry, DeadFilter, DeadLetter, DeadLetterStore,
             memory::MemoryDeadLetters, redis::RedisDeadLetters,
@@ -98,6 +98,44 @@ async fn outbox_contract(s: &dyn TaskStore, grace: Duration) {
         .unwrap();
     assert_eq!((again.id.as_str(), created), (d.as_str(), false));
     assert_eq!(s.unpublished(&d).await.unwrap(), Some(message(&d)));
+}
+
+/// A delivery whose lease ran out takes over a running attempt only if that attempt is at
+/// least one lease old: a younger one belongs to another, live delivery of the task.
+async fn takeover_contract(s: &dyn TaskStore) {
+    let a = new_task_id();
+    s.create(rec(&a), 0, None).await.unwrap();
+    assert!(matches!(
+        s.start(&a, false, 5).await.unwrap(),
+        Start::Started(_)
+    ));
+    let stale = s
+        .start_many(&[(&a, Takeover::AfterLease(Duration::from_secs(60)))], 5)
+        .await;
+    assert_eq!(stale, vec![Ok(Start::Skip)], "a stale duplicate is skipped");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let late = s
+        .start_many(&[(&a, Takeover::AfterLease(Duration::from_millis(10)))], 5)
+        .await;
+    assert!(
+        matches!(&late[..], [Ok(Start::Started(r))] if r.attempts == 2),
+        "an attempt older than the lease is taken over: {late:?}"
+    );
+    let handed = s.start_many(&[(&a, Takeover::Yes)], 5).await;
+    assert!(
+        matches!(&handed[..], [Ok(Start::Started(r))] if r.attempts == 3),
+        "a hand-back takes over at once: {handed:?}"
+    );
+}
+
+#[tokio::test]
+async fn both_stores_skip_stale_duplicates() {
+    takeover_contract(&MemoryTaskStore::new(Duration::from_secs(60), 100, 1024)).await;
+    let prefix = format!("igtest-{}", new_task_id());
+    let s = RedisTaskStore::connect(common::REDIS, &prefix, Duration::from_secs(60), 1024)
+        .await
+        .unwrap();
+    takeover_contract(&s).await;
 }
 
 #[tokio::test]

@@ -69,6 +69,7 @@ impl Broker for MemoryBroker {
                         out.push(Delivery {
                             msg,
                             reclaimed: handed_back,
+                            lease_expired: false,
                             tag: tag.to_string(),
                         });
                     }

@@ -59,6 +59,9 @@ pub struct Delivery {
     /// worker handed it back (`retry`): no worker holds it, so a `running` task may be
     /// taken over.
     pub reclaimed: bool,
+    /// Of those, whether the broker took it back because its lease ran out (no sign of life
+    /// from its worker for the whole lease), rather than being handed it back.
+    pub lease_expired: bool,
     /// Broker-specific handle (stream entry id, delivery tag...).
     pub tag: String,
 }

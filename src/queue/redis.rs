@@ -36,6 +36,16 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return redis.call('XDEL', KEYS[1], ARGV[2])
 "#;
 
+/// Moves entry ARGV[2] of stream KEYS[1] (group ARGV[1]) to stream KEYS[2] as a new entry
+/// (fields ARGV[4..]; MAXLEN ~ ARGV[3]), in one step: never both (a duplicate delivery
+/// whose takeover would count an attempt) and never neither (a lost one), even when Redis
+/// runs it late (paused) or the reply is lost.
+const MOVE: &str = r#"
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('XDEL', KEYS[1], ARGV[2])
+"#;
+
 pub struct RedisBroker {
     /// Every command here may be sent twice (see `redis_conn`): the worst a repeat does is a
     /// duplicate entry, which the task's state machine skips.
@@ -51,6 +61,7 @@ pub struct RedisBroker {
     visibility: Duration,
     publish: Script,
     ack: Script,
+    move_entry: Script,
 }
 
 fn backend(e: redis::RedisError) -> QueueError {
@@ -122,6 +133,7 @@ impl RedisBroker {
         let b = Self {
             publish: Script::new(PUBLISH),
             ack: Script::new(ACK),
+            move_entry: Script::new(MOVE),
             conn,
             reader: tokio::sync::Mutex::new((reader, None)),
             stream,
@@ -180,27 +192,26 @@ impl RedisBroker {
         ]
     }
 
-    async fn add(
+    /// Moves a delivery's entry to `stream` (this one, handed back; or the dead letters),
+    /// with `extra` added to its fields, and acknowledges it: one script.
+    async fn move_to(
         &self,
         stream: &str,
-        msg: &TaskMessage,
-        extra: Option<(&str, &str)>,
+        d: &Delivery,
+        extra: (&str, &str),
     ) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
-        let mut cmd = redis::cmd("XADD");
+        let mut inv = self.move_entry.key(&self.stream);
         // An approximate bound far above `capacity`: it trims only acknowledged history.
-        cmd.arg(stream)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.capacity * 4)
-            .arg("*");
-        for (k, v) in Self::fields(msg) {
-            cmd.arg(k).arg(v);
+        inv.key(stream)
+            .arg(&self.group)
+            .arg(&d.tag)
+            .arg(self.capacity * 4);
+        for (k, v) in Self::fields(&d.msg) {
+            inv.arg(k).arg(v);
         }
-        if let Some((k, v)) = extra {
-            cmd.arg(k).arg(v);
-        }
-        let _: String = cmd.query_async(&mut c).await.map_err(backend)?;
+        inv.arg(extra.0).arg(extra.1);
+        let _: Value = inv.invoke_async(&mut c).await.map_err(backend)?;
         Ok(())
     }
 
@@ -286,6 +297,7 @@ impl RedisBroker {
                     msg,
                     reclaimed: was_reclaimed
                         || fields.get("handed_back").is_some_and(|v| v == b"1"),
+                    lease_expired: was_reclaimed,
                     tag: id,
                 }),
                 // An entry that is not ours (or is damaged) cannot be run: keep it aside,
@@ -356,19 +368,16 @@ impl Broker for RedisBroker {
     }
 
     async fn retry(&self, d: &Delivery) -> Result<(), QueueError> {
-        // Add the copy first: a crash in between leaves a duplicate entry (harmless: the task's
-        // state decides whether it runs), never a lost one. The copy is marked as handed
-        // back: the worker that held it may have left the task `running` (a store write whose
-        // answer was lost), and the copy must be able to take it over, as a reclaim would.
-        self.add(&self.stream, &d.msg, Some(("handed_back", "1")))
-            .await?;
-        self.ack_delete(&d.tag).await
+        // The copy replaces the entry in one script: a copy beside a pending original would
+        // be two deliveries, each taking the task over from the other. The copy is marked as
+        // handed back: the worker that held it may have left the task `running` (a store
+        // write whose answer was lost), and the copy must be able to take it over, as a
+        // reclaim would.
+        self.move_to(&self.stream, d, ("handed_back", "1")).await
     }
 
     async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), QueueError> {
-        self.add(&self.dead, &d.msg, Some(("reason", reason)))
-            .await?;
-        self.ack_delete(&d.tag).await
+        self.move_to(&self.dead, d, ("reason", reason)).await
     }
 
     fn lease(&self) -> Option<Duration> {

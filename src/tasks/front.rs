@@ -166,22 +166,23 @@ impl TaskFront {
             self.drop_input(&id).await;
             // An earlier submission under this key whose publish was never confirmed (the
             // broker or store failed under it): queued now, with its own stored message.
-            if let Some(earlier) = self.store.unpublished(&rec.id).await.map_err(store_error)?
-                && let Queued::No(e) = outbox::queue(
+            if let Some(earlier) = self.store.unpublished(&rec.id).await.map_err(store_error)? {
+                let queued = outbox::queue(
                     &*self.store,
                     &*self.broker,
                     self.broker_kind,
                     &earlier,
                     OnFailure::Keep,
                 )
-                .await
-            {
-                return Err(refused(e));
+                .await;
+                if let Queued::Withdrawn(e) | Queued::Kept(e) = queued {
+                    return Err(refused(e));
+                }
             }
             return Ok((rec, false));
         }
         metrics().task_message_bytes.observe(msg.wire_size() as f64);
-        if let Queued::No(e) = outbox::queue(
+        match outbox::queue(
             &*self.store,
             &*self.broker,
             self.broker_kind,
@@ -190,8 +191,13 @@ impl TaskFront {
         )
         .await
         {
-            self.drop_input(&id).await;
-            return Err(refused(e));
+            Queued::Yes => {}
+            Queued::Withdrawn(e) => {
+                self.drop_input(&id).await;
+                return Err(refused(e));
+            }
+            // The relay publishes it later, and its worker needs the input then.
+            Queued::Kept(e) => return Err(refused(e)),
         }
         metrics().task_state(TaskState::Queued.as_str());
         self.infer.activity().task_accepted();

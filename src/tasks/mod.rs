@@ -248,6 +248,32 @@ impl TaskRecord {
     }
 }
 
+/// Whether a delivery may take over a task another delivery left `running`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Takeover {
+    /// A first delivery: it starts only a queued task.
+    No,
+    /// Handed back by the worker that held it (or redelivered by a broker that saw its
+    /// consumer die): it takes over.
+    Yes,
+    /// Reclaimed by the broker after its lease ran out: it takes over an attempt at least
+    /// this old.
+    AfterLease(std::time::Duration),
+}
+
+impl Takeover {
+    /// Whether it may take over at all.
+    pub fn any(self) -> bool {
+        self != Takeover::No
+    }
+}
+
+/// Whether the running attempt of `rec` started less than `lease` ago.
+fn too_young(rec: &TaskRecord, lease: Duration) -> bool {
+    rec.started_at_ms
+        .is_some_and(|s| now_ms().saturating_sub(s) < lease.as_millis() as u64)
+}
+
 /// What `TaskStore::start` found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Start {
@@ -353,16 +379,29 @@ pub trait TaskStore: Send + Sync {
         reclaimed: bool,
         max_attempts: u32,
     ) -> Result<Start, StoreError>;
-    /// `start` for every delivery of a batch, `(id, reclaimed)`, answered in order: one
-    /// round trip for the batch where the store can do it.
+    /// `start` for every delivery of a batch, answered in order: one round trip for the batch
+    /// where the store can do it. A delivery the broker took back after its lease ran out
+    /// (`Takeover::AfterLease`) takes over a `running` task only if that attempt is at least
+    /// one lease old: a younger one was started by another delivery of the same task (a
+    /// hand-back that raced the reclaim), whose worker is alive, so this one is a stale
+    /// duplicate and is skipped rather than burning an attempt.
     async fn start_many(
         &self,
-        tasks: &[(&str, bool)],
+        tasks: &[(&str, Takeover)],
         max_attempts: u32,
     ) -> Vec<Result<Start, StoreError>> {
         let mut out = Vec::with_capacity(tasks.len());
-        for (id, reclaimed) in tasks {
-            out.push(self.start(id, *reclaimed, max_attempts).await);
+        for (id, how) in tasks {
+            let started = match how {
+                Takeover::AfterLease(lease) => match self.get(id).await {
+                    Ok(Some(rec)) if rec.state == TaskState::Running && too_young(&rec, *lease) => {
+                        Ok(Start::Skip)
+                    }
+                    _ => self.start(id, true, max_attempts).await,
+                },
+                other => self.start(id, other.any(), max_attempts).await,
+            };
+            out.push(started);
         }
         out
     }

@@ -34,9 +34,11 @@ const RELAY_ALL: usize = 10_000;
 pub enum Queued {
     /// The broker holds it (or a worker already started the task, so it held it).
     Yes,
-    /// Withdrawn: the broker refused it and the task is forgotten, or it stays in the
-    /// outbox for the relay (the store could not be told): either way, not accepted now.
-    No(QueueError),
+    /// Not accepted now, and forgotten: the task is withdrawn (its input blob may go).
+    Withdrawn(QueueError),
+    /// Not accepted now, but kept in the outbox for the relay (an earlier submission, or the
+    /// store could not be told): its input blob stays.
+    Kept(QueueError),
 }
 
 /// On a broker failure, whether the task is withdrawn (a new submission: the client is
@@ -70,16 +72,16 @@ pub async fn queue(
         }
         Err(e) if on_failure == OnFailure::Keep => {
             metrics().broker_error(broker_kind, "publish");
-            Queued::No(e)
+            Queued::Kept(e)
         }
         Err(e) => {
             metrics().broker_error(broker_kind, "publish");
             match store.withdraw(&msg.task_id).await {
-                Ok(true) => Queued::No(e),
+                Ok(true) => Queued::Withdrawn(e),
                 Ok(false) => Queued::Yes,
                 Err(w) => {
                     tracing::warn!(task = %msg.task_id, error = %w, "withdrawing an unpublished task failed; the outbox relay queues it when the store is back");
-                    Queued::No(e)
+                    Queued::Kept(e)
                 }
             }
         }

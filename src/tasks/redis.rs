@@ -168,7 +168,8 @@ return record(KEYS[1], 1)
 "#;
 
 /// Starts each task KEYS[i] if its state is one of ARGV[2 + i] (comma-delimited, from
-/// `TaskState::startable`) and fewer than ARGV[1] attempts were made: running, attempts + 1,
+/// `TaskState::startable`; after a `|`, a time: a running attempt started after it is not
+/// taken over) and fewer than ARGV[1] attempts were made: running, attempts + 1,
 /// started at ARGV[2], its message out of the outbox (the last two ARGV: the outbox, and the
 /// task keys' prefix). Answers, per key in order, record(key, 1) when started, {0} when the
 /// state forbids it, record(key, 2) when the attempts are used up, {-1} if there is no task.
@@ -176,11 +177,14 @@ const START: &str = r#"
 local outbox, tp = ARGV[#ARGV - 1], ARGV[#ARGV]
 local out = {}
 for i, key in ipairs(KEYS) do
-  local from = ARGV[2 + i]
-  local cur, attempts = unpack(redis.call('HMGET', key, 'state', 'attempts'))
+  local from, before = string.match(ARGV[2 + i], '^([^|]*)|?(%d*)$')
+  local cur, attempts, started = unpack(redis.call('HMGET', key, 'state', 'attempts', 'started_at_ms'))
   if not cur then
     out[i] = {-1}
   elseif not string.find(from, ',' .. cur .. ',', 1, true) then
+    out[i] = {0}
+  elseif cur == 'running' and before ~= '' and tonumber(started or '0') > tonumber(before) then
+    -- A stale duplicate: the running attempt is younger than the lease that expired.
     out[i] = {0}
   else
     attempts = tonumber(attempts or '0')
@@ -210,6 +214,16 @@ if state ~= 'queued' or (attempts and attempts ~= '0') then return 0 end
 redis.call('DEL', KEYS[1])
 if tenant then redis.call('ZREM', ARGV[1] .. tenant, ARGV[2]) end
 return 1
+"#;
+
+/// Marks task ARGV[1]'s message (hash KEYS[2]) as confirmed by the broker and due again in
+/// the outbox KEYS[1] at ARGV[2], if it is still there (a worker may have started it already).
+const PUBLISHED: &str = r#"
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZADD', KEYS[1], tonumber(ARGV[2]), ARGV[1])
+  redis.call('HSET', KEYS[2], 'ob_sent', '1')
+end
+return 0
 "#;
 
 /// The outbox message fields of a task's hash.
@@ -273,6 +287,7 @@ pub struct RedisTaskStore {
     set_webhook: Script,
     claim_webhooks: Script,
     claim_unpublished: Script,
+    published: Script,
     /// How long an owed webhook stays with the process delivering it without a renewal.
     webhook_hold: Duration,
     /// How long a new task's message waits in the outbox for its submitter's publish.
@@ -316,6 +331,7 @@ impl RedisTaskStore {
             set_webhook: Script::new(SET_WEBHOOK),
             claim_webhooks: Script::new(CLAIM_WEBHOOKS),
             claim_unpublished: Script::new(CLAIM_UNPUBLISHED),
+            published: Script::new(PUBLISHED),
             webhook_hold: Duration::from_secs(60),
             outbox_grace: super::outbox_grace(Duration::ZERO),
             outbox_recheck: Duration::from_secs(300),
@@ -687,7 +703,12 @@ impl TaskStore for RedisTaskStore {
         reclaimed: bool,
         max_attempts: u32,
     ) -> Result<Start, StoreError> {
-        self.start_many(&[(id, reclaimed)], max_attempts)
+        let how = if reclaimed {
+            super::Takeover::Yes
+        } else {
+            super::Takeover::No
+        };
+        self.start_many(&[(id, how)], max_attempts)
             .await
             .pop()
             .unwrap_or_else(|| Err(StoreError::Backend("empty script reply".into())))
@@ -695,7 +716,7 @@ impl TaskStore for RedisTaskStore {
 
     async fn start_many(
         &self,
-        tasks: &[(&str, bool)],
+        tasks: &[(&str, super::Takeover)],
         max_attempts: u32,
     ) -> Vec<Result<Start, StoreError>> {
         if tasks.is_empty() {
@@ -714,9 +735,17 @@ impl TaskStore for RedisTaskStore {
         let (fresh, reclaimed) = (from(false), from(true));
         let mut inv = self.start.prepare_invoke();
         inv.arg(max_attempts).arg(super::now_ms());
-        for (id, was_reclaimed) in tasks {
-            inv.key(self.key(id))
-                .arg(if *was_reclaimed { &reclaimed } else { &fresh });
+        let now = super::now_ms();
+        for (id, how) in tasks {
+            let from = match how {
+                super::Takeover::No => fresh.clone(),
+                super::Takeover::Yes => reclaimed.clone(),
+                super::Takeover::AfterLease(lease) => format!(
+                    "{reclaimed}|{}",
+                    now.saturating_sub(lease.as_millis() as u64)
+                ),
+            };
+            inv.key(self.key(id)).arg(from);
         }
         inv.arg(self.unpublished_set())
             .arg(format!("{}:task:", self.prefix));
@@ -939,17 +968,13 @@ impl TaskStore for RedisTaskStore {
         // recheck: a message the broker loses later (a deleted queue) is published again.
         let due = super::now_ms() + self.outbox_recheck.as_millis() as u64;
         let mut conn = self.repeatable();
-        let _: (i64, i64) = redis::pipe()
-            .cmd("ZADD")
-            .arg(self.unpublished_set())
-            .arg("XX")
-            .arg(due)
+        let _: i64 = self
+            .published
+            .key(self.unpublished_set())
+            .key(self.key(id))
             .arg(id)
-            .cmd("HSETNX")
-            .arg(self.key(id))
-            .arg("ob_sent")
-            .arg("1")
-            .query_async(&mut conn)
+            .arg(due)
+            .invoke_async(&mut conn)
             .await
             .map_err(backend)?;
         Ok(())

@@ -491,6 +491,7 @@ impl Inner {
             out.push(Delivery {
                 msg,
                 reclaimed,
+                lease_expired: false,
                 tag,
             });
             return;
@@ -508,6 +509,7 @@ impl Inner {
             out.push(Delivery {
                 msg,
                 reclaimed,
+                lease_expired: false,
                 tag: format!("{tag}#{i}"),
             });
         }
