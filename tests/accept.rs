@@ -87,17 +87,8 @@ fn linear(x: [f32; 4]) -> ModelInferRequest {
     }
 }
 
-/// onnx_linear: y[j] = Σ x[i]·(i+1)(j+1)/10 + b[j].
-fn expected(x: [f32; 4]) -> Vec<f32> {
-    let b = [0.5f32, -1.0, 2.0];
-    (0..3)
-        .map(|j| {
-            (0..4)
-                .map(|i| x[i] * ((i + 1) * (j + 1)) as f32 / 10.0)
-                .sum::<f32>()
-                + b[j]
-        })
-        .collect()
+fn expected(x: [f32; 4]) -> Vec<f64> {
+    onnx_linear_expected(x)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,7 +286,7 @@ async fn wait_succeeded(front: &TaskFront, id: &str, x: [f32; 4]) -> infergate::
             };
             let y = f32_from(&r.raw_output_contents[0]);
             for (a, b) in y.iter().zip(expected(x)) {
-                assert!((a - b).abs() < 1e-4, "{y:?} for {x:?}");
+                assert!((f64::from(*a) - b).abs() < 1e-4, "{y:?} for {x:?}");
             }
             return rec;
         }

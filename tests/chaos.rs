@@ -40,17 +40,8 @@ fn input(k: usize) -> [f32; 4] {
     [k as f32, 1.0, (k % 7) as f32, -1.0]
 }
 
-/// onnx_linear: y[j] = Σ x[i]·(i+1)(j+1)/10 + b[j].
 fn expected(x: [f32; 4]) -> Vec<f64> {
-    let b = [0.5f64, -1.0, 2.0];
-    (0..3)
-        .map(|j| {
-            (0..4)
-                .map(|i| f64::from(x[i]) * ((i + 1) * (j + 1)) as f64 / 10.0)
-                .sum::<f64>()
-                + b[j]
-        })
-        .collect()
+    onnx_linear_expected(x)
 }
 
 fn body(k: usize) -> Value {

@@ -86,18 +86,8 @@ fn input(x: f32) -> [f32; 4] {
     [x, 1.0, 0.0, -1.0]
 }
 
-/// onnx_linear: y[j] = Σ x[i]·(i+1)(j+1)/10 + b[j].
 fn expected(x: f32) -> Vec<f64> {
-    let v = input(x);
-    let b = [0.5f64, -1.0, 2.0];
-    (0..3)
-        .map(|j| {
-            (0..4)
-                .map(|i| f64::from(v[i]) * ((i + 1) * (j + 1)) as f64 / 10.0)
-                .sum::<f64>()
-                + b[j]
-        })
-        .collect()
+    onnx_linear_expected(input(x))
 }
 
 fn right(data: &Value, x: f32) -> bool {

@@ -393,6 +393,19 @@ pub fn one_input(model: &str, x: f32) -> infergate::proto::inference::ModelInfer
     }
 }
 
+/// What `onnx_linear` answers for the row `x`: y[j] = Σ x[i]·(i+1)(j+1)/10 + b[j].
+pub fn onnx_linear_expected(x: [f32; 4]) -> Vec<f64> {
+    let b = [0.5f64, -1.0, 2.0];
+    (0..3)
+        .map(|j| {
+            (0..4)
+                .map(|i| f64::from(x[i]) * ((i + 1) * (j + 1)) as f64 / 10.0)
+                .sum::<f64>()
+                + b[j]
+        })
+        .collect()
+}
+
 pub fn f32_bytes(v: &[f32]) -> bytes::Bytes {
     v.iter()
         .flat_map(|x| x.to_le_bytes())
