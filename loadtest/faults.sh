@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The fault matrix (tests/fault_matrix.rs): Redis killed, emptied and paused, RabbitMQ
 # restarted and its task queue deleted, Triton killed, each under a steady mix of submit,
-# poll, cancel, dead-letter list, sync inference and scaler calls. Needs Redis on 6379 and
+# poll, cancel, dead-letter list and replay, sync inference, response-cache, webhook and
+# scaler calls. Needs Redis on 6379 and
 # RabbitMQ on 5672 (rabbitmqctl restarts it: run on a machine of your own). Writes
 # results/faults-<date>.md with the table the test prints.
 set -euo pipefail

@@ -1,7 +1,8 @@
 //! The fault matrix: six faults of infergate's dependencies, each under a steady mix of the
 //! operations clients and operators use (submit with an idempotency key, poll, cancel, the
-//! dead-letter list, sync inference, the autoscaler's answer), against the real Redis,
-//! RabbitMQ and Triton, with no restart of infergate:
+//! dead-letter list and a replay, sync inference, answers from the response cache kept in
+//! Redis, completion webhooks, the autoscaler's answer), against the real Redis, RabbitMQ and
+//! Triton, with no restart of infergate:
 //!
 //! | fault | how |
 //! |---|---|
@@ -13,7 +14,9 @@
 //! | Triton SIGKILL + restart | the tritonserver process killed, started again 3 s later |
 //!
 //! For each: the errors each operation saw while the dependency was away, the seconds from its
-//! return to the last error, and the accepted tasks that were lost or answered wrongly. Every
+//! return to the last error, and the accepted tasks that were lost or answered wrongly. For the
+//! cache an error is an answer not served from it (the answer itself must still be right); for
+//! a webhook, a task accepted then whose delivery never reached the receiver. Every
 //! operation must recover within 10 s of the return; no accepted task may be lost or wrong.
 //! Restarted empty, the tasks Redis held are gone with it: that is reported (a count, and
 //! infergate's `task_store_data_loss` metric), and tasks accepted after it run again.
@@ -22,7 +25,7 @@
 mod common;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -61,14 +64,22 @@ impl Fault {
     }
 }
 
-const OPS: [&str; 6] = [
+const OPS: [&str; 9] = [
     "submit",
     "poll",
     "cancel",
     "dead letters",
+    "replay",
     "sync infer",
+    "cache",
+    "webhook",
     "scaler",
 ];
+
+/// The response cache's routes file: onnx_linear answers kept a minute.
+const ROUTES: &str = "[cache.onnx_linear]\nttl_ms = 60000\n";
+/// The requests the cache loop repeats (sync inference sends each input once: never a hit).
+const CACHED: [f32; 4] = [-1000.0, -1001.0, -1002.0, -1003.0];
 
 /// What one operation saw: (when, answered as it should).
 type Seen = Arc<Mutex<HashMap<&'static str, Vec<(Instant, bool)>>>>;
@@ -80,6 +91,8 @@ struct Accepted {
     x: f32,
     at: Instant,
     cancel_asked: bool,
+    /// Submitted with a callback URL: its completion must reach the receiver.
+    hook: bool,
 }
 
 fn input(x: f32) -> [f32; 4] {
@@ -137,6 +150,8 @@ struct Row {
     lost: usize,
     wrong: usize,
     gone_with_data: usize,
+    /// Webhooks owed by finished tasks that never reached the receiver.
+    undelivered: usize,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -152,20 +167,21 @@ async fn every_fault_recovers_within_ten_seconds_and_loses_no_accepted_task() {
     ] {
         let r = run(fault).await;
         println!(
-            "{}: errors {:?}, recovered {:.1} s after the return, {} accepted, {} lost, {} wrong, {} gone with the data",
+            "{}: errors {:?}, recovered {:.1} s after the return, {} accepted, {} lost, {} wrong, {} gone with the data, {} webhooks undelivered",
             fault.name(),
             r.errors,
             r.recovered_s,
             r.accepted,
             r.lost,
             r.wrong,
-            r.gone_with_data
+            r.gone_with_data,
+            r.undelivered
         );
         rows.push(r);
     }
     let mut table = vec![
-        "| fault | errors while it lasted (by operation) | recovered (s after its return) | accepted | lost | wrong | gone with the store's data |".to_string(),
-        "|---|---|---|---|---|---|---|".to_string(),
+        "| fault | errors while it lasted (by operation) | recovered (s after its return) | accepted | lost | wrong | gone with the store's data | webhooks undelivered |".to_string(),
+        "|---|---|---|---|---|---|---|---|".to_string(),
     ];
     for r in &rows {
         let errors: Vec<String> = r
@@ -175,7 +191,7 @@ async fn every_fault_recovers_within_ten_seconds_and_loses_no_accepted_task() {
             .map(|(op, n)| format!("{op} {n}"))
             .collect();
         table.push(format!(
-            "| {} | {} | {:.1} | {} | {} | {} | {} |",
+            "| {} | {} | {:.1} | {} | {} | {} | {} | {} |",
             r.fault.name(),
             if errors.is_empty() {
                 "none".into()
@@ -186,13 +202,20 @@ async fn every_fault_recovers_within_ten_seconds_and_loses_no_accepted_task() {
             r.accepted,
             r.lost,
             r.wrong,
-            r.gone_with_data
+            r.gone_with_data,
+            r.undelivered
         ));
     }
     println!("{}", table.join("\n"));
     for r in &rows {
         assert_eq!(r.lost, 0, "{}: accepted tasks lost", r.fault.name());
         assert_eq!(r.wrong, 0, "{}: wrong answers", r.fault.name());
+        assert_eq!(
+            r.undelivered,
+            0,
+            "{}: webhooks never delivered",
+            r.fault.name()
+        );
         assert!(
             r.recovered_s <= 10.0,
             "{}: an operation failed {:.1} s after the dependency was back",
@@ -226,14 +249,37 @@ async fn run(fault: Fault) -> Row {
     cfg.triton.health_interval_ms = 500;
     let scaler_port = free_port();
     cfg.scaler.addr = Some(format!("127.0.0.1:{scaler_port}").parse().unwrap());
+    // The response cache in the same Redis; webhooks to a receiver in this test.
+    std::fs::create_dir_all(&dir).unwrap();
+    let routes = dir.join("routes.toml");
+    std::fs::write(&routes, ROUTES).unwrap();
+    cfg.routes.file = Some(routes);
+    cfg.cache.redis = Some(redis.url());
+    cfg.webhooks.allow_hosts = vec!["127.0.0.1".into()];
+    cfg.webhooks.secret = Some("the-matrix-secret-0123".into());
+    cfg.webhooks.max_backoff_ms = 1_000;
+    cfg.webhooks.timeout_ms = 1_000;
+    let hooks = HookReceiver::start().await;
+    let hook_url = format!("http://127.0.0.1:{}/hook", hooks.port);
     let gw = gateway_with(cfg).await;
     let base = gw.http_base();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
         .unwrap();
+    // The cache holds its answers before the steady load starts.
+    for x in CACHED {
+        let r = http
+            .post(format!("{base}/v2/models/onnx_linear/infer"))
+            .json(&body(x))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
     let seen: Seen = Arc::default();
     let accepted: Arc<Mutex<Vec<Accepted>>> = Arc::default();
+    let cache_wrong: Arc<Mutex<usize>> = Arc::default();
     let stop = CancellationToken::new();
     let d = Driver {
         http: http.clone(),
@@ -262,12 +308,15 @@ async fn run(fault: Fault) -> Row {
                     next
                 });
                 let x = k as f32;
-                let r = http
+                let mut req = http
                     .post(format!("{base}/v1/models/onnx_linear/tasks"))
                     .header("idempotency-key", format!("matrix-{k}"))
-                    .json(&body(x))
-                    .send()
-                    .await;
+                    .json(&body(x));
+                // One in three asks for a completion webhook.
+                if k.is_multiple_of(3) {
+                    req = req.header("callback-url", &hook_url);
+                }
+                let r = req.send().await;
                 let id = match r {
                     Ok(r) if r.status() == 202 => r
                         .json::<Value>()
@@ -286,6 +335,7 @@ async fn run(fault: Fault) -> Row {
                                 x,
                                 at: Instant::now(),
                                 cancel_asked: false,
+                                hook: k.is_multiple_of(3),
                             });
                         }
                     }
@@ -357,7 +407,7 @@ async fn run(fault: Fault) -> Row {
             let mut k = 0u32;
             while !stop.is_cancelled() {
                 k += 1;
-                let x = (k % 50) as f32;
+                let x = k as f32;
                 let r = http
                     .post(format!("{base}/v2/models/onnx_linear/infer"))
                     .json(&body(x))
@@ -372,6 +422,92 @@ async fn run(fault: Fault) -> Row {
                 };
                 note("sync infer", ok);
                 tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }));
+    }
+    // Answers from the cache: right, and served from it (its `infergate-cache` header).
+    {
+        let Driver {
+            http, base, stop, ..
+        } = d.clone();
+        let (note, wrong) = (d.note(), Arc::clone(&cache_wrong));
+        load.push(tokio::spawn(async move {
+            let mut k = 0usize;
+            while !stop.is_cancelled() {
+                k += 1;
+                let x = CACHED[k % CACHED.len()];
+                let r = http
+                    .post(format!("{base}/v2/models/onnx_linear/infer"))
+                    .json(&body(x))
+                    .send()
+                    .await;
+                let hit = match r {
+                    Ok(r) if r.status() == 200 => {
+                        let hit = r.headers().contains_key("infergate-cache");
+                        match r.json::<Value>().await {
+                            Ok(v) if right(&v["outputs"][0]["data"], x) => hit,
+                            _ => {
+                                *wrong.lock().unwrap() += 1;
+                                false
+                            }
+                        }
+                    }
+                    _ => false,
+                };
+                note("cache", hit);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }));
+    }
+    // Poison tasks (the slow model refuses a `delay_ms` that is no number) feed the dead
+    // letters; the operator replays the oldest one by id.
+    {
+        let Driver {
+            http, base, stop, ..
+        } = d.clone();
+        let note = d.note();
+        load.push(tokio::spawn(async move {
+            let poison = json!({"parameters": {"delay_ms": "x"},
+                "inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]});
+            let (mut tick, mut last) = (0u64, None::<String>);
+            while !stop.is_cancelled() {
+                tick += 1;
+                if tick.is_multiple_of(4) {
+                    let _ = http
+                        .post(format!("{base}/v1/models/slow/tasks"))
+                        .json(&poison)
+                        .send()
+                        .await;
+                }
+                let listed = http
+                    .get(format!("{base}/v1/admin/dead-letters?limit=1"))
+                    .send()
+                    .await;
+                // While the list fails, the replay is tried on the id listed last (one no
+                // longer dead-lettered is answered 200 with it under `refused`).
+                if let Ok(r) = listed
+                    && r.status() == 200
+                    && let Ok(v) = r.json::<Value>().await
+                    && let Some(id) = v["dead_letters"][0]["id"].as_str()
+                {
+                    last = Some(id.to_string());
+                }
+                if let Some(id) = &last {
+                    let r = http
+                        .post(format!("{base}/v1/admin/dead-letters/replay"))
+                        .json(&json!({"ids": [id]}))
+                        .send()
+                        .await;
+                    let ok = match r {
+                        Ok(r) if r.status() == 200 => r.json::<Value>().await.is_ok_and(|v| {
+                            let n = |k: &str| v[k].as_array().map_or(0, Vec::len);
+                            n("replayed") + n("refused") == 1
+                        }),
+                        _ => false,
+                    };
+                    note("replay", ok);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }));
     }
@@ -486,30 +622,10 @@ async fn run(fault: Fault) -> Row {
         l.await.unwrap();
     }
 
-    // What each operation saw from the fault on, and how long after the return it failed.
-    let seen = seen.lock().unwrap().clone();
-    let mut errors = Vec::new();
-    let mut recovered_s = 0f64;
-    for op in OPS {
-        let calls = seen.get(op).cloned().unwrap_or_default();
-        assert!(
-            calls
-                .iter()
-                .any(|(t, ok)| *ok && *t > back + Duration::from_secs(10)),
-            "{}: {op} never answered after the return",
-            fault.name()
-        );
-        errors.push((op, calls.iter().filter(|(t, ok)| !ok && *t >= down).count()));
-        if let Some((t, _)) = calls.iter().rfind(|(_, ok)| !ok)
-            && *t > back
-        {
-            recovered_s = recovered_s.max((*t - back).as_secs_f64());
-        }
-    }
-
     // Every accepted task: succeeded with its own answer, or cancelled when asked.
     let accepted = accepted.lock().unwrap().clone();
-    let (mut lost, mut wrong, mut gone_with_data) = (0, 0, 0);
+    let (mut lost, mut wrong) = (0, 0);
+    let mut gone = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     let long = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -523,7 +639,7 @@ async fn run(fault: Fault) -> Row {
                 .await
                 .unwrap();
             if r.status() == 404 && fault == Fault::RedisEmptied && t.at < back {
-                gone_with_data += 1;
+                gone.insert(t.id.clone());
                 break;
             }
             let v: Value = if r.status() == 200 {
@@ -550,6 +666,36 @@ async fn run(fault: Fault) -> Row {
             }
         }
     }
+    // Every webhook owed by a task that finished must reach the receiver (at least once;
+    // retries keep the same `webhook-id`). Its outcome is noted as of the task's acceptance.
+    let owed: Vec<&Accepted> = accepted
+        .iter()
+        .filter(|t| t.hook && !gone.contains(&t.id))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut missing: Vec<&Accepted> = owed.clone();
+    while !missing.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let got = hooks.got.lock().unwrap().clone();
+        missing.retain(|t| !got.iter().any(|id| id.starts_with(&t.id)));
+    }
+    {
+        let mut seen = seen.lock().unwrap();
+        let calls = seen.entry("webhook").or_default();
+        for t in &owed {
+            calls.push((t.at, !missing.iter().any(|m| m.id == t.id)));
+        }
+        calls.sort_by_key(|(t, _)| *t);
+    }
+    for t in &missing {
+        eprintln!(
+            "{}: task {} owed a webhook that never came",
+            fault.name(),
+            t.id
+        );
+    }
+    wrong += *cache_wrong.lock().unwrap();
+    let (errors, recovered_s) = tally(fault, &seen.lock().unwrap(), down, back);
     if fault == Fault::RedisEmptied {
         let m = scrape(&http, &base).await;
         assert!(
@@ -570,6 +716,75 @@ async fn run(fault: Fault) -> Row {
         accepted: accepted.len(),
         lost,
         wrong,
-        gone_with_data,
+        gone_with_data: gone.len(),
+        undelivered: missing.len(),
+    }
+}
+
+/// What each operation saw from the fault on (errors by operation), and the seconds from the
+/// dependency's return to the last error of any. Every operation must answer as it should
+/// again within 10 s of the return.
+fn tally(
+    fault: Fault,
+    seen: &HashMap<&'static str, Vec<(Instant, bool)>>,
+    down: Instant,
+    back: Instant,
+) -> (Vec<(&'static str, usize)>, f64) {
+    let mut errors = Vec::new();
+    let mut recovered_s = 0f64;
+    for op in OPS {
+        let calls = seen.get(op).cloned().unwrap_or_default();
+        assert!(
+            calls
+                .iter()
+                .any(|(t, ok)| *ok && *t > back + Duration::from_secs(10)),
+            "{}: {op} never answered after the return",
+            fault.name()
+        );
+        errors.push((op, calls.iter().filter(|(t, ok)| !ok && *t >= down).count()));
+        if let Some((t, _)) = calls.iter().rfind(|(_, ok)| !ok)
+            && *t > back
+        {
+            recovered_s = recovered_s.max((*t - back).as_secs_f64());
+        }
+    }
+    (errors, recovered_s)
+}
+
+/// Receives completion webhooks on a port of its own and keeps their `webhook-id`s.
+struct HookReceiver {
+    port: u16,
+    got: Arc<Mutex<HashSet<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HookReceiver {
+    async fn start() -> Self {
+        let got: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let keep = Arc::clone(&got);
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: axum::http::HeaderMap| {
+                let keep = Arc::clone(&keep);
+                async move {
+                    if let Some(id) = headers.get("webhook-id").and_then(|v| v.to_str().ok()) {
+                        keep.lock().unwrap().insert(id.to_string());
+                    }
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self { port, got, task }
+    }
+}
+
+impl Drop for HookReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
