@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fails when infergate's modules import each other in a circle.
+"""Fails when infergate's modules import each other in a circle, or a folder imports upward.
 
 A module is a file under src/ (src/a/mod.rs and src/a.rs are `a`, src/a/b.rs is `a::b`). An
 import is any path in a `use` declaration or in the code that starts at `crate::`, `super::` or
@@ -8,6 +8,12 @@ is followed to where it comes from. Unit tests (`#[cfg(test)] mod tests`) are le
 belong to their file. Prints every circle found and exits 1; prints the module count and exits 0
 when there is none. The same question as `cargo modules dependencies --acyclic`, without
 building rust-analyzer on each CI run.
+
+Then the same at the folder level: each top-level module (`tasks`, with everything under
+src/tasks/) is one node, and the graph of those must hold no circle either. And each top-level
+module sits in a layer (LAYERS below, lowest first); it may import its own layer and those below,
+never one above: base modules import no feature, features import no edge, nothing imports the
+wiring. A top-level module in no layer is an error, so a new one is placed on purpose.
 
     scripts/check-modules.py [SRC_DIR]
     scripts/check-modules.py --self-test   # shows that it finds circles it must find
@@ -19,6 +25,24 @@ import sys
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 # Binaries are their own crates (they reach the library as `infergate::`): leave them out.
 SKIP = {"main.rs", "bin"}
+
+# Top-level modules by layer, lowest first. A module imports its own layer and lower ones only.
+LAYERS = [
+    # base: the call, the model, the wire types, errors, config sections, telemetry core
+    ("base", {"error", "call", "model", "proto", "tensor", "grpc_wire", "section", "telemetry",
+              "tls", "redis_conn", "breaker"}),
+    # the sync path's core: Triton, batching, the broker, who is calling
+    ("core", {"backend", "batch", "queue", "auth", "loadgen"}),
+    # features the sync service plugs in
+    ("sync features", {"cache", "routes"}),
+    ("service", {"infer"}),
+    # features of the async path and the platform
+    ("task features", {"tasks", "scaler", "health"}),
+    # edges: what clients and brokers call
+    ("edges", {"api", "worker"}),
+    # wiring: the list of sections and the parts started in order
+    ("wiring", {"config", "server"}),
+]
 
 
 def module_of(rel):
@@ -118,7 +142,8 @@ def absolute(mod, segs):
     return base + list(segs[i:])
 
 
-def main(src):
+def main(src, layers=None):
+    layers = LAYERS if layers is None else layers
     files = {}
     for root, dirs, names in os.walk(src):
         dirs[:] = [d for d in dirs if d not in SKIP]
@@ -208,16 +233,81 @@ def main(src):
         if v not in index:
             strong(v)
     name = lambda m: "::".join(m) or "crate"
-    if comps:
-        for comp in comps:
-            members = set(comp)
-            print("import circle: " + ", ".join(sorted(name(m) for m in comp)))
-            for m in sorted(comp):
-                for t in sorted(edges[m] & members):
-                    print(f"  {name(m)} -> {name(t)}")
+    failed = False
+    for comp in comps:
+        failed = True
+        members = set(comp)
+        print("import circle: " + ", ".join(sorted(name(m) for m in comp)))
+        for m in sorted(comp):
+            for t in sorted(edges[m] & members):
+                print(f"  {name(m)} -> {name(t)}")
+
+    # The folder level: one node per top-level module.
+    folders = {m[0] for m in modules if m}
+    up = {f: {} for f in folders}  # folder -> {folder it imports: an example edge}
+    for m, targets in edges.items():
+        for t in targets:
+            if m and t and m[0] != t[0]:
+                up[m[0]].setdefault(t[0], (name(m), name(t)))
+    for comp in circles({f: set(t) for f, t in up.items()}):
+        failed = True
+        members = set(comp)
+        print("folder import circle: " + ", ".join(sorted(comp)))
+        for f in sorted(comp):
+            for t in sorted(set(up[f]) & members):
+                print(f"  {f} -> {t} ({up[f][t][0]} -> {up[f][t][1]})")
+    rank = {}
+    for i, (_, members) in enumerate(layers):
+        for f in members:
+            rank[f] = i
+    for f in sorted(folders):
+        if f not in rank:
+            failed = True
+            print(f"module `{f}` is in no layer: add it to LAYERS in check-modules.py")
+    for f in sorted(folders):
+        for t, (a, b) in sorted(up[f].items()):
+            if f in rank and t in rank and rank[t] > rank[f]:
+                failed = True
+                print(f"upward import: {f} ({layers[rank[f]][0]}) -> {t} ({layers[rank[t]][0]}): {a} -> {b}")
+    if failed:
         return 1
-    print(f"modules: {len(modules)}, import edges: {sum(len(e) for e in edges.values())}, circles: 0")
+    print(
+        f"modules: {len(modules)}, import edges: {sum(len(e) for e in edges.values())}, circles: 0; "
+        f"folders: {len(folders)}, folder edges: {sum(len(t) for t in up.values())}, circles: 0, upward imports: 0"
+    )
     return 0
+
+
+def circles(graph):
+    """Strongly connected components of more than one node (Tarjan), for a small graph."""
+    index, low, stack, on, comps, counter = {}, {}, [], set(), [], [0]
+
+    def strong(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                comps.append(comp)
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return comps
 
 
 def self_test():
@@ -237,15 +327,26 @@ def self_test():
                                                     "b.rs": 'const T: &str = "crate::a::Y"; // crate::a::Z'}, 0),
         ("a unit-test module is left out", {"lib.rs": "mod a; mod b;", "a.rs": "use crate::b::X;",
                                             "b.rs": "#[cfg(test)]\nmod tests { use crate::a::Y; }"}, 0),
+        ("folders in a circle, the modules not", {"lib.rs": "mod a; mod b;", "a/mod.rs": "mod x; pub struct Z;",
+                                                  "a/x.rs": "use crate::b::y::Y;", "b/mod.rs": "pub mod y;",
+                                                  "b/y.rs": "pub struct Y; use crate::a::Z;"}, 1),
+        ("a base module imports a feature", {"lib.rs": "mod a; mod b;", "a.rs": "use crate::b::X;",
+                                             "b.rs": "pub struct X;"}, 1, [("base", {"a"}), ("feature", {"b"})]),
+        ("a feature imports the base", {"lib.rs": "mod a; mod b;", "a.rs": "pub struct X;",
+                                        "b.rs": "use crate::a::X;"}, 0, [("base", {"a"}), ("feature", {"b"})]),
+        ("a module in no layer", {"lib.rs": "mod a; mod b;", "a.rs": "", "b.rs": ""}, 1, [("base", {"a"})]),
     ]
     failed = 0
-    for name, tree, want in cases:
+    for name, tree, want, *layers in cases:
+        # Unless a case says, every top-level module of its tree is in one layer.
+        tops = {p.split("/")[0].removesuffix(".rs") for p in tree} - {"lib"}
+        layers = layers[0] if layers else [("all", tops)]
         with tempfile.TemporaryDirectory() as d:
             for path, text in tree.items():
                 os.makedirs(os.path.dirname(os.path.join(d, path)), exist_ok=True)
                 open(os.path.join(d, path), "w").write(text)
             with contextlib.redirect_stdout(io.StringIO()):
-                got = main(d)
+                got = main(d, layers)
         if got != want:
             print(f"self-test failed: {name}: exit {got}, expected {want}")
             failed += 1

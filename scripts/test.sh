@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 echo "== Triton (CPU build) and clients: $(scripts/install-triton.sh)"
 scripts/ensure-services.sh
 echo "== Redis on 127.0.0.1:6379 and RabbitMQ on 127.0.0.1:5672: up"
-echo "== Modules: no import circles (scripts/check-modules.py)"
+echo "== Modules: no import circles, no folder circles, no upward imports (scripts/check-modules.py)"
 python3 scripts/check-modules.py --self-test
 python3 scripts/check-modules.py
 echo "== Helm chart: render and validate every mode"

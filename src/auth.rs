@@ -15,9 +15,15 @@ use std::{
     time::Instant,
 };
 
+use base64::Engine;
 use sha2::{Digest, Sha256};
 
-use crate::{config::AuthConfig, error::GatewayError};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::GatewayError,
+    section::{ConfigError, Section, invalid},
+};
 
 /// The tenant of every caller when no API keys are configured.
 pub const DEFAULT_TENANT: &str = "default";
@@ -218,12 +224,119 @@ pub fn interceptor(
     }
 }
 
+/// The bytes of a webhook signing secret (a tenant's own, or the default): `whsec_<base64>` decoded, or the text itself (16+ bytes either way).
+pub fn secret_bytes(s: &str) -> Result<Vec<u8>, String> {
+    let bytes = match s.strip_prefix("whsec_") {
+        Some(b64) => base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| format!("is not valid base64 after whsec_: {e}"))?,
+        None => s.as_bytes().to_vec(),
+    };
+    if bytes.len() < 16 {
+        return Err("must hold at least 16 bytes".into());
+    }
+    Ok(bytes)
+}
+
+// ---------------------------------------------------------------------------------------------
+// [auth] (files only)
+
+/// Who may call and how much. With no `keys`, calls need no key and all belong to the tenant
+/// `default`. Keep keys in a Secret-mounted config file (`--config main.toml,keys.toml`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub keys: Vec<ApiKey>,
+    /// Requests per second per tenant (token bucket refill); 0 = unlimited.
+    pub rate_per_s: f64,
+    /// Bucket size per tenant: requests that may arrive at once.
+    pub burst: u32,
+    /// Tasks a tenant may have queued or running at once; 0 = unlimited.
+    pub max_open_tasks: u64,
+}
+
+/// One API key, sent as `Authorization: Bearer <key>` or `x-api-key: <key>`.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiKey {
+    pub key: String,
+    pub tenant: String,
+    /// Overrides `auth.rate_per_s` for this key's tenant.
+    pub rate_per_s: Option<f64>,
+    pub burst: Option<u32>,
+    /// Overrides `auth.max_open_tasks` for this key's tenant.
+    pub max_open_tasks: Option<u64>,
+    /// This key may use the admin API (dead letters of every tenant).
+    pub admin: bool,
+    /// Signs this tenant's completion webhooks (`whsec_<base64>` or 16+ characters);
+    /// overrides `webhooks.secret`. Keys of one tenant should carry the same.
+    pub webhook_secret: Option<String>,
+}
+
+/// Keys never reach logs, even through a debug print of the config.
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("key", &"<redacted>")
+            .field("tenant", &self.tenant)
+            .field("rate_per_s", &self.rate_per_s)
+            .field("burst", &self.burst)
+            .field("max_open_tasks", &self.max_open_tasks)
+            .field("admin", &self.admin)
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+impl Section for AuthConfig {
+    fn redact(&mut self) {
+        for k in &mut self.keys {
+            k.key = "<redacted>".into();
+            if k.webhook_secret.is_some() {
+                k.webhook_secret = Some("<redacted>".into());
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let rate_ok = |r: f64| r.is_finite() && (0.0..=1e7).contains(&r);
+        if !rate_ok(self.rate_per_s) {
+            return Err(invalid("auth.rate_per_s", "must be 0 (unlimited) ..= 1e7"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, k) in self.keys.iter().enumerate() {
+            let bad = |m: &str| invalid("auth.keys", format!("key #{}: {m}", i + 1));
+            if k.key.len() < 16 || !k.key.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(bad("must be at least 16 visible ASCII characters"));
+            }
+            if k.tenant.trim().is_empty() || k.tenant.len() > 128 {
+                return Err(bad("tenant must be 1..=128 characters"));
+            }
+            if k.rate_per_s.is_some_and(|r| !rate_ok(r)) {
+                return Err(bad("rate_per_s must be 0 (unlimited) ..= 1e7"));
+            }
+            if !seen.insert(&k.key) {
+                return Err(bad("the same key is listed twice"));
+            }
+            if let Some(secret) = &k.webhook_secret
+                && let Err(m) = secret_bytes(secret)
+            {
+                return Err(bad(&format!("webhook_secret {m}")));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
+    use super::ApiKey;
     use super::*;
-    use crate::config::ApiKey;
 
     fn cfg(rate: f64, burst: u32) -> AuthConfig {
         AuthConfig {

@@ -69,7 +69,7 @@ impl Health {
         timeout: Duration,
     ) -> Arc<Self> {
         if let Some((_, kind)) = &broker {
-            metrics().init_broker(kind);
+            metrics().init_broker(kind, crate::tasks::ALL_STATES.map(|s| s.as_str()));
         }
         Arc::new(Self {
             pool,

@@ -4,7 +4,10 @@
 //! → `backend` (the pool of Triton endpoints). Async: `api` → `tasks` (records) + `queue`
 //! (broker) → `worker` → `infer` → `batch` → `backend` → `tasks`. `server` wires the
 //! listeners, workers, health and shutdown. `model` (what Triton says of a model) is read by
-//! backend, infer and batch alike; `scripts/check-modules.py` keeps the imports free of circles.
+//! backend, infer and batch alike. Features (routes, cache, scaler, webhooks…) are modules
+//! owning their config section and metrics; `config` lists the sections, `server` starts the
+//! parts. `scripts/check-modules.py` keeps the imports free of circles, between files and
+//! between folders, and refuses an import from a lower layer into a higher one.
 
 pub mod api;
 pub mod auth;
@@ -25,6 +28,7 @@ pub mod queue;
 pub mod redis_conn;
 pub mod routes;
 pub mod scaler;
+pub mod section;
 pub mod server;
 pub mod tasks;
 pub mod telemetry;

@@ -19,7 +19,7 @@ use crate::{
     },
     auth::{Auth, interceptor},
     backend::triton::TritonPool,
-    config::{BrokerUrl, Config, StoreUrl},
+    config::{BrokerUrl, Config},
     health::Health,
     infer::InferService,
     proto::{
@@ -27,16 +27,7 @@ use crate::{
         inference::grpc_inference_service_server::GrpcInferenceServiceServer,
         tasks::{task_admin_server::TaskAdminServer, task_service_server::TaskServiceServer},
     },
-    queue::{Broker, memory::MemoryBroker, rabbitmq::RabbitBroker, redis::RedisBroker},
-    tasks::{
-        TaskStore,
-        blobs::Blobs,
-        dead::{DeadLetterStore, memory::MemoryDeadLetters, redis::RedisDeadLetters},
-        memory::MemoryTaskStore,
-        outbox, outbox_grace,
-        redis::RedisTaskStore,
-        webhooks::{self, Webhooks},
-    },
+    tasks::{TaskStore, outbox, outbox_grace, parts::Tasks},
     worker::{Worker, WorkerConfig},
 };
 
@@ -47,115 +38,16 @@ const HEALTH_SERVICES: &[&str] = &[
     "infergate.tasks.v1.TaskService",
 ];
 
-/// The task store, broker and dead letters named by the config, connected.
-#[derive(Clone)]
-pub struct TaskParts {
-    pub store: Arc<dyn TaskStore>,
-    pub broker: Arc<dyn Broker>,
-    /// Kept where the task store is (in process, or in its Redis).
-    pub dead: Arc<dyn DeadLetterStore>,
-    /// The claim check's blob store, when `tasks.blob_store` names one.
-    pub blobs: Option<Arc<Blobs>>,
-    /// Completion webhooks, sent by whichever process finishes a task.
-    pub webhooks: Arc<Webhooks>,
-}
-
-pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<TaskParts> {
-    let t = &cfg.tasks;
-    let ttl = Duration::from_millis(t.ttl_ms);
-    let grace = outbox_grace(Duration::from_millis(t.publish_timeout_ms));
-    let recheck = Duration::from_millis(t.outbox_recheck_ms);
-    let store: Arc<dyn TaskStore> = match &t.task_store {
-        StoreUrl::Memory => Arc::new(
-            MemoryTaskStore::new(ttl, t.queue_capacity as usize * 2, t.max_result_bytes)
-                .with_outbox(grace, recheck),
-        ),
-        StoreUrl::Redis(url) => Arc::new(
-            RedisTaskStore::connect(url, &t.redis_prefix, ttl, t.max_result_bytes)
-                .await
-                .with_context(|| format!("connecting the task store {url}"))?
-                .with_webhook_hold(webhooks::hold(&cfg.webhooks))
-                .with_outbox(grace, recheck),
-        ),
-    };
-    let broker: Arc<dyn Broker> = match &t.broker {
-        BrokerUrl::Memory => Arc::new(MemoryBroker::new(t.queue_capacity as usize)),
-        BrokerUrl::RabbitMq(url) => {
-            let prefetch = (t.worker_concurrency * 2).min(u16::MAX as usize) as u16;
-            Arc::new(
-                RabbitBroker::connect(
-                    url,
-                    &t.redis_prefix,
-                    t.queue_capacity,
-                    prefetch,
-                    t.amqp_group_max,
-                    Duration::from_millis(t.publish_timeout_ms),
-                )
-                .await
-                .with_context(|| format!("connecting the broker {url}"))?,
-            )
-        }
-        BrokerUrl::Redis(url) => {
-            let consumer = format!(
-                "worker-{}-{}",
-                std::process::id(),
-                crate::tasks::new_task_id()
-            );
-            Arc::new(
-                RedisBroker::connect(
-                    url,
-                    &t.redis_prefix,
-                    &consumer,
-                    t.queue_capacity,
-                    Duration::from_millis(t.visibility_timeout_ms),
-                )
-                .await
-                .with_context(|| format!("connecting the broker {url}"))?,
-            )
-        }
-    };
-    let dead: Arc<dyn DeadLetterStore> = match &t.task_store {
-        StoreUrl::Memory => Arc::new(MemoryDeadLetters::new(
-            t.dead_letter_max,
-            t.dead_letter_ttl_ms,
-        )),
-        StoreUrl::Redis(url) => Arc::new(
-            RedisDeadLetters::connect(
-                url,
-                &t.redis_prefix,
-                t.dead_letter_max,
-                t.dead_letter_ttl_ms,
-            )
-            .await
-            .with_context(|| format!("connecting the dead letters' store {url}"))?,
-        ),
-    };
-    let blobs = match &t.blob_store {
-        Some(url) => Some(Arc::new(
-            Blobs::open(url, t.claim_check_bytes)
-                .map_err(|e| anyhow::anyhow!("tasks.blob_store: {e}"))?,
-        )),
-        None => None,
-    };
-    let webhooks = Arc::new(Webhooks::new(
-        &cfg.webhooks,
-        &cfg.auth.keys,
-        Arc::clone(&store),
-    ));
-    Ok(TaskParts {
-        store,
-        broker,
-        dead,
-        blobs,
-        webhooks,
-    })
+/// The async path's parts named by the config, connected (see [`Tasks::connect`]).
+pub async fn connect_tasks(cfg: &Config) -> anyhow::Result<Tasks> {
+    Tasks::connect(&cfg.tasks, &cfg.webhooks, &cfg.auth.keys).await
 }
 
 /// The async path's upkeep, in every process: owed webhooks whose holder died are taken
 /// over, task messages a submitter left in the outbox are published, and every `tasks.blob_sweep_ms` the blobs no task needs any more are removed
 /// (removing twice is harmless; a blob younger than one period is left alone, so a submit
 /// writing its input is never raced).
-fn spawn_task_upkeep(cfg: &Config, tasks: &TaskParts, stop: &CancellationToken) {
+fn spawn_task_upkeep(cfg: &Config, tasks: &Tasks, stop: &CancellationToken) {
     Arc::clone(&tasks.webhooks).spawn_resumer(stop.clone());
     outbox::spawn_relay(
         Arc::clone(&tasks.store),
@@ -177,7 +69,7 @@ fn spawn_task_upkeep(cfg: &Config, tasks: &TaskParts, stop: &CancellationToken) 
     }
 }
 
-fn health_of(cfg: &Config, pool: &Arc<TritonPool>, tasks: &TaskParts) -> Arc<Health> {
+fn health_of(cfg: &Config, pool: &Arc<TritonPool>, tasks: &Tasks) -> Arc<Health> {
     Health::new(
         Arc::clone(pool),
         Some((Arc::clone(&tasks.broker), cfg.tasks.broker.kind())),
@@ -190,18 +82,13 @@ fn health_of(cfg: &Config, pool: &Arc<TritonPool>, tasks: &TaskParts) -> Arc<Hea
 fn spawn_workers(
     cfg: &Config,
     infer: &InferService,
-    tasks: &TaskParts,
+    tasks: &Tasks,
     stop: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..cfg.tasks.workers)
         .map(|_| {
             let w = Worker {
-                broker_kind: cfg.tasks.broker.kind(),
-                broker: Arc::clone(&tasks.broker),
-                store: Arc::clone(&tasks.store),
-                dead: Arc::clone(&tasks.dead),
-                blobs: tasks.blobs.clone(),
-                webhooks: Arc::clone(&tasks.webhooks),
+                tasks: tasks.clone(),
                 infer: infer.clone(),
                 cfg: WorkerConfig {
                     concurrency: cfg.tasks.worker_concurrency,
@@ -269,94 +156,9 @@ pub async fn run_workers(
     Ok(())
 }
 
-/// Reads the routes file again on each SIGHUP; one that does not load is logged with its
-/// setting named and counted, and the running routes stay.
-fn spawn_route_reload(
-    infer: &InferService,
-    watch: Duration,
-    stop: CancellationToken,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let infer = infer.clone();
-    let routes = Arc::clone(infer.routes());
-    let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
-    // The content last read, so that the watch reloads on a change only.
-    let content = |routes: &crate::routes::Routes| {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        routes
-            .file()
-            .and_then(|f| std::fs::read(f).ok())
-            .hash(&mut h);
-        h.finish()
-    };
-    let mut seen = content(&routes);
-    let watching = !watch.is_zero() && routes.file().is_some();
-    let mut tick = tokio::time::interval(if watching {
-        watch
-    } else {
-        Duration::from_secs(3600)
-    });
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    Ok(tokio::spawn(async move {
-        // At start, the routes are checked once Triton can describe the models; an unknown
-        // model or a mismatch is reported (the routes already run).
-        if !routes.get_all().is_empty() {
-            let retry = Duration::from_secs(1);
-            loop {
-                if infer.backend().is_ready() {
-                    if let Err(e) = infer.check_routes(&routes.table()).await {
-                        tracing::error!(error = %e, "a route names a model Triton does not serve, or a fallback that does not fit its targets");
-                    }
-                    break;
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(retry) => {}
-                }
-            }
-        }
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                got = hangup.recv() => if got.is_none() { return },
-                _ = tick.tick() => {
-                    let now = content(&routes);
-                    if !watching || now == seen {
-                        continue;
-                    }
-                }
-            }
-            seen = content(&routes);
-            let file = routes.file().map(|f| f.display().to_string());
-            let checked = match routes.read() {
-                Ok(table) => match infer.check_routes(&table).await {
-                    Ok(()) => {
-                        let n = table.routes.len();
-                        routes.set(table);
-                        Ok(n)
-                    }
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e.to_string()),
-            };
-            match checked {
-                Ok(n) => {
-                    crate::telemetry::metrics::metrics().route_reload("ok");
-                    tracing::info!(routes = n, file = ?file, "routes reloaded");
-                }
-                Err(e) => {
-                    crate::telemetry::metrics::metrics().route_reload("refused");
-                    tracing::error!(error = %e, file = ?file, "routes file refused; the running routes stay");
-                }
-            }
-        }
-    }))
-}
-
-/// The autoscaler's parts in this process: with a Redis task store, this process's in-flight
-/// calls shared there (front ends and workers alike); with `scaler.addr`, KEDA's external
-/// scaler on its own listener (its peaks in Redis when the store is there, else in memory).
+/// The autoscaler's parts (see `scaler::start`); a ScaledObject's models must be ones this
+/// front end serves (a route, or a model Triton knows): a typo is refused rather than scaled
+/// to its minimum forever.
 fn spawn_autoscaling(
     cfg: &Config,
     infer: &InferService,
@@ -364,49 +166,8 @@ fn spawn_autoscaling(
     listener: Option<TcpListener>,
     stop: CancellationToken,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    use crate::{
-        proto::externalscaler::external_scaler_server::ExternalScalerServer,
-        scaler::{
-            ModelCheck, Scaler, SharedInFlight, Signals,
-            peaks::{MemoryPeaks, PeakStore},
-            peaks_redis::RedisPeaks,
-        },
-    };
-    let s = &cfg.scaler;
-    let prefix = &cfg.tasks.redis_prefix;
-    let mut tasks = Vec::new();
-    let shared = match &cfg.tasks.task_store {
-        StoreUrl::Redis(url) => {
-            let shared = SharedInFlight::new(url, prefix)
-                .with_context(|| format!("{url}, to share in-flight calls"))?;
-            tasks.push(shared.clone().spawn_publisher(
-                Arc::clone(infer.activity()),
-                Duration::from_millis(s.share_interval_ms),
-                stop.clone(),
-            ));
-            Some(shared)
-        }
-        StoreUrl::Memory => None,
-    };
-    let Some(listener) = listener else {
-        return Ok(tasks);
-    };
-    let peaks: Arc<dyn PeakStore> = match &cfg.tasks.task_store {
-        StoreUrl::Redis(url) => Arc::new(
-            RedisPeaks::new(url, prefix)
-                .with_context(|| format!("{url}, for the scaler's peaks"))?,
-        ),
-        StoreUrl::Memory => Arc::new(MemoryPeaks::default()),
-    };
-    let signals = Signals {
-        store: Arc::clone(store),
-        activity: Arc::clone(infer.activity()),
-        shared,
-    };
-    // A ScaledObject's models must be ones this front end serves (a route, or a model Triton
-    // knows): a typo is refused rather than scaled to its minimum forever.
     let known = infer.clone();
-    let models: ModelCheck = Arc::new(move |name: String| {
+    let models: crate::scaler::ModelCheck = Arc::new(move |name: String| {
         let infer = known.clone();
         Box::pin(async move {
             if infer.routes().get(&name).is_some() {
@@ -419,22 +180,15 @@ fn spawn_autoscaling(
             }
         })
     });
-    let scaler = Arc::new(Scaler::new(s.clone(), signals, peaks, models, stop.clone()));
-    // Peaks recorded as often as the calls in flight are shared.
-    tasks.push(scaler.spawn_recorder(Duration::from_millis(s.share_interval_ms)));
-    let addr = listener.local_addr()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tracing::info!(%addr, "KEDA external scaler serving");
-    tasks.push(tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
-            .add_service(ExternalScalerServer::new(scaler))
-            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "the external scaler stopped");
-        }
-    }));
-    Ok(tasks)
+    crate::scaler::start::spawn(
+        &cfg.scaler,
+        &cfg.tasks,
+        Arc::clone(infer.activity()),
+        Arc::clone(store),
+        models,
+        listener,
+        stop,
+    )
 }
 
 /// A gateway whose listeners are bound (so tests can use port 0 and read the real ports).
@@ -447,14 +201,23 @@ pub struct Gateway {
     scaler_listener: Option<TcpListener>,
     /// Loaded at bind time, so a bad routes file stops the start with its setting named.
     routes: Arc<crate::routes::Routes>,
-    tasks: TaskParts,
+    tasks: Tasks,
     /// Loaded at bind time, so a bad certificate stops the start with its field named.
     grpc_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     http_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
+/// Features' metric families, registered at start so that a scrape lists them (and the
+/// dashboard's queries find them) before their first event.
+fn register_feature_metrics() {
+    let _ = crate::routes::metrics::metrics();
+    let _ = crate::cache::metrics::metrics();
+    let _ = crate::scaler::metrics::metrics();
+}
+
 impl Gateway {
     pub async fn bind(cfg: Config) -> anyhow::Result<Self> {
+        register_feature_metrics();
         // One more ModelInfer connection per endpoint for each gRPC serving thread.
         let pool = TritonPool::with_lanes(
             &cfg.triton,
@@ -582,11 +345,20 @@ impl Gateway {
             let cache = crate::cache::MemoryCache::new(cfg.cache.max_bytes);
             infer = infer.with_cache(Arc::new(crate::cache::Store::Memory(cache)));
         }
-        let route_reload = spawn_route_reload(
-            &infer,
-            Duration::from_millis(cfg.routes.watch_ms),
-            stop.clone(),
-        )?;
+        let route_reload = {
+            let (ready, check) = (infer.clone(), infer.clone());
+            crate::routes::reload::spawn_reload(
+                Arc::clone(infer.routes()),
+                Duration::from_millis(cfg.routes.watch_ms),
+                stop.clone(),
+                move || ready.backend().is_ready(),
+                move |table| {
+                    let infer = check.clone();
+                    async move { infer.check_routes(&table).await }
+                },
+            )
+            .context("listening for SIGHUP")?
+        };
         let autoscaling =
             spawn_autoscaling(&cfg, &infer, &tasks.store, scaler_listener, stop.clone())?;
         let window_check = spawn_window_check(&infer, cfg.triton_health_interval(), stop.clone());
@@ -596,12 +368,7 @@ impl Gateway {
             stop.clone(),
         );
         let front = crate::tasks::front::TaskFront {
-            broker_kind: cfg.tasks.broker.kind(),
-            store: Arc::clone(&tasks.store),
-            broker: Arc::clone(&tasks.broker),
-            dead: Arc::clone(&tasks.dead),
-            blobs: tasks.blobs.clone(),
-            webhooks: Arc::clone(&tasks.webhooks),
+            tasks: tasks.clone(),
             infer: infer.clone(),
         };
         spawn_task_upkeep(&cfg, &tasks, &stop);

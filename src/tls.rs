@@ -19,7 +19,129 @@ use tokio_rustls::{
 };
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
-use crate::config::{ServerTls, TritonTls};
+use std::path::PathBuf;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use crate::section::{ConfigError, Section, bounds, clap_defaults, invalid, readable};
+
+/// Certificates of the two listeners (PEM files, read at start).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerTls {
+    /// PEM certificate chain, leaf first: serve both APIs over TLS (with the key).
+    #[arg(long = "tls-cert", env = "INFERGATE_TLS_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    #[arg(long = "tls-key", env = "INFERGATE_TLS_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// PEM CA bundle: require client certificates signed by it (mTLS).
+    #[arg(
+        long = "tls-client-ca",
+        env = "INFERGATE_TLS_CLIENT_CA",
+        value_name = "FILE"
+    )]
+    pub client_ca: Option<PathBuf>,
+    /// A client that has not finished its TLS handshake by then is dropped, in ms.
+    #[arg(
+        long = "tls-handshake-timeout-ms",
+        env = "INFERGATE_TLS_HANDSHAKE_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 10_000
+    )]
+    pub handshake_timeout_ms: u64,
+    /// TLS handshakes in progress at once on each listener; more connections wait.
+    #[arg(
+        long = "tls-max-handshakes",
+        env = "INFERGATE_TLS_MAX_HANDSHAKES",
+        value_name = "N",
+        default_value_t = 256
+    )]
+    pub max_handshakes: usize,
+}
+
+impl ServerTls {
+    /// TLS is on once any of its files is named (then certificate and key are both needed).
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() || self.key.is_some() || self.client_ca.is_some()
+    }
+}
+impl Section for ServerTls {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        readable("server.tls.cert", self.cert.as_deref())?;
+        readable("server.tls.key", self.key.as_deref())?;
+        if let Some(ca) = &self.client_ca {
+            readable("server.tls.client_ca", Some(ca))?;
+        }
+        bounds!(self, "server.tls", {
+            handshake_timeout_ms: 1..=600_000,
+            max_handshakes: 1..=65_536,
+        });
+        Ok(())
+    }
+}
+
+/// TLS towards Triton (used for `https://` Triton URLs). Its certificate and key share
+/// their field names with the listeners' own, so their flag ids spell the whole path.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct TritonTls {
+    /// PEM CA bundle that signed Triton's certificate (for https:// Triton URLs).
+    #[arg(long = "triton-ca", env = "INFERGATE_TRITON_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate towards Triton, for its `--grpc-use-ssl-mutual` (with the key).
+    #[arg(
+        id = "triton.tls.cert",
+        long = "triton-cert",
+        env = "INFERGATE_TRITON_CERT",
+        value_name = "FILE"
+    )]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of that client certificate.
+    #[arg(
+        id = "triton.tls.key",
+        long = "triton-key",
+        env = "INFERGATE_TRITON_KEY",
+        value_name = "FILE"
+    )]
+    pub key: Option<PathBuf>,
+    /// Name to check Triton's certificate against, when not the URL's host.
+    #[arg(
+        long = "triton-domain",
+        env = "INFERGATE_TRITON_DOMAIN",
+        value_name = "NAME"
+    )]
+    pub domain: Option<String>,
+}
+
+impl TritonTls {
+    pub fn enabled(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some() || self.domain.is_some()
+    }
+}
+
+impl Section for TritonTls {
+    fn validate(&self) -> Result<(), ConfigError> {
+        readable("triton.tls.ca", self.ca.as_deref())?;
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => {
+                readable("triton.tls.cert", Some(c))?;
+                readable("triton.tls.key", Some(k))
+            }
+            (None, None) => Ok(()),
+            _ => Err(invalid(
+                "triton.tls.cert",
+                "a client certificate needs its key, and a key its certificate",
+            )),
+        }
+    }
+}
+
+clap_defaults!(ServerTls, TritonTls);
 
 #[derive(Debug, thiserror::Error)]
 #[error("{field}: {message}")]

@@ -30,13 +30,13 @@ use crate::{
     call::Call,
     error::{GatewayError, code_name},
     infer::InferService,
-    proto::inference::ModelInferRequest,
-    queue::{Broker, Delivery},
+    proto::inference::{ModelInferRequest, ModelInferResponse},
+    queue::Delivery,
     tasks::{
-        Change, Start, StoreError, Takeover, TaskError, TaskRecord, TaskState, TaskStore,
-        blobs::{self, Blobs},
-        dead::{DeadEntry, DeadLetter, DeadLetterStore},
+        Change, Start, StoreError, Takeover, TaskError, TaskRecord, TaskState, blobs,
+        dead::{DeadEntry, DeadLetter},
         now_ms,
+        parts::Tasks,
     },
     telemetry::{metrics::metrics, trace},
 };
@@ -52,16 +52,9 @@ pub struct WorkerConfig {
 
 #[derive(Clone)]
 pub struct Worker {
-    pub broker: Arc<dyn Broker>,
-    pub store: Arc<dyn TaskStore>,
-    pub dead: Arc<dyn DeadLetterStore>,
-    /// The claim check's blob store, when configured.
-    pub blobs: Option<Arc<Blobs>>,
-    pub webhooks: Arc<crate::tasks::webhooks::Webhooks>,
+    pub tasks: Tasks,
     pub infer: InferService,
     pub cfg: WorkerConfig,
-    /// `memory`, `redis` or `rabbitmq`, for metric labels.
-    pub broker_kind: &'static str,
 }
 
 fn task_error(e: &GatewayError) -> TaskError {
@@ -103,13 +96,13 @@ impl Worker {
             let want = if store_failing { 1 } else { permits.len() };
             let got = tokio::select! {
                 _ = stop.cancelled() => break,
-                r = self.broker.receive(want, self.cfg.poll) => r,
+                r = self.tasks.broker.receive(want, self.cfg.poll) => r,
             };
             match got {
                 Ok(deliveries) => {
                     backoff = Duration::from_millis(100);
                     // The whole batch starts in one store call.
-                    let lease = self.broker.lease();
+                    let lease = self.tasks.broker.lease();
                     let ids: Vec<(&str, Takeover)> = deliveries
                         .iter()
                         .map(|d| {
@@ -121,7 +114,11 @@ impl Worker {
                             (d.msg.task_id.as_str(), how)
                         })
                         .collect();
-                    let starts = self.store.start_many(&ids, self.cfg.max_attempts).await;
+                    let starts = self
+                        .tasks
+                        .store
+                        .start_many(&ids, self.cfg.max_attempts)
+                        .await;
                     store_failing = starts.iter().any(Result::is_err);
                     for (d, started) in deliveries.into_iter().zip(starts) {
                         let permit = permits.pop().expect("one permit per delivery");
@@ -147,7 +144,7 @@ impl Worker {
                 Err(e) => {
                     // Broker unreachable: back off (bounded) and try again; nothing is lost,
                     // since nothing was taken.
-                    metrics().broker_error(self.broker_kind, "receive");
+                    metrics().broker_error(self.tasks.broker_kind, "receive");
                     tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "receiving tasks failed");
                     tokio::select! {
                         _ = stop.cancelled() => break,
@@ -168,8 +165,8 @@ impl Worker {
     }
 
     async fn finish(&self, d: &Delivery) {
-        if let Err(e) = self.broker.ack(d).await {
-            metrics().broker_error(self.broker_kind, "ack");
+        if let Err(e) = self.tasks.broker.ack(d).await {
+            metrics().broker_error(self.tasks.broker_kind, "ack");
             tracing::warn!(task = %d.msg.task_id, error = %e, "ack failed; the task may be delivered again");
         }
     }
@@ -179,8 +176,8 @@ impl Worker {
     async fn retry_later(&self, d: &Delivery, cause: &StoreError) {
         metrics().task_store_errors.inc();
         tracing::warn!(task = %d.msg.task_id, error = %cause, "task store unavailable; retrying later");
-        if let Err(e) = self.broker.retry(d).await {
-            metrics().broker_error(self.broker_kind, "retry");
+        if let Err(e) = self.tasks.broker.retry(d).await {
+            metrics().broker_error(self.tasks.broker_kind, "retry");
             tracing::warn!(task = %d.msg.task_id, error = %e, "handing the task back failed; it stays unacknowledged");
         }
     }
@@ -195,7 +192,7 @@ impl Worker {
             otel.status_code = tracing::field::Empty,
             task.id = %d.msg.task_id,
             model = %d.msg.model,
-            messaging.system = self.broker_kind,
+            messaging.system = self.tasks.broker_kind,
             task.attempt = tracing::field::Empty,
             trace_id = tracing::field::Empty,
         );
@@ -203,62 +200,13 @@ impl Worker {
         self.run_delivery(d, started).instrument(span).await
     }
 
+    /// One delivery: started → its input read → run → the outcome recorded.
     async fn run_delivery(&self, d: Delivery, started: Result<Start, StoreError>) {
-        let id = d.msg.task_id.clone();
-        let rec = match started {
-            Ok(Start::Started(rec)) => {
-                let m = metrics();
-                m.task_state(TaskState::Running.as_str());
-                let waited = now_ms().saturating_sub(rec.queued_at_ms);
-                m.observe(&rec.model, "task_queue", Duration::from_millis(waited));
-                tracing::Span::current().record("task.attempt", rec.attempts);
-                rec
-            }
-            // Expired from the store, final, or running elsewhere: nothing to run it for.
-            Ok(Start::Skip) => {
-                self.finish(&d).await;
-                return;
-            }
-            Ok(Start::Exhausted(rec)) => {
-                self.give_up(&d, &rec).await;
-                return;
-            }
-            Err(e) => {
-                self.retry_later(&d, &e).await;
-                return;
-            }
+        let Some(rec) = self.started(&d, started).await else {
+            return;
         };
-        let req = match ModelInferRequest::decode(d.msg.payload.clone()) {
-            Ok(r) => r,
-            Err(e) => {
-                self.fail(
-                    &d,
-                    Some(rec.attempts),
-                    TaskError {
-                        code: code_name(Code::InvalidArgument).into(),
-                        message: format!("undecodable task payload: {e}"),
-                    },
-                )
-                .await;
-                return;
-            }
-        };
-        // A stand-in names the request's blob (the claim check): read it back. A failed read
-        // is a failed attempt, retried like any other.
-        let claimed_input = blobs::is_claimed(&req);
-        let req = if claimed_input {
-            match &self.blobs {
-                Some(b) => b
-                    .check_out_request(&id, &req)
-                    .await
-                    .map_err(|e| GatewayError::Unavailable(e.to_string())),
-                None => Err(GatewayError::Unavailable(
-                    "the task's input is in a blob store and this worker has none (tasks.blob_store)"
-                        .into(),
-                )),
-            }
-        } else {
-            Ok(req)
+        let Some((req, claimed_input)) = self.input(&d, &rec).await else {
+            return;
         };
         let run_started = Instant::now();
         let result = match req {
@@ -267,131 +215,223 @@ impl Worker {
         };
         metrics().observe(&rec.model, "task_run", run_started.elapsed());
         match result {
-            Ok(resp) => {
-                let encoded: Bytes = resp.encode_to_vec().into();
-                let (result, blob) = match &self.blobs {
-                    Some(b) => match b.check_in_result(&id, rec.attempts, &resp, encoded).await {
-                        Ok(kept) => kept,
-                        Err(e) => {
-                            let _ = self
-                                .store
-                                .transition_quiet(&id, TaskState::Queued, Change::default())
-                                .await;
-                            tracing::warn!(task = %id, error = %e, "storing a result in the blob store failed; retrying later");
-                            self.retry_later(&d, &StoreError::Backend(e.to_string()))
-                                .await;
-                            return;
-                        }
-                    },
-                    None => (encoded, None),
-                };
-                drop(resp);
-                let change = Change {
-                    result: Some(result),
-                    fence: Some(rec.attempts),
-                    ..Default::default()
-                };
-                let stored = self
-                    .store
-                    .transition_quiet(&id, TaskState::Succeeded, change)
-                    .instrument(tracing::info_span!(
-                        "store_result",
-                        otel.name = "task store result"
-                    ))
-                    .await;
-                // A result blob the store did not take is nobody's: removed now, not at a sweep.
-                let unwanted = |blob: Option<String>| async move {
-                    if let (Some(b), Some(key)) = (&self.blobs, blob) {
-                        let _ = b.delete(&key).await;
-                    }
-                };
-                match stored {
-                    Ok(_) => {
-                        metrics().task_state(TaskState::Succeeded.as_str());
-                        if claimed_input && let Some(b) = &self.blobs {
-                            b.drop_input(&id).await;
-                        }
-                        self.finish(&d).await;
-                        // The final record (its times) is read back only for a task that
-                        // asked to be told.
-                        if rec.callback_url.is_some()
-                            && let Ok(Some(done)) = self.store.get(&id).await
-                        {
-                            self.webhooks.notify(done);
-                        }
-                    }
-                    // Cancelled or expired meanwhile: the late result is dropped.
-                    Err(StoreError::Conflict { .. }) => {
-                        unwanted(blob).await;
-                        self.finish(&d).await
-                    }
-                    // Another worker took the task over (this one was too slow to answer):
-                    // its attempt owns the task and the delivery; this result is refused.
-                    Err(e @ StoreError::Fenced { .. }) => {
-                        unwanted(blob).await;
-                        metrics().task_fenced.inc();
-                        tracing::warn!(task = %id, error = %e, "a late result was refused");
-                    }
-                    Err(StoreError::ResultTooLarge { size, limit }) => {
-                        self.fail(&d, Some(rec.attempts), TaskError {
-                            code: code_name(Code::ResourceExhausted).into(),
-                            message: format!("result of {size} bytes is over the task store limit of {limit} bytes"),
-                        })
-                        .await;
-                    }
-                    Err(e) => {
-                        unwanted(blob).await;
-                        let _ = self
-                            .store
-                            .transition_quiet(&id, TaskState::Queued, Change::default())
-                            .await;
-                        self.retry_later(&d, &e).await;
-                    }
-                }
+            Ok(resp) => self.succeeded(&d, &rec, resp, claimed_input).await,
+            Err(e) => self.attempt_failed(&d, &rec, e).await,
+        }
+    }
+
+    /// The record of a delivery the store started, or `None` when there is nothing to run
+    /// (skipped, exhausted or the store failing: each handled here).
+    async fn started(
+        &self,
+        d: &Delivery,
+        started: Result<Start, StoreError>,
+    ) -> Option<TaskRecord> {
+        match started {
+            Ok(Start::Started(rec)) => {
+                let m = metrics();
+                m.task_state(TaskState::Running.as_str());
+                let waited = now_ms().saturating_sub(rec.queued_at_ms);
+                m.observe(&rec.model, "task_queue", Duration::from_millis(waited));
+                tracing::Span::current().record("task.attempt", rec.attempts);
+                Some(rec)
+            }
+            // Expired from the store, final, or running elsewhere: nothing to run it for.
+            Ok(Start::Skip) => {
+                self.finish(d).await;
+                None
+            }
+            Ok(Start::Exhausted(rec)) => {
+                self.give_up(d, &rec).await;
+                None
             }
             Err(e) => {
-                trace::record_error(&tracing::Span::current(), &e);
-                if e.is_transient() {
-                    // Triton may be going away: look now rather than at the next probe, so
-                    // the worker stops taking tasks (see `run`) instead of failing them.
-                    self.infer.backend().probe_all().await;
-                }
-                let err = task_error(&e);
-                if rec.attempts >= self.cfg.max_attempts {
-                    self.fail(&d, Some(rec.attempts), err).await;
-                } else {
-                    let back = self
-                        .store
-                        .transition_quiet(
-                            &id,
-                            TaskState::Queued,
-                            Change {
-                                error: Some(err),
-                                fence: Some(rec.attempts),
-                                ..Default::default()
-                            },
-                        )
-                        .await;
-                    match back {
-                        Ok(_) => {
-                            // Back off before the next delivery: 250 ms, 500 ms, 1 s... ≤ 5 s.
-                            let pause = Duration::from_millis(250)
-                                .saturating_mul(1 << rec.attempts.saturating_sub(1).min(5))
-                                .min(Duration::from_secs(5));
-                            tokio::time::sleep(pause).await;
-                            let _ = self.broker.retry(&d).await;
-                        }
-                        Err(_) => self.finish(&d).await,
-                    }
-                }
+                self.retry_later(d, &e).await;
+                None
             }
+        }
+    }
+
+    /// The task's request, and whether it came from a blob (the claim check). An undecodable
+    /// payload fails the task (`None`); a blob that cannot be read is a failed attempt.
+    async fn input(
+        &self,
+        d: &Delivery,
+        rec: &TaskRecord,
+    ) -> Option<(Result<ModelInferRequest, GatewayError>, bool)> {
+        let req = match ModelInferRequest::decode(d.msg.payload.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                let err = TaskError {
+                    code: code_name(Code::InvalidArgument).into(),
+                    message: format!("undecodable task payload: {e}"),
+                };
+                self.fail(d, Some(rec.attempts), err).await;
+                return None;
+            }
+        };
+        if !blobs::is_claimed(&req) {
+            return Some((Ok(req), false));
+        }
+        let req = match &self.tasks.blobs {
+            Some(b) => b
+                .check_out_request(&d.msg.task_id, &req)
+                .await
+                .map_err(|e| GatewayError::Unavailable(e.to_string())),
+            None => Err(GatewayError::Unavailable(
+                "the task's input is in a blob store and this worker has none (tasks.blob_store)"
+                    .into(),
+            )),
+        };
+        Some((req, true))
+    }
+
+    /// Stores an answer (its bytes in a blob past the claim-check size) and records how the
+    /// store took it.
+    async fn succeeded(
+        &self,
+        d: &Delivery,
+        rec: &TaskRecord,
+        resp: ModelInferResponse,
+        claimed_input: bool,
+    ) {
+        let id = &d.msg.task_id;
+        let encoded: Bytes = resp.encode_to_vec().into();
+        let (result, blob) = match &self.tasks.blobs {
+            Some(b) => match b.check_in_result(id, rec.attempts, &resp, encoded).await {
+                Ok(kept) => kept,
+                Err(e) => {
+                    let _ = self
+                        .tasks
+                        .store
+                        .transition_quiet(id, TaskState::Queued, Change::default())
+                        .await;
+                    tracing::warn!(task = %id, error = %e, "storing a result in the blob store failed; retrying later");
+                    self.retry_later(d, &StoreError::Backend(e.to_string()))
+                        .await;
+                    return;
+                }
+            },
+            None => (encoded, None),
+        };
+        drop(resp);
+        let change = Change {
+            result: Some(result),
+            fence: Some(rec.attempts),
+            ..Default::default()
+        };
+        let stored = self
+            .tasks
+            .store
+            .transition_quiet(id, TaskState::Succeeded, change)
+            .instrument(tracing::info_span!(
+                "store_result",
+                otel.name = "task store result"
+            ))
+            .await;
+        self.result_stored(d, rec, stored.map(|_| ()), blob, claimed_input)
+            .await;
+    }
+
+    /// What the store said to a result: kept (ack, the input blob dropped, the webhook owed),
+    /// or refused as late, fenced, too large, or failing (the result's blob removed now,
+    /// since nobody else will).
+    async fn result_stored(
+        &self,
+        d: &Delivery,
+        rec: &TaskRecord,
+        stored: Result<(), StoreError>,
+        blob: Option<String>,
+        claimed_input: bool,
+    ) {
+        let id = &d.msg.task_id;
+        let unwanted = |blob: Option<String>| async move {
+            if let (Some(b), Some(key)) = (&self.tasks.blobs, blob) {
+                let _ = b.delete(&key).await;
+            }
+        };
+        match stored {
+            Ok(()) => {
+                metrics().task_state(TaskState::Succeeded.as_str());
+                if claimed_input && let Some(b) = &self.tasks.blobs {
+                    b.drop_input(id).await;
+                }
+                self.finish(d).await;
+                self.notify(rec, None).await;
+            }
+            // Cancelled or expired meanwhile: the late result is dropped.
+            Err(StoreError::Conflict { .. }) => {
+                unwanted(blob).await;
+                self.finish(d).await
+            }
+            // Another worker took the task over (this one was too slow to answer): its
+            // attempt owns the task and the delivery; this result is refused.
+            Err(e @ StoreError::Fenced { .. }) => {
+                unwanted(blob).await;
+                metrics().task_fenced.inc();
+                tracing::warn!(task = %id, error = %e, "a late result was refused");
+            }
+            Err(StoreError::ResultTooLarge { size, limit }) => {
+                let err = TaskError {
+                    code: code_name(Code::ResourceExhausted).into(),
+                    message: format!(
+                        "result of {size} bytes is over the task store limit of {limit} bytes"
+                    ),
+                };
+                self.fail(d, Some(rec.attempts), err).await;
+            }
+            Err(e) => {
+                unwanted(blob).await;
+                let _ = self
+                    .tasks
+                    .store
+                    .transition_quiet(id, TaskState::Queued, Change::default())
+                    .await;
+                self.retry_later(d, &e).await;
+            }
+        }
+    }
+
+    /// An attempt that failed: the task fails for good at its last attempt, else goes back
+    /// to the queue after a pause (250 ms, 500 ms, 1 s… ≤ 5 s).
+    async fn attempt_failed(&self, d: &Delivery, rec: &TaskRecord, e: GatewayError) {
+        trace::record_error(&tracing::Span::current(), &e);
+        if e.is_transient() {
+            // Triton may be going away: look now rather than at the next probe, so the
+            // worker stops taking tasks (see `run`) instead of failing them.
+            self.infer.backend().probe_all().await;
+        }
+        let err = task_error(&e);
+        if rec.attempts >= self.cfg.max_attempts {
+            self.fail(d, Some(rec.attempts), err).await;
+            return;
+        }
+        let change = Change {
+            error: Some(err),
+            fence: Some(rec.attempts),
+            ..Default::default()
+        };
+        let back = self
+            .tasks
+            .store
+            .transition_quiet(&d.msg.task_id, TaskState::Queued, change)
+            .await;
+        match back {
+            Ok(_) => {
+                let pause = Duration::from_millis(250)
+                    .saturating_mul(1 << rec.attempts.saturating_sub(1).min(5))
+                    .min(Duration::from_secs(5));
+                tokio::time::sleep(pause).await;
+                let _ = self.tasks.broker.retry(d).await;
+            }
+            Err(_) => self.finish(d).await,
         }
     }
 
     /// Runs `work` while renewing the delivery's lease (a third of it at a time), so a task
     /// longer than the lease stays with this live worker instead of being handed to another.
     async fn renewing<T>(&self, d: &Delivery, work: impl std::future::Future<Output = T>) -> T {
-        let Some(lease) = self.broker.lease() else {
+        let Some(lease) = self.tasks.broker.lease() else {
             return work.await;
         };
         let every = (lease / 3).max(Duration::from_millis(50));
@@ -400,8 +440,8 @@ impl Worker {
         let renew = async {
             loop {
                 tokio::time::sleep(every).await;
-                if let Err(e) = self.broker.renew(d).await {
-                    metrics().broker_error(self.broker_kind, "renew");
+                if let Err(e) = self.tasks.broker.renew(d).await {
+                    metrics().broker_error(self.tasks.broker_kind, "renew");
                     tracing::warn!(task = %d.msg.task_id, error = %e, "renewing the lease failed");
                 }
             }
@@ -412,11 +452,27 @@ impl Worker {
         }
     }
 
+    /// A task that ended and asked to be told (a callback URL) is owed its webhook: `done`
+    /// is its final record when the transition returned it, else it is read back.
+    async fn notify(&self, rec: &TaskRecord, done: Option<TaskRecord>) {
+        if rec.callback_url.is_none() {
+            return;
+        }
+        let done = match done {
+            Some(done) => Some(done),
+            None => self.tasks.store.get(&rec.id).await.ok().flatten(),
+        };
+        if let Some(done) = done {
+            self.tasks.webhooks.notify(done);
+        }
+    }
+
     /// Fails the task for good (`fence`: the attempt failing it, when one ran) and keeps it
     /// in the dead letters, record and message, for an operator to read and replay.
     async fn fail(&self, d: &Delivery, fence: Option<u32>, err: TaskError) {
         let reason = format!("{}: {}", err.code, err.message);
         let failed = self
+            .tasks
             .store
             .transition(
                 &d.msg.task_id,
@@ -431,7 +487,7 @@ impl Worker {
         let record = match failed {
             Ok(rec) => {
                 metrics().task_state(TaskState::Failed.as_str());
-                self.webhooks.notify(rec.clone());
+                self.notify(&rec, Some(rec.clone())).await;
                 rec
             }
             Err(e @ StoreError::Fenced { .. }) => {
@@ -459,7 +515,7 @@ impl Worker {
             },
             message: d.msg.clone(),
         };
-        match self.dead.bury(dl).await {
+        match self.tasks.dead.bury(dl).await {
             Ok(depth) => {
                 crate::tasks::dead::report(depth);
                 self.finish(d).await;
@@ -474,8 +530,8 @@ impl Worker {
     }
 
     async fn broker_dead_letter(&self, d: &Delivery, reason: &str) {
-        if let Err(e) = self.broker.dead_letter(d, reason).await {
-            metrics().broker_error(self.broker_kind, "dead_letter");
+        if let Err(e) = self.tasks.broker.dead_letter(d, reason).await {
+            metrics().broker_error(self.tasks.broker_kind, "dead_letter");
             tracing::warn!(task = %d.msg.task_id, error = %e, "dead-lettering failed");
         }
     }

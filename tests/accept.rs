@@ -28,7 +28,7 @@ use infergate::{
     proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor},
     queue::{Broker, Delivery, QueueError, TaskMessage},
     server::connect_tasks,
-    tasks::{TaskState, front::TaskFront, outbox},
+    tasks::{TaskState, front::TaskFront, outbox, parts::Tasks},
     telemetry::trace::TraceHeaders,
 };
 use tokio_util::sync::CancellationToken;
@@ -117,12 +117,11 @@ async fn a_store_and_broker_lost_between_create_and_publish_run_a_retried_task_o
         armed: AtomicU32::new(0),
     });
     let front = TaskFront {
-        store: Arc::clone(&parts.store),
-        broker: faulty.clone(),
-        dead: Arc::clone(&parts.dead),
-        blobs: None,
-        webhooks: Arc::clone(&parts.webhooks),
-        broker_kind: "redis",
+        tasks: Tasks {
+            broker: faulty.clone(),
+            blobs: None,
+            ..parts.clone()
+        },
         infer: InferService::new(pool, cfg.batching.clone()),
     };
     let log = std::env::temp_dir().join(format!("{prefix}-worker.log"));
@@ -246,7 +245,7 @@ async fn a_store_and_broker_lost_between_create_and_publish_run_a_retried_task_o
 }
 
 /// The id the tenant's idempotency key names (read from Redis, as the store keeps it).
-async fn key_holder(parts: &infergate::server::TaskParts, key: &str) -> String {
+async fn key_holder(parts: &infergate::tasks::parts::Tasks, key: &str) -> String {
     let probe = infergate::tasks::TaskRecord::new(
         "probe".into(),
         infergate::auth::DEFAULT_TENANT,

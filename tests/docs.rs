@@ -140,3 +140,73 @@ fn the_readme_and_the_benchmark_standing_stay_short() {
         );
     }
 }
+
+/// The layout table of `docs/development.md` against the tree: every path its first column
+/// names exists, every top-level source file has its row, and every file inside a module's
+/// folder is named in that folder's row. A file added, moved or removed fails here until the
+/// page says so.
+#[test]
+fn the_development_layout_names_every_source_file() {
+    let root = repo();
+    let page = std::fs::read_to_string(root.join("docs/development.md")).unwrap();
+    let rows: Vec<(&str, &str)> = page
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .filter_map(|l| {
+            let mut cells = l.split(" | ");
+            Some((cells.next()?, l))
+        })
+        .collect();
+    let mut wrong = Vec::new();
+    for (first, _) in &rows {
+        for path in first.split('`').skip(1).step_by(2) {
+            if !root.join(path).exists() {
+                wrong.push(format!("the page names {path}, which is not in the tree"));
+            }
+        }
+    }
+    let src = root.join("src");
+    let mut top: Vec<_> = std::fs::read_dir(&src)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    top.sort();
+    for path in top {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if path.is_dir() {
+            let key = format!("`src/{name}/`");
+            let Some((_, row)) = rows.iter().find(|(first, _)| first.contains(&key)) else {
+                wrong.push(format!("no row names {key}"));
+                continue;
+            };
+            let mut stack = vec![path.clone()];
+            while let Some(dir) = stack.pop() {
+                for e in std::fs::read_dir(&dir).unwrap() {
+                    let p = e.unwrap().path();
+                    if p.is_dir() {
+                        stack.push(p);
+                        continue;
+                    }
+                    let file = p.file_name().unwrap().to_string_lossy().to_string();
+                    if file == "mod.rs" {
+                        continue;
+                    }
+                    let rel = p.strip_prefix(&path).unwrap().to_string_lossy().to_string();
+                    if !row.contains(&format!("`{rel}`")) && !row.contains(&format!("`{file}`")) {
+                        wrong.push(format!("the row of {key} does not name `{rel}`"));
+                    }
+                }
+            }
+        } else if name != "lib.rs" && name != "main.rs" {
+            let key = format!("`src/{name}`");
+            if !rows.iter().any(|(first, _)| first.contains(&key)) {
+                wrong.push(format!("no row names {key}"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "docs/development.md is out of date:\n{}",
+        wrong.join("\n")
+    );
+}

@@ -314,6 +314,25 @@ pub fn decode(data: Bytes) -> Result<ModelInferResponse, Status> {
         .map_err(|e| Status::internal(format!("decoding Triton's answer: {e}")))
 }
 
+/// Triton's answer to one ModelInfer.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Decoded(ModelInferResponse),
+    /// One gRPC frame (flag, length, message) exactly as Triton sent it, already checked to be
+    /// a single uncompressed message: a pass-through gRPC caller is sent these bytes, saving
+    /// a decode and an encode of every tensor.
+    Framed(Bytes),
+}
+
+impl Answer {
+    pub fn into_response(self) -> Result<ModelInferResponse, crate::error::GatewayError> {
+        match self {
+            Self::Decoded(r) => Ok(r),
+            Self::Framed(f) => decode(f).map_err(crate::error::GatewayError::from_backend),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

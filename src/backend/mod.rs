@@ -1,5 +1,8 @@
 //! What infergate forwards to. Today one implementation: a pool of Triton gRPC endpoints.
 
+pub mod config;
+pub mod endpoint;
 pub mod h2_infer;
+pub mod merge;
 pub mod stats;
 pub mod triton;

@@ -4,7 +4,7 @@
 //! Model metadata and config are cached for `model_cache_ttl_ms`.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     future::Future,
     sync::{
         Arc, RwLock,
@@ -13,129 +13,40 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+use tonic::transport::Endpoint as TonicEndpoint;
 use tracing::Instrument;
 
-use super::h2_infer::{H2Infer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use super::{
+    endpoint::InFlight,
+    h2_infer::{H2Infer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT},
+    merge::merge_statistics,
+};
+pub use super::{
+    endpoint::{Endpoint, TritonClient},
+    h2_infer::Answer,
+};
 use crate::{
+    backend::config::TritonConfig,
     breaker::{Admit, Breaker, BreakerConfig, State},
     call::{Call, Framing},
-    config::TritonConfig,
     error::GatewayError,
     model::ModelInfo,
     proto::inference::{
-        InferBatchStatistics, InferParameter, InferStatistics, ModelConfigRequest,
-        ModelConfigResponse, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
-        ModelMetadataResponse, ModelReadyRequest, ModelStatistics, ModelStatisticsRequest,
-        ModelStatisticsResponse, RepositoryIndexRequest, RepositoryIndexResponse,
-        ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, StatisticDuration,
+        InferParameter, ModelConfigRequest, ModelConfigResponse, ModelInferRequest,
+        ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest,
+        ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
+        RepositoryIndexResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
         grpc_inference_service_client::GrpcInferenceServiceClient,
         infer_parameter::ParameterChoice,
     },
     telemetry::{metrics::metrics, trace},
 };
 
-pub type TritonClient = GrpcInferenceServiceClient<Channel>;
-
-/// One Triton server.
-pub struct Endpoint {
-    pub url: String,
-    clients: Vec<TritonClient>,
-    /// ModelInfer's own connections (plaintext endpoints only; see [`H2Infer`]).
-    infer_conns: Vec<Arc<H2Infer>>,
-    /// One more per gRPC serving thread, used only by calls on that thread (a call's lane, see
-    /// [`crate::call::Call`]), so a pass-through call and its connection's I/O stay on one
-    /// thread.
-    lane_conns: Vec<Arc<H2Infer>>,
-    next_client: AtomicUsize,
-    healthy: AtomicBool,
-    in_flight: AtomicUsize,
-    /// A circuit per model served here (with several endpoints; see [`TritonPool::pick`]).
-    breakers: RwLock<HashMap<String, Arc<Breaker>>>,
-}
-
-/// The most models whose circuits one endpoint keeps (a bound under any traffic; models past
-/// it are not guarded).
-const MAX_BREAKERS: usize = 4096;
-
-impl Endpoint {
-    /// The circuit of `model` here, made on first use.
-    fn breaker(&self, model: &str, cfg: &BreakerConfig) -> Option<Arc<Breaker>> {
-        if let Some(b) = self.breakers.read().expect("breakers lock").get(model) {
-            return Some(Arc::clone(b));
-        }
-        let mut all = self.breakers.write().expect("breakers lock");
-        if all.len() >= MAX_BREAKERS && !all.contains_key(model) {
-            return None;
-        }
-        let b = all
-            .entry(model.to_string())
-            .or_insert_with(|| Arc::new(Breaker::new(cfg.clone())));
-        Some(Arc::clone(b))
-    }
-
-    /// True while `model`'s circuit here is open (its cool-down not over).
-    fn is_open_for(&self, model: &str, now: Instant) -> bool {
-        self.breakers
-            .read()
-            .expect("breakers lock")
-            .get(model)
-            .is_some_and(|b| b.state(now) == State::Open)
-    }
-
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
-    fn client(&self) -> TritonClient {
-        let i = self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len();
-        self.clients[i].clone()
-    }
-
-    /// Lane `i`'s own lean connection, or (off the serving threads) the shared ones in turn.
-    fn infer_conn(&self, lane: Option<usize>) -> Option<&Arc<H2Infer>> {
-        if let Some(conn) = lane.and_then(|i| self.lane_conns.get(i)) {
-            return Some(conn);
-        }
-        let n = self.infer_conns.len();
-        (n > 0).then(|| &self.infer_conns[self.next_client.fetch_add(1, Ordering::Relaxed) % n])
-    }
-}
-
-/// Triton's answer to one ModelInfer.
-#[derive(Debug, Clone)]
-pub enum Answer {
-    Decoded(ModelInferResponse),
-    /// One gRPC frame (flag, length, message) exactly as Triton sent it, already checked to be
-    /// a single uncompressed message: a pass-through gRPC caller is sent these bytes, saving
-    /// a decode and an encode of every tensor.
-    Framed(Bytes),
-}
-
-impl Answer {
-    pub fn into_response(self) -> Result<ModelInferResponse, GatewayError> {
-        match self {
-            Self::Decoded(r) => Ok(r),
-            Self::Framed(f) => super::h2_infer::decode(f).map_err(GatewayError::from_backend),
-        }
-    }
-}
-
 /// How a ModelInfer call reaches Triton.
 enum Via {
     Lean(Arc<H2Infer>),
     Tonic(TritonClient),
-}
-
-/// Counts a call against its endpoint while it runs.
-struct InFlight(Arc<Endpoint>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// A model's cached descriptions by version, each with the time it was fetched.
@@ -382,7 +293,7 @@ impl TritonPool {
             b.record(how, !failed, now);
             // Only a failure or a probe changes the state (kept off the hot path otherwise).
             if let (true, Some(model)) = (failed || how == Admit::Probe, model) {
-                metrics().triton_breaker(&ep.url, model, b.state(now));
+                metrics().triton_breaker(&ep.url, model, b.state(now).gauge());
             }
         }
         match result {
@@ -694,92 +605,9 @@ fn not_found(err: GatewayError, name: &str, version: &str) -> GatewayError {
     }
 }
 
-fn add_duration(into: &mut Option<StatisticDuration>, from: &Option<StatisticDuration>) {
-    if let Some(f) = from {
-        let d = into.get_or_insert_with(Default::default);
-        d.count += f.count;
-        d.ns += f.ns;
-    }
-}
-
-fn add_infer_stats(into: &mut InferStatistics, from: &InferStatistics) {
-    add_duration(&mut into.success, &from.success);
-    add_duration(&mut into.fail, &from.fail);
-    add_duration(&mut into.queue, &from.queue);
-    add_duration(&mut into.compute_input, &from.compute_input);
-    add_duration(&mut into.compute_infer, &from.compute_infer);
-    add_duration(&mut into.compute_output, &from.compute_output);
-    add_duration(&mut into.cache_hit, &from.cache_hit);
-    add_duration(&mut into.cache_miss, &from.cache_miss);
-}
-
-/// Sums per-model statistics from several servers, keyed by model name and version.
-pub fn merge_statistics(parts: Vec<ModelStatisticsResponse>) -> ModelStatisticsResponse {
-    let mut merged: BTreeMap<(String, String), ModelStatistics> = BTreeMap::new();
-    for part in parts {
-        for s in part.model_stats {
-            let key = (s.name.clone(), s.version.clone());
-            let Some(m) = merged.get_mut(&key) else {
-                merged.insert(key, s);
-                continue;
-            };
-            m.last_inference = m.last_inference.max(s.last_inference);
-            m.inference_count += s.inference_count;
-            m.execution_count += s.execution_count;
-            if let Some(from) = &s.inference_stats {
-                add_infer_stats(m.inference_stats.get_or_insert_with(Default::default), from);
-            }
-            for b in s.batch_stats {
-                match m
-                    .batch_stats
-                    .iter_mut()
-                    .find(|x| x.batch_size == b.batch_size)
-                {
-                    Some(x) => merge_batch(x, &b),
-                    None => m.batch_stats.push(b),
-                }
-            }
-        }
-    }
-    ModelStatisticsResponse {
-        model_stats: merged.into_values().collect(),
-    }
-}
-
-fn merge_batch(into: &mut InferBatchStatistics, from: &InferBatchStatistics) {
-    add_duration(&mut into.compute_input, &from.compute_input);
-    add_duration(&mut into.compute_infer, &from.compute_infer);
-    add_duration(&mut into.compute_output, &from.compute_output);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn stats(count: u64, batch: u64) -> ModelStatisticsResponse {
-        let d = Some(StatisticDuration {
-            count,
-            ns: count * 10,
-        });
-        ModelStatisticsResponse {
-            model_stats: vec![ModelStatistics {
-                name: "m".into(),
-                version: "1".into(),
-                inference_count: count,
-                execution_count: count,
-                inference_stats: Some(InferStatistics {
-                    success: d,
-                    ..Default::default()
-                }),
-                batch_stats: vec![InferBatchStatistics {
-                    batch_size: batch,
-                    compute_infer: d,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-        }
-    }
 
     #[test]
     fn the_budget_replaces_the_callers_timeout_in_microseconds() {
@@ -799,16 +627,6 @@ mod tests {
         forward_budget(&mut req, Duration::MAX);
         assert_eq!(timeout(&req), Some(ParameterChoice::Int64Param(i64::MAX)));
         assert_eq!(req.parameters.len(), 1);
-    }
-
-    #[test]
-    fn statistics_of_several_servers_add_up() {
-        let m = merge_statistics(vec![stats(3, 1), stats(4, 1), stats(5, 2)]);
-        let s = &m.model_stats[0];
-        assert_eq!(s.inference_count, 12);
-        assert_eq!(s.inference_stats.unwrap().success.unwrap().count, 12);
-        assert_eq!(s.batch_stats.len(), 2);
-        assert_eq!(s.batch_stats[0].compute_infer.unwrap().count, 7);
     }
 
     #[tokio::test]

@@ -23,8 +23,8 @@ use super::{
 };
 use crate::{
     backend::triton::{Answer, TritonPool},
+    batch::config::BatchMode,
     call::{Call, Framing},
-    config::BatchMode,
     error::GatewayError,
     proto::inference::ModelInferRequest,
     telemetry::metrics::metrics,

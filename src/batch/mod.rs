@@ -43,6 +43,7 @@
 
 mod actor;
 mod adaptive;
+pub mod config;
 mod key;
 pub mod queue;
 mod settings;
@@ -63,8 +64,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::{
     backend::triton::{Answer, TritonPool},
+    batch::config::BatchingConfig,
     call::Call,
-    config::BatchingConfig,
     error::GatewayError,
     model::ModelInfo,
     proto::inference::ModelInferRequest,

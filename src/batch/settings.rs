@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::{
-    config::{BatchMode, BatchingConfig, ModelBatching},
+    batch::config::{BatchMode, BatchingConfig, ModelBatching},
     error::GatewayError,
     model::ModelInfo,
     proto::inference::{
@@ -265,7 +265,7 @@ mod tests {
         assert_eq!(slots(vec![group(Kind::Gpu, 1, &[])], &cfg), 4);
         cfg.models.insert(
             "m".into(),
-            crate::config::ModelBatching {
+            crate::batch::config::ModelBatching {
                 max_inflight_batches: Some(1),
                 ..Default::default()
             },
@@ -285,7 +285,7 @@ mod tests {
         assert_eq!(s.max_queue_delay, Duration::from_micros(1_000));
         cfg.models.insert(
             "m".into(),
-            crate::config::ModelBatching {
+            crate::batch::config::ModelBatching {
                 mode: Some(BatchMode::Adaptive),
                 max_batch_size: Some(500),
                 max_queue_delay_us: Some(50),
@@ -333,7 +333,7 @@ mod tests {
         let mut one_on = off.clone();
         one_on.models.insert(
             "m".into(),
-            crate::config::ModelBatching {
+            crate::batch::config::ModelBatching {
                 mode: Some(BatchMode::On),
                 ..Default::default()
             },

@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use super::ModelSettings;
 use crate::{
-    config::BatchMode, model::ModelInfo, proto::inference::model_config::SchedulingChoice,
+    batch::config::BatchMode, model::ModelInfo, proto::inference::model_config::SchedulingChoice,
 };
 
 /// A model batched by infergate with a Triton-side delay too.
@@ -72,7 +72,7 @@ impl Reported {
 mod tests {
     use super::*;
     use crate::{
-        config::BatchingConfig,
+        batch::config::BatchingConfig,
         proto::inference::{ModelConfig, ModelDynamicBatching, ModelMetadataResponse},
     };
 

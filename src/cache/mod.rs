@@ -5,7 +5,9 @@
 //! least recently used first out, or in Redis, shared by every front end. A hit is marked in the answer (the response parameter
 //! `infergate_cache`, and the HTTP header `infergate-cache`) and counted.
 
+pub mod config;
 pub mod memory;
+pub mod metrics;
 pub mod redis;
 
 use std::{
@@ -47,12 +49,12 @@ impl Store {
 
     /// Keeps `resp` (`bytes` encoded) under `key` for `ttl`.
     pub async fn put(&self, key: Key, resp: ModelInferResponse, bytes: usize, ttl: Duration) {
-        let m = crate::telemetry::metrics::metrics();
+        let m = metrics::metrics();
         match self {
             Self::Memory(c) => {
                 let evicted = c.put(key, Arc::new(resp), bytes, Instant::now() + ttl);
-                m.cache_evictions.inc_by(evicted);
-                m.cache_bytes.set(c.usage().0 as i64);
+                m.evictions.inc_by(evicted);
+                m.bytes.set(c.usage().0 as i64);
             }
             Self::Redis(r) => {
                 if let Err(e) = r.put(&key, &resp, ttl).await {
@@ -64,7 +66,7 @@ impl Store {
 }
 
 fn failed(what: &'static str, err: &str) {
-    crate::telemetry::metrics::metrics().cache_error(what);
+    metrics::metrics().error(what);
     tracing::debug!(error = %err, "response cache {what} failed (Redis)");
 }
 

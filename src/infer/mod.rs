@@ -18,17 +18,17 @@ pub use validate::Validated;
 
 use crate::{
     backend::triton::{Answer, TritonPool},
+    batch::config::BatchingConfig,
     batch::{Batcher, ModelSettings, request_is_batchable, split},
     cache::{CachePolicy, Store},
     call::{Admission, Call, Deadline, TenantId},
-    config::BatchingConfig,
     error::GatewayError,
     proto::inference::{
         ModelConfigResponse, ModelInferRequest, ModelInferResponse, ModelMetadataResponse,
         RepositoryIndexRequest, infer_parameter::ParameterChoice,
     },
-    routes::{Route, RouteTable, Routed, Routes, ShadowCall, Watch, refuse_version},
-    scaler::Activity,
+    routes::{Route, RouteTable, Routed, Routes, ShadowCall, Use, Watch, refuse_version},
+    telemetry::activity::Activity,
 };
 
 #[derive(Clone)]
@@ -300,7 +300,7 @@ impl InferService {
     /// Validates a request (model known, tensors right) without running it: the task API
     /// refuses bad requests before queueing them.
     pub async fn check(&self, req: &mut ModelInferRequest) -> Result<Validated, GatewayError> {
-        self.lookup(req, false, None).await.map(|(_, v, _)| v)
+        self.lookup(req, Use::Look, None).await.map(|(_, v, _)| v)
     }
 
     /// The model's description, and the request validated against it.
@@ -310,13 +310,13 @@ impl InferService {
     async fn lookup(
         &self,
         req: &mut ModelInferRequest,
-        run: bool,
+        used: Use,
         deadline: Option<Deadline>,
     ) -> Result<(Arc<ModelInfo>, Validated, Routed), GatewayError> {
         if req.model_name.is_empty() {
             return Err(GatewayError::invalid("model_name is empty"));
         }
-        let routed = self.routes.resolve(req, run, deadline)?;
+        let routed = self.routes.resolve(req, used, deadline)?;
         let info = self
             .backend
             .model_info(&req.model_name, &req.model_version)
@@ -362,15 +362,15 @@ impl InferService {
     ) -> Result<Answer, GatewayError> {
         let name = req.model_name.clone();
         let key = crate::cache::key(&req, (!policy.shared).then_some(&tenant));
-        let m = crate::telemetry::metrics::metrics();
+        let m = crate::cache::metrics::metrics();
         if let Some(hit) = cache.get(&key).await {
-            m.cache_request(&name, "hit");
+            m.request(&name, "hit");
             let mut resp = (*hit).clone();
             resp.id.clone_from(&req.id);
             crate::cache::mark_hit(&mut resp);
             return Ok(Answer::Decoded(resp));
         }
-        m.cache_request(&name, "miss");
+        m.request(&name, "miss");
         let resp = self.answer_live(req, call).await?.into_response()?;
         let bytes = prost::Message::encoded_len(&resp);
         if bytes <= policy.max_entry_bytes {
@@ -387,7 +387,7 @@ impl InferService {
         call: Call,
     ) -> Result<Answer, GatewayError> {
         let call = call.with_deadline(deadline_of(&req, call.deadline, Instant::now()));
-        let (info, validated, routed) = self.lookup(&mut req, true, call.deadline).await?;
+        let (info, validated, routed) = self.lookup(&mut req, Use::Call, call.deadline).await?;
         let shadow = routed.shadow.map(|s| {
             let mut copy = req.clone();
             copy.model_name.clone_from(&s.target.model);
@@ -426,8 +426,8 @@ impl InferService {
         watch.finish(!failed);
         match again {
             Some((mut again, fallback)) if failed => {
-                crate::telemetry::metrics::metrics().route_fallback(&route, fallback.label());
-                let (info, validated, _) = self.lookup(&mut again, false, None).await?;
+                crate::routes::metrics::metrics().fallback(&route, fallback.label());
+                let (info, validated, _) = self.lookup(&mut again, Use::Look, None).await?;
                 self.run(again, call, info, validated).await
             }
             _ => answer,
@@ -442,22 +442,22 @@ impl InferService {
         let task = async move {
             let ShadowCall { route, permit, .. } = s;
             let shadow = async {
-                let (info, validated, _) = this.lookup(&mut copy, false, None).await?;
+                let (info, validated, _) = this.lookup(&mut copy, Use::Look, None).await?;
                 this.run(copy, Call::sync(None), info, validated)
                     .await?
                     .into_response()
             }
             .await;
             drop(permit);
-            let m = crate::telemetry::metrics::metrics();
+            let m = crate::routes::metrics::metrics();
             let Ok(shadow) = shadow else {
-                m.route_shadow(&route, "failed");
+                m.shadow(&route, "failed");
                 return;
             };
-            m.route_shadow(&route, "sent");
+            m.shadow(&route, "sent");
             if let Some(Ok(primary)) = primary.map(Answer::into_response) {
                 let (exact, diff) = crate::routes::shadow::compare(&primary, &shadow);
-                m.route_shadow_compared(&route, exact, diff);
+                m.shadow_compared(&route, exact, diff);
             }
         };
         match &self.main {

@@ -8,7 +8,10 @@
 //! The routes come from their own file (`--routes-file`), read at start and again on SIGHUP; a
 //! file that does not load is refused with the setting named, and the running routes stay.
 
+pub mod config;
 pub mod file;
+pub mod metrics;
+pub mod reload;
 pub mod route;
 pub mod shadow;
 
@@ -26,10 +29,18 @@ pub use file::RouteError;
 pub use route::{Route, RouteTable, STICKY_CARRIER, Target};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::{
-    call::Deadline, error::GatewayError, proto::inference::ModelInferRequest,
-    telemetry::metrics::metrics,
-};
+use crate::{call::Deadline, error::GatewayError, proto::inference::ModelInferRequest};
+
+/// What a resolved request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// The caller's own call, sent now: it takes the target's breaker admission (a probe when
+    /// half-open), reports its outcome through the [`Watch`], and may draw a shadow copy.
+    Call,
+    /// A check (a task being accepted), a fallback or a shadow copy: the breakers are only
+    /// read, nothing is drawn.
+    Look,
+}
 
 /// What resolving a route leaves to do after the call: tell its breaker the outcome, and
 /// send its shadow copy.
@@ -81,7 +92,7 @@ impl Watch {
         let in_time = self.slo.is_none_or(|slo| took <= slo);
         self.breaker.record(self.admit, ok && in_time, now);
         self.done = true;
-        metrics().route_breaker(&self.route, &self.target, self.breaker.state(now));
+        metrics::metrics().breaker(&self.route, &self.target, self.breaker.state(now));
     }
 }
 
@@ -210,15 +221,16 @@ impl Routes {
 
     /// Sends a request named by a route to its target: by weight (or its sticky key), or to
     /// the route's fallback while the target's circuit is open, or when the target's recent
-    /// latency says the request's `deadline` would pass before it answers. `run`: the call
-    /// goes to Triton now, and its outcome is told back through the [`Watch`]; otherwise (a
-    /// task being accepted) the breakers are only read.
+    /// latency says the request's `deadline` would pass before it answers. [`Use`] says
+    /// whether the call goes to Triton now (its outcome told back through the [`Watch`]) or
+    /// the breakers are only read.
     pub fn resolve(
         &self,
         req: &mut ModelInferRequest,
-        run: bool,
+        used: Use,
         deadline: Option<Deadline>,
     ) -> Result<Routed, GatewayError> {
+        let run = used == Use::Call;
         let Some(route) = self.get(&req.model_name) else {
             return Ok(Routed::default());
         };
@@ -245,10 +257,10 @@ impl Routes {
                 {
                     admit = Admit::Open;
                 }
-                metrics().route_breaker(&route.name, &picked.label(), b.state(now));
+                metrics::metrics().breaker(&route.name, &picked.label(), b.state(now));
                 match (admit, &route.fallback) {
                     (Admit::Open, Some(fallback)) => {
-                        metrics().route_fallback(&route.name, fallback.label());
+                        metrics::metrics().fallback(&route.name, fallback.label());
                         fallback
                     }
                     (Admit::Open, None) => {
@@ -276,7 +288,7 @@ impl Routes {
                 }
             }
         };
-        metrics().route_request(&route.name, target.label());
+        metrics::metrics().request(&route.name, target.label());
         req.model_name.clone_from(&target.model);
         req.model_version.clone_from(&target.version);
         let mut shadow = None;
@@ -289,7 +301,7 @@ impl Routes {
                         permit,
                     });
                 }
-                Some(None) => metrics().route_shadow(&route.name, "dropped"),
+                Some(None) => metrics::metrics().shadow(&route.name, "dropped"),
                 None => {}
             }
         }

@@ -6,9 +6,10 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{activity::Activity, decide::Demand};
+use super::decide::Demand;
 use crate::redis_conn::LazyRedis;
 use crate::tasks::TaskStore;
+use crate::telemetry::activity::Activity;
 
 /// In-flight counts of every process, through Redis: each process writes its own hash
 /// (`<prefix>:scaler:inflight:<instance>`, model → calls) every interval, expiring after five

@@ -12,14 +12,16 @@
 //! and counts are shared there), so KEDA may ask any of them through the Service. With the
 //! embedded default there is one process, whose own counts are the whole demand.
 
-pub mod activity;
+pub mod config;
 pub mod decide;
 pub mod demand;
+pub mod metrics;
 pub mod peaks;
 pub mod peaks_redis;
 pub mod service;
+pub mod start;
 
-pub use activity::Activity;
+pub use crate::telemetry::activity::Activity;
 pub use decide::{Decision, Demand, Peak, Policy, Tier};
 pub use demand::{SharedInFlight, Signals};
 pub use service::{ModelCheck, Scaler};

@@ -14,12 +14,12 @@ use tonic::{Request, Response, Status};
 
 use super::{Policy, decide::Decision, demand::Signals, peaks::PeakStore};
 use crate::{
-    config::{MAX_CAPACITY_PER_REPLICA, MAX_REPLICAS, MAX_TASKS_PER_REPLICA, ScalerConfig},
     proto::externalscaler::{
         GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
         MetricValue, ScaledObjectRef, external_scaler_server::ExternalScaler,
     },
-    telemetry::metrics::{ScalerLabels, ScalerWinner, metrics},
+    scaler::config::{MAX_CAPACITY_PER_REPLICA, MAX_REPLICAS, MAX_TASKS_PER_REPLICA, ScalerConfig},
+    scaler::metrics::{ScalerLabels, ScalerWinner, metrics},
 };
 
 /// The one metric each scaled object gets: the replicas it should have. Its target is 1, so
@@ -222,14 +222,14 @@ impl Scaler {
             ("baseline", d.baseline),
             ("desired", d.desired),
         ] {
-            m.scaler_replicas
+            m.replicas
                 .get_or_create(&ScalerLabels {
                     object: obj.id.clone(),
                     tier,
                 })
                 .set(v.into());
         }
-        m.scaler_decisions
+        m.decisions
             .get_or_create(&ScalerWinner {
                 object: obj.id.clone(),
                 winner: d.winner.as_str(),

@@ -69,15 +69,16 @@ impl TaskFront {
         filter: &DeadFilter,
     ) -> Result<(Vec<DeadEntry>, DeadDepth), GatewayError> {
         admin_only(caller)?;
-        let list = self.dead.list(filter).await.map_err(store_error)?;
-        let depth = self.dead.depth().await.map_err(store_error)?;
+        let list = self.tasks.dead.list(filter).await.map_err(store_error)?;
+        let depth = self.tasks.dead.depth().await.map_err(store_error)?;
         report(depth);
         Ok((list, depth))
     }
 
     pub async fn dead_letter(&self, caller: &Caller, id: &str) -> Result<DeadEntry, GatewayError> {
         admin_only(caller)?;
-        self.dead
+        self.tasks
+            .dead
             .get(id)
             .await
             .map_err(store_error)?
@@ -104,7 +105,7 @@ impl TaskFront {
                 "give ids, a filter (model, tenant, since_ms, until_ms), or all: true",
             ));
         }
-        let list = self.dead.list(&filter).await.map_err(store_error)?;
+        let list = self.tasks.dead.list(&filter).await.map_err(store_error)?;
         Ok(list.into_iter().map(|e| e.record.id).collect())
     }
 
@@ -117,20 +118,25 @@ impl TaskFront {
                 Err(reason) => out.refused.push(Refusal { id, reason }),
             }
         }
-        report(self.dead.depth().await.map_err(store_error)?);
+        report(self.tasks.dead.depth().await.map_err(store_error)?);
         Ok(out)
     }
 
     /// One replay; `Err` says why it was refused.
     async fn replay_one(&self, id: &str) -> Result<(), String> {
-        let dl = match self.dead.get(id).await {
+        let dl = match self.tasks.dead.get(id).await {
             Ok(Some(dl)) => dl,
             Ok(None) => return Err("not in the dead letters".into()),
             Err(e) => return Err(e.to_string()),
         };
         // The message joins the outbox with the record: should this process fail before the
         // broker has it (and before it can fail the task again), the relay queues it.
-        match self.store.requeue(&dl.entry.record, &dl.message).await {
+        match self
+            .tasks
+            .store
+            .requeue(&dl.entry.record, &dl.message)
+            .await
+        {
             Ok(_) => {}
             Err(StoreError::Conflict { from, .. }) => {
                 return Err(format!(
@@ -140,14 +146,15 @@ impl TaskFront {
             }
             Err(e) => return Err(e.to_string()),
         }
-        if let Err(e) = self.broker.publish(&dl.message).await {
-            metrics().broker_error(self.broker_kind, "publish");
+        if let Err(e) = self.tasks.broker.publish(&dl.message).await {
+            metrics().broker_error(self.tasks.broker_kind, "publish");
             let why = match e {
                 QueueError::Full(n) => format!("the task queue is full ({n} tasks waiting)"),
                 QueueError::Backend(m) => format!("broker unavailable: {m}"),
             };
             // Not queued: failed again, and the entry stays for a later replay.
             let _ = self
+                .tasks
                 .store
                 .transition_quiet(
                     id,
@@ -163,12 +170,12 @@ impl TaskFront {
                 .await;
             return Err(why);
         }
-        let _ = self.store.published(id).await;
+        let _ = self.tasks.store.published(id).await;
         metrics().task_replays.inc();
         metrics().task_state(TaskState::Queued.as_str());
         // Queued: a failure to remove the entry leaves a stale one that a second replay
         // refuses (the task is no longer failed).
-        let _ = self.dead.remove(id).await;
+        let _ = self.tasks.dead.remove(id).await;
         Ok(())
     }
 
@@ -177,11 +184,11 @@ impl TaskFront {
         admin_only(caller)?;
         let mut purged = 0;
         for id in self.selected(sel).await? {
-            if self.dead.remove(&id).await.map_err(store_error)? {
+            if self.tasks.dead.remove(&id).await.map_err(store_error)? {
                 purged += 1;
             }
         }
-        report(self.dead.depth().await.map_err(store_error)?);
+        report(self.tasks.dead.depth().await.map_err(store_error)?);
         Ok(purged)
     }
 }

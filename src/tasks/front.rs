@@ -1,15 +1,13 @@
 //! The task API's one implementation, shared by HTTP and gRPC: check the request, create the
 //! record (or find it by idempotency key), queue it, and read or cancel tasks.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream::BoxStream};
 use prost::Message;
 
 use super::{
-    Change, StoreError, TaskRecord, TaskState, TaskStore,
-    blobs::{self, Blobs, StoredResult},
+    Change, StoreError, TaskRecord, TaskState,
+    blobs::{self, StoredResult},
     new_task_id,
     outbox::{self, OnFailure, Queued},
 };
@@ -18,20 +16,13 @@ use crate::{
     error::GatewayError,
     infer::InferService,
     proto::inference::{ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice},
-    queue::{Broker, QueueError, TaskMessage},
+    queue::{QueueError, TaskMessage},
     telemetry::{metrics::metrics, trace::TraceHeaders},
 };
 
 #[derive(Clone)]
 pub struct TaskFront {
-    pub store: Arc<dyn TaskStore>,
-    pub broker: Arc<dyn Broker>,
-    pub dead: Arc<dyn super::dead::DeadLetterStore>,
-    /// The claim check's blob store, when configured.
-    pub blobs: Option<Arc<Blobs>>,
-    pub webhooks: Arc<super::webhooks::Webhooks>,
-    /// `memory`, `redis` or `rabbitmq`, for metric labels.
-    pub broker_kind: &'static str,
+    pub tasks: super::parts::Tasks,
     pub infer: InferService,
 }
 
@@ -122,13 +113,13 @@ impl TaskFront {
             ));
         }
         if let Some(url) = &callback_url {
-            self.webhooks.check(url, &caller.tenant)?;
+            self.tasks.webhooks.check(url, &caller.tenant)?;
         }
         let id = new_task_id();
         // The message as the broker will carry it (a large input goes to the blob store
         // first): the store keeps it with the record until the broker holds it.
         let encoded: Bytes = req.encode_to_vec().into();
-        let payload = match &self.blobs {
+        let payload = match &self.tasks.blobs {
             Some(b) => b
                 .check_in_request(&id, &req, encoded)
                 .await
@@ -151,6 +142,7 @@ impl TaskFront {
         );
         rec.callback_url = callback_url;
         let created = self
+            .tasks
             .store
             .create(rec, caller.max_open_tasks, Some(&msg))
             .await
@@ -166,11 +158,17 @@ impl TaskFront {
             self.drop_input(&id).await;
             // An earlier submission under this key whose publish was never confirmed (the
             // broker or store failed under it): queued now, with its own stored message.
-            if let Some(earlier) = self.store.unpublished(&rec.id).await.map_err(store_error)? {
+            if let Some(earlier) = self
+                .tasks
+                .store
+                .unpublished(&rec.id)
+                .await
+                .map_err(store_error)?
+            {
                 let queued = outbox::queue(
-                    &*self.store,
-                    &*self.broker,
-                    self.broker_kind,
+                    &*self.tasks.store,
+                    &*self.tasks.broker,
+                    self.tasks.broker_kind,
                     &earlier,
                     OnFailure::Keep,
                 )
@@ -183,9 +181,9 @@ impl TaskFront {
         }
         metrics().task_message_bytes.observe(msg.wire_size() as f64);
         match outbox::queue(
-            &*self.store,
-            &*self.broker,
-            self.broker_kind,
+            &*self.tasks.store,
+            &*self.tasks.broker,
+            self.tasks.broker_kind,
             &msg,
             OnFailure::Withdraw,
         )
@@ -206,7 +204,7 @@ impl TaskFront {
 
     /// Removes the input blob of a task that was not created (or was withdrawn).
     async fn drop_input(&self, id: &str) {
-        if let Some(b) = &self.blobs {
+        if let Some(b) = &self.tasks.blobs {
             b.drop_input(id).await;
         }
     }
@@ -218,7 +216,13 @@ impl TaskFront {
         id: &str,
         tenant: &str,
     ) -> Result<Option<(TaskRecord, Option<TaskResult>)>, GatewayError> {
-        let Some((rec, result)) = self.store.get_with_result(id).await.map_err(store_error)? else {
+        let Some((rec, result)) = self
+            .tasks
+            .store
+            .get_with_result(id)
+            .await
+            .map_err(store_error)?
+        else {
             return Ok(None);
         };
         if rec.tenant != tenant {
@@ -254,7 +258,7 @@ impl TaskFront {
                 )))
             }
             TaskResult::Stored(s) => {
-                let blobs = self.blobs.as_ref().ok_or_else(|| {
+                let blobs = self.tasks.blobs.as_ref().ok_or_else(|| {
                     GatewayError::Unavailable("the result is in a blob store this process was not configured with (tasks.blob_store)".into())
                 })?;
                 let stream = blobs.stream(&s.key).await.map_err(|e| {
@@ -270,18 +274,19 @@ impl TaskFront {
 
     pub async fn cancel(&self, id: &str, tenant: &str) -> Result<Cancelled, GatewayError> {
         // The tenant never changes, so checking it before the transition is enough.
-        match self.store.get(id).await.map_err(store_error)? {
+        match self.tasks.store.get(id).await.map_err(store_error)? {
             Some(rec) if rec.tenant == tenant => {}
             _ => return Ok(Cancelled::NotFound),
         }
         match self
+            .tasks
             .store
             .transition(id, TaskState::Cancelled, Change::default())
             .await
         {
             Ok(rec) => {
                 metrics().task_state(TaskState::Cancelled.as_str());
-                self.webhooks.notify(rec.clone());
+                self.tasks.webhooks.notify(rec.clone());
                 Ok(Cancelled::Done(Box::new(rec)))
             }
             Err(StoreError::NotFound(_)) => Ok(Cancelled::NotFound),

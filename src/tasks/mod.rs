@@ -16,10 +16,12 @@
 
 pub mod admin;
 pub mod blobs;
+pub mod config;
 pub mod dead;
 pub mod front;
 pub mod memory;
 pub mod outbox;
+pub mod parts;
 pub mod redis;
 pub mod webhooks;
 

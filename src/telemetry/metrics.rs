@@ -8,7 +8,7 @@
 use std::{
     borrow::Cow,
     collections::HashMap,
-    sync::{OnceLock, RwLock, atomic::AtomicU64},
+    sync::{Mutex, OnceLock, RwLock, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
@@ -65,33 +65,6 @@ pub struct EndpointLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OpLabels {
-    pub op: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CacheLabels {
-    pub name: String,
-    /// `hit` or `miss`.
-    pub result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteResult {
-    pub route: String,
-    pub result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteName {
-    pub route: String,
-}
-
-fn shadow_diff() -> Histogram {
-    Histogram::new([0.0, 1e-6, 1e-4, 1e-2, 1.0, 100.0])
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
 }
@@ -109,29 +82,7 @@ pub struct EndpointModel {
     pub model: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
-    pub route: String,
-    /// `model` or `model:version`.
-    pub target: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ScalerLabels {
-    /// The ScaledObject, `namespace/name`.
-    pub object: String,
-    /// `queue`, `reactive`, `baseline` (each tier's ask) or `desired` (the answer).
-    pub tier: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ScalerWinner {
-    pub object: String,
-    /// The tier that decided: `queue`, `reactive`, `baseline` or `min`.
-    pub winner: &'static str,
-}
-
-type Hist<L> = Family<L, Histogram, fn() -> Histogram>;
+pub type Hist<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency() -> Histogram {
     // 100 µs .. ~52 s, doubling.
@@ -165,7 +116,8 @@ struct ModelSeries {
 }
 
 pub struct Metrics {
-    registry: Registry,
+    /// Features register their own families here ([`register`]) when they start.
+    registry: Mutex<Registry>,
     /// Models Triton has described ([`Metrics::register_model`]): bounded by its repository.
     models: RwLock<HashMap<String, ModelSeries>>,
     pub requests: Family<RequestLabels, Counter>,
@@ -186,25 +138,8 @@ pub struct Metrics {
     /// (the second window when Triton's dynamic batcher also holds one).
     pub triton_queue_seconds: Family<ModelLabel, Counter<f64, AtomicU64>>,
     pub triton_queued_requests: Family<ModelLabel, Counter>,
-    /// The external scaler's last answer per scaled object, and each tier's ask.
-    pub scaler_replicas: Family<ScalerLabels, Gauge>,
-    pub scaler_decisions: Family<ScalerWinner, Counter>,
-    /// Requests sent through each route, by the target chosen.
-    pub route_requests: Family<RouteLabels, Counter>,
-    pub route_reloads: Family<ResultLabel, Counter>,
-    /// Requests a route sent to its fallback (by the fallback), and each target's breaker.
-    pub route_fallbacks: Family<RouteLabels, Counter>,
-    pub route_breaker_state: Family<RouteLabels, Gauge>,
     /// Each model's circuit on each Triton endpoint (with several endpoints).
     pub triton_breaker_state: Family<EndpointModel, Gauge>,
-    /// Shadow calls by outcome, their comparisons, and the largest difference per call.
-    pub route_shadow: Family<RouteResult, Counter>,
-    pub route_shadow_compared: Family<RouteResult, Counter>,
-    pub route_shadow_max_abs_diff: Hist<RouteName>,
-    /// Response cache lookups by the name called and result, its bytes and evictions.
-    pub cache_requests: Family<CacheLabels, Counter>,
-    pub cache_bytes: Gauge,
-    pub cache_evictions: Counter,
     /// Results and failures a worker wrote after another attempt took its task over, refused.
     pub task_fenced: Counter,
     /// Dead letters kept, and those their bounds dropped (both as the dead-letter store
@@ -218,8 +153,6 @@ pub struct Metrics {
     pub task_outbox_relayed: Counter,
     /// Times the task store was found to have lost its data (its epoch key gone).
     pub task_store_data_loss: Counter,
-    /// Shared-cache (Redis) lookups and stores that failed or timed out.
-    pub cache_errors: Family<OpLabels, Counter>,
     /// Size of each task message handed to the broker (payload and headers).
     pub task_message_bytes: Histogram,
     /// Claim-check blob operations by result, and the bytes they moved.
@@ -245,7 +178,7 @@ fn message_bytes() -> Histogram {
 impl Metrics {
     fn new() -> Self {
         let mut m = Self {
-            registry: Registry::with_prefix("infergate"),
+            registry: Mutex::new(Registry::with_prefix("infergate")),
             models: RwLock::default(),
             requests: Family::default(),
             duration: Family::new_with_constructor(latency),
@@ -261,32 +194,19 @@ impl Metrics {
             amqp_group_tasks: batch_rows(),
             triton_queue_seconds: Family::default(),
             triton_queued_requests: Family::default(),
-            scaler_replicas: Family::default(),
-            scaler_decisions: Family::default(),
-            route_requests: Family::default(),
-            route_reloads: Family::default(),
-            route_fallbacks: Family::default(),
-            route_breaker_state: Family::default(),
             triton_breaker_state: Family::default(),
-            route_shadow: Family::default(),
-            route_shadow_compared: Family::default(),
-            route_shadow_max_abs_diff: Family::new_with_constructor(shadow_diff),
-            cache_requests: Family::default(),
-            cache_bytes: Gauge::default(),
-            cache_evictions: Counter::default(),
             task_fenced: Counter::default(),
             task_dead_letters: Gauge::default(),
             task_dead_letters_dropped: Gauge::default(),
             task_replays: Counter::default(),
             task_outbox_relayed: Counter::default(),
             task_store_data_loss: Counter::default(),
-            cache_errors: Family::default(),
             task_message_bytes: message_bytes(),
             blob_ops: Family::default(),
             blob_bytes: Family::default(),
             webhooks: Family::default(),
         };
-        let r = &mut m.registry;
+        let r = m.registry.get_mut().expect("not yet shared");
         r.register(
             "requests",
             "Inference requests answered, by model, protocol and status code",
@@ -353,31 +273,6 @@ impl Metrics {
             m.ready.clone(),
         );
         r.register(
-            "scaler_replicas",
-            "Replicas the external scaler asked for, per scaled object: each tier and the answer",
-            m.scaler_replicas.clone(),
-        );
-        r.register(
-            "scaler_decisions",
-            "External scaler decisions, per scaled object and the tier that decided",
-            m.scaler_decisions.clone(),
-        );
-        r.register(
-            "cache_requests",
-            "Response cache lookups by the model or route called and result (hit, miss)",
-            m.cache_requests.clone(),
-        );
-        r.register(
-            "cache_bytes",
-            "Bytes of answers the response cache holds",
-            m.cache_bytes.clone(),
-        );
-        r.register(
-            "cache_evictions",
-            "Answers the response cache dropped to stay under its bound",
-            m.cache_evictions.clone(),
-        );
-        r.register(
             "task_fenced",
             "Late task results refused because a newer attempt had taken the task over",
             m.task_fenced.clone(),
@@ -428,49 +323,9 @@ impl Metrics {
             m.webhooks.clone(),
         );
         r.register(
-            "cache_errors",
-            "Shared response cache (Redis) operations that failed or timed out, by operation",
-            m.cache_errors.clone(),
-        );
-        r.register(
-            "route_shadow",
-            "Shadow calls of a route by result: sent, dropped (every place taken), failed",
-            m.route_shadow.clone(),
-        );
-        r.register(
-            "route_shadow_compared",
-            "Shadow answers compared with the primary's: match (same bytes) or mismatch",
-            m.route_shadow_compared.clone(),
-        );
-        r.register(
-            "route_shadow_max_abs_diff",
-            "Largest absolute difference between a shadow's numeric outputs and the primary's, per call",
-            m.route_shadow_max_abs_diff.clone(),
-        );
-        r.register(
-            "route_fallbacks",
-            "Requests a route sent to its fallback because the target's circuit was open",
-            m.route_fallbacks.clone(),
-        );
-        r.register(
-            "route_breaker_state",
-            "Circuit breaker of each route target: 0 closed, 1 open, 2 half-open",
-            m.route_breaker_state.clone(),
-        );
-        r.register(
             "triton_breaker_state",
             "Circuit of a model on a Triton endpoint: 0 closed, 1 open, 2 half-open",
             m.triton_breaker_state.clone(),
-        );
-        r.register(
-            "route_reloads",
-            "Reloads of the routes file on SIGHUP, by result (ok, refused)",
-            m.route_reloads.clone(),
-        );
-        r.register(
-            "route_requests",
-            "Requests sent through a route, by route and the target chosen",
-            m.route_requests.clone(),
         );
         r.register(
             "amqp_group_tasks",
@@ -480,93 +335,23 @@ impl Metrics {
         m
     }
 
-    /// `fallback`: as [`crate::routes::Target::label`] names it.
-    pub fn route_fallback(&self, route: &str, fallback: String) {
-        self.route_fallbacks
-            .get_or_create(&RouteLabels {
-                route: route.to_string(),
-                target: fallback,
-            })
-            .inc();
-    }
-
-    pub fn route_breaker(&self, route: &str, target: &str, state: crate::breaker::State) {
-        self.route_breaker_state
-            .get_or_create(&RouteLabels {
-                route: route.to_string(),
-                target: target.to_string(),
-            })
-            .set(state.gauge());
-    }
-
-    pub fn triton_breaker(&self, endpoint: &str, model: &str, state: crate::breaker::State) {
+    /// `state`: the breaker's gauge value (0 closed, 1 open, 2 half-open).
+    pub fn triton_breaker(&self, endpoint: &str, model: &str, state: i64) {
         self.triton_breaker_state
             .get_or_create(&EndpointModel {
                 endpoint: endpoint.to_string(),
                 model: model.to_string(),
             })
-            .set(state.gauge());
-    }
-
-    /// `op`: `lookup` or `store`.
-    pub fn cache_error(&self, op: &'static str) {
-        self.cache_errors.get_or_create(&OpLabels { op }).inc();
-    }
-
-    pub fn cache_request(&self, name: &str, result: &'static str) {
-        self.cache_requests
-            .get_or_create(&CacheLabels {
-                name: name.to_string(),
-                result,
-            })
-            .inc();
-    }
-
-    pub fn route_shadow(&self, route: &str, result: &'static str) {
-        self.route_shadow
-            .get_or_create(&RouteResult {
-                route: route.to_string(),
-                result,
-            })
-            .inc();
-    }
-
-    /// A shadow answer compared with its primary's.
-    pub fn route_shadow_compared(&self, route: &str, exact: bool, max_abs_diff: Option<f64>) {
-        self.route_shadow_compared
-            .get_or_create(&RouteResult {
-                route: route.to_string(),
-                result: if exact { "match" } else { "mismatch" },
-            })
-            .inc();
-        if let Some(d) = max_abs_diff {
-            self.route_shadow_max_abs_diff
-                .get_or_create(&RouteName {
-                    route: route.to_string(),
-                })
-                .observe(d);
-        }
-    }
-
-    pub fn route_reload(&self, result: &'static str) {
-        self.route_reloads
-            .get_or_create(&ResultLabel { result })
-            .inc();
-    }
-
-    /// `target`: as [`crate::routes::Target::label`] names it.
-    pub fn route_request(&self, route: &str, target: String) {
-        self.route_requests
-            .get_or_create(&RouteLabels {
-                route: route.to_string(),
-                target,
-            })
-            .inc();
+            .set(state);
     }
 
     /// Creates this process's broker series at zero, so they are scraped (and `rate()`
     /// works) before the first event.
-    pub fn init_broker(&self, broker: &'static str) {
+    pub fn init_broker(
+        &self,
+        broker: &'static str,
+        states: impl IntoIterator<Item = &'static str>,
+    ) {
         for op in [
             "publish",
             "receive",
@@ -582,17 +367,16 @@ impl Metrics {
         let _ = self
             .broker_reconnects
             .get_or_create(&BrokerLabel { broker });
-        for state in crate::tasks::ALL_STATES {
-            let _ = self.tasks.get_or_create(&StateLabel {
-                state: state.as_str(),
-            });
+        for state in states {
+            let _ = self.tasks.get_or_create(&StateLabel { state });
         }
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("writing to a String cannot fail");
         out
     }
@@ -773,6 +557,16 @@ impl Metrics {
             .get_or_create(&BrokerLabel { broker })
             .inc();
     }
+}
+
+/// Registers a feature's family in the process's registry, under the `infergate_` prefix
+/// (each feature keeps its metrics in its own module and registers them once).
+pub fn register(name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
+    metrics()
+        .registry
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .register(name, help, metric);
 }
 
 /// The process-wide metrics.

@@ -7,6 +7,8 @@
 //!   messages, and out to Triton (see [`trace`]).
 //! - Metrics: Prometheus counters and histograms (see [`metrics`]).
 
+pub mod activity;
+pub mod config;
 pub mod fields;
 pub mod metrics;
 pub mod trace;
@@ -22,7 +24,7 @@ use tracing_subscriber::{
     EnvFilter, Layer, Registry, filter::Targets, fmt, layer::SubscriberExt, util::SubscriberInitExt,
 };
 
-use crate::config::{LogConfig, LogFormat, TelemetryConfig};
+use config::{LogConfig, LogFormat, TelemetryConfig};
 
 /// Keeps the trace exporter alive; [`Telemetry::shutdown`] flushes the spans still buffered.
 #[must_use]

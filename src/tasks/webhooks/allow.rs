@@ -1,9 +1,7 @@
-//! Who a completion webhook may call, and the signing secret's form: pure rules, read by the
-//! config's validation at start and by the deliveries.
+//! Who a completion webhook may call: pure rules, read by the config's validation at start
+//! and by the deliveries. (The signing secret's form is `auth::secret_bytes`.)
 
 use std::net::IpAddr;
-
-use base64::Engine;
 
 /// One allow-list entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,20 +91,6 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || (first & 0xffc0) == 0xfe80)
         }
     }
-}
-
-/// The bytes of a secret: `whsec_<base64>` decoded, or the text itself (16+ bytes either way).
-pub fn secret_bytes(s: &str) -> Result<Vec<u8>, String> {
-    let bytes = match s.strip_prefix("whsec_") {
-        Some(b64) => base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|e| format!("is not valid base64 after whsec_: {e}"))?,
-        None => s.as_bytes().to_vec(),
-    };
-    if bytes.len() < 16 {
-        return Err("must hold at least 16 bytes".into());
-    }
-    Ok(bytes)
 }
 
 #[cfg(test)]

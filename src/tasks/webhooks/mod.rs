@@ -25,6 +25,7 @@
 //!   The in-memory store lives and dies with its process, and keeps no outbox.
 
 pub mod allow;
+pub mod config;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -40,11 +41,12 @@ use sha2::Sha256;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-pub use allow::{AllowEntry, is_public, secret_bytes};
+pub use allow::{AllowEntry, is_public};
+pub use config::WebhooksConfig;
 
 use super::{TaskRecord, TaskStore, WEBHOOK_PENDING, WebhookStatus, now_ms, result_url};
 use crate::{
-    config::{ApiKey, WebhooksConfig},
+    auth::{ApiKey, secret_bytes},
     error::GatewayError,
     telemetry::metrics::metrics,
 };

@@ -1,0 +1,95 @@
+//! One Triton server of the pool: its connections, health, calls in flight and a circuit
+//! per model.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use tonic::transport::Channel;
+
+use super::h2_infer::H2Infer;
+use crate::{
+    breaker::{Breaker, BreakerConfig, State},
+    proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient,
+};
+
+pub type TritonClient = GrpcInferenceServiceClient<Channel>;
+
+/// One Triton server.
+pub struct Endpoint {
+    pub url: String,
+    pub(super) clients: Vec<TritonClient>,
+    /// ModelInfer's own connections (plaintext endpoints only; see [`H2Infer`]).
+    pub(super) infer_conns: Vec<Arc<H2Infer>>,
+    /// One more per gRPC serving thread, used only by calls on that thread (a call's lane, see
+    /// [`crate::call::Call`]), so a pass-through call and its connection's I/O stay on one
+    /// thread.
+    pub(super) lane_conns: Vec<Arc<H2Infer>>,
+    pub(super) next_client: AtomicUsize,
+    pub(super) healthy: AtomicBool,
+    pub(super) in_flight: AtomicUsize,
+    /// A circuit per model served here (with several endpoints; see [`TritonPool::pick`]).
+    pub(super) breakers: RwLock<HashMap<String, Arc<Breaker>>>,
+}
+
+/// The most models whose circuits one endpoint keeps (a bound under any traffic; models past
+/// it are not guarded).
+const MAX_BREAKERS: usize = 4096;
+
+impl Endpoint {
+    /// The circuit of `model` here, made on first use.
+    pub(super) fn breaker(&self, model: &str, cfg: &BreakerConfig) -> Option<Arc<Breaker>> {
+        if let Some(b) = self.breakers.read().expect("breakers lock").get(model) {
+            return Some(Arc::clone(b));
+        }
+        let mut all = self.breakers.write().expect("breakers lock");
+        if all.len() >= MAX_BREAKERS && !all.contains_key(model) {
+            return None;
+        }
+        let b = all
+            .entry(model.to_string())
+            .or_insert_with(|| Arc::new(Breaker::new(cfg.clone())));
+        Some(Arc::clone(b))
+    }
+
+    /// True while `model`'s circuit here is open (its cool-down not over).
+    pub(super) fn is_open_for(&self, model: &str, now: Instant) -> bool {
+        self.breakers
+            .read()
+            .expect("breakers lock")
+            .get(model)
+            .is_some_and(|b| b.state(now) == State::Open)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn client(&self) -> TritonClient {
+        let i = self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len();
+        self.clients[i].clone()
+    }
+
+    /// Lane `i`'s own lean connection, or (off the serving threads) the shared ones in turn.
+    pub(super) fn infer_conn(&self, lane: Option<usize>) -> Option<&Arc<H2Infer>> {
+        if let Some(conn) = lane.and_then(|i| self.lane_conns.get(i)) {
+            return Some(conn);
+        }
+        let n = self.infer_conns.len();
+        (n > 0).then(|| &self.infer_conns[self.next_client.fetch_add(1, Ordering::Relaxed) % n])
+    }
+}
+
+/// Counts a call against its endpoint while it runs.
+pub(super) struct InFlight(pub(super) Arc<Endpoint>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
