@@ -203,35 +203,9 @@ def main(src, layers=None):
             if t != mod and t != ():
                 edges[mod].add(t)
 
-    # Circles: strongly connected components of more than one module (Tarjan).
-    index, low, stack, on, comps, counter = {}, {}, [], set(), [], [0]
-
-    def strong(v):
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
-        stack.append(v)
-        on.add(v)
-        for w in edges[v]:
-            if w not in index:
-                strong(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                comps.append(comp)
-
+    # Circles: strongly connected components of more than one module.
     sys.setrecursionlimit(10000)
-    for v in sorted(modules):
-        if v not in index:
-            strong(v)
+    comps = circles(edges)
     name = lambda m: "::".join(m) or "crate"
     failed = False
     for comp in comps:

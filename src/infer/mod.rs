@@ -347,9 +347,21 @@ impl InferService {
         self.answer_live(req, call).await
     }
 
-    /// True when calls should say their tenant ([`Call::for_tenant`]): something is cached.
-    pub fn wants_tenant(&self) -> bool {
-        self.cache.is_some() && self.routes.caches_anything()
+    /// What an edge hands on with a request it decoded: the route's sticky header carried in
+    /// the request, and the caller's tenant on the call when something is cached (the cache
+    /// is the tenant's only reader here, so it is digested only then).
+    pub fn at_edge(
+        &self,
+        req: &mut ModelInferRequest,
+        headers: &http::HeaderMap,
+        tenant: Option<&str>,
+        call: Call,
+    ) -> Call {
+        self.routes.stick(req, headers);
+        match tenant {
+            Some(t) if self.cache.is_some() && self.routes.caches_anything() => call.for_tenant(t),
+            _ => call,
+        }
     }
 
     async fn cached(

@@ -23,6 +23,7 @@ pub mod memory;
 pub mod outbox;
 pub mod parts;
 pub mod redis;
+pub mod view;
 pub mod webhooks;
 
 use std::{

@@ -121,14 +121,12 @@ async fn infer(
     let mut req = ModelInferRequest::decode(message).map_err(|e| {
         GatewayError::invalid(format!("the message is not a ModelInferRequest: {e}"))
     })?;
-    shared.infer.routes().stick(&mut req, headers);
     let model = req.model_name.clone();
     // The call's properties, decided here once: its deadline, its lane, Triton's frame.
-    let mut call = Call::grpc_on_lane(read_timeout(headers).and_then(Deadline::after), lane);
-    // Digested only when something is cached: the cache is the tenant's only reader here.
-    if shared.infer.wants_tenant() {
-        call = call.for_tenant(&caller.tenant);
-    }
+    let call = Call::grpc_on_lane(read_timeout(headers).and_then(Deadline::after), lane);
+    let call = shared
+        .infer
+        .at_edge(&mut req, headers, Some(&caller.tenant), call);
     let answer = observed(
         "grpc ModelInfer",
         "grpc",

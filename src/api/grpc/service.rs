@@ -116,10 +116,10 @@ impl GrpcInferenceService for GrpcApi {
                 let (infer, headers) = (infer.clone(), Arc::clone(&headers));
                 async move {
                     let mut r = msg?;
-                    infer.routes().stick(&mut r, &headers);
+                    let call = infer.at_edge(&mut r, &headers, None, Call::sync(None));
                     let (model_name, model_version, id) =
                         (r.model_name.clone(), r.model_version.clone(), r.id.clone());
-                    let call = infer.infer(r, Call::sync(None));
+                    let call = infer.infer(r, call);
                     let result =
                         observed("grpc ModelStreamInfer", "grpc", &model_name, &headers, call)
                             .await;

@@ -22,10 +22,10 @@ use crate::{
     auth::Caller,
     error::GatewayError,
     tasks::{
-        Attempt, TaskError,
         admin::{Replayed, Selection},
-        dead::{DeadEntry, DeadFilter},
+        dead::DeadFilter,
         front::TaskFront,
+        view::DeadView,
     },
 };
 
@@ -38,43 +38,11 @@ fn front(s: &super::HttpState) -> Result<&TaskFront, GatewayError> {
         .ok_or_else(|| GatewayError::Unavailable("async tasks are not enabled".into()))
 }
 
-/// A dead letter as the API shows it (`schema::DeadLetterBody` documents it).
-#[derive(Serialize)]
-struct DeadJson<'a> {
-    id: &'a str,
-    tenant: &'a str,
-    model: &'a str,
-    version: &'a str,
-    status: &'static str,
-    attempts: u32,
-    error: Option<&'a TaskError>,
-    history: &'a [Attempt],
-    reason: &'a str,
-    dead_at_ms: u64,
-    payload_bytes: u64,
-}
-
-fn dead_json(e: &DeadEntry) -> DeadJson<'_> {
-    DeadJson {
-        id: &e.record.id,
-        tenant: &e.record.tenant,
-        model: &e.record.model,
-        version: &e.record.version,
-        status: e.record.state.as_str(),
-        attempts: e.record.attempts,
-        error: e.record.error.as_ref(),
-        history: &e.record.history,
-        reason: &e.reason,
-        dead_at_ms: e.dead_at_ms,
-        payload_bytes: e.payload_bytes,
-    }
-}
-
 #[derive(Serialize)]
 struct ListJson<'a> {
     depth: u64,
     dropped: u64,
-    dead_letters: Vec<DeadJson<'a>>,
+    dead_letters: Vec<DeadView<'a>>,
 }
 
 async fn selection(body: Body) -> Result<Selection, GatewayError> {
@@ -116,7 +84,7 @@ pub async fn list(
     Ok(Json(ListJson {
         depth: depth.depth,
         dropped: depth.dropped,
-        dead_letters: list.iter().map(dead_json).collect(),
+        dead_letters: list.iter().map(DeadView::of).collect(),
     })
     .into_response())
 }
@@ -139,7 +107,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
     let e = front(&s)?.dead_letter(&caller, &id).await?;
-    Ok(Json(dead_json(&e)).into_response())
+    Ok(Json(DeadView::of(&e)).into_response())
 }
 
 #[derive(Serialize)]

@@ -277,11 +277,10 @@ pub(super) async fn infer(
     let work = async {
         let bytes = read_body(body, &headers, s.max_request_bytes).await?;
         let (mut req, prefs) = codec::decode_request(&m, &v, &headers, bytes)?;
-        s.infer.routes().stick(&mut req, &headers);
-        let mut call = Call::sync(timeout_header(&headers)?.and_then(Deadline::after));
-        if s.infer.wants_tenant() {
-            call = call.for_tenant(&caller.tenant);
-        }
+        let call = Call::sync(timeout_header(&headers)?.and_then(Deadline::after));
+        let call = s
+            .infer
+            .at_edge(&mut req, &headers, Some(&caller.tenant), call);
         let resp = s.infer.infer(req, call).await?;
         let hit = crate::cache::is_hit(&resp);
         let mut out = codec::encode_response(resp, &prefs)?.into_response();

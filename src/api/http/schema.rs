@@ -126,7 +126,7 @@ enum TaskStatus {
 
 #[derive(ToSchema)]
 pub struct TaskErrorBody {
-    /// A gRPC status code name, e.g. `InvalidArgument`.
+    /// A gRPC status code name, e.g. `INVALID_ARGUMENT`.
     code: String,
     message: String,
 }
@@ -197,8 +197,13 @@ pub struct DeadLetterBody {
     version: String,
     status: TaskStatus,
     attempts: u32,
+    queued_at_ms: u64,
+    started_at_ms: Option<u64>,
+    finished_at_ms: Option<u64>,
     error: Option<TaskErrorBody>,
     history: Vec<AttemptBody>,
+    callback_url: Option<String>,
+    webhook: Option<WebhookBody>,
     reason: String,
     /// When it was dead-lettered (ms since the Unix epoch).
     dead_at_ms: u64,
@@ -249,4 +254,94 @@ pub struct ReplayedBody {
 #[allow(dead_code)]
 pub struct PurgedBody {
     purged: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::{Value, json};
+    use utoipa::PartialSchema;
+
+    use super::*;
+    use crate::tasks::{
+        Attempt, TaskError, TaskRecord, TaskState, WebhookStatus,
+        dead::DeadEntry,
+        view::{DeadView, TaskView},
+    };
+
+    fn documented<T: PartialSchema>() -> BTreeSet<String> {
+        let schema = serde_json::to_value(T::schema()).unwrap();
+        schema["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn served(v: impl serde::Serialize) -> BTreeSet<String> {
+        let v: Value = serde_json::to_value(v).unwrap();
+        v.as_object().unwrap().keys().cloned().collect()
+    }
+
+    /// A record with every optional part there, so every field is served.
+    fn full() -> TaskRecord {
+        TaskRecord {
+            id: "t".into(),
+            tenant: "a".into(),
+            model: "m".into(),
+            version: "1".into(),
+            state: TaskState::Failed,
+            attempts: 1,
+            queued_at_ms: 1,
+            started_at_ms: Some(2),
+            finished_at_ms: Some(3),
+            error: Some(TaskError {
+                code: "INVALID_ARGUMENT".into(),
+                message: "x".into(),
+            }),
+            idempotency_key: Some("k".into()),
+            history: vec![Attempt {
+                attempt: 1,
+                started_at_ms: 2,
+                ended_at_ms: 3,
+                outcome: "failed".into(),
+                error_code: None,
+                error_message: None,
+            }],
+            callback_url: Some("https://hooks.example.com/x".into()),
+            webhook: Some(WebhookStatus {
+                state: "delivered".into(),
+                id: "t.3".into(),
+                attempts: 1,
+                last_status: Some(204),
+                last_error: None,
+                updated_at_ms: 4,
+            }),
+        }
+    }
+
+    /// The OpenAPI document is written beside the one served shape: this keeps the two the
+    /// same, field for field (a field served but not documented, or documented and never
+    /// served, fails).
+    #[test]
+    fn the_documented_task_shapes_are_the_served_ones() {
+        let rec = full();
+        let mut task = TaskView::of(&rec);
+        task.response = Some(json!({}));
+        task.result_url = Some("/v1/tasks/t/result".into());
+        task.result_bytes = Some(1);
+        assert_eq!(served(&task), documented::<TaskBody>());
+        let dead = DeadEntry {
+            record: rec.clone(),
+            reason: "r".into(),
+            dead_at_ms: 5,
+            payload_bytes: 6,
+        };
+        assert_eq!(served(DeadView::of(&dead)), documented::<DeadLetterBody>());
+        // A webhook's `data` is the same shape, less the result and the delivery's own state.
+        let hook = served(TaskView::for_webhook(&rec));
+        assert!(hook.is_subset(&documented::<TaskBody>()), "{hook:?}");
+    }
 }

@@ -13,7 +13,6 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use serde_json::Value;
 
 use super::{
     codec, schema,
@@ -24,9 +23,10 @@ use crate::{
     auth::Caller,
     error::GatewayError,
     tasks::{
-        TaskError, TaskRecord,
+        TaskRecord,
         front::{Cancelled, TaskFront, TaskResult},
         result_url,
+        view::TaskView,
     },
     telemetry::trace::TraceHeaders,
 };
@@ -45,58 +45,19 @@ fn not_found(id: &str) -> Response {
     GatewayError::TaskNotFound(id.to_string()).into_response()
 }
 
-/// A task as the API shows it (`schema::TaskBody` documents it). Serialized as it is, not
-/// built as a JSON tree first: every submit and poll answers with one.
-#[derive(serde::Serialize)]
-struct TaskJson<'a> {
-    id: &'a str,
-    model: &'a str,
-    version: &'a str,
-    status: &'static str,
-    attempts: u32,
-    queued_at_ms: u64,
-    started_at_ms: Option<u64>,
-    finished_at_ms: Option<u64>,
-    error: Option<&'a TaskError>,
-    /// Attempts that ended (not on a fresh task, so a submit's answer stays small).
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    history: &'a [crate::tasks::Attempt],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    response: Option<Value>,
-    /// Set instead of `response` when the result is in the blob store (claim check).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    result_url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    result_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    callback_url: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    webhook: Option<&'a crate::tasks::WebhookStatus>,
-}
-
-fn task_json(rec: &TaskRecord, result: Option<TaskResult>) -> Json<TaskJson<'_>> {
-    let (resp, result_url, result_bytes) = match result {
-        Some(TaskResult::Inline(r)) => (Some(r), None, None),
-        Some(TaskResult::Stored(s)) => (None, Some(result_url(&rec.id)), Some(s.bytes)),
-        None => (None, None, None),
-    };
-    Json(TaskJson {
-        result_url,
-        result_bytes,
-        callback_url: rec.callback_url.as_deref(),
-        webhook: rec.webhook.as_ref(),
-        id: &rec.id,
-        model: &rec.model,
-        version: &rec.version,
-        status: rec.state.as_str(),
-        attempts: rec.attempts,
-        queued_at_ms: rec.queued_at_ms,
-        started_at_ms: rec.started_at_ms,
-        finished_at_ms: rec.finished_at_ms,
-        error: rec.error.as_ref(),
-        history: &rec.history,
-        response: resp.and_then(|r| codec::response_json(r).ok()),
-    })
+/// A task as the API shows it ([`TaskView`]; `schema::TaskBody` documents it), with its
+/// result inline or where to read it.
+fn task_json(rec: &TaskRecord, result: Option<TaskResult>) -> Json<TaskView<'_>> {
+    let mut view = TaskView::of(rec);
+    match result {
+        Some(TaskResult::Inline(r)) => view.response = codec::response_json(r).ok(),
+        Some(TaskResult::Stored(s)) => {
+            view.result_url = Some(result_url(&rec.id));
+            view.result_bytes = Some(s.bytes);
+        }
+        None => {}
+    }
+    Json(view)
 }
 
 #[utoipa::path(

@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 pub use allow::{AllowEntry, is_public};
 pub use config::WebhooksConfig;
 
-use super::{TaskRecord, TaskStore, WEBHOOK_PENDING, WebhookStatus, now_ms, result_url};
+use super::{TaskRecord, TaskStore, WEBHOOK_PENDING, WebhookStatus, now_ms};
 use crate::{
     auth::{ApiKey, secret_bytes},
     error::GatewayError,
@@ -300,22 +300,10 @@ impl Webhooks {
     }
 
     fn body(rec: &TaskRecord) -> Vec<u8> {
-        let data = json!({
-            "id": rec.id,
-            "model": rec.model,
-            "version": rec.version,
-            "status": rec.state.as_str(),
-            "attempts": rec.attempts,
-            "queued_at_ms": rec.queued_at_ms,
-            "started_at_ms": rec.started_at_ms,
-            "finished_at_ms": rec.finished_at_ms,
-            "error": rec.error,
-            "result_url": (rec.state == super::TaskState::Succeeded).then(|| result_url(&rec.id)),
-        });
         serde_json::to_vec(&json!({
             "type": format!("task.{}", rec.state.as_str()),
             "timestamp": rec.finished_at_ms.unwrap_or_else(now_ms),
-            "data": data,
+            "data": super::view::TaskView::for_webhook(rec),
         }))
         .unwrap_or_default()
     }
