@@ -307,6 +307,17 @@ impl Blobs {
                 Err(_) => continue,
             };
             let state = task.as_ref().map(|(r, _)| r.state);
+            // A submit writes its input before it creates the record, and some stores keep
+            // whole seconds only: an input whose task is not in the store yet is a submit in
+            // progress until it is IN_FLIGHT_GRACE old, not an orphan.
+            let written = meta.last_modified.timestamp_millis().max(0) as u64;
+            if name == "input"
+                && state.is_none()
+                && !buried
+                && written + IN_FLIGHT_GRACE.as_millis() as u64 > now_ms()
+            {
+                continue;
+            }
             let pointed = task
                 .as_ref()
                 .and_then(|(_, res)| res.clone())
@@ -352,6 +363,13 @@ impl Blobs {
 /// Blobs one sweep looks at; the next sweep goes on.
 const SWEEP_LIMIT: usize = 10_000;
 
+/// How long an input blob whose task is not in the store is taken for a submit still in
+/// progress (the input is written before the record; S3 dates a multipart object from its
+/// start, some servers to the second) rather than an orphan: longer than any submit. An
+/// orphan (the record refused and the blob's removal failed) goes 10 minutes after it was
+/// written, as does the input of a task that expired before it ran.
+pub const IN_FLIGHT_GRACE: Duration = Duration::from_secs(600);
+
 /// Whether blob `name` (`input` or `result-<n>`, full key `key`) of a task is still needed,
 /// given the task's state (`None`: expired or never stored), the result key its record points
 /// to, and whether it is a dead letter. An input is needed until the task finishes, and while
@@ -366,7 +384,9 @@ pub fn needed(
     if name == "input" {
         buried || state.is_some_and(|s| !s.is_final())
     } else if name.starts_with("result-") {
-        state == Some(TaskState::Succeeded) && pointed == Some(key)
+        // A running attempt writes its result before the record says so.
+        state == Some(TaskState::Running)
+            || (state == Some(TaskState::Succeeded) && pointed == Some(key))
     } else {
         // Not ours to judge: left alone.
         true
@@ -414,6 +434,10 @@ mod tests {
             "a fenced attempt's result"
         );
         assert!(!needed("result-2", k, None, None, false), "expired");
+        assert!(
+            needed("result-2", k, Some(Running), None, false),
+            "an attempt writes its result before the record says so"
+        );
         assert!(needed("other", "tasks/a/other", None, None, false));
     }
 
