@@ -36,6 +36,8 @@ LAYERS = [
     # features the sync service plugs in
     ("sync features", {"cache", "routes"}),
     ("service", {"infer"}),
+    # features built on the service: streams of decoupled models
+    ("stream features", {"streams"}),
     # features of the async path and the platform
     ("task features", {"tasks", "scaler", "health"}),
     # edges: what clients and brokers call

@@ -10,9 +10,14 @@ STAMP="$VENV/.infergate-installed-v1"
 
 # rotel (a real OTLP collector, used by the trace tests) came later: add it to older venvs.
 ROTEL_PIN="rotel==0.0.1a15"
+# sseclient-py (an SSE client library, for the generate_stream tests) came later too.
+SSE_PIN="sseclient-py==1.8.0"
 if [[ -f "$STAMP" ]]; then
   if [[ ! -x "$VENV/lib/python3.11/site-packages/rotel/rotel-agent" ]]; then
     "$VENV/bin/pip" install -q --pre "$ROTEL_PIN" >&2
+  fi
+  if [[ ! -f "$VENV/lib/python3.11/site-packages/sseclient/__init__.py" ]]; then
+    "$VENV/bin/pip" install -q "$SSE_PIN" >&2
   fi
   echo "$VENV"
   exit 0
@@ -38,6 +43,7 @@ rm -rf "$VENV"
   "onnxruntime>=1.17,<1.24" \
   "grpcio-tools" "grpcio-reflection<1.63" "protobuf>=4.21.6,<5" >&2
 "$VENV/bin/pip" install -q --pre "$ROTEL_PIN" >&2
+"$VENV/bin/pip" install -q "$SSE_PIN" >&2
 
 TS="$("$VENV/bin/python" -c 'import pytriton, os; print(os.path.join(os.path.dirname(pytriton.__file__), "tritonserver"))')"
 test -x "$TS/bin/tritonserver"

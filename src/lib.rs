@@ -30,6 +30,7 @@ pub mod routes;
 pub mod scaler;
 pub mod section;
 pub mod server;
+pub mod streams;
 pub mod tasks;
 pub mod telemetry;
 pub mod tensor;

@@ -58,6 +58,15 @@ impl ModelInfo {
         }
     }
 
+    /// A decoupled model answers a request with 0..N responses, on a stream only (Triton
+    /// refuses unary inference for it).
+    pub fn decoupled(&self) -> bool {
+        self.config
+            .model_transaction_policy
+            .as_ref()
+            .is_some_and(|p| p.decoupled)
+    }
+
     pub(crate) fn names(list: &[TensorSpec]) -> String {
         let names: Vec<&str> = list.iter().map(|t| t.name.as_str()).collect();
         format!("[{}]", names.join(", "))

@@ -27,6 +27,7 @@ use crate::{
         inference::grpc_inference_service_server::GrpcInferenceServiceServer,
         tasks::{task_admin_server::TaskAdminServer, task_service_server::TaskServiceServer},
     },
+    streams::Streams,
     tasks::{TaskStore, outbox, outbox_grace, parts::Tasks},
     worker::{Worker, WorkerConfig},
 };
@@ -213,6 +214,7 @@ fn register_feature_metrics() {
     let _ = crate::routes::metrics::metrics();
     let _ = crate::cache::metrics::metrics();
     let _ = crate::scaler::metrics::metrics();
+    let _ = crate::streams::metrics::metrics();
 }
 
 impl Gateway {
@@ -381,8 +383,10 @@ impl Gateway {
             TaskAdminServer::new(GrpcTaskAdmin::new(front.clone())),
             interceptor(Arc::clone(&auth)),
         );
+        let streams = Streams::new(infer.clone(), &cfg.streams);
         let inference = GrpcInferenceServiceServer::new(GrpcApi::new(
             infer.clone(),
+            streams.clone(),
             cfg.server.stream_concurrency,
         ))
         .max_decoding_message_size(cfg.server.max_request_bytes)
@@ -434,6 +438,7 @@ impl Gateway {
             tasks: Some(front.clone()),
             health: Arc::clone(&health),
             auth,
+            streams,
         })
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(crate::api::RequestIds));

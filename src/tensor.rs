@@ -8,7 +8,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::Value;
 
-use crate::proto::inference::InferTensorContents;
+use crate::proto::inference::{InferParameter, InferTensorContents};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DataType {
@@ -298,6 +298,41 @@ pub fn raw_to_json(dtype: DataType, raw: &[u8]) -> Result<Value, String> {
 // JSON has no NaN/Infinity; Triton writes them as null too.
 fn float_json(x: f64) -> Value {
     serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+}
+
+/// A request parameter from its JSON value (the HTTP protocol's form).
+pub fn param_from_json(v: &Value) -> Result<InferParameter, String> {
+    use crate::proto::inference::infer_parameter::ParameterChoice;
+    let choice = match v {
+        Value::Bool(b) => ParameterChoice::BoolParam(*b),
+        Value::String(s) => ParameterChoice::StringParam(s.clone()),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                ParameterChoice::Int64Param(i)
+            } else if let Some(u) = n.as_u64() {
+                ParameterChoice::Uint64Param(u)
+            } else {
+                ParameterChoice::DoubleParam(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        _ => return Err("a parameter must be a boolean, number or string".into()),
+    };
+    Ok(InferParameter {
+        parameter_choice: Some(choice),
+    })
+}
+
+/// A parameter's JSON value.
+pub fn param_to_json(p: &InferParameter) -> Value {
+    use crate::proto::inference::infer_parameter::ParameterChoice;
+    match &p.parameter_choice {
+        Some(ParameterChoice::BoolParam(b)) => Value::from(*b),
+        Some(ParameterChoice::Int64Param(i)) => Value::from(*i),
+        Some(ParameterChoice::Uint64Param(u)) => Value::from(*u),
+        Some(ParameterChoice::DoubleParam(d)) => Value::from(*d),
+        Some(ParameterChoice::StringParam(s)) => Value::from(s.clone()),
+        None => Value::Null,
+    }
 }
 
 #[cfg(test)]

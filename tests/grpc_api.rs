@@ -144,6 +144,7 @@ async fn every_rpc_answers_what_triton_answers() {
         "add_sub_delay",
         "add_sub_preferred",
         "flaky",
+        "token_stream",
     ];
     for m in models {
         let ready = ModelReadyRequest {

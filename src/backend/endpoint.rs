@@ -66,6 +66,14 @@ impl Endpoint {
             .is_some_and(|b| b.state(now) == State::Open)
     }
 
+    /// Marks the endpoint down after a transport failure, so the next call goes elsewhere
+    /// without waiting for the probe.
+    pub(super) fn mark_unhealthy(&self, err: &crate::error::GatewayError) {
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            tracing::warn!(endpoint = %self.url, error = %err, "Triton endpoint failed a call");
+        }
+    }
+
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }

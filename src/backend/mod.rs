@@ -5,4 +5,5 @@ pub mod endpoint;
 pub mod h2_infer;
 pub mod merge;
 pub mod stats;
+pub mod stream;
 pub mod triton;

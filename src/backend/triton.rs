@@ -208,7 +208,7 @@ impl TritonPool {
     /// passed over while another can serve it (when none can, the call goes as if unguarded:
     /// failing fast is the route's breaker's part, not the pool's). Answers the circuit to
     /// tell the outcome, and how the call was let through.
-    fn pick(&self, model: Option<&str>) -> Result<Picked, GatewayError> {
+    pub(super) fn pick(&self, model: Option<&str>) -> Result<Picked, GatewayError> {
         let mut healthy: Vec<&Arc<Endpoint>> =
             self.endpoints.iter().filter(|e| e.is_healthy()).collect();
         if healthy.is_empty() {
@@ -300,10 +300,8 @@ impl TritonPool {
             Ok(resp) => Ok(resp),
             Err(status) => {
                 let err = GatewayError::from_backend(status);
-                if matches!(err, GatewayError::Unavailable(_))
-                    && ep.healthy.swap(false, Ordering::Relaxed)
-                {
-                    tracing::warn!(endpoint = %ep.url, error = %err, "Triton endpoint failed a call");
+                if matches!(err, GatewayError::Unavailable(_)) {
+                    ep.mark_unhealthy(&err);
                 }
                 Err(err)
             }
@@ -559,7 +557,7 @@ impl TritonPool {
 /// that Triton, too, can drop a request it cannot start in time (its queue policy decides).
 /// It replaces a `timeout` the caller sent: that one is already part of the budget.
 /// An endpoint's circuit and how a call was let through it.
-type Picked = (Arc<Endpoint>, Option<(Arc<Breaker>, Admit)>);
+pub(super) type Picked = (Arc<Endpoint>, Option<(Arc<Breaker>, Admit)>);
 
 /// True when a call's failure is the endpoint's: it is down, broke or failed the model, or it
 /// ran out the pool's own time limit (`own_limit`; a caller's shorter deadline is the

@@ -27,6 +27,7 @@ pub use crate::{
     routes::config::RoutesConfig,
     scaler::config::{MAX_CAPACITY_PER_REPLICA, MAX_REPLICAS, MAX_TASKS_PER_REPLICA, ScalerConfig},
     section::{ConfigError, Section},
+    streams::config::StreamsConfig,
     tasks::{
         config::{BrokerUrl, StoreUrl, TasksConfig},
         webhooks::config::WebhooksConfig,
@@ -99,6 +100,7 @@ sections! {
     scaler: ScalerConfig, "Autoscaling (KEDA external scaler)", [];
     routes: RoutesConfig, "Routes", [];
     cache: CacheConfig, "Response cache", [];
+    streams: StreamsConfig, "Streams (decoupled models)", [];
     }
     // Keys and tenants live in files only (a Secret), never on a command line.
     files only {

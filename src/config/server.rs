@@ -52,7 +52,8 @@ pub struct ServerConfig {
         default_value_t = 1024
     )]
     pub max_concurrent_streams: u32,
-    /// Requests of one ModelStreamInfer stream that run at once (answers keep request order).
+    /// Requests of one ModelStreamInfer stream that run at once (answers to models that are not
+    /// decoupled keep request order; a decoupled model's responses come as Triton sends them).
     #[arg(
         long,
         env = "INFERGATE_STREAM_CONCURRENCY",

@@ -28,8 +28,22 @@ use crate::{
         RepositoryIndexRequest, infer_parameter::ParameterChoice,
     },
     routes::{Route, RouteTable, Routed, Routes, ShadowCall, Use, Watch, refuse_version},
-    telemetry::activity::Activity,
+    telemetry::activity::{Activity, Busy},
 };
+
+/// A request on its way to Triton on a stream of its own (a decoupled model): routed,
+/// validated and admitted. Held while its responses come: it counts as the model's demand
+/// and holds its place under the model's cap until dropped.
+pub struct Admitted {
+    pub req: ModelInferRequest,
+    pub info: Arc<ModelInfo>,
+    /// The caller's deadline, or the one the request's `timeout` parameter sets.
+    pub deadline: Option<Deadline>,
+    /// The route's breaker, to be told how the stream ended.
+    pub watch: Option<Watch>,
+    _busy: Busy,
+    _permit: Option<OwnedSemaphorePermit>,
+}
 
 #[derive(Clone)]
 pub struct InferService {
@@ -173,6 +187,16 @@ impl InferService {
             }
             None => Ok((None, name.to_string(), version.to_string())),
         }
+    }
+
+    /// What infergate knows of a model, or of a route's primary.
+    pub async fn model_info(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Arc<ModelInfo>, GatewayError> {
+        let (_, m, v) = self.described(name, version)?;
+        self.backend.model_info(&m, &v).await
     }
 
     /// Triton's metadata of a model, or of a route's primary under the route's name.
@@ -362,6 +386,46 @@ impl InferService {
             Some(t) if self.cache.is_some() && self.routes.caches_anything() => call.for_tenant(t),
             _ => call,
         }
+    }
+
+    /// True when the model a request goes to (after its route) is decoupled, so its answers
+    /// are a stream. A lookup that fails answers false: the unary path then gives its error.
+    pub async fn is_decoupled(&self, req: &ModelInferRequest) -> bool {
+        let mut probe = ModelInferRequest {
+            model_name: req.model_name.clone(),
+            model_version: req.model_version.clone(),
+            parameters: req.parameters.clone(),
+            ..Default::default()
+        };
+        if self.routes.resolve(&mut probe, Use::Look, None).is_err() {
+            return false;
+        }
+        self.backend
+            .model_info(&probe.model_name, &probe.model_version)
+            .await
+            .is_ok_and(|info| info.decoupled())
+    }
+
+    /// Routes, validates and admits a request whose answers will be a stream. A route's
+    /// shadow copy is not made: a stream is not compared answer for answer. A model over its
+    /// cap refuses at once (RESOURCE_EXHAUSTED) rather than hold a stream open waiting.
+    pub async fn admit_stream(
+        &self,
+        mut req: ModelInferRequest,
+        caller: Option<Deadline>,
+    ) -> Result<Admitted, GatewayError> {
+        let deadline = deadline_of(&req, caller, Instant::now());
+        let (info, _, routed) = self.lookup(&mut req, Use::Call, deadline).await?;
+        let busy = self.activity.enter(&info.name);
+        let permit = self.caps.admit(&info.name, Admission::Refuse).await?;
+        Ok(Admitted {
+            req,
+            info,
+            deadline,
+            watch: routed.watch,
+            _busy: busy,
+            _permit: permit,
+        })
     }
 
     async fn cached(

@@ -171,6 +171,17 @@ pub fn record_error(span: &Span, err: &dyn std::fmt::Display) {
     }
 }
 
+/// An event on a span (a stream's responses: one each, with its index), for the trace
+/// backend only: logs never see it.
+pub fn add_event(span: &Span, name: &'static str, index: u64) {
+    if enabled() {
+        span.add_event(
+            name,
+            vec![opentelemetry::KeyValue::new("index", index as i64)],
+        );
+    }
+}
+
 /// The current context, for a request waiting in a batch (to parent and link the batch span).
 pub fn current_context() -> Option<Context> {
     enabled().then(|| Span::current().context())

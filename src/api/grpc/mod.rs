@@ -10,6 +10,7 @@ mod listener;
 mod model_infer;
 mod service;
 mod shared;
+mod stream_infer;
 mod tasks;
 
 pub use listener::{GrpcServer, Tls};

@@ -1,36 +1,39 @@
-//! `inference.GRPCInferenceService` behind tonic's router: ModelStreamInfer goes through
-//! validation and dispatch; health, metadata, config, statistics and the repository index come from the
+//! `inference.GRPCInferenceService` behind tonic's router: ModelStreamInfer goes to
+//! [`super::stream_infer`]; health, metadata, config, statistics and the repository index come from the
 //! Triton pool. (Unary ModelInfer is answered earlier, by the listener's `model_infer`.)
 
-use std::{pin::Pin, sync::Arc};
+use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::stream_infer::{self, StreamOut};
+
 use crate::{
-    api::{narrow_extensions, observed},
+    api::narrow_extensions,
     backend::triton::TritonPool,
-    call::Call,
     infer::InferService,
     proto::inference::{
         ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
         ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
-        ModelStatisticsRequest, ModelStatisticsResponse, ModelStreamInferResponse,
-        RepositoryIndexRequest, RepositoryIndexResponse, ServerLiveRequest, ServerLiveResponse,
-        ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
+        ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
+        RepositoryIndexResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
+        ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
         grpc_inference_service_server::GrpcInferenceService,
     },
+    streams::Streams,
 };
 
 pub struct GrpcApi {
     infer: InferService,
+    streams: Streams,
     stream_concurrency: usize,
 }
 
 impl GrpcApi {
-    pub fn new(infer: InferService, stream_concurrency: usize) -> Self {
+    pub fn new(infer: InferService, streams: Streams, stream_concurrency: usize) -> Self {
         Self {
             infer,
+            streams,
             stream_concurrency,
         }
     }
@@ -39,8 +42,6 @@ impl GrpcApi {
         self.infer.backend()
     }
 }
-
-type StreamOut = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl GrpcInferenceService for GrpcApi {
@@ -101,47 +102,20 @@ impl GrpcInferenceService for GrpcApi {
 
     type ModelStreamInferStream = StreamOut;
 
-    /// Requests run up to `stream_concurrency` at a time and are answered in request order.
-    /// An error answers that request alone (as Triton does); the stream goes on. When the
-    /// client goes away tonic drops this stream, which drops the pending calls to Triton.
+    /// See [`super::stream_infer`]: decoupled models' responses relayed as they come, other
+    /// requests answered in order.
     async fn model_stream_infer(
         &self,
         req: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        let infer = self.infer.clone();
-        let (md, _, stream) = req.into_parts();
-        let headers = Arc::new(md.into_headers());
-        let out = stream
-            .map(move |msg| {
-                let (infer, headers) = (infer.clone(), Arc::clone(&headers));
-                async move {
-                    let mut r = msg?;
-                    let call = infer.at_edge(&mut r, &headers, None, Call::sync(None));
-                    let (model_name, model_version, id) =
-                        (r.model_name.clone(), r.model_version.clone(), r.id.clone());
-                    let call = infer.infer(r, call);
-                    let result =
-                        observed("grpc ModelStreamInfer", "grpc", &model_name, &headers, call)
-                            .await;
-                    Ok(match result {
-                        Ok(resp) => ModelStreamInferResponse {
-                            error_message: String::new(),
-                            infer_response: Some(resp),
-                        },
-                        Err(e) => ModelStreamInferResponse {
-                            error_message: e.to_string(),
-                            infer_response: Some(ModelInferResponse {
-                                model_name,
-                                model_version,
-                                id,
-                                ..Default::default()
-                            }),
-                        },
-                    })
-                }
-            })
-            .buffered(self.stream_concurrency);
-        Ok(Response::new(Box::pin(out)))
+        let (md, _, input) = req.into_parts();
+        Ok(Response::new(stream_infer::serve(
+            self.infer.clone(),
+            self.streams.clone(),
+            self.stream_concurrency,
+            md.into_headers(),
+            input,
+        )))
     }
 
     async fn model_config(

@@ -19,7 +19,6 @@ use crate::{
     error::GatewayError,
     proto::inference::{
         InferParameter, ModelInferRequest, ModelInferResponse,
-        infer_parameter::ParameterChoice,
         model_infer_request::{InferInputTensor, InferRequestedOutputTensor},
     },
     tensor::{self, DataType, shape_str},
@@ -232,44 +231,13 @@ pub fn decode_request(
 }
 
 fn to_param(what: &str, v: &Value) -> Result<InferParameter, GatewayError> {
-    let choice = match v {
-        Value::Bool(b) => ParameterChoice::BoolParam(*b),
-        Value::String(s) => ParameterChoice::StringParam(s.clone()),
-        Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                ParameterChoice::Int64Param(i)
-            } else if let Some(u) = n.as_u64() {
-                ParameterChoice::Uint64Param(u)
-            } else {
-                ParameterChoice::DoubleParam(n.as_f64().unwrap_or(f64::NAN))
-            }
-        }
-        _ => {
-            return Err(invalid(format!(
-                "{what}: a parameter must be a boolean, number or string"
-            )));
-        }
-    };
-    Ok(InferParameter {
-        parameter_choice: Some(choice),
-    })
-}
-
-fn param_json(p: &InferParameter) -> Value {
-    match &p.parameter_choice {
-        Some(ParameterChoice::BoolParam(b)) => json!(b),
-        Some(ParameterChoice::Int64Param(i)) => json!(i),
-        Some(ParameterChoice::Uint64Param(u)) => json!(u),
-        Some(ParameterChoice::DoubleParam(d)) => json!(d),
-        Some(ParameterChoice::StringParam(s)) => json!(s),
-        None => Value::Null,
-    }
+    crate::tensor::param_from_json(v).map_err(|e| invalid(format!("{what}: {e}")))
 }
 
 fn params_json(params: &HashMap<String, InferParameter>) -> Map<String, Value> {
     params
         .iter()
-        .map(|(k, v)| (k.clone(), param_json(v)))
+        .map(|(k, v)| (k.clone(), crate::tensor::param_to_json(v)))
         .collect()
 }
 

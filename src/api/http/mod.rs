@@ -3,6 +3,7 @@
 
 mod admin;
 pub mod codec;
+mod generate;
 mod inference;
 mod openapi;
 mod schema;
@@ -37,6 +38,11 @@ pub fn router(state: HttpState) -> Router {
             .route(&format!("{prefix}/config"), get(inference::model_config))
             .route(&format!("{prefix}/stats"), get(inference::model_stats))
             .route(&format!("{prefix}/infer"), post(inference::infer))
+            .route(&format!("{prefix}/generate"), post(generate::generate))
+            .route(
+                &format!("{prefix}/generate_stream"),
+                post(generate::generate_stream),
+            )
     };
     let api = Router::new()
         .route("/v2", get(inference::server_metadata))
@@ -82,7 +88,18 @@ pub fn router(state: HttpState) -> Router {
             Arc::clone(&state.health),
             Some(state.infer.clone()),
         ))
+        .fallback(unknown_path)
         .with_state(Arc::new(state))
+}
+
+/// Any other path: a JSON error, as every answer of this API (axum's own is an empty 404).
+async fn unknown_path(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let error = format!("no route for {method} {}", uri.path());
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({ "error": error })),
+    )
+        .into_response()
 }
 
 /// Admits the request (API key, tenant rate) and records its tenant, or refuses it.

@@ -15,7 +15,7 @@ use utoipa::{
     },
 };
 
-use super::{admin, inference, tasks};
+use super::{admin, generate, inference, tasks};
 
 /// Adds the two ways to present an API key (both optional: keys are off by default).
 struct Keys;
@@ -53,6 +53,8 @@ impl Modify for Keys {
         inference::all_stats,
         inference::repository_index,
         inference::infer,
+        generate::generate,
+        generate::generate_stream,
         tasks::submit,
         tasks::get,
         tasks::result,

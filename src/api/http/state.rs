@@ -24,6 +24,8 @@ pub struct HttpState {
     pub tasks: Option<crate::tasks::front::TaskFront>,
     pub health: Arc<Health>,
     pub auth: Arc<Auth>,
+    /// Decoupled models' responses (generate, generate_stream).
+    pub streams: crate::streams::Streams,
 }
 
 impl HttpState {
