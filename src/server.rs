@@ -86,11 +86,13 @@ fn spawn_workers(
     tasks: &Tasks,
     stop: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
+    let streams = Streams::new(infer.clone(), &cfg.streams);
     (0..cfg.tasks.workers)
         .map(|_| {
             let w = Worker {
                 tasks: tasks.clone(),
                 infer: infer.clone(),
+                streams: streams.clone(),
                 cfg: WorkerConfig {
                     concurrency: cfg.tasks.worker_concurrency,
                     max_attempts: cfg.tasks.max_attempts,

@@ -32,6 +32,7 @@ use crate::{
     infer::InferService,
     proto::inference::{ModelInferRequest, ModelInferResponse},
     queue::Delivery,
+    streams::Streams,
     tasks::{
         Change, Start, StoreError, Takeover, TaskError, TaskRecord, TaskState, blobs,
         dead::{DeadEntry, DeadLetter},
@@ -54,6 +55,8 @@ pub struct WorkerConfig {
 pub struct Worker {
     pub tasks: Tasks,
     pub infer: InferService,
+    /// A decoupled model's task runs on a stream, its responses kept as they come.
+    pub streams: Streams,
     pub cfg: WorkerConfig,
 }
 
@@ -210,14 +213,74 @@ impl Worker {
         };
         let run_started = Instant::now();
         let result = match req {
+            Ok(req) if self.streams.is_decoupled(&req).await => {
+                self.renewing(&d, self.stream(&rec, req)).await
+            }
             Ok(req) => self.renewing(&d, self.infer.infer(req, Call::task())).await,
             Err(e) => Err(e),
         };
         metrics().observe(&rec.model, "task_run", run_started.elapsed());
         match result {
             Ok(resp) => self.succeeded(&d, &rec, resp, claimed_input).await,
+            // Responses over the result limit would be again on every attempt.
+            Err(e @ GatewayError::PayloadTooLarge(_)) => {
+                self.fail(&d, Some(rec.attempts), task_error(&e)).await
+            }
             Err(e) => self.attempt_failed(&d, &rec, e).await,
         }
+    }
+
+    /// Runs a decoupled model's task: each response is kept with the task as it comes (so a
+    /// watcher sees it at once), in order. The result is then a summary: the model, the id
+    /// and the number of responses kept (`infergate_responses`), their data in the list.
+    async fn stream(
+        &self,
+        rec: &TaskRecord,
+        req: ModelInferRequest,
+    ) -> Result<ModelInferResponse, GatewayError> {
+        let id = req.id.clone();
+        let mut responses = self.streams.open(req, None).await?;
+        let mut kept = 0u64;
+        let mut last = ModelInferResponse::default();
+        while let Some(next) = responses.next().await {
+            let next = next?;
+            if let Some(e) = crate::streams::triton_error(&next) {
+                return Err(e);
+            }
+            let Some(resp) = next.infer_response else {
+                continue;
+            };
+            let (name, version) = (resp.model_name.clone(), resp.model_version.clone());
+            let kept_now = self
+                .tasks
+                .store
+                .append_response(&rec.id, rec.attempts, resp.encode_to_vec().into())
+                .await;
+            match kept_now {
+                Ok(()) => kept += 1,
+                Err(StoreError::ResultTooLarge { size, limit }) => {
+                    return Err(GatewayError::PayloadTooLarge(format!(
+                        "the model's responses reached {size} bytes, over the task result limit of {limit} bytes (tasks.max_result_bytes)"
+                    )));
+                }
+                // Cancelled or taken over meanwhile: dropping the stream cancels the
+                // request; the transition that follows says why.
+                Err(e) => return Err(GatewayError::Unavailable(e.to_string())),
+            }
+            (last.model_name, last.model_version) = (name, version);
+        }
+        last.id = id;
+        last.parameters.insert(
+            crate::streams::RESPONSES_KEPT.into(),
+            crate::proto::inference::InferParameter {
+                parameter_choice: Some(
+                    crate::proto::inference::infer_parameter::ParameterChoice::Int64Param(
+                        kept as i64,
+                    ),
+                ),
+            },
+        );
+        Ok(last)
     }
 
     /// The record of a delivery the store started, or `None` when there is nothing to run

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use infergate::{
     queue::{Broker, QueueError, TaskMessage, redis::RedisBroker},
     tasks::{
-        Change, Start, StoreError, Takeover, TaskError, TaskRecord, TaskState, TaskStore,
+        Change, Kept, Start, StoreError, Takeover, TaskError, TaskRecord, TaskState, TaskStore,
         dead::{
             DeadDepth, DeadEntry, DeadFilter, DeadLetter, DeadLetterStore,
             memory::MemoryDeadLetters, redis::RedisDeadLetters,
@@ -671,4 +671,124 @@ async fn the_redis_outbox_hands_over_owed_webhooks_only_when_their_hold_ends() {
     assert!(s.claim_webhooks(0).await.unwrap().is_empty());
     let m = MemoryTaskStore::new(Duration::from_secs(60), 100, 1024);
     assert!(!m.keeps_outbox());
+}
+
+/// A decoupled model's responses, kept with the task: in order, for the attempt that runs
+/// (fenced), bounded in bytes (the result limit), started over by a new attempt, refused
+/// once the task is no longer running. Both stores alike (limit: 1024 bytes).
+async fn responses_contract(s: &dyn TaskStore) {
+    let a = new_task_id();
+    s.create(rec(&a), 0, None).await.unwrap();
+    let running = |count_attempt| Change {
+        count_attempt,
+        ..Default::default()
+    };
+    // Nothing kept yet, and no such task at all.
+    assert_eq!(s.responses(&a, 0, 10).await.unwrap(), Some(Kept::default()));
+    assert_eq!(s.responses("no-such-task", 0, 10).await.unwrap(), None);
+    // Only a running task keeps responses.
+    assert!(
+        s.append_response(&a, 0, Bytes::from_static(b"x"))
+            .await
+            .is_err()
+    );
+    s.transition(&a, TaskState::Running, running(true))
+        .await
+        .unwrap();
+    for r in ["one", "two", "three"] {
+        s.append_response(&a, 1, Bytes::from(r)).await.unwrap();
+    }
+    let kept = s.responses(&a, 0, 10).await.unwrap().unwrap();
+    assert_eq!(kept.attempt, 1);
+    assert_eq!(
+        kept.responses,
+        vec![Bytes::from("one"), Bytes::from("two"), Bytes::from("three")]
+    );
+    // A page from an index.
+    let page = s.responses(&a, 1, 1).await.unwrap().unwrap();
+    assert_eq!(page.responses, vec![Bytes::from("two")]);
+    // Another attempt's writer is fenced off.
+    let err = s
+        .append_response(&a, 2, Bytes::from("late"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Fenced {
+                fence: 2,
+                current: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // All responses together stay under the result limit.
+    let err = s
+        .append_response(&a, 1, Bytes::from(vec![b'z'; 1020]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::ResultTooLarge { limit: 1024, .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        s.responses(&a, 0, 10)
+            .await
+            .unwrap()
+            .unwrap()
+            .responses
+            .len(),
+        3
+    );
+    // A retry starts its responses over.
+    s.transition(
+        &a,
+        TaskState::Queued,
+        Change {
+            fence: Some(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    s.transition(&a, TaskState::Running, running(true))
+        .await
+        .unwrap();
+    s.append_response(&a, 2, Bytes::from("again"))
+        .await
+        .unwrap();
+    let kept = s.responses(&a, 0, 10).await.unwrap().unwrap();
+    assert_eq!(
+        (kept.attempt, kept.responses),
+        (2, vec![Bytes::from("again")])
+    );
+    // Cancelled: a response that comes late is refused, and what was kept stays readable.
+    s.transition(&a, TaskState::Cancelled, Change::default())
+        .await
+        .unwrap();
+    let err = s
+        .append_response(&a, 2, Bytes::from("after"))
+        .await
+        .unwrap_err();
+    assert_conflict(&err, TaskState::Cancelled, TaskState::Running);
+    assert_eq!(
+        s.responses(&a, 0, 10)
+            .await
+            .unwrap()
+            .unwrap()
+            .responses
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn both_stores_keep_a_decoupled_models_responses() {
+    responses_contract(&MemoryTaskStore::new(Duration::from_secs(60), 100, 1024)).await;
+    let prefix = format!("igtest-{}", new_task_id());
+    let s = RedisTaskStore::connect(common::REDIS, &prefix, Duration::from_secs(60), 1024)
+        .await
+        .unwrap();
+    responses_contract(&s).await;
 }

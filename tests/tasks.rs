@@ -737,6 +737,7 @@ async fn grpc_task_service_submits_watches_and_cancels() {
     let mut watch = c
         .watch(WatchRequest {
             id: first.id.clone(),
+            responses: false,
         })
         .await
         .unwrap()

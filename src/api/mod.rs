@@ -82,18 +82,46 @@ pub async fn traced<T>(
     headers: &::http::HeaderMap,
     fut: impl Future<Output = Result<T, GatewayError>>,
 ) -> Result<T, GatewayError> {
-    let span = trace::server_span(
-        name,
-        protocol,
-        model,
-        request_id(headers),
-        &trace::HeaderExtractor(headers) as &(dyn Extractor + Sync),
-    );
+    let span = span_of(name, protocol, model, headers);
     let result = fut.instrument(span.clone()).await;
     if let Err(e) = &result {
         trace::record_error(&span, e);
     }
     result
+}
+
+/// The server span of one call, continuing the caller's trace.
+fn span_of(
+    name: &'static str,
+    protocol: &'static str,
+    model: &str,
+    headers: &::http::HeaderMap,
+) -> tracing::Span {
+    trace::server_span(
+        name,
+        protocol,
+        model,
+        request_id(headers),
+        &trace::HeaderExtractor(headers) as &(dyn Extractor + Sync),
+    )
+}
+
+/// [`observed`] for an answer that goes on after its handler returned (a stream): the span
+/// comes back with the result, for the stream to hold (and add its events to) until it ends.
+pub async fn observed_open<T>(
+    name: &'static str,
+    protocol: &'static str,
+    model: &str,
+    headers: &::http::HeaderMap,
+    fut: impl Future<Output = Result<T, GatewayError>>,
+) -> (Result<T, GatewayError>, tracing::Span) {
+    let span = span_of(name, protocol, model, headers);
+    let fut = fut.instrument(span.clone());
+    let result = observed_untraced(protocol, model, fut).await;
+    if let Err(e) = &result {
+        trace::record_error(&span, e);
+    }
+    (result, span)
 }
 
 /// [`traced`], and counted in `infergate_requests_total` and the `total` phase histogram.
@@ -104,8 +132,17 @@ pub async fn observed<T>(
     headers: &::http::HeaderMap,
     fut: impl Future<Output = Result<T, GatewayError>>,
 ) -> Result<T, GatewayError> {
+    observed_untraced(protocol, model, traced(name, protocol, model, headers, fut)).await
+}
+
+/// Counts a call in `infergate_requests_total` and the `total` phase histogram.
+async fn observed_untraced<T>(
+    protocol: &'static str,
+    model: &str,
+    fut: impl Future<Output = Result<T, GatewayError>>,
+) -> Result<T, GatewayError> {
     let started = Instant::now();
-    let result = traced(name, protocol, model, headers, fut).await;
+    let result = fut.await;
     let code: std::borrow::Cow<'static, str> = match (&result, protocol) {
         (Ok(_), "http") => "200".into(),
         (Ok(_), _) => "OK".into(),

@@ -69,6 +69,18 @@ struct Args {
     /// all are final; reports completed tasks per second.
     #[arg(long, value_name = "N")]
     tasks: Option<u64>,
+    /// Stream mode (gRPC ModelStreamInfer, a decoupled model like `token_stream`): each of
+    /// --concurrency streams sends requests of this many responses, one after another;
+    /// reports time to first response and the gaps between responses.
+    #[arg(long, value_name = "RESPONSES")]
+    stream_tokens: Option<i32>,
+    /// Stream mode: the model's delay between responses (its `delay_ms` input).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    stream_delay_ms: i32,
+    /// Stream mode: open --concurrency idle streams (each waits on a response), hold them
+    /// this long, then close them.
+    #[arg(long, value_parser = parse_duration)]
+    stream_hold: Option<Duration>,
 }
 
 fn parse_param(s: &str) -> Result<(String, i64), String> {
@@ -138,6 +150,43 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    if a.stream_tokens.is_some() || a.stream_hold.is_some() {
+        let Protocol::Grpc = spec.protocol else {
+            eprintln!("infergate-load: stream mode needs --grpc");
+            return ExitCode::from(2);
+        };
+        let s = infergate::loadgen::streams::StreamSpec {
+            target: spec.target.clone(),
+            model: spec.model.clone(),
+            concurrency: spec.concurrency,
+            tokens: a.stream_tokens.unwrap_or(2),
+            delay_ms: a.stream_delay_ms,
+            duration: spec.duration.unwrap_or(Duration::from_secs(10)),
+            warmup: spec.warmup,
+            hold: a.stream_hold,
+        };
+        return match rt.block_on(infergate::loadgen::streams::run_streams(&s)) {
+            Ok(run) => {
+                print!("{}", run.text());
+                if let Some(path) = a.json {
+                    let text = serde_json::to_string_pretty(&run).expect("run serialises");
+                    if let Err(e) = std::fs::write(&path, text) {
+                        eprintln!("infergate-load: cannot write {}: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
+                if run.errors > 0 {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+            Err(e) => {
+                eprintln!("infergate-load: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if let Some(n) = a.tasks {
         return match rt.block_on(infergate::loadgen::tasks::run_tasks(&spec, n)) {
             Ok(run) => {

@@ -6,6 +6,7 @@
 
 pub mod html;
 pub mod report;
+pub mod streams;
 pub mod tasks;
 
 use std::{

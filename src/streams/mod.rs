@@ -28,6 +28,18 @@ use crate::{
 };
 pub use config::StreamsConfig;
 
+/// The parameter of a decoupled task's result that says how many responses it kept.
+pub const RESPONSES_KEPT: &str = "infergate_responses";
+
+/// Triton's error in band (a response that carries `error_message`), as infergate's error.
+/// Triton's HTTP front answers it with 400; gRPC clients read it as it is.
+pub fn triton_error(resp: &ModelStreamInferResponse) -> Option<GatewayError> {
+    (!resp.error_message.is_empty()).then(|| GatewayError::Backend {
+        code: tonic::Code::InvalidArgument,
+        message: resp.error_message.clone(),
+    })
+}
+
 #[derive(Clone)]
 pub struct Streams {
     infer: InferService,

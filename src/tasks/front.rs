@@ -241,6 +241,33 @@ impl TaskFront {
     /// A succeeded task's encoded result as a stream (from the blob store when it is there,
     /// never whole in memory), with its length. `None`: no such task for this tenant, or
     /// no result (yet).
+    /// A decoupled model's responses kept with the task, from index `from` (at most `max`),
+    /// with the task as it is now; `None` for no such task (or another tenant's).
+    pub async fn responses(
+        &self,
+        id: &str,
+        tenant: &str,
+        from: usize,
+        max: usize,
+    ) -> Result<Option<(TaskRecord, super::Kept)>, GatewayError> {
+        // The record first: a response kept after it was read shows on the next read, and a
+        // final record read first means every response is in the list.
+        let Some(rec) = self.tasks.store.get(id).await.map_err(store_error)? else {
+            return Ok(None);
+        };
+        if rec.tenant != tenant {
+            return Ok(None);
+        }
+        let kept = self
+            .tasks
+            .store
+            .responses(id, from, max)
+            .await
+            .map_err(store_error)?
+            .unwrap_or_default();
+        Ok(Some((rec, kept)))
+    }
+
     pub async fn result_stream(
         &self,
         id: &str,

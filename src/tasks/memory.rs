@@ -17,6 +17,8 @@ struct Entry {
     rec: TaskRecord,
     result: Option<Bytes>,
     expires: Instant,
+    /// A decoupled model's responses, with their attempt and bytes together.
+    responses: Option<(u32, Vec<Bytes>, usize)>,
 }
 
 pub struct MemoryTaskStore {
@@ -147,6 +149,7 @@ impl TaskStore for MemoryTaskStore {
                 rec: rec.clone(),
                 result: None,
                 expires: now + self.ttl,
+                responses: None,
             },
         );
         if let Some(msg) = outbox {
@@ -324,6 +327,63 @@ impl TaskStore for MemoryTaskStore {
         Ok(rec)
     }
 
+    async fn append_response(&self, id: &str, fence: u32, resp: Bytes) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock().expect("task store lock");
+        let e = inner
+            .tasks
+            .get_mut(id)
+            .filter(|e| e.expires > Instant::now())
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        if fence != e.rec.attempts {
+            return Err(StoreError::Fenced {
+                id: id.to_string(),
+                fence,
+                current: e.rec.attempts,
+            });
+        }
+        if e.rec.state != TaskState::Running {
+            return Err(StoreError::Conflict {
+                id: id.to_string(),
+                from: e.rec.state,
+                to: TaskState::Running,
+            });
+        }
+        let kept = e.responses.get_or_insert_with(|| (fence, Vec::new(), 0));
+        if kept.0 != fence {
+            *kept = (fence, Vec::new(), 0);
+        }
+        let size = kept.2 + resp.len();
+        if size > self.max_result_bytes {
+            return Err(StoreError::ResultTooLarge {
+                size,
+                limit: self.max_result_bytes,
+            });
+        }
+        kept.2 = size;
+        kept.1.push(resp);
+        Ok(())
+    }
+
+    async fn responses(
+        &self,
+        id: &str,
+        from: usize,
+        max: usize,
+    ) -> Result<Option<super::Kept>, StoreError> {
+        let inner = self.inner.lock().expect("task store lock");
+        Ok(inner
+            .tasks
+            .get(id)
+            .filter(|e| e.expires > Instant::now())
+            .map(|e| match &e.responses {
+                Some((attempt, items, _)) => super::Kept {
+                    attempt: *attempt,
+                    responses: items.iter().skip(from).take(max).cloned().collect(),
+                },
+                None => super::Kept::default(),
+            }))
+    }
+
     async fn requeue(&self, rec: &TaskRecord, msg: &TaskMessage) -> Result<TaskRecord, StoreError> {
         let now = Instant::now();
         let mut inner = self.inner.lock().expect("task store lock");
@@ -350,6 +410,7 @@ impl TaskStore for MemoryTaskStore {
                 rec: queued.clone(),
                 result: None,
                 expires: now + self.ttl,
+                responses: None,
             },
         );
         Ok(queued)

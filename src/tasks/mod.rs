@@ -18,6 +18,7 @@ pub mod admin;
 pub mod blobs;
 pub mod config;
 pub mod dead;
+pub mod follow;
 pub mod front;
 pub mod memory;
 pub mod outbox;
@@ -459,6 +460,29 @@ pub trait TaskStore: Send + Sync {
     /// Tasks accepted and not started yet, per model (the autoscaler's queue tier). Reads
     /// every unfinished task: meant for a poll every few seconds, not per request.
     async fn queued_by_model(&self) -> Result<HashMap<String, u64>, StoreError>;
+    /// Keeps one more response of a decoupled model's run, attempt `fence`, after those kept
+    /// (a newer attempt starts the list over). Refused: [`StoreError::Fenced`] when the task
+    /// was started again since, [`StoreError::Conflict`] when it is no longer running
+    /// (cancelled meanwhile), [`StoreError::ResultTooLarge`] when the responses together
+    /// would pass the result size limit.
+    async fn append_response(&self, id: &str, fence: u32, resp: Bytes) -> Result<(), StoreError>;
+    /// Up to `max` kept responses from index `from`, with the attempt they came from; `None`
+    /// when there is no such task.
+    async fn responses(
+        &self,
+        id: &str,
+        from: usize,
+        max: usize,
+    ) -> Result<Option<Kept>, StoreError>;
+}
+
+/// Responses of a decoupled model's run kept with its task ([`TaskStore::responses`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Kept {
+    /// The attempt they came from (0: none kept yet).
+    pub attempt: u32,
+    /// Encoded `ModelInferResponse`s, in the order Triton sent them, from the index asked.
+    pub responses: Vec<Bytes>,
 }
 
 impl Change {

@@ -5,22 +5,25 @@
 use std::{pin::Pin, time::Duration};
 
 use futures::{Stream, StreamExt};
+use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::{
     api::{header_text, traced},
     auth::{caller_of, tenant_of},
     error::GatewayError,
+    proto::inference::ModelInferResponse,
     proto::tasks::{
         Attempt, CancelRequest, DeadLetter, DeadLetterFilter, DeadLetterList, DeadLetterSelection,
-        GetRequest, PurgeResult, Refusal, ReplayResult, ResultChunk, SubmitRequest, Task,
-        TaskError, TaskState as WireState, WatchRequest, WebhookDelivery,
+        GetRequest, PurgeResult, Refusal, ReplayResult, ResultChunk, StreamedResponse,
+        SubmitRequest, Task, TaskError, TaskState as WireState, WatchRequest, WebhookDelivery,
         task_admin_server::TaskAdmin, task_service_server::TaskService,
     },
     tasks::{
         TaskRecord, TaskState,
         admin::Selection,
         dead::{DeadEntry, DeadFilter},
+        follow::{Followed, RESPONSE_POLL},
         front::{Cancelled, TaskFront, TaskResult},
         result_url,
     },
@@ -113,6 +116,7 @@ fn to_wire(rec: &TaskRecord, result: Option<TaskResult>, replayed: bool) -> Task
         }),
         response,
         replayed,
+        streamed: None,
         history: rec
             .history
             .iter()
@@ -213,7 +217,10 @@ impl TaskService for GrpcTasks {
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let tenant = tenant_of(req.extensions());
-        let id = req.into_inner().id;
+        let WatchRequest { id, responses } = req.into_inner();
+        if responses {
+            return Ok(Response::new(Box::pin(self.watch_responses(&id, &tenant))));
+        }
         let Some((first, resp)) = self.front.get(&id, &tenant).await? else {
             return Err(not_found(&id));
         };
@@ -253,6 +260,41 @@ impl TaskService for GrpcTasks {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+impl GrpcTasks {
+    /// Watch with `responses`: the task's states and a decoupled model's responses, polled
+    /// more often than states alone, since each response is worth seeing at once.
+    fn watch_responses(
+        &self,
+        id: &str,
+        tenant: &str,
+    ) -> impl Stream<Item = Result<Task, Status>> + Send + 'static {
+        let task_id = id.to_string();
+        self.front
+            .follow(id, tenant, RESPONSE_POLL, WATCH_LIMIT)
+            .map(move |item| match item? {
+                Followed::State(rec) => Ok(to_wire(&rec, None, false)),
+                Followed::Response {
+                    index,
+                    attempt,
+                    response,
+                } => {
+                    let response = ModelInferResponse::decode(response).map_err(|e| {
+                        Status::internal(format!("a kept response does not decode: {e}"))
+                    })?;
+                    Ok(Task {
+                        id: task_id.clone(),
+                        streamed: Some(StreamedResponse {
+                            index,
+                            attempt,
+                            response: Some(response),
+                        }),
+                        ..Default::default()
+                    })
+                }
+            })
     }
 }
 

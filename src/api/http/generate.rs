@@ -20,13 +20,16 @@ use futures::{StreamExt, stream};
 use serde_json::{Value, json};
 
 use super::state::{Params, Shared, model_and_version, read_body, timeout_header};
+use tracing::Instrument;
+
 use crate::{
-    api::observed,
+    api::{observed, observed_open},
     auth::Caller,
     call::{Call, Deadline},
     error::GatewayError,
     proto::inference::{ModelInferRequest, ModelStreamInferResponse},
     streams::{Responses, generate},
+    telemetry::trace,
 };
 
 /// What a generate call starts with: the request and how it runs.
@@ -68,11 +71,8 @@ async fn start(
 /// One response's JSON; `None` for the empty final response. Triton's error in band is the
 /// stream's error.
 fn response_json(resp: ModelStreamInferResponse) -> Result<Option<Value>, GatewayError> {
-    if !resp.error_message.is_empty() {
-        return Err(GatewayError::Backend {
-            code: tonic::Code::InvalidArgument,
-            message: resp.error_message,
-        });
+    if let Some(e) = crate::streams::triton_error(&resp) {
+        return Err(e);
     }
     match resp.infer_response {
         Some(r) => generate::response(&r),
@@ -149,26 +149,37 @@ pub(super) async fn generate_stream(
     body: Body,
 ) -> Result<Response, GatewayError> {
     let (m, v) = model_and_version(p);
-    let started = observed(
+    let (started, span) = observed_open(
         "http generate_stream",
         "http",
         &m,
         &headers,
         start(&s, &m, &v, &caller, &headers, body),
     )
-    .await?;
+    .await;
+    let started = started?;
     let events: Body = match started {
         Started::Unary(one) => Body::from(event(&one)),
         Started::Stream(mut responses) => {
             // The status follows the first response, as Triton's does: an error there is an
             // ordinary error answer.
-            let first = first_event(&mut responses).await?;
-            let rest = stream::unfold(Some(responses), |state| async move {
-                let mut responses = state?;
-                let next = match first_event(&mut responses).await {
-                    Ok(Some(v)) => (event(&v), Some(responses)),
+            let first = first_event(&mut responses).instrument(span.clone()).await?;
+            if first.is_some() {
+                trace::add_event(&span, "response", 0);
+            }
+            // The span lives as long as the body: one span per stream, an event per response.
+            let rest = stream::unfold(Some((responses, span, 1u64)), |state| async move {
+                let (mut responses, span, n) = state?;
+                let next = match first_event(&mut responses).instrument(span.clone()).await {
+                    Ok(Some(v)) => {
+                        trace::add_event(&span, "response", n);
+                        (event(&v), Some((responses, span, n + 1)))
+                    }
                     Ok(None) => return None,
-                    Err(e) => (error_event(&e), None),
+                    Err(e) => {
+                        trace::record_error(&span, &e);
+                        (error_event(&e), None)
+                    }
                 };
                 Some((Ok::<_, std::io::Error>(next.0), next.1))
             });

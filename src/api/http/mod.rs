@@ -57,6 +57,7 @@ pub fn router(state: HttpState) -> Router {
         )
         .route("/v1/tasks/{id}", get(tasks::get).delete(tasks::cancel))
         .route("/v1/tasks/{id}/result", get(tasks::result))
+        .route("/v1/tasks/{id}/events", get(tasks::events))
         .route("/v1/admin/dead-letters", get(admin::list))
         .route(
             "/v1/admin/dead-letters/{id}",

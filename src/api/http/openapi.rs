@@ -59,6 +59,7 @@ impl Modify for Keys {
         tasks::get,
         tasks::result,
         tasks::cancel,
+        tasks::events,
         admin::list,
         admin::get,
         admin::delete,

@@ -5,6 +5,9 @@
 //! | `POST /v1/models/{m}[/versions/{v}]/tasks` (body as for `/infer`) | 202 `{id, status, ...}` with `Location` and `Retry-After`; the same `Idempotency-Key` again: 202 with the existing task and `Idempotent-Replayed: true`; 400/404 for a bad request (checked before queueing); 413 over the size limit; 429 when the queue is full; 503 when the broker or task store is unreachable |
 //! | `GET /v1/tasks/{id}` | 200 with state, timestamps (ms since the epoch), attempts, error, and the inference response once succeeded; 404 if unknown or expired |
 //! | `DELETE /v1/tasks/{id}` | 200 with the cancelled task; 409 if it already finished; 404 if unknown |
+//! | `GET /v1/tasks/{id}/events` | server-sent events until the task is final: its states and, for a decoupled model, each response from the first |
+
+use prost::Message;
 
 use axum::{
     Extension, Json,
@@ -22,8 +25,10 @@ use crate::{
     api::{header_text, traced},
     auth::Caller,
     error::GatewayError,
+    proto::inference::ModelInferResponse,
     tasks::{
         TaskRecord,
+        follow::Followed,
         front::{Cancelled, TaskFront, TaskResult},
         result_url,
         view::TaskView,
@@ -212,4 +217,71 @@ pub async fn cancel(
         }
         .into_response(),
     })
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{id}/events",
+    tag = "tasks",
+    params(("id" = String, Path, description = "task id")),
+    responses(
+        (status = 200, description = "server-sent events until the task is final: `event: state` with the task (as GET /v1/tasks/{id}) at each change, and for a decoupled model `event: response` with `{index, attempt, response}` per response kept, from the first (a client that comes back replays them)", content_type = "text/event-stream"),
+        (status = 401, description = "no valid API key", body = schema::ErrorBody),
+        (status = 404, description = "no such task (or another tenant's)", body = schema::ErrorBody),
+        (status = 503, description = "task store unavailable", body = schema::ErrorBody),
+    ),
+)]
+pub async fn events(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, GatewayError> {
+    use futures::StreamExt;
+    let front = front(&s)?;
+    if front.get(&id, &caller.tenant).await?.is_none() {
+        return Ok(not_found(&id));
+    }
+    let events = front
+        .follow(
+            &id,
+            &caller.tenant,
+            crate::tasks::follow::RESPONSE_POLL,
+            std::time::Duration::from_secs(3600),
+        )
+        .map(|item| {
+            let (name, data) = match item {
+                Ok(Followed::State(rec)) => (
+                    "state",
+                    serde_json::to_value(TaskView::of(&rec)).unwrap_or_default(),
+                ),
+                Ok(Followed::Response {
+                    index,
+                    attempt,
+                    response,
+                }) => match ModelInferResponse::decode(response)
+                    .map_err(|e| {
+                        GatewayError::Internal(format!("a kept response does not decode: {e}"))
+                    })
+                    .and_then(codec::response_json)
+                {
+                    Ok(r) => (
+                        "response",
+                        serde_json::json!({"index": index, "attempt": attempt, "response": r}),
+                    ),
+                    Err(e) => ("error", serde_json::json!({ "error": e.to_string() })),
+                },
+                Err(e) => ("error", serde_json::json!({ "error": e.to_string() })),
+            };
+            Ok::<_, std::convert::Infallible>(bytes::Bytes::from(format!(
+                "event: {name}\ndata: {data}\n\n"
+            )))
+        });
+    let mut r = Body::from_stream(events).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(r)
 }

@@ -10,10 +10,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use redis::{Script, Value, aio::ConnectionManager};
 
-use super::{Change, Start, StoreError, TaskRecord, TaskState, TaskStore};
+use super::{Change, Kept, Start, StoreError, TaskRecord, TaskState, TaskStore};
 use crate::{queue::TaskMessage, redis_conn::Repeatable};
 
 mod codec;
+mod responses;
 mod scripts;
 
 use codec::*;
@@ -244,6 +245,19 @@ impl TaskStore for RedisTaskStore {
             }
         }
         Ok(out)
+    }
+
+    async fn append_response(&self, id: &str, fence: u32, resp: Bytes) -> Result<(), StoreError> {
+        self.append(id, fence, resp).await
+    }
+
+    async fn responses(
+        &self,
+        id: &str,
+        from: usize,
+        max: usize,
+    ) -> Result<Option<Kept>, StoreError> {
+        self.read(id, from, max).await
     }
 
     async fn create(
