@@ -6,12 +6,12 @@
 # infergate adds. Then 1,000 idle streams (each waiting on the model) held through infergate,
 # with infergate's resident memory before and while they are held.
 # Writes loadtest/results/streams-<date>.md and prints it.
-#   loadtest/streams-bench.sh [ROUNDS=3] [TOKENS=20] [DELAY_MS=5] [SECONDS=8] [IDLE=1000]
+#   [NO_BUILD=1] loadtest/streams-bench.sh [ROUNDS=3] [TOKENS=20] [DELAY_MS=5] [SECONDS=8] [IDLE=1000]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:-3}"; TOKENS="${2:-20}"; DELAY="${3:-5}"; SECS="${4:-8}"; IDLE="${5:-1000}"
 VENV="$(scripts/install-triton.sh)"
-cargo build --release --locked --quiet
+[[ -n ${NO_BUILD:-} ]] || cargo build --release --locked --quiet
 # shellcheck source=loadtest/lib.sh
 . loadtest/lib.sh
 start_triton

@@ -106,21 +106,28 @@ async fn worker(
 ) -> Result<Measured, String> {
     let mut client = GrpcInferenceServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
+    // The first request goes in before the call is made: a server may send its response
+    // headers only once it has read a message, and the call waits for those headers.
+    let first = match spec.hold {
+        Some(hold) => request(
+            &spec.model,
+            2,
+            i32::try_from(hold.as_millis() * 2).unwrap_or(i32::MAX),
+        ),
+        None => request(&spec.model, spec.tokens, spec.delay_ms),
+    };
+    let mut sent = Instant::now();
+    tx.send(first)
+        .await
+        .map_err(|_| "the stream closed".to_string())?;
     let mut answers = client
         .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .map_err(|e| format!("opening a stream: {e}"))?
         .into_inner();
     let mut m = Measured::default();
-    if let Some(hold) = spec.hold {
+    if spec.hold.is_some() {
         // One long request: its first response says the stream is up, then it idles.
-        tx.send(request(
-            &spec.model,
-            2,
-            i32::try_from(hold.as_millis() * 2).unwrap_or(i32::MAX),
-        ))
-        .await
-        .map_err(|_| "the stream closed".to_string())?;
         match answers.message().await {
             Ok(Some(r)) if r.error_message.is_empty() => m.held = 1,
             Ok(Some(r)) => return Err(r.error_message),
@@ -129,11 +136,15 @@ async fn worker(
         tokio::time::sleep_until(until.into()).await;
         return Ok(m);
     }
+    let mut first_sent = true;
     while Instant::now() < until {
-        let sent = Instant::now();
-        tx.send(request(&spec.model, spec.tokens, spec.delay_ms))
-            .await
-            .map_err(|_| "the stream closed".to_string())?;
+        if !first_sent {
+            sent = Instant::now();
+            tx.send(request(&spec.model, spec.tokens, spec.delay_ms))
+                .await
+                .map_err(|_| "the stream closed".to_string())?;
+        }
+        first_sent = false;
         let measured = sent >= measure_from;
         let mut last = sent;
         let mut got = 0;
