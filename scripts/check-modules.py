@@ -13,7 +13,8 @@ Then the same at the folder level: each top-level module (`tasks`, with everythi
 src/tasks/) is one node, and the graph of those must hold no circle either. And each top-level
 module sits in a layer (LAYERS below, lowest first); it may import its own layer and those below,
 never one above: base modules import no feature, features import no edge, nothing imports the
-wiring. A top-level module in no layer is an error, so a new one is placed on purpose.
+wiring. A top-level module in no layer is an error, so a new one is placed on purpose. And no
+source file is longer than MAX_LINES.
 
     scripts/check-modules.py [SRC_DIR]
     scripts/check-modules.py --self-test   # shows that it finds circles it must find
@@ -25,6 +26,9 @@ import sys
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 # Binaries are their own crates (they reach the library as `infergate::`): leave them out.
 SKIP = {"main.rs", "bin"}
+
+# A source file longer than this is split (a newcomer reads a file whole).
+MAX_LINES = 700
 
 # Top-level modules by layer, lowest first. A module imports its own layer and lower ones only.
 LAYERS = [
@@ -245,6 +249,15 @@ def main(src, layers=None):
             if f in rank and t in rank and rank[t] > rank[f]:
                 failed = True
                 print(f"upward import: {f} ({layers[rank[f]][0]}) -> {t} ({layers[rank[t]][0]}): {a} -> {b}")
+    for root, dirs, names in os.walk(src):
+        dirs[:] = [d for d in dirs if d not in SKIP]
+        for n in sorted(names):
+            path = os.path.join(root, n)
+            if n.endswith(".rs") and n not in SKIP:
+                lines = sum(1 for _ in open(path))
+                if lines > MAX_LINES:
+                    failed = True
+                    print(f"{os.path.relpath(path, src)}: {lines} lines, over {MAX_LINES}: split it")
     if failed:
         return 1
     print(

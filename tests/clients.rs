@@ -9,20 +9,7 @@ use std::process::Command;
 use common::*;
 
 fn venv() -> String {
-    let out = Command::new(repo().join("scripts/install-triton.sh"))
-        .output()
-        .expect("run install-triton.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .to_string()
+    triton_venv()
 }
 
 async fn run(cmd: &mut Command) -> (bool, String) {

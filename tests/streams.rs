@@ -21,20 +21,7 @@ use infergate::proto::inference::{
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn venv() -> String {
-    let out = Command::new(repo().join("scripts/install-triton.sh"))
-        .output()
-        .expect("run install-triton.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .to_string()
+    triton_venv()
 }
 
 async fn python(args: &[String]) -> String {

@@ -34,6 +34,24 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The cached venv of Triton's CPU build and its Python clients (installed on first use).
+pub fn triton_venv() -> String {
+    let out = Command::new(repo().join("scripts/install-triton.sh"))
+        .output()
+        .expect("run install-triton.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_string()
+}
+
 pub const REDIS: &str = "redis://127.0.0.1:6379";
 pub const RABBIT: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 

@@ -14,6 +14,7 @@ use super::{Change, Kept, Start, StoreError, TaskRecord, TaskState, TaskStore};
 use crate::{queue::TaskMessage, redis_conn::Repeatable};
 
 mod codec;
+mod keys;
 mod responses;
 mod scripts;
 
@@ -93,12 +94,6 @@ impl RedisTaskStore {
         self
     }
 
-    /// The tasks whose message the broker may not hold yet, by when another process may
-    /// publish it.
-    fn unpublished_set(&self) -> String {
-        format!("{}:outbox", self.prefix)
-    }
-
     /// When a message put in the outbox now is due for another publisher.
     fn outbox_due(&self) -> String {
         (super::now_ms() + self.outbox_grace.as_millis() as u64).to_string()
@@ -111,22 +106,10 @@ impl RedisTaskStore {
         self
     }
 
-    fn outbox(&self) -> String {
-        format!("{}:webhooks", self.prefix)
-    }
-
     /// The connection for commands safe to repeat (reads, conditional or same-value writes):
     /// the first one after Redis came back is not lost to the dead connection.
     fn repeatable(&self) -> Repeatable {
         Repeatable(self.conn.clone())
-    }
-
-    fn key(&self, id: &str) -> String {
-        format!("{}:task:{id}", self.prefix)
-    }
-
-    fn open_prefix(&self) -> String {
-        format!("{}:open:", self.prefix)
     }
 
     fn ttl_ms(&self) -> u64 {

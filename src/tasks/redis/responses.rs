@@ -39,10 +39,6 @@ fn append_script() -> &'static Script {
 }
 
 impl RedisTaskStore {
-    fn responses_key(&self, id: &str) -> String {
-        format!("{}:task:{id}:responses", self.prefix)
-    }
-
     pub(super) async fn append(&self, id: &str, fence: u32, resp: Bytes) -> Result<(), StoreError> {
         // Not repeated on a new connection: a second run would keep the response twice.
         let mut conn = self.conn.clone();
