@@ -32,6 +32,16 @@ fn flaky_repo(tag: &str) -> (PathBuf, PathBuf) {
     (dir, control)
 }
 
+/// Both endpoints passed their probe, as the gateway's metrics say.
+async fn both_ready(http: &reqwest::Client, base: &str) -> bool {
+    let up = scrape(http, base)
+        .await
+        .iter()
+        .filter(|(k, v)| k.starts_with("infergate_triton_endpoint_up") && **v == 1.0)
+        .count();
+    up == 2
+}
+
 fn request() -> infergate::proto::inference::ModelInferRequest {
     one_input("flaky", 4.0)
 }
@@ -68,6 +78,16 @@ async fn a_model_failing_on_one_endpoint_leaves_it_and_comes_back_when_it_heals(
     let gw = gateway_with(cfg).await;
     let client = gw.client().await;
     let http = reqwest::Client::new();
+    // The load starts once the gateway has probed both endpoints: until its first probe it
+    // answers UNAVAILABLE (no endpoint known ready), which is right, but not this test's point.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !both_ready(&http, &gw.http_base()).await {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never saw both endpoints ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let outcomes = Arc::new(std::sync::Mutex::new(Vec::<(Instant, bool)>::new()));
