@@ -67,6 +67,10 @@ pub enum Framing {
     Decoded,
 }
 
+/// The lane a gRPC stream arrived on, carried to its handler in the request's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OnLane(pub usize);
+
 /// One call's properties.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Call {

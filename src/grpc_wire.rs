@@ -13,6 +13,7 @@ use tonic::{Code, Status};
 
 /// The one call both sides serve without tonic.
 pub const MODEL_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
+pub const MODEL_STREAM_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
 
 /// HTTP/2 receive windows, on the listener and towards Triton (hyper's client defaults): a
 /// large tensor needs few WINDOW_UPDATE round trips.

@@ -239,7 +239,7 @@ impl Worker {
         req: ModelInferRequest,
     ) -> Result<ModelInferResponse, GatewayError> {
         let id = req.id.clone();
-        let mut responses = self.streams.open(req, None).await?;
+        let mut responses = self.streams.open(req, None, None).await?;
         let mut kept = 0u64;
         let mut last = ModelInferResponse::default();
         while let Some(next) = responses.next().await {

@@ -28,8 +28,9 @@ use tonic::{Code, Status};
 
 use crate::{
     grpc_wire::{
-        CONNECTION_WINDOW, GRPC_TIMEOUT, MODEL_INFER_PATH, PREFIX_LEN, STREAM_WINDOW, check_frame,
-        encode_frame, status_for_http, status_from_headers, timeout_value,
+        CONNECTION_WINDOW, GRPC_TIMEOUT, MODEL_INFER_PATH, MODEL_STREAM_INFER_PATH, PREFIX_LEN,
+        STREAM_WINDOW, check_frame, encode_frame, status_for_http, status_from_headers,
+        timeout_value,
     },
     proto::inference::{ModelInferRequest, ModelInferResponse},
 };
@@ -44,8 +45,10 @@ pub struct H2Infer {
     /// `host:port`, for the TCP connection.
     authority: String,
     uri: Uri,
+    /// ModelStreamInfer's path on the same connection ([`super::stream`]).
+    pub(super) stream_uri: Uri,
     connect_timeout: Duration,
-    max_message_bytes: usize,
+    pub(super) max_message_bytes: usize,
     /// The open connection and its generation (so a closed one only clears itself).
     open: Mutex<Option<(u64, Sender)>>,
     /// One caller connects at a time; the others wait for its connection.
@@ -65,15 +68,18 @@ impl H2Infer {
             Some(_) => auth.as_str().to_string(),
             None => format!("{}:80", auth.host()),
         };
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(auth.as_str())
-            .path_and_query(MODEL_INFER_PATH)
-            .build()
-            .ok()?;
+        let path = |p: &str| {
+            Uri::builder()
+                .scheme("http")
+                .authority(auth.as_str())
+                .path_and_query(p)
+                .build()
+                .ok()
+        };
         Some(Self {
             authority,
-            uri,
+            uri: path(MODEL_INFER_PATH)?,
+            stream_uri: path(MODEL_STREAM_INFER_PATH)?,
             connect_timeout,
             max_message_bytes,
             open: Mutex::new(None),
@@ -103,7 +109,7 @@ impl H2Infer {
         extra: HeaderMap,
     ) -> Result<Bytes, Status> {
         let body = self.frame(req)?;
-        let request = self.request(budget, extra);
+        let request = self.request(&self.uri, budget, extra);
         match tokio::time::timeout(budget, self.exchange(request, body)).await {
             Ok(result) => result,
             // Dropping the exchange resets the stream, so Triton can drop the work too.
@@ -115,7 +121,7 @@ impl H2Infer {
     }
 
     /// The message with gRPC's 5-byte prefix, within the message limit.
-    fn frame(&self, req: &ModelInferRequest) -> Result<Bytes, Status> {
+    pub(super) fn frame(&self, req: &ModelInferRequest) -> Result<Bytes, Status> {
         encode_frame(req, self.max_message_bytes).map_err(|e| {
             Status::out_of_range(format!(
                 "the request to Triton is {} bytes, over the {} byte message limit",
@@ -124,10 +130,10 @@ impl H2Infer {
         })
     }
 
-    fn request(&self, budget: Duration, extra: HeaderMap) -> Request<()> {
+    pub(super) fn request(&self, uri: &Uri, budget: Duration, extra: HeaderMap) -> Request<()> {
         let mut request = Request::new(());
         *request.method_mut() = Method::POST;
-        *request.uri_mut() = self.uri.clone();
+        *request.uri_mut() = uri.clone();
         *request.version_mut() = Version::HTTP_2;
         let headers = request.headers_mut();
         *headers = extra;
@@ -142,17 +148,19 @@ impl H2Infer {
         request
     }
 
-    async fn exchange(
+    /// Sends `request` with `body` (its one message) and waits for the answer's headers: the
+    /// answer's body, with the connection's generation for [`H2Infer::failed`].
+    pub(super) async fn send(
         self: &Arc<Self>,
         request: Request<()>,
         body: Bytes,
-    ) -> Result<Bytes, Status> {
+    ) -> Result<(u64, h2::RecvStream), Status> {
         let (generation, sender) = self.sender().await?;
         let failed = |e| self.failed(generation, e);
         let mut sender = sender.ready().await.map_err(failed)?;
         let (answer, mut stream) = sender.send_request(request, false).map_err(failed)?;
         stream.send_data(body, true).map_err(failed)?;
-        let (parts, mut recv) = answer.await.map_err(failed)?.into_parts();
+        let (parts, recv) = answer.await.map_err(failed)?.into_parts();
         if parts.status != http::StatusCode::OK {
             let s = status_for_http(parts.status);
             return Err(Status::new(s.code(), format!("Triton: {}", s.message())));
@@ -165,6 +173,16 @@ impl H2Infer {
                 status
             });
         }
+        Ok((generation, recv))
+    }
+
+    async fn exchange(
+        self: &Arc<Self>,
+        request: Request<()>,
+        body: Bytes,
+    ) -> Result<Bytes, Status> {
+        let (generation, mut recv) = self.send(request, body).await?;
+        let failed = |e| self.failed(generation, e);
         let limit = self.max_message_bytes + PREFIX_LEN;
         let mut first: Option<Bytes> = None;
         let mut more = BytesMut::new();
@@ -247,7 +265,7 @@ impl H2Infer {
 
     /// Maps an h2 failure; a connection-level one also forgets that connection (a GOAWAY leaves
     /// it running for its last streams, but new calls must go to a fresh one).
-    fn failed(&self, generation: u64, e: h2::Error) -> Status {
+    pub(super) fn failed(&self, generation: u64, e: h2::Error) -> Status {
         if e.is_io() || e.is_go_away() {
             self.forget(generation);
             return Status::unavailable(format!("connection to {}: {e}", self.authority));
@@ -357,7 +375,8 @@ mod tests {
     #[test]
     fn the_budget_is_sent_as_a_header_hpack_does_not_index() {
         let h = H2Infer::new("http://triton:8001", Duration::from_secs(1), 1024).unwrap();
-        let req = h.request(Duration::from_millis(1500), HeaderMap::new());
+        let req = h.request(&h.stream_uri, Duration::from_millis(1500), HeaderMap::new());
+        assert_eq!(req.uri().path(), crate::grpc_wire::MODEL_STREAM_INFER_PATH);
         let timeout = &req.headers()[&GRPC_TIMEOUT];
         assert_eq!(timeout, "1500m");
         assert!(timeout.is_sensitive());

@@ -81,6 +81,10 @@ struct Args {
     /// this long, then close them.
     #[arg(long, value_parser = parse_duration)]
     stream_hold: Option<Duration>,
+    /// Stream mode: each request on a ModelStreamInfer call of its own (how infergate sends
+    /// them to Triton; a reference for its benchmark).
+    #[arg(long)]
+    stream_per_request: bool,
 }
 
 fn parse_param(s: &str) -> Result<(String, i64), String> {
@@ -164,6 +168,7 @@ fn main() -> ExitCode {
             duration: spec.duration.unwrap_or(Duration::from_secs(10)),
             warmup: spec.warmup,
             hold: a.stream_hold,
+            per_request: a.stream_per_request,
         };
         return match rt.block_on(infergate::loadgen::streams::run_streams(&s)) {
             Ok(run) => {

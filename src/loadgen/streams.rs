@@ -12,7 +12,8 @@ use tonic::transport::Endpoint;
 
 use super::report::percentile;
 use crate::proto::inference::{
-    ModelInferRequest, grpc_inference_service_client::GrpcInferenceServiceClient,
+    ModelInferRequest, ModelStreamInferResponse,
+    grpc_inference_service_client::GrpcInferenceServiceClient,
     model_infer_request::InferInputTensor,
 };
 
@@ -27,6 +28,9 @@ pub struct StreamSpec {
     pub warmup: Duration,
     /// Idle mode: open the streams, wait until each has its first response, hold this long.
     pub hold: Option<Duration>,
+    /// Each request on a ModelStreamInfer call of its own, as infergate sends them upstream:
+    /// against Triton directly, what that costs Triton (a reference, not a client's way).
+    pub per_request: bool,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -105,6 +109,9 @@ async fn worker(
     until: Instant,
 ) -> Result<Measured, String> {
     let mut client = GrpcInferenceServiceClient::new(channel);
+    if spec.per_request {
+        return call_per_request(spec, client, measure_from, until).await;
+    }
     let (tx, rx) = mpsc::channel(4);
     // The first request goes in before the call is made: a server may send its response
     // headers only once it has read a message, and the call waits for those headers.
@@ -145,36 +152,86 @@ async fn worker(
                 .map_err(|_| "the stream closed".to_string())?;
         }
         first_sent = false;
-        let measured = sent >= measure_from;
-        let mut last = sent;
-        let mut got = 0;
-        while got < spec.tokens {
-            match answers.message().await {
-                Ok(Some(r)) if r.error_message.is_empty() => {
-                    let now = Instant::now();
-                    if measured {
-                        if got == 0 {
-                            m.first.push(now - sent);
-                        } else {
-                            m.gaps.push(now - last);
-                        }
-                        m.responses += 1;
-                    }
-                    last = now;
-                    got += 1;
-                }
-                Ok(Some(_)) | Err(_) => {
-                    m.errors += 1;
-                    break;
-                }
-                Ok(None) => return Err("the server ended the stream".into()),
-            }
-        }
-        if measured {
-            m.requests += 1;
-        }
+        read_request(
+            &mut answers,
+            spec.tokens,
+            sent,
+            sent >= measure_from,
+            &mut m,
+        )
+        .await?;
     }
     Ok(m)
+}
+
+/// [`worker`] with a call of its own per request.
+async fn call_per_request(
+    spec: StreamSpec,
+    mut client: GrpcInferenceServiceClient<tonic::transport::Channel>,
+    measure_from: Instant,
+    until: Instant,
+) -> Result<Measured, String> {
+    let mut m = Measured::default();
+    while Instant::now() < until {
+        let sent = Instant::now();
+        let req = request(&spec.model, spec.tokens, spec.delay_ms);
+        let mut answers = client
+            .model_stream_infer(tokio_stream::once(req))
+            .await
+            .map_err(|e| format!("opening a stream: {e}"))?
+            .into_inner();
+        read_request(
+            &mut answers,
+            spec.tokens,
+            sent,
+            sent >= measure_from,
+            &mut m,
+        )
+        .await?;
+        // Read to the call's end, as infergate's relay does: dropped at its last response,
+        // the call would be reset as Triton finishes it, and Triton 2.51 (CPU build) crashed
+        // under 64 such resets ("double free or corruption").
+        while let Ok(Some(_)) = answers.message().await {}
+    }
+    Ok(m)
+}
+
+/// Reads one request's `tokens` responses, timing them from `sent` when `measured`.
+async fn read_request(
+    answers: &mut tonic::Streaming<ModelStreamInferResponse>,
+    tokens: i32,
+    sent: Instant,
+    measured: bool,
+    m: &mut Measured,
+) -> Result<(), String> {
+    let mut last = sent;
+    let mut got = 0;
+    while got < tokens {
+        match answers.message().await {
+            Ok(Some(r)) if r.error_message.is_empty() => {
+                let now = Instant::now();
+                if measured {
+                    if got == 0 {
+                        m.first.push(now - sent);
+                    } else {
+                        m.gaps.push(now - last);
+                    }
+                    m.responses += 1;
+                }
+                last = now;
+                got += 1;
+            }
+            Ok(Some(_)) | Err(_) => {
+                m.errors += 1;
+                break;
+            }
+            Ok(None) => return Err("the server ended the stream".into()),
+        }
+    }
+    if measured {
+        m.requests += 1;
+    }
+    Ok(())
 }
 
 /// Runs the stream load against `spec.target` (host:port).

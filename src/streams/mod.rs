@@ -66,12 +66,14 @@ impl Streams {
         self.infer.is_decoupled(req).await
     }
 
-    /// Routes, validates and admits one request, and sends it to Triton. The answer is its
-    /// responses, ended by the last one; dropped before that, the request is cancelled.
+    /// Routes, validates and admits one request, and sends it to Triton (on `lane`'s own
+    /// connection when it came on a gRPC serving thread). The answer is its responses, ended
+    /// by the last one; dropped before that, the request is cancelled.
     pub async fn open(
         &self,
         req: ModelInferRequest,
         caller: Option<Deadline>,
+        lane: Option<usize>,
     ) -> Result<Responses, GatewayError> {
         let slot = Arc::clone(&self.open).try_acquire_owned().map_err(|_| {
             GatewayError::Overloaded(format!(
@@ -91,6 +93,7 @@ impl Streams {
             .stream_infer(
                 std::mem::take(&mut admitted.req),
                 deadline.saturating_duration_since(Instant::now()),
+                lane,
             )
             .await?;
         let model = admitted.info.name.clone();

@@ -11,6 +11,7 @@ use super::stream_infer::{self, StreamOut};
 use crate::{
     api::narrow_extensions,
     backend::triton::TritonPool,
+    call::OnLane,
     infer::InferService,
     proto::inference::{
         ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
@@ -108,6 +109,7 @@ impl GrpcInferenceService for GrpcApi {
         &self,
         req: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let lane = req.extensions().get::<OnLane>().map(|l| l.0);
         let (md, _, input) = req.into_parts();
         Ok(Response::new(stream_infer::serve(
             self.infer.clone(),
@@ -115,6 +117,7 @@ impl GrpcInferenceService for GrpcApi {
             self.stream_concurrency,
             md.into_headers(),
             input,
+            lane,
         )))
     }
 

@@ -45,6 +45,8 @@ struct Shared {
     streams: Streams,
     headers: HeaderMap,
     deadline: Option<Deadline>,
+    /// The serving thread the stream arrived on, whose Triton connection its relays use.
+    lane: Option<usize>,
 }
 
 /// Starts relaying one client stream; the answer stream ends when every request is answered
@@ -55,6 +57,7 @@ pub fn serve(
     concurrency: usize,
     headers: HeaderMap,
     input: Streaming<ModelInferRequest>,
+    lane: Option<usize>,
 ) -> StreamOut {
     let (tx, rx) = mpsc::channel(streams.config().buffer);
     let deadline = crate::grpc_wire::read_timeout(&headers).and_then(Deadline::after);
@@ -63,6 +66,7 @@ pub fn serve(
         streams,
         headers,
         deadline,
+        lane,
     });
     let driver = tokio::spawn(drive(shared, concurrency, input, tx));
     Box::pin(Answers {
@@ -178,7 +182,10 @@ async fn relay(shared: Arc<Shared>, req: ModelInferRequest, tx: Out) {
         req.id.clone(),
     );
     let streamed = async {
-        let mut responses = shared.streams.open(req, shared.deadline).await?;
+        let mut responses = shared
+            .streams
+            .open(req, shared.deadline, shared.lane)
+            .await?;
         let span = Span::current();
         let mut n = 0u64;
         while let Some(next) = responses.next().await {

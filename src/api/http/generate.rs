@@ -59,7 +59,7 @@ async fn start(
     );
     if s.streams.is_decoupled(&req).await {
         return Ok(Started::Stream(Box::new(
-            s.streams.open(req, deadline).await?,
+            s.streams.open(req, deadline, None).await?,
         )));
     }
     let resp = s.infer.infer(req, call).await?;
