@@ -37,8 +37,8 @@ LAYERS = [
               "tls", "redis_conn", "breaker"}),
     # the sync path's core: Triton, batching, the broker, who is calling
     ("core", {"backend", "batch", "queue", "auth", "loadgen"}),
-    # features the sync service plugs in
-    ("sync features", {"cache", "routes"}),
+    # features the sync service plugs in, and the fleet of Triton endpoints
+    ("sync features", {"cache", "routes", "fleet"}),
     ("service", {"infer"}),
     # features built on the service: streams of decoupled models
     ("stream features", {"streams"}),

@@ -18,6 +18,7 @@ pub mod cache;
 pub mod call;
 pub mod config;
 pub mod error;
+pub mod fleet;
 pub mod grpc_wire;
 pub mod health;
 pub mod infer;

@@ -20,6 +20,7 @@ use crate::{
     auth::{Auth, interceptor},
     backend::triton::TritonPool,
     config::{BrokerUrl, Config},
+    fleet::Fleet,
     health::Health,
     infer::InferService,
     proto::{
@@ -386,9 +387,11 @@ impl Gateway {
             interceptor(Arc::clone(&auth)),
         );
         let streams = Streams::new(infer.clone(), &cfg.streams);
+        let fleet = Fleet::new(Arc::clone(infer.backend()), &cfg.fleet);
         let inference = GrpcInferenceServiceServer::new(GrpcApi::new(
             infer.clone(),
             streams.clone(),
+            fleet.clone(),
             cfg.server.stream_concurrency,
         ))
         .max_decoding_message_size(cfg.server.max_request_bytes)
@@ -441,6 +444,7 @@ impl Gateway {
             health: Arc::clone(&health),
             auth,
             streams,
+            fleet,
         })
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(crate::api::RequestIds));

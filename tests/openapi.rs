@@ -10,6 +10,9 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
+/// The operations left out of the run (see below).
+const CONTROL: &str = "^/v2/repository/models/";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_server_error() {
     let venv = Command::new(repo().join("scripts/install-schemathesis.sh"))
@@ -49,6 +52,10 @@ async fn schemathesis_finds_no_server_error() {
         "10",
         "--seed",
         "20261123",
+        // Model load and unload act on the Triton every other test shares: fuzzing them
+        // would unload its models under those tests. tests/fleet.rs covers them.
+        "--exclude-path-regex",
+        CONTROL,
         "--no-color",
     ]
     .map(str::to_string);
@@ -80,8 +87,9 @@ async fn schemathesis_finds_no_server_error() {
     let operations: usize = doc["paths"]
         .as_object()
         .unwrap()
-        .values()
-        .map(|p| p.as_object().unwrap().len())
+        .iter()
+        .filter(|(path, _)| !path.starts_with("/v2/repository/models/"))
+        .map(|(_, p)| p.as_object().unwrap().len())
         .sum();
     assert!(operations >= 30, "{operations} operations in the document");
     assert!(

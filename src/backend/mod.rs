@@ -1,6 +1,7 @@
 //! What infergate forwards to. Today one implementation: a pool of Triton gRPC endpoints.
 
 pub mod config;
+pub mod each;
 pub mod endpoint;
 pub mod h2_infer;
 pub mod merge;

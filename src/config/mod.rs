@@ -24,6 +24,7 @@ pub use crate::{
     backend::config::TritonConfig,
     batch::config::{BatchMode, BatchingConfig, ModelBatching},
     cache::config::CacheConfig,
+    fleet::config::FleetConfig,
     routes::config::RoutesConfig,
     scaler::config::{MAX_CAPACITY_PER_REPLICA, MAX_REPLICAS, MAX_TASKS_PER_REPLICA, ScalerConfig},
     section::{ConfigError, Section},
@@ -101,6 +102,7 @@ sections! {
     routes: RoutesConfig, "Routes", [];
     cache: CacheConfig, "Response cache", [];
     streams: StreamsConfig, "Streams (decoupled models)", [];
+    fleet: FleetConfig, "Fleet (model control on every endpoint)", [];
     }
     // Keys and tenants live in files only (a Secret), never on a command line.
     files only {

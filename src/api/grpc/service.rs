@@ -17,24 +17,36 @@ use crate::{
         ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
         ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
         ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
-        RepositoryIndexResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
-        ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
-        grpc_inference_service_server::GrpcInferenceService,
+        RepositoryIndexResponse, RepositoryModelLoadRequest, RepositoryModelLoadResponse,
+        RepositoryModelUnloadRequest, RepositoryModelUnloadResponse, ServerLiveRequest,
+        ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
+        ServerReadyResponse, grpc_inference_service_server::GrpcInferenceService,
     },
     streams::Streams,
+};
+use crate::{
+    auth::caller_of,
+    fleet::{Action, Fleet},
 };
 
 pub struct GrpcApi {
     infer: InferService,
     streams: Streams,
+    fleet: Fleet,
     stream_concurrency: usize,
 }
 
 impl GrpcApi {
-    pub fn new(infer: InferService, streams: Streams, stream_concurrency: usize) -> Self {
+    pub fn new(
+        infer: InferService,
+        streams: Streams,
+        fleet: Fleet,
+        stream_concurrency: usize,
+    ) -> Self {
         Self {
             infer,
             streams,
+            fleet,
             stream_concurrency,
         }
     }
@@ -147,5 +159,51 @@ impl GrpcInferenceService for GrpcApi {
         Ok(Response::new(
             self.pool().repository_index(req.into_inner()).await?,
         ))
+    }
+
+    /// See [`crate::fleet::control`]: on every endpoint; any endpoint's failure is the
+    /// answer's error, whose message names each endpoint that failed.
+    async fn repository_model_load(
+        &self,
+        req: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        let caller = caller_of(req.extensions());
+        let r = req.into_inner();
+        let outcome = self
+            .fleet
+            .control(
+                &caller,
+                Action::Load,
+                &r.repository_name,
+                &r.model_name,
+                r.parameters,
+            )
+            .await?;
+        match outcome.error() {
+            Some(e) => Err(e.into()),
+            None => Ok(Response::new(RepositoryModelLoadResponse {})),
+        }
+    }
+
+    async fn repository_model_unload(
+        &self,
+        req: Request<RepositoryModelUnloadRequest>,
+    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        let caller = caller_of(req.extensions());
+        let r = req.into_inner();
+        let outcome = self
+            .fleet
+            .control(
+                &caller,
+                Action::Unload,
+                &r.repository_name,
+                &r.model_name,
+                r.parameters,
+            )
+            .await?;
+        match outcome.error() {
+            Some(e) => Err(e.into()),
+            None => Ok(Response::new(RepositoryModelUnloadResponse {})),
+        }
     }
 }

@@ -6,6 +6,7 @@ pub mod codec;
 mod generate;
 mod inference;
 mod openapi;
+mod repository;
 mod schema;
 mod state;
 pub mod tasks;
@@ -48,6 +49,11 @@ pub fn router(state: HttpState) -> Router {
         .route("/v2", get(inference::server_metadata))
         .route("/v2/models/stats", get(inference::all_stats))
         .route("/v2/repository/index", post(inference::repository_index))
+        .route("/v2/repository/models/{model}/load", post(repository::load))
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(repository::unload),
+        )
         .merge(model_routes("/v2/models/{model}"))
         .merge(model_routes("/v2/models/{model}/versions/{version}"))
         .route("/v1/models/{model}/tasks", post(tasks::submit))

@@ -15,7 +15,7 @@ use utoipa::{
     },
 };
 
-use super::{admin, generate, inference, tasks};
+use super::{admin, generate, inference, repository, tasks};
 
 /// Adds the two ways to present an API key (both optional: keys are off by default).
 struct Keys;
@@ -52,6 +52,8 @@ impl Modify for Keys {
         inference::model_stats,
         inference::all_stats,
         inference::repository_index,
+        repository::load,
+        repository::unload,
         inference::infer,
         generate::generate,
         generate::generate_stream,
@@ -136,6 +138,8 @@ mod tests {
             ("/v2/health/ready", "get"),
             ("/v2/models/stats", "get"),
             ("/v2/repository/index", "post"),
+            ("/v2/repository/models/{model}/load", "post"),
+            ("/v2/repository/models/{model}/unload", "post"),
             ("/v2/models/{model}", "get"),
             ("/v2/models/{model}/ready", "get"),
             ("/v2/models/{model}/config", "get"),

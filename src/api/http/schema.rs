@@ -113,6 +113,39 @@ pub struct RepositoryIndexBody {
     ready: Option<bool>,
 }
 
+/// Body of `POST /v2/repository/models/{model}/load` and `/unload` (may be empty): Triton's
+/// parameters, such as `config` (a model configuration as JSON) or `unload_dependents`.
+#[derive(ToSchema)]
+pub struct ModelControlBody {
+    /// Values are strings, booleans or integers; a `file:` key carries base64.
+    parameters: Option<BTreeMap<String, Value>>,
+}
+
+/// One endpoint's outcome of a load or unload.
+#[derive(ToSchema)]
+pub struct EndpointOutcome {
+    endpoint: String,
+    ok: bool,
+    /// Its error's code (`INVALID_ARGUMENT`, …), when it failed.
+    code: Option<String>,
+    error: Option<String>,
+}
+
+/// A load or unload that every endpoint did.
+#[derive(ToSchema)]
+pub struct ModelControlAnswer {
+    model: String,
+    action: String,
+    endpoints: Vec<EndpointOutcome>,
+}
+
+/// A load or unload that failed on one endpoint or more: which, and how.
+#[derive(ToSchema)]
+pub struct ModelControlError {
+    error: String,
+    endpoints: Vec<EndpointOutcome>,
+}
+
 #[derive(ToSchema)]
 #[allow(non_camel_case_types)]
 enum TaskStatus {

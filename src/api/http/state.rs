@@ -26,6 +26,8 @@ pub struct HttpState {
     pub auth: Arc<Auth>,
     /// Decoupled models' responses (generate, generate_stream).
     pub streams: crate::streams::Streams,
+    /// Model control on every endpoint.
+    pub fleet: crate::fleet::Fleet,
 }
 
 impl HttpState {
