@@ -452,6 +452,11 @@ async fn a_stalled_workers_late_result_is_refused() {
         t["status"] == "running" && t["attempts"] == 1
     })
     .await;
+    // "running" is written just before the call leaves for Triton. Stopped in between (seen
+    // once in .ci/run), the worker sent its call only after it resumed, queued behind the
+    // rescuer's on the one `slow` instance, and wrote when the task was already final (a
+    // conflict, not a fenced write). 300 ms in, the 2,000 ms call is surely in Triton.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     signal(stalled.child.id(), "STOP");
     let _rescuer = WorkerProcess::start(&p, REDIS, 3);
     until(&http, &base, &id, Duration::from_secs(30), |t| {
