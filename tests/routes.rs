@@ -402,9 +402,9 @@ fn flaky_request() -> infergate::proto::inference::ModelInferRequest {
     req
 }
 
-/// One answer of the steady load: when its request started, and the model that answered (or
-/// the error).
-type Outcome = (Instant, Result<String, String>);
+/// One answer of the steady load: when its request started, when it was answered, and the
+/// model that answered (or the error).
+type Outcome = (Instant, Instant, Result<String, String>);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_or_slow_target_opens_its_breaker_and_the_fallback_answers() {
@@ -445,7 +445,7 @@ breaker = { consecutive_failures = 1000, cooldown_ms = 10000 }
                         r.model_name
                     })
                     .map_err(|e| e.message().to_string());
-                outcomes.lock().unwrap().push((started, r));
+                outcomes.lock().unwrap().push((started, Instant::now(), r));
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }));
@@ -457,8 +457,9 @@ breaker = { consecutive_failures = 1000, cooldown_ms = 10000 }
     // Phases: healthy, stopped (fails), healthy, slower than the SLO, healthy.
     let mut marks = Vec::new();
     for mode in ["", "fail", "", "slow:400", ""] {
-        std::fs::write(FLAKY_CONTROL, mode).unwrap();
+        // Marked first: every answer the new mode can have given comes after its mark.
         marks.push((mode, Instant::now()));
+        std::fs::write(FLAKY_CONTROL, mode).unwrap();
         tokio::time::sleep(Duration::from_millis(2_500)).await;
         if mode.is_empty() {
             assert_eq!(
@@ -479,30 +480,42 @@ breaker = { consecutive_failures = 1000, cooldown_ms = 10000 }
         let end = marks.get(k + 1).map(|m| m.1);
         outcomes
             .iter()
-            .filter(|(t, _)| *t >= start && end.is_none_or(|e| *t < e))
+            .filter(|(t, _, _)| *t >= start && end.is_none_or(|e| *t < e))
             .collect()
     };
     let summary = |k: usize| {
         let p = phase(k);
-        let by = |m: &str| p.iter().filter(|(_, r)| r.as_deref() == Ok(m)).count();
-        let errors = p.iter().filter(|(_, r)| r.is_err()).count();
+        let by = |m: &str| p.iter().filter(|(_, _, r)| r.as_deref() == Ok(m)).count();
+        let errors = p.iter().filter(|(_, _, r)| r.is_err()).count();
         (by("flaky"), by("slow"), errors)
     };
     for (k, (mode, _)) in marks.iter().enumerate() {
+        let errors: std::collections::BTreeSet<_> = phase(k)
+            .iter()
+            .filter_map(|(_, _, r)| r.clone().err())
+            .collect();
         println!(
-            "phase {k} ({mode:?}): (flaky, fallback, errors) = {:?}",
+            "phase {k} ({mode:?}): (flaky, fallback, errors) = {:?} {errors:?}",
             summary(k)
         );
     }
-    // Stopped: the breaker opens after its 3 failures; from the first fallback answer on, no
-    // request that started fails (the probes that still fail are answered by the fallback).
-    let stopped = phase(1);
+    // Stopped: the breaker opens after its 3 failures; once a fallback answer has come back
+    // (the circuit was open when that request was routed), no request started later fails:
+    // the probes that still fail are answered by the fallback. The phase's answers are those
+    // that came after its mark: requests sent just before it may run after it, and fail. (A
+    // request's start here is not its routing in the gateway: two requests may be routed in
+    // the other order.)
+    let stopped: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|(t, answered, _)| *answered >= marks[1].1 && *t < marks[2].1)
+        .collect();
     let opened = stopped
         .iter()
-        .find(|(_, r)| r.as_deref() == Ok("slow"))
-        .map(|(t, _)| *t)
+        .filter(|(_, _, r)| r.as_deref() == Ok("slow"))
+        .map(|(_, answered, _)| *answered)
+        .min()
         .expect("the fallback answered while the target failed");
-    let errors_before_open = stopped.iter().filter(|(_, r)| r.is_err()).count();
+    let errors_before_open = stopped.iter().filter(|(_, _, r)| r.is_err()).count();
     assert!(
         (1..=8).contains(&errors_before_open),
         "{errors_before_open}"
@@ -510,8 +523,8 @@ breaker = { consecutive_failures = 1000, cooldown_ms = 10000 }
     assert!(
         stopped
             .iter()
-            .filter(|(t, _)| *t > opened)
-            .all(|(_, r)| r.is_ok()),
+            .filter(|(t, _, _)| *t > opened)
+            .all(|(_, _, r)| r.is_ok()),
         "no errors after the breaker opened"
     );
     // Slower than the SLO: never an error, and the fallback takes over.
@@ -523,11 +536,11 @@ breaker = { consecutive_failures = 1000, cooldown_ms = 10000 }
         let end = marks.get(k + 1).map_or(Instant::now(), |m| m.1);
         let tail: Vec<_> = phase(k)
             .into_iter()
-            .filter(|(t, _)| *t > end - Duration::from_millis(1_000))
+            .filter(|(t, _, _)| *t > end - Duration::from_millis(1_000))
             .collect();
         assert!(tail.len() > 10, "phase {k}");
         assert!(
-            tail.iter().all(|(_, r)| r.as_deref() == Ok("flaky")),
+            tail.iter().all(|(_, _, r)| r.as_deref() == Ok("flaky")),
             "phase {k}: traffic returned to the target"
         );
     }
