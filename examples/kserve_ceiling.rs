@@ -21,6 +21,7 @@ use infergate::proto::inference::{
     grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer},
     model_infer_response::InferOutputTensor,
     model_metadata_response::TensorMetadata,
+    repository_index_response,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -196,7 +197,14 @@ impl GrpcInferenceService for Ceiling {
         &self,
         _: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
-        Err(Status::unimplemented("not served by the ceiling server"))
+        Ok(Response::new(RepositoryIndexResponse {
+            models: vec![repository_index_response::ModelIndex {
+                name: MODEL.into(),
+                version: "1".into(),
+                state: "READY".into(),
+                reason: String::new(),
+            }],
+        }))
     }
 
     async fn repository_model_load(

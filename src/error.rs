@@ -11,6 +11,13 @@ use axum::{
 pub enum GatewayError {
     #[error("unknown model '{model}'{}", version_suffix(.version))]
     ModelNotFound { model: String, version: String },
+    /// Triton knows no such model on any of infergate's endpoints (their repository index).
+    #[error("model '{model}'{} is ready on {}", version_suffix(.version), none_of(*.endpoints))]
+    ModelNotPlaced {
+        model: String,
+        version: String,
+        endpoints: usize,
+    },
     /// The request is malformed; the message names the offending field.
     #[error("{0}")]
     InvalidArgument(String),
@@ -48,6 +55,13 @@ pub enum GatewayError {
     Internal(String),
 }
 
+fn none_of(endpoints: usize) -> String {
+    match endpoints {
+        1 => "no Triton endpoint (of 1)".into(),
+        n => format!("none of the {n} Triton endpoints"),
+    }
+}
+
 fn version_suffix(version: &str) -> String {
     if version.is_empty() {
         String::new()
@@ -76,7 +90,7 @@ impl GatewayError {
     pub fn grpc_code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            Self::ModelNotFound { .. } => Code::NotFound,
+            Self::ModelNotFound { .. } | Self::ModelNotPlaced { .. } => Code::NotFound,
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::TaskNotFound(_) | Self::NotFound(_) => Code::NotFound,
             Self::TaskFinal { .. } => Code::FailedPrecondition,
@@ -105,7 +119,7 @@ impl GatewayError {
     /// A short stable name, used as a log field and metric label.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::ModelNotFound { .. } => "model_not_found",
+            Self::ModelNotFound { .. } | Self::ModelNotPlaced { .. } => "model_not_found",
             Self::InvalidArgument(_) => "invalid_argument",
             Self::TaskNotFound(_) => "task_not_found",
             Self::NotFound(_) => "not_found",
@@ -218,7 +232,8 @@ impl GatewayError {
             | Self::DeadlineExceeded(_)
             | Self::Overloaded(_)
             | Self::RateLimited { .. }
-            | Self::ModelNotFound { .. } => true,
+            | Self::ModelNotFound { .. }
+            | Self::ModelNotPlaced { .. } => true,
             Self::Backend { code, .. } => matches!(
                 code,
                 Code::Unavailable | Code::NotFound | Code::ResourceExhausted | Code::Aborted
@@ -315,6 +330,15 @@ mod tests {
                 GatewayError::ModelNotFound {
                     model: "m".into(),
                     version: String::new(),
+                },
+                tonic::Code::NotFound,
+                404,
+            ),
+            (
+                GatewayError::ModelNotPlaced {
+                    model: "m".into(),
+                    version: "2".into(),
+                    endpoints: 3,
                 },
                 tonic::Code::NotFound,
                 404,

@@ -1,11 +1,14 @@
-//! The fleet against real Tritons: two servers in explicit model control mode, each with a
-//! repository of its own (the second lacks `text_stats`), behind one infergate. Model load
-//! and unload through infergate, over HTTP and gRPC, must change every endpoint, and one
-//! endpoint refusing must be reported as such.
+//! The fleet against real Tritons: three servers in explicit model control mode, each with a
+//! repository of its own (only the first holds `text_stats`), behind one infergate. Model
+//! load and unload through infergate, over HTTP and gRPC, must change every endpoint, and an
+//! endpoint refusing must be reported as such. Then placement: a model held by one endpoint
+//! gets all its calls there, while a model all three hold spreads over them.
 
 mod common;
 
-use std::{path::Path, process::Command};
+use std::{collections::BTreeMap, path::Path, process::Command};
+
+use futures::StreamExt;
 
 use common::*;
 use infergate::proto::inference::{RepositoryModelLoadRequest, RepositoryModelUnloadRequest};
@@ -30,14 +33,14 @@ fn repository(dir: &Path, models: &[&str]) {
 /// as it stands after 5 s. Triton's HTTP ready route may still answer 404 for a few
 /// milliseconds after its gRPC ModelReady says ready (seen on this host); it is not asked
 /// once only.
-fn ready_on(tritons: &[&Triton], model: &str, want: [bool; 2]) -> Vec<bool> {
+fn ready_on(tritons: &[&Triton], model: &str, want: &[bool]) -> Vec<bool> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let now: Vec<bool> = tritons
             .iter()
             .map(|t| http_status(t.http_port, &format!("/v2/models/{model}/ready")) == Some(200))
             .collect();
-        if now == want || std::time::Instant::now() > deadline {
+        if now.as_slice() == want || std::time::Instant::now() > deadline {
             return now;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -75,6 +78,25 @@ async fn unloaded(http: &reqwest::Client, tritons: &[&Triton], model: &str) {
     }
 }
 
+/// The rows a Triton inferred for `model` (its own statistics); 0 when it does not hold it.
+async fn inferences(http: &reqwest::Client, triton: &str, model: &str) -> u64 {
+    let r = http
+        .get(format!("{triton}/v2/models/{model}/stats"))
+        .send()
+        .await
+        .unwrap();
+    if !r.status().is_success() {
+        return 0;
+    }
+    let stats: Value = r.json().await.unwrap();
+    stats["model_stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["inference_count"].as_u64().unwrap())
+        .sum()
+}
+
 async fn control(http: &reqwest::Client, base: &str, model: &str, action: &str) -> (u16, Value) {
     let r = http
         .post(format!("{base}/v2/repository/models/{model}/{action}"))
@@ -89,9 +111,10 @@ async fn control(http: &reqwest::Client, base: &str, model: &str, action: &str) 
 async fn load_and_unload_reach_every_endpoint_and_a_refusal_is_reported() {
     let dir = std::env::temp_dir().join(format!("infergate-fleet-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let (repo_a, repo_b) = (dir.join("a"), dir.join("b"));
+    let (repo_a, repo_b, repo_c) = (dir.join("a"), dir.join("b"), dir.join("c"));
     repository(&repo_a, &["add_sub", "text_stats"]);
     repository(&repo_b, &["add_sub"]);
+    repository(&repo_c, &["add_sub"]);
     // Strict readiness would make a server unready once one of its models is unloaded or
     // failed to load, and infergate reads server readiness as the endpoint's health.
     let explicit = [
@@ -100,51 +123,55 @@ async fn load_and_unload_reach_every_endpoint_and_a_refusal_is_reported() {
     ];
     let a = Triton::serving(Some(&repo_a), None, &explicit);
     let b = Triton::serving(Some(&repo_b), None, &explicit);
-    let both = [&a, &b];
+    let c = Triton::serving(Some(&repo_c), None, &explicit);
+    let all = [&a, &b, &c];
     assert_eq!(
-        ready_on(&both, "add_sub", [false, false]),
-        [false, false],
+        ready_on(&all, "add_sub", &[false; 3]),
+        [false; 3],
         "nothing loaded at start"
     );
 
-    let gw = gateway_with(test_config(vec![a.grpc_url(), b.grpc_url()])).await;
+    let gw = gateway_with(test_config(vec![a.grpc_url(), b.grpc_url(), c.grpc_url()])).await;
     let http = reqwest::Client::new();
     let base = gw.http_base();
 
-    // HTTP: load and unload change both servers; the answer lists each.
+    // HTTP: load and unload change every server; the answer lists each.
     let (status, body) = control(&http, &base, "add_sub", "load").await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(ready_on(&both, "add_sub", [true, true]), [true, true]);
+    assert_eq!(ready_on(&all, "add_sub", &[true; 3]), [true; 3]);
     let each = body["endpoints"].as_array().unwrap();
-    assert_eq!(each.len(), 2, "{body}");
+    assert_eq!(each.len(), 3, "{body}");
     assert!(each.iter().all(|e| e["ok"] == true), "{body}");
     assert_eq!(each[0]["endpoint"], a.grpc_url());
     assert_eq!(each[1]["endpoint"], b.grpc_url());
+    assert_eq!(each[2]["endpoint"], c.grpc_url());
 
     let (status, body) = control(&http, &base, "add_sub", "unload").await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(ready_on(&both, "add_sub", [false, false]), [false, false]);
-    unloaded(&http, &both, "add_sub").await;
+    assert_eq!(ready_on(&all, "add_sub", &[false; 3]), [false; 3]);
+    unloaded(&http, &all, "add_sub").await;
 
     // A model only the first repository holds: loaded there, refused by the second, and
     // the answer says so, endpoint by endpoint.
     let (status, body) = control(&http, &base, "text_stats", "load").await;
     assert_ne!(status, 200, "{body}");
     assert_eq!(
-        ready_on(&both, "text_stats", [true, false]),
-        [true, false],
+        ready_on(&all, "text_stats", &[true, false, false]),
+        [true, false, false],
         "{body}"
     );
     let each = body["endpoints"].as_array().unwrap();
     assert_eq!(each[0]["ok"], true, "{body}");
     assert_eq!(each[1]["ok"], false, "{body}");
+    assert_eq!(each[2]["ok"], false, "{body}");
     assert!(
         !each[1]["error"].as_str().unwrap().is_empty(),
         "the refusal carries Triton's reason: {body}"
     );
     let error = body["error"].as_str().unwrap();
-    assert!(error.contains("failed on 1 of 2"), "{error}");
+    assert!(error.contains("failed on 2 of 3"), "{error}");
     assert!(error.contains(&b.grpc_url()), "{error}");
+    assert!(error.contains(&c.grpc_url()), "{error}");
     assert!(!error.contains(&a.grpc_url()), "{error}");
 
     // Malformed parameters are refused before any endpoint is asked.
@@ -156,7 +183,7 @@ async fn load_and_unload_reach_every_endpoint_and_a_refusal_is_reported() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
     assert!(r.text().await.unwrap().contains("'config'"));
-    assert_eq!(ready_on(&both, "add_sub", [false, false]), [false, false]);
+    assert_eq!(ready_on(&all, "add_sub", &[false; 3]), [false; 3]);
 
     // gRPC: the same, through RepositoryModelLoad and RepositoryModelUnload.
     let mut client = connect(&gw.grpc_url()).await;
@@ -165,8 +192,8 @@ async fn load_and_unload_reach_every_endpoint_and_a_refusal_is_reported() {
         ..Default::default()
     };
     client.repository_model_load(load("add_sub")).await.unwrap();
-    assert_eq!(ready_on(&both, "add_sub", [true, true]), [true, true]);
-    // Served through infergate on both, now that both have it.
+    assert_eq!(ready_on(&all, "add_sub", &[true; 3]), [true; 3]);
+    // Served through infergate, now that every server has it.
     let mut infer = client.clone();
     for _ in 0..4 {
         let out = infer
@@ -183,8 +210,8 @@ async fn load_and_unload_reach_every_endpoint_and_a_refusal_is_reported() {
         })
         .await
         .unwrap();
-    assert_eq!(ready_on(&both, "add_sub", [false, false]), [false, false]);
-    unloaded(&http, &both, "add_sub").await;
+    assert_eq!(ready_on(&all, "add_sub", &[false; 3]), [false; 3]);
+    unloaded(&http, &all, "add_sub").await;
 
     client
         .repository_model_unload(RepositoryModelUnloadRequest {
@@ -193,17 +220,112 @@ async fn load_and_unload_reach_every_endpoint_and_a_refusal_is_reported() {
         })
         .await
         .unwrap();
-    unloaded(&http, &both, "text_stats").await;
+    unloaded(&http, &all, "text_stats").await;
     let refused = client
         .repository_model_load(load("text_stats"))
         .await
         .unwrap_err();
     assert!(
-        refused.message().contains("failed on 1 of 2"),
+        refused.message().contains("failed on 2 of 3"),
         "{refused:?}"
     );
     assert!(refused.message().contains(&b.grpc_url()), "{refused:?}");
-    assert_eq!(ready_on(&both, "text_stats", [true, false]), [true, false]);
+    assert_eq!(
+        ready_on(&all, "text_stats", &[true, false, false]),
+        [true, false, false]
+    );
+
+    // Placement: text_stats is ready on the first endpoint alone, add_sub on all three.
+    client.repository_model_load(load("add_sub")).await.unwrap();
+    assert_eq!(ready_on(&all, "add_sub", &[true; 3]), [true; 3]);
+    let count = |m: &'static str| {
+        let http = http.clone();
+        let tritons: Vec<String> = all.iter().map(|t| t.http_base()).collect();
+        async move {
+            let mut out = Vec::new();
+            for t in tritons {
+                out.push(inferences(&http, &t, m).await);
+            }
+            out
+        }
+    };
+    let (stats_before, adds_before) = (count("text_stats").await, count("add_sub").await);
+    let n = 90u64;
+    let calls = (0..n).map(|k| {
+        let (http, base, mut infer) = (http.clone(), base.clone(), infer.clone());
+        async move {
+            let text = http
+                .post(format!("{base}/v2/models/text_stats/infer"))
+                .json(&serde_json::json!({"inputs": [{
+                    "name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": [format!("w{k}")]
+                }]}))
+                .send()
+                .await
+                .unwrap();
+            let status = text.status().as_u16();
+            let body: Value = text.json().await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["outputs"][0]["data"][0], format!("W{k}"), "{body}");
+            infer.model_infer(add_sub_request()).await.unwrap();
+        }
+    });
+    futures::stream::iter(calls)
+        .buffer_unordered(6)
+        .collect::<Vec<()>>()
+        .await;
+    let spread = |after: Vec<u64>, before: &[u64]| -> Vec<u64> {
+        after.iter().zip(before).map(|(a, b)| a - b).collect()
+    };
+    let texts = spread(count("text_stats").await, &stats_before);
+    let adds = spread(count("add_sub").await, &adds_before);
+    println!("{n} calls of each: text_stats {texts:?}, add_sub {adds:?} per endpoint");
+    assert_eq!(texts, [n, 0, 0], "all where the model is ready");
+    assert_eq!(adds.iter().sum::<u64>(), n);
+    assert!(
+        adds.iter().all(|&k| k * 100 >= n * 15),
+        "add_sub spreads over all three: {adds:?}"
+    );
+    let ready = |m: &BTreeMap<String, f64>, url: &str| {
+        m.get(&format!(
+            "infergate_triton_model_ready{{endpoint=\"{url}\",model=\"text_stats\"}}"
+        ))
+        .copied()
+    };
+    let m = scrape(&http, &base).await;
+    assert_eq!(ready(&m, &a.grpc_url()), Some(1.0));
+    assert_eq!(ready(&m, &b.grpc_url()), None);
+
+    // A model ready nowhere: a clear NOT_FOUND naming it.
+    let mut nowhere = add_sub_request();
+    nowhere.model_name = "seq_sum".into();
+    let e = infer.model_infer(nowhere).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    assert!(
+        e.message()
+            .contains("'seq_sum' is ready on none of the 3 Triton endpoints"),
+        "{e:?}"
+    );
+    // Unloaded through infergate: refused at once, not sent to where it was.
+    client
+        .repository_model_unload(RepositoryModelUnloadRequest {
+            model_name: "text_stats".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let r = http
+        .post(format!("{base}/v2/models/text_stats/infer"))
+        .json(&serde_json::json!({"inputs": [{
+            "name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": ["x"]
+        }]}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = r.text().await.unwrap();
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("'text_stats' is ready on none"), "{body}");
+    assert_eq!(ready(&scrape(&http, &base).await, &a.grpc_url()), Some(0.0));
 
     let empty = client.repository_model_load(load("")).await.unwrap_err();
     assert_eq!(empty.code(), tonic::Code::InvalidArgument);

@@ -7,15 +7,19 @@ use std::{
         Arc, RwLock,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use tonic::transport::Channel;
 
-use super::h2_infer::H2Infer;
+use super::{h2_infer::H2Infer, placement::Placement};
 use crate::{
     breaker::{Breaker, BreakerConfig, State},
-    proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient,
+    error::GatewayError,
+    proto::inference::{
+        RepositoryIndexRequest, grpc_inference_service_client::GrpcInferenceServiceClient,
+    },
+    telemetry::metrics::metrics,
 };
 
 pub type TritonClient = GrpcInferenceServiceClient<Channel>;
@@ -35,6 +39,8 @@ pub struct Endpoint {
     pub(super) in_flight: AtomicUsize,
     /// A circuit per model served here (with several endpoints; see [`TritonPool::pick`]).
     pub(super) breakers: RwLock<HashMap<String, Arc<Breaker>>>,
+    /// The models ready here (Triton's repository index).
+    pub placement: Placement,
 }
 
 /// The most models whose circuits one endpoint keeps (a bound under any traffic; models past
@@ -72,6 +78,43 @@ impl Endpoint {
         if self.healthy.swap(false, Ordering::Relaxed) {
             tracing::warn!(endpoint = %self.url, error = %err, "Triton endpoint failed a call");
         }
+    }
+
+    /// Reads this endpoint's repository index (ready models only) into its placement.
+    pub(super) async fn read_index(&self, timeout: Duration) -> Result<(), GatewayError> {
+        let mut req = tonic::Request::new(RepositoryIndexRequest {
+            repository_name: String::new(),
+            ready: true,
+        });
+        req.set_timeout(timeout);
+        let index = tokio::time::timeout(timeout, self.client().repository_index(req))
+            .await
+            .map_err(|_| GatewayError::Unavailable(format!("{}: no repository index", self.url)))?
+            .map_err(GatewayError::from_backend)?
+            .into_inner();
+        let gone = self.placement.set(&index);
+        for m in self.placement.models() {
+            metrics().triton_model_ready(&self.url, &m, true);
+        }
+        for m in gone {
+            metrics().triton_model_ready(&self.url, &m, false);
+        }
+        Ok(())
+    }
+
+    /// Reads the index again soon, on a task of its own (one at a time): this endpoint
+    /// answered a model's call in a way that says its models changed.
+    pub(super) fn read_index_soon(self: &Arc<Self>, timeout: Duration) {
+        if self.placement.reading.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let ep = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(e) = ep.read_index(timeout).await {
+                tracing::debug!(endpoint = %ep.url, error = %e, "repository index not read");
+            }
+            ep.placement.reading.store(false, Ordering::Release);
+        });
     }
 
     pub fn is_healthy(&self) -> bool {

@@ -5,6 +5,8 @@ pub mod each;
 pub mod endpoint;
 pub mod h2_infer;
 pub mod merge;
+pub mod models;
+pub mod placement;
 pub mod stats;
 pub mod stream;
 pub mod triton;

@@ -58,7 +58,7 @@ impl TritonPool {
         limit: Duration,
         lane: Option<usize>,
     ) -> Result<Upstream, GatewayError> {
-        let (ep, _) = self.pick(None)?;
+        let (ep, _) = self.pick(Some((&req.model_name, &req.model_version)), false)?;
         ep.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let in_flight = InFlight(Arc::clone(&ep));

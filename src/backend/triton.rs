@@ -20,7 +20,6 @@ use tracing::Instrument;
 use super::{
     endpoint::InFlight,
     h2_infer::{H2Infer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT},
-    merge::merge_statistics,
 };
 pub use super::{
     endpoint::{Endpoint, TritonClient},
@@ -33,10 +32,7 @@ use crate::{
     error::GatewayError,
     model::ModelInfo,
     proto::inference::{
-        InferParameter, ModelConfigRequest, ModelConfigResponse, ModelInferRequest,
-        ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest,
-        ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
-        RepositoryIndexResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
+        InferParameter, ModelInferRequest, ModelInferResponse, ServerReadyRequest,
         grpc_inference_service_client::GrpcInferenceServiceClient,
         infer_parameter::ParameterChoice,
     },
@@ -50,16 +46,16 @@ enum Via {
 }
 
 /// A model's cached descriptions by version, each with the time it was fetched.
-type ModelVersions = HashMap<String, (Instant, Arc<ModelInfo>)>;
+pub(super) type ModelVersions = HashMap<String, (Instant, Arc<ModelInfo>)>;
 
 pub struct TritonPool {
     endpoints: Vec<Arc<Endpoint>>,
     next: AtomicUsize,
     /// The circuits' settings, when models are guarded per endpoint.
     breaker: Option<BreakerConfig>,
-    cfg: TritonConfig,
+    pub(super) cfg: TritonConfig,
     /// By name, then version: nested so that a lookup borrows the request's strings.
-    models: RwLock<HashMap<String, ModelVersions>>,
+    pub(super) models: RwLock<HashMap<String, ModelVersions>>,
 }
 
 impl TritonPool {
@@ -138,6 +134,7 @@ impl TritonPool {
                 healthy: AtomicBool::new(false),
                 in_flight: AtomicUsize::new(0),
                 breakers: RwLock::default(),
+                placement: Default::default(),
             }));
         }
         // One endpoint has no other to send a failing model to: the route's breaker and
@@ -165,13 +162,22 @@ impl TritonPool {
         self.endpoints.iter().any(|e| e.is_healthy())
     }
 
-    /// Probes every endpoint once (ServerReady, bounded by `probe_timeout_ms`).
+    pub(super) fn probe_timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.probe_timeout_ms)
+    }
+
+    /// Probes every endpoint once (ServerReady, then the ready models of those that are
+    /// ready; each bounded by `probe_timeout_ms`).
     pub async fn probe_all(&self) {
         let probes = self.endpoints.iter().map(|ep| async move {
             let mut client = ep.client();
             let mut req = tonic::Request::new(ServerReadyRequest {});
-            req.set_timeout(Duration::from_millis(self.cfg.probe_timeout_ms));
+            req.set_timeout(self.probe_timeout());
             let ready = matches!(client.server_ready(req).await, Ok(r) if r.get_ref().ready);
+            // A server without the repository extension keeps holding every model.
+            if ready && let Err(e) = ep.read_index(self.probe_timeout()).await {
+                tracing::debug!(endpoint = %ep.url, error = %e, "repository index not read");
+            }
             let was = ep.healthy.swap(ready, Ordering::Relaxed);
             if was != ready {
                 if ready {
@@ -203,12 +209,17 @@ impl TritonPool {
         })
     }
 
-    /// The less busy of two healthy endpoints taken in turn ("power of two choices"). For a
-    /// `model`'s call with per-endpoint circuits, endpoints whose circuit for it is open are
-    /// passed over while another can serve it (when none can, the call goes as if unguarded:
-    /// failing fast is the route's breaker's part, not the pool's). Answers the circuit to
-    /// tell the outcome, and how the call was let through.
-    pub(super) fn pick(&self, model: Option<&str>) -> Result<Picked, GatewayError> {
+    /// The less busy of two healthy endpoints taken in turn ("power of two choices"), among
+    /// those that hold `model` (name, version) ready. With `guarded` (a model's call, with
+    /// per-endpoint circuits) endpoints whose circuit for it is open are passed over while
+    /// another can serve it (when none can, the call goes as if unguarded: failing fast is
+    /// the route's breaker's part, not the pool's). Answers the circuit to tell the
+    /// outcome, and how the call was let through.
+    pub(super) fn pick(
+        &self,
+        model: Option<(&str, &str)>,
+        guarded: bool,
+    ) -> Result<Picked, GatewayError> {
         let mut healthy: Vec<&Arc<Endpoint>> =
             self.endpoints.iter().filter(|e| e.is_healthy()).collect();
         if healthy.is_empty() {
@@ -217,7 +228,31 @@ impl TritonPool {
                 self.endpoints.len()
             )));
         }
-        let guard = model.zip(self.breaker.as_ref());
+        if let Some((name, version)) = model {
+            healthy.retain(|e| e.placement.holds(name, version));
+            if healthy.is_empty() {
+                let held = |e: &&Arc<Endpoint>| e.placement.holds(name, version);
+                if self.endpoints.iter().any(|e| held(&e)) {
+                    return Err(GatewayError::Unavailable(format!(
+                        "model '{name}' is ready only on Triton endpoints that are not ready"
+                    )));
+                }
+                // Each endpoint's index is read again meanwhile, so a model loaded behind
+                // infergate's back is found on a later call.
+                for ep in &self.endpoints {
+                    ep.read_index_soon(self.probe_timeout());
+                }
+                return Err(GatewayError::ModelNotPlaced {
+                    model: name.into(),
+                    version: version.into(),
+                    endpoints: self.endpoints.len(),
+                });
+            }
+        }
+        let guard = model
+            .filter(|_| guarded)
+            .map(|(name, _)| name)
+            .zip(self.breaker.as_ref());
         let now = Instant::now();
         if let Some((model, _)) = guard {
             // One look at each circuit (a lock each), kept only when some endpoint serves.
@@ -245,7 +280,11 @@ impl TritonPool {
 
     /// Runs one call on a picked endpoint. A transport failure marks the endpoint unhealthy
     /// at once, so the next call goes elsewhere without waiting for the probe.
-    async fn call<T, F, Fut>(&self, timeout: Option<Duration>, f: F) -> Result<T, GatewayError>
+    pub(super) async fn call<T, F, Fut>(
+        &self,
+        timeout: Option<Duration>,
+        f: F,
+    ) -> Result<T, GatewayError>
     where
         F: FnOnce(TritonClient, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -263,8 +302,26 @@ impl TritonPool {
         F: FnOnce(&Endpoint, Duration) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
-        let picked = self.pick(None)?;
+        let picked = self.pick(None, false)?;
         self.run_on(picked, timeout, None, f).await
+    }
+
+    /// [`TritonPool::call`] on an endpoint that holds the model.
+    pub(super) async fn call_for<T, F, Fut>(
+        &self,
+        (name, version): (&str, &str),
+        f: F,
+    ) -> Result<T, GatewayError>
+    where
+        F: FnOnce(TritonClient, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let picked = self.pick(Some((name, version)), false)?;
+        self.run_on(picked, None, Some(name), |ep, budget| {
+            let call = f(ep.client(), budget);
+            async move { call.await.map(tonic::Response::into_inner) }
+        })
+        .await
     }
 
     /// Runs one call on a picked endpoint; a call of `model` tells the model's circuit on
@@ -299,6 +356,10 @@ impl TritonPool {
         match result {
             Ok(resp) => Ok(resp),
             Err(status) => {
+                // NOT_FOUND for a model it was thought to hold: its models changed.
+                if model.is_some() && status.code() == tonic::Code::NotFound {
+                    ep.read_index_soon(self.probe_timeout());
+                }
                 let err = GatewayError::from_backend(status);
                 if matches!(err, GatewayError::Unavailable(_)) {
                     ep.mark_unhealthy(&err);
@@ -333,6 +394,7 @@ impl TritonPool {
         }
         let framed = call.framing == Framing::AsTriton;
         let model = req.model_name.clone();
+        let version = req.model_version.clone();
         let span = if trace::enabled() {
             tracing::info_span!(
                 "triton",
@@ -374,7 +436,7 @@ impl TritonPool {
             }
         };
         let result = async {
-            let picked = self.pick(Some(&model))?;
+            let picked = self.pick(Some((&model, &version)), true)?;
             // A probe of an endpoint's circuit keeps a copy: should the endpoint still fail
             // the model, another endpoint answers the caller.
             let spare = picked
@@ -387,7 +449,7 @@ impl TritonPool {
                 .await;
             match (first, spare) {
                 (Err(e), Some((b, probed, again))) if b.state(Instant::now()) == State::Open => {
-                    let picked = self.pick(Some(&model))?;
+                    let picked = self.pick(Some((&model, &version)), true)?;
                     if Arc::ptr_eq(&picked.0, &probed) {
                         return Err(e);
                     }
@@ -406,156 +468,8 @@ impl TritonPool {
         }
         result
     }
-
-    pub async fn server_metadata(&self) -> Result<ServerMetadataResponse, GatewayError> {
-        self.call(None, |mut c, t| async move {
-            c.server_metadata(timed(ServerMetadataRequest {}, t)).await
-        })
-        .await
-    }
-
-    pub async fn model_ready(&self, name: &str, version: &str) -> Result<bool, GatewayError> {
-        let req = ModelReadyRequest {
-            name: name.into(),
-            version: version.into(),
-        };
-        self.call(None, |mut c, t| async move {
-            c.model_ready(timed(req, t)).await
-        })
-        .await
-        .map(|r| r.ready)
-    }
-
-    pub async fn model_metadata(
-        &self,
-        name: &str,
-        version: &str,
-    ) -> Result<ModelMetadataResponse, GatewayError> {
-        let req = ModelMetadataRequest {
-            name: name.into(),
-            version: version.into(),
-        };
-        self.call(None, |mut c, t| async move {
-            c.model_metadata(timed(req, t)).await
-        })
-        .await
-        .map_err(|e| not_found(e, name, version))
-    }
-
-    pub async fn model_config(
-        &self,
-        name: &str,
-        version: &str,
-    ) -> Result<ModelConfigResponse, GatewayError> {
-        let req = ModelConfigRequest {
-            name: name.into(),
-            version: version.into(),
-        };
-        self.call(None, |mut c, t| async move {
-            c.model_config(timed(req, t)).await
-        })
-        .await
-        .map_err(|e| not_found(e, name, version))
-    }
-
-    pub async fn repository_index(
-        &self,
-        req: RepositoryIndexRequest,
-    ) -> Result<RepositoryIndexResponse, GatewayError> {
-        self.call(None, |mut c, t| async move {
-            c.repository_index(timed(req, t)).await
-        })
-        .await
-    }
-
-    /// Statistics summed over every ready endpoint, so a pool looks like one server.
-    pub async fn model_statistics(
-        &self,
-        req: ModelStatisticsRequest,
-    ) -> Result<ModelStatisticsResponse, GatewayError> {
-        let ready: Vec<_> = self.endpoints.iter().filter(|e| e.is_healthy()).collect();
-        if ready.len() <= 1 {
-            return self
-                .call(None, |mut c, t| async move {
-                    c.model_statistics(timed(req, t)).await
-                })
-                .await
-                .map_err(|e| not_found(e, "", ""));
-        }
-        let timeout = Duration::from_millis(self.cfg.request_timeout_ms);
-        let calls = ready.iter().map(|ep| {
-            let mut c = ep.client();
-            let req = timed(req.clone(), timeout);
-            async move { c.model_statistics(req).await }
-        });
-        let mut parts = Vec::new();
-        for r in futures::future::join_all(calls).await {
-            parts.push(r.map_err(GatewayError::from_backend)?.into_inner());
-        }
-        Ok(merge_statistics(parts))
-    }
-
-    /// Metadata and config of a model, from the cache when fresh.
-    pub async fn model_info(
-        &self,
-        name: &str,
-        version: &str,
-    ) -> Result<Arc<ModelInfo>, GatewayError> {
-        let ttl = Duration::from_millis(self.cfg.model_cache_ttl_ms);
-        if let Some((at, info)) = self.cached(name, version)
-            && at.elapsed() < ttl
-        {
-            return Ok(info);
-        }
-        // Boxed: the fetch's future (two tonic calls) is ~7.7 KB, and every caller's future
-        // (each request and task) would otherwise carry that much for a rare cache miss.
-        Box::pin(self.fetch_model_info(name, version)).await
-    }
-
-    fn cached(&self, name: &str, version: &str) -> Option<(Instant, Arc<ModelInfo>)> {
-        let models = self.models.read().expect("model cache lock");
-        let (at, info) = models.get(name)?.get(version)?;
-        Some((*at, Arc::clone(info)))
-    }
-
-    /// Reads a model's metadata and config from Triton into the cache.
-    async fn fetch_model_info(
-        &self,
-        name: &str,
-        version: &str,
-    ) -> Result<Arc<ModelInfo>, GatewayError> {
-        let fetched = tokio::try_join!(
-            self.model_metadata(name, version),
-            self.model_config(name, version)
-        );
-        let (metadata, config) = match fetched {
-            Ok(v) => v,
-            // Triton unreachable: a description we had is still the best guess, so async
-            // tasks keep being accepted (and wait in the broker) through an outage.
-            Err(e @ GatewayError::Unavailable(_)) => {
-                return match self.cached(name, version) {
-                    Some((_, info)) => Ok(info),
-                    None => Err(e),
-                };
-            }
-            Err(e) => return Err(e),
-        };
-        let info = Arc::new(ModelInfo::new(metadata, config.config.unwrap_or_default()));
-        // The name as asked for: it is the one requests are counted under.
-        metrics().register_model(name);
-        self.models
-            .write()
-            .expect("model cache lock")
-            .entry(name.to_string())
-            .or_default()
-            .insert(version.to_string(), (Instant::now(), Arc::clone(&info)));
-        Ok(info)
-    }
 }
 
-/// Sets Triton's own `timeout` request parameter (µs) to the caller's remaining `budget`, so
-/// that Triton, too, can drop a request it cannot start in time (its queue policy decides).
-/// It replaces a `timeout` the caller sent: that one is already part of the budget.
 /// An endpoint's circuit and how a call was let through it.
 pub(super) type Picked = (Arc<Endpoint>, Option<(Arc<Breaker>, Admit)>);
 
@@ -571,6 +485,9 @@ fn endpoint_fault(status: &tonic::Status, own_limit: bool) -> bool {
     }
 }
 
+/// Sets Triton's own `timeout` request parameter (µs) to the caller's remaining `budget`, so
+/// that Triton, too, can drop a request it cannot start in time (its queue policy decides).
+/// It replaces a `timeout` the caller sent: that one is already part of the budget.
 fn forward_budget(req: &mut ModelInferRequest, budget: Duration) {
     let us = i64::try_from(budget.as_micros()).unwrap_or(i64::MAX).max(1);
     req.parameters.insert(
@@ -579,28 +496,6 @@ fn forward_budget(req: &mut ModelInferRequest, budget: Duration) {
             parameter_choice: Some(ParameterChoice::Int64Param(us)),
         },
     );
-}
-
-fn timed<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.set_timeout(timeout);
-    r
-}
-
-/// Triton answers an unknown model or version with NOT_FOUND (2.51, checked against its
-/// gRPC port): that becomes infergate's one ModelNotFound, naming what was asked for.
-fn not_found(err: GatewayError, name: &str, version: &str) -> GatewayError {
-    match &err {
-        GatewayError::Backend { code, .. }
-            if *code == tonic::Code::NotFound && !name.is_empty() =>
-        {
-            GatewayError::ModelNotFound {
-                model: name.into(),
-                version: version.into(),
-            }
-        }
-        _ => err,
-    }
 }
 
 #[cfg(test)]

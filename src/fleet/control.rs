@@ -171,6 +171,8 @@ impl Fleet {
                 )
                 .await,
         };
+        // Calls follow the change at once, not at the next probe.
+        self.pool.read_placement().await;
         for (url, r) in &endpoints {
             match r {
                 Ok(()) => {
