@@ -1,5 +1,6 @@
 //! What infergate forwards to. Today one implementation: a pool of Triton gRPC endpoints.
 
+pub mod affinity;
 pub mod config;
 pub mod each;
 pub mod endpoint;

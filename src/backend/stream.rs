@@ -15,7 +15,7 @@ use futures::stream;
 use prost::Message;
 use tonic::{Code, Status};
 
-use super::{endpoint::InFlight, h2_infer::H2Infer, triton::TritonPool};
+use super::{affinity::sequence_of, endpoint::InFlight, h2_infer::H2Infer, triton::TritonPool};
 use crate::{
     error::GatewayError,
     grpc_wire::{PREFIX_LEN, read_prefix, status_from_headers},
@@ -58,7 +58,11 @@ impl TritonPool {
         limit: Duration,
         lane: Option<usize>,
     ) -> Result<Upstream, GatewayError> {
-        let (ep, _) = self.pick(Some((&req.model_name, &req.model_version)), false)?;
+        let model = (req.model_name.as_str(), req.model_version.as_str());
+        let (ep, _) = match sequence_of(&req) {
+            Some(seq) => self.pick_sequence(model, &seq)?,
+            None => self.pick(Some(model), false)?,
+        };
         ep.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let in_flight = InFlight(Arc::clone(&ep));

@@ -18,6 +18,7 @@ use tonic::transport::Endpoint as TonicEndpoint;
 use tracing::Instrument;
 
 use super::{
+    affinity::{Sequence, sequence_of},
     endpoint::InFlight,
     h2_infer::{H2Infer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT},
 };
@@ -237,16 +238,7 @@ impl TritonPool {
                         "model '{name}' is ready only on Triton endpoints that are not ready"
                     )));
                 }
-                // Each endpoint's index is read again meanwhile, so a model loaded behind
-                // infergate's back is found on a later call.
-                for ep in &self.endpoints {
-                    ep.read_index_soon(self.probe_timeout());
-                }
-                return Err(GatewayError::ModelNotPlaced {
-                    model: name.into(),
-                    version: version.into(),
-                    endpoints: self.endpoints.len(),
-                });
+                return Err(self.nowhere(name, version));
             }
         }
         let guard = model
@@ -276,6 +268,44 @@ impl TritonPool {
             (how != Admit::Open).then_some((b, how))
         });
         Ok((ep, circuit))
+    }
+
+    /// The endpoint that holds `seq`'s state (see [`super::affinity`]): its own whatever
+    /// the others' load, and an error rather than another endpoint when it is down.
+    pub(super) fn pick_sequence(
+        &self,
+        (name, version): (&str, &str),
+        seq: &Sequence,
+    ) -> Result<Picked, GatewayError> {
+        let holders: Vec<&Arc<Endpoint>> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.placement.holds(name, version))
+            .collect();
+        let Some(i) = seq.choose(holders.iter().map(|e| e.url.as_str())) else {
+            return Err(self.nowhere(name, version));
+        };
+        let ep = holders[i];
+        if !ep.is_healthy() {
+            return Err(GatewayError::Unavailable(format!(
+                "sequence {seq} of model '{name}' lives on Triton endpoint {}, which is not ready (its state is there: the sequence is not moved)",
+                ep.url
+            )));
+        }
+        Ok((Arc::clone(ep), None))
+    }
+
+    /// A model no endpoint holds. Each endpoint's index is read again meanwhile, so a model
+    /// loaded behind infergate's back is found on a later call.
+    fn nowhere(&self, name: &str, version: &str) -> GatewayError {
+        for ep in &self.endpoints {
+            ep.read_index_soon(self.probe_timeout());
+        }
+        GatewayError::ModelNotPlaced {
+            model: name.into(),
+            version: version.into(),
+            endpoints: self.endpoints.len(),
+        }
     }
 
     /// Runs one call on a picked endpoint. A transport failure marks the endpoint unhealthy
@@ -395,6 +425,7 @@ impl TritonPool {
         let framed = call.framing == Framing::AsTriton;
         let model = req.model_name.clone();
         let version = req.model_version.clone();
+        let sequence = sequence_of(&req);
         let span = if trace::enabled() {
             tracing::info_span!(
                 "triton",
@@ -436,7 +467,10 @@ impl TritonPool {
             }
         };
         let result = async {
-            let picked = self.pick(Some((&model, &version)), true)?;
+            let picked = match &sequence {
+                Some(seq) => self.pick_sequence((&model, &version), seq)?,
+                None => self.pick(Some((&model, &version)), true)?,
+            };
             // A probe of an endpoint's circuit keeps a copy: should the endpoint still fail
             // the model, another endpoint answers the caller.
             let spare = picked
