@@ -34,7 +34,7 @@ MAX_LINES = 700
 LAYERS = [
     # base: the call, the model, the wire types, errors, config sections, telemetry core
     ("base", {"error", "call", "model", "proto", "tensor", "grpc_wire", "section", "telemetry",
-              "tls", "redis_conn", "breaker"}),
+              "tls", "redis_conn", "breaker", "spread"}),
     # the sync path's core: Triton, batching, the broker, who is calling
     ("core", {"backend", "batch", "queue", "auth", "loadgen"}),
     # features the sync service plugs in, and the fleet of Triton endpoints

@@ -31,6 +31,7 @@ pub mod routes;
 pub mod scaler;
 pub mod section;
 pub mod server;
+pub mod spread;
 pub mod streams;
 pub mod tasks;
 pub mod telemetry;

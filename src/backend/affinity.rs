@@ -8,7 +8,10 @@
 //! there. One that moved anyway (its endpoint left the fleet) is refused by Triton, which
 //! knows no such sequence on the new endpoint, so a running sum is never silently wrong.
 
-use crate::proto::inference::{ModelInferRequest, infer_parameter::ParameterChoice};
+use crate::{
+    proto::inference::{ModelInferRequest, infer_parameter::ParameterChoice},
+    spread::stable_hash,
+};
 
 /// The request's sequence, when it belongs to one: Triton's `sequence_id` (a number or a
 /// string; 0 and "" mean none).
@@ -43,29 +46,13 @@ impl std::fmt::Display for Sequence {
 }
 
 impl Sequence {
-    /// The sequence's score on the endpoint `url`; the highest score wins. FNV-1a over both,
-    /// finished with a 64-bit mix: stable across processes, builds and Rust versions, which
-    /// a std hasher does not promise.
+    /// The sequence's score on the endpoint `url`; the highest score wins. The hash is
+    /// stable across processes, builds and Rust versions, which a std hasher does not promise.
     pub fn score(&self, url: &str) -> u64 {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |bytes: &[u8]| {
-            for b in bytes {
-                h ^= u64::from(*b);
-                h = h.wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        };
         match self {
-            Self::Number(n) => eat(&n.to_le_bytes()),
-            Self::Text(s) => eat(s.as_bytes()),
+            Self::Number(n) => stable_hash(&[&n.to_le_bytes(), url.as_bytes()]),
+            Self::Text(s) => stable_hash(&[s.as_bytes(), url.as_bytes()]),
         }
-        eat(&[0xff]);
-        eat(url.as_bytes());
-        // splitmix64's finish: FNV's low bits alone spread poorly over few endpoints.
-        h ^= h >> 30;
-        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        h ^= h >> 27;
-        h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-        h ^ (h >> 31)
     }
 
     /// The index of the winning URL among `urls` (`None` when there is none).
@@ -138,7 +125,8 @@ mod tests {
         // The same choice every time, in any order of the endpoints.
         let s = Sequence::Text("order-42".into());
         let a = urls[s.choose(urls.iter().copied()).unwrap()];
-        let b = urls[s.choose(urls.iter().rev().copied()).unwrap()];
+        let reversed: Vec<&str> = urls.iter().rev().copied().collect();
+        let b = reversed[s.choose(reversed.iter().copied()).unwrap()];
         assert_eq!(a, b);
     }
 }

@@ -1,12 +1,25 @@
 //! `[triton]`: the Triton servers behind infergate and how they are reached.
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     section::{ConfigError, Section, bounds, clap_defaults, invalid, validate_url},
     tls::TritonTls,
 };
+
+/// How a call's endpoint is chosen among those that hold its model.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Two endpoints drawn at random; the call goes to the one whose recent latency (a
+    /// moving average that jumps to a slower call at once) times its calls in flight is
+    /// lower: Finagle's and Linkerd's peak-EWMA.
+    #[default]
+    PeakEwma,
+    /// Each endpoint in turn, whatever its latency or load (a baseline).
+    RoundRobin,
+}
 
 /// The Triton servers behind infergate and how they are reached.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
@@ -101,6 +114,29 @@ pub struct TritonConfig {
         default_value_t = 5_000
     )]
     pub breaker_cooldown_ms: u64,
+    /// How a call's endpoint is chosen: peak_ewma or round_robin.
+    #[arg(long = "triton-balance", env = "INFERGATE_TRITON_BALANCE", value_enum, default_value_t = Balance::PeakEwma)]
+    pub balance: Balance,
+    /// How fast an endpoint's latency average forgets, in ms: a sample this old weighs 1/e.
+    /// An endpoint that gets no calls looks cheaper over this time, so a recovered one is
+    /// tried again.
+    #[arg(
+        long = "triton-ewma-decay-ms",
+        env = "INFERGATE_TRITON_EWMA_DECAY_MS",
+        value_name = "MS",
+        default_value_t = 10_000
+    )]
+    pub ewma_decay_ms: u64,
+    /// Slow start, in ms: an endpoint that becomes ready takes a share of calls that grows
+    /// from 10 % to all of its share over this window, so a cold server is not flooded; 0:
+    /// off.
+    #[arg(
+        long = "triton-slow-start-ms",
+        env = "INFERGATE_TRITON_SLOW_START_MS",
+        value_name = "MS",
+        default_value_t = 0
+    )]
+    pub slow_start_ms: u64,
     /// TLS towards Triton, for `https://` URLs.
     #[command(flatten)]
     pub tls: TritonTls,
@@ -134,6 +170,8 @@ impl Section for TritonConfig {
             breaker_failures: 0..=10_000,
             breaker_cooldown_ms: 1..=3_600_000,
             model_cache_ttl_ms: 0..=86_400_000,
+            ewma_decay_ms: 1..=3_600_000,
+            slow_start_ms: 0..=3_600_000,
         });
         let https = self
             .urls

@@ -12,14 +12,13 @@ use std::{
 
 use tonic::transport::Channel;
 
-use super::{h2_infer::H2Infer, placement::Placement};
+use super::{balance::Load, h2_infer::H2Infer, metrics::metrics, placement::Placement};
 use crate::{
     breaker::{Breaker, BreakerConfig, State},
     error::GatewayError,
     proto::inference::{
         RepositoryIndexRequest, grpc_inference_service_client::GrpcInferenceServiceClient,
     },
-    telemetry::metrics::metrics,
 };
 
 pub type TritonClient = GrpcInferenceServiceClient<Channel>;
@@ -41,6 +40,10 @@ pub struct Endpoint {
     pub(super) breakers: RwLock<HashMap<String, Arc<Breaker>>>,
     /// The models ready here (Triton's repository index).
     pub placement: Placement,
+    /// Its latency average and slow start, for the balancer.
+    pub(super) load: Load,
+    /// Calls sent here (`infergate_triton_endpoint_calls_total`).
+    pub(super) calls: prometheus_client::metrics::counter::Counter,
 }
 
 /// The most models whose circuits one endpoint keeps (a bound under any traffic; models past
@@ -94,10 +97,10 @@ impl Endpoint {
             .into_inner();
         let gone = self.placement.set(&index);
         for m in self.placement.models() {
-            metrics().triton_model_ready(&self.url, &m, true);
+            metrics().model_ready(&self.url, &m, true);
         }
         for m in gone {
-            metrics().triton_model_ready(&self.url, &m, false);
+            metrics().model_ready(&self.url, &m, false);
         }
         Ok(())
     }

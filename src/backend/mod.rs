@@ -1,11 +1,13 @@
 //! What infergate forwards to. Today one implementation: a pool of Triton gRPC endpoints.
 
 pub mod affinity;
+pub mod balance;
 pub mod config;
 pub mod each;
 pub mod endpoint;
 pub mod h2_infer;
 pub mod merge;
+pub mod metrics;
 pub mod models;
 pub mod placement;
 pub mod stats;

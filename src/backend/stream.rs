@@ -65,6 +65,7 @@ impl TritonPool {
         };
         ep.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ep.calls.inc();
         let in_flight = InFlight(Arc::clone(&ep));
         let mut md = tonic::metadata::MetadataMap::new();
         trace::inject_into(&mut md);

@@ -1,7 +1,8 @@
 //! A pool of Triton servers reached over gRPC, with a client generated from infergate's own
-//! protos. Calls are spread over the endpoints that passed their last readiness probe (the
-//! less busy of two, picked round-robin), each endpoint keeping a few HTTP/2 connections.
-//! Model metadata and config are cached for `model_cache_ttl_ms`.
+//! protos. Calls are spread over the endpoints that passed their last readiness probe and
+//! hold the call's model ([`super::placement`]; by peak-EWMA, see [`super::balance`], or
+//! round robin; a sequence by [`super::affinity`]), each endpoint keeping a few HTTP/2
+//! connections.
 
 use std::{
     collections::HashMap,
@@ -19,15 +20,17 @@ use tracing::Instrument;
 
 use super::{
     affinity::{Sequence, sequence_of},
+    balance::{Candidate, two_choices},
     endpoint::InFlight,
     h2_infer::{H2Infer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT},
+    metrics::metrics as pool_metrics,
 };
 pub use super::{
     endpoint::{Endpoint, TritonClient},
     h2_infer::Answer,
 };
 use crate::{
-    backend::config::TritonConfig,
+    backend::config::{Balance, TritonConfig},
     breaker::{Admit, Breaker, BreakerConfig, State},
     call::{Call, Framing},
     error::GatewayError,
@@ -136,6 +139,8 @@ impl TritonPool {
                 in_flight: AtomicUsize::new(0),
                 breakers: RwLock::default(),
                 placement: Default::default(),
+                load: Default::default(),
+                calls: pool_metrics().calls(url),
             }));
         }
         // One endpoint has no other to send a failing model to: the route's breaker and
@@ -175,13 +180,21 @@ impl TritonPool {
             let mut req = tonic::Request::new(ServerReadyRequest {});
             req.set_timeout(self.probe_timeout());
             let ready = matches!(client.server_ready(req).await, Ok(r) if r.get_ref().ready);
+            let now = Instant::now();
             // A server without the repository extension keeps holding every model.
             if ready && let Err(e) = ep.read_index(self.probe_timeout()).await {
                 tracing::debug!(endpoint = %ep.url, error = %e, "repository index not read");
             }
             let was = ep.healthy.swap(ready, Ordering::Relaxed);
+            pool_metrics().endpoint(
+                &ep.url,
+                ep.in_flight.load(Ordering::Relaxed),
+                ep.load.latency(now, self.decay()),
+                ep.load.weight(now, self.slow_start()),
+            );
             if was != ready {
                 if ready {
+                    ep.load.became_ready(now);
                     tracing::info!(endpoint = %ep.url, "Triton endpoint is ready");
                 } else {
                     tracing::warn!(endpoint = %ep.url, "Triton endpoint is not ready");
@@ -189,6 +202,15 @@ impl TritonPool {
             }
         });
         futures::future::join_all(probes).await;
+        pool_metrics().endpoints.set(self.endpoints.len() as i64);
+    }
+
+    fn decay(&self) -> Duration {
+        Duration::from_millis(self.cfg.ewma_decay_ms)
+    }
+
+    fn slow_start(&self) -> Duration {
+        Duration::from_millis(self.cfg.slow_start_ms)
     }
 
     /// Probes on an interval until `shutdown` is cancelled.
@@ -210,8 +232,8 @@ impl TritonPool {
         })
     }
 
-    /// The less busy of two healthy endpoints taken in turn ("power of two choices"), among
-    /// those that hold `model` (name, version) ready. With `guarded` (a model's call, with
+    /// A healthy endpoint that holds `model` (name, version) ready, chosen as
+    /// `triton.balance` says (peak-EWMA over two random choices, or round robin). With `guarded` (a model's call, with
     /// per-endpoint circuits) endpoints whose circuit for it is open are passed over while
     /// another can serve it (when none can, the call goes as if unguarded: failing fast is
     /// the route's breaker's part, not the pool's). Answers the circuit to tell the
@@ -258,10 +280,18 @@ impl TritonPool {
             }
         }
         let n = healthy.len();
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        let (a, b) = (healthy[i % n], healthy[(i + 1) % n]);
-        let load = |e: &Endpoint| e.in_flight.load(Ordering::Relaxed);
-        let ep = Arc::clone(if load(b) < load(a) { b } else { a });
+        let i = match self.cfg.balance {
+            Balance::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
+            Balance::PeakEwma => {
+                let (decay, window) = (self.decay(), self.slow_start());
+                two_choices(n, |i| Candidate {
+                    latency: healthy[i].load.latency(now, decay),
+                    in_flight: healthy[i].in_flight.load(Ordering::Relaxed),
+                    weight: healthy[i].load.weight(now, window),
+                })
+            }
+        };
+        let ep = Arc::clone(healthy[i]);
         let circuit = guard.and_then(|(model, cfg)| {
             let b = ep.breaker(model, cfg)?;
             let how = b.admit(now);
@@ -371,12 +401,19 @@ impl TritonPool {
         let _guard = InFlight(Arc::clone(&ep));
         let limit = Duration::from_millis(self.cfg.request_timeout_ms);
         let budget = timeout.map_or(limit, |t| t.min(limit));
+        ep.calls.inc();
+        let started = Instant::now();
         let result = f(&ep, budget).await;
+        let now = Instant::now();
+        let failed = result
+            .as_ref()
+            .is_err_and(|s| endpoint_fault(s, budget == limit));
+        match (&result, failed) {
+            (Ok(_), _) => ep.load.observe(now - started, now, self.decay()),
+            (Err(_), true) => ep.load.failed(now - started, now, self.decay()),
+            (Err(_), false) => {}
+        }
         if let Some((b, how)) = circuit {
-            let failed = result
-                .as_ref()
-                .is_err_and(|s| endpoint_fault(s, budget == limit));
-            let now = Instant::now();
             b.record(how, !failed, now);
             // Only a failure or a probe changes the state (kept off the hot path otherwise).
             if let (true, Some(model)) = (failed || how == Admit::Probe, model) {

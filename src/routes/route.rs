@@ -68,7 +68,7 @@ impl Shadow {
     /// Whether this request is one of the share (`None`: not drawn), and a place for it
     /// (`Some(None)`: drawn, but every place is taken).
     pub fn draw(&self) -> Option<Option<OwnedSemaphorePermit>> {
-        let point = (draw() >> 11) as f64 / (1u64 << 53) as f64;
+        let point = (crate::spread::draw() >> 11) as f64 / (1u64 << 53) as f64;
         (point < self.share).then(|| Arc::clone(&self.slots).try_acquire_owned().ok())
     }
 }
@@ -173,7 +173,7 @@ impl Route {
                 .and_then(|p| sticky_key(req, p))
         }) {
             Some(key) => self.at(fnv1a(&key)),
-            None => self.at(draw()),
+            None => self.at(crate::spread::draw()),
         }
     }
 
@@ -195,39 +195,10 @@ fn sticky_key(req: &ModelInferRequest, name: &str) -> Option<Vec<u8>> {
     }
 }
 
-/// FNV-1a, then a final mix: stable across processes and releases (a sticky caller stays on
-/// its arm whichever front end answers, and after an upgrade), unlike std's hasher.
+/// Stable across processes and releases: a sticky caller stays on its arm whichever front
+/// end answers, and after an upgrade.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^ (h >> 33)
-}
-
-/// A uniform draw from a per-thread xorshift, seeded from the clock and the thread.
-fn draw() -> u64 {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64);
-            let id = format!("{:?}", std::thread::current().id());
-            (t ^ fnv1a(id.as_bytes())) | 1
-        });
-    }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.set(x);
-        x
-    })
+    crate::spread::stable_hash(&[bytes])
 }
 
 /// Routes by name, and how each cached model or route is cached.

@@ -140,7 +140,6 @@ pub struct Metrics {
     pub triton_queued_requests: Family<ModelLabel, Counter>,
     /// Each model's circuit on each Triton endpoint (with several endpoints).
     pub triton_breaker_state: Family<EndpointModel, Gauge>,
-    pub triton_model_ready: Family<EndpointModel, Gauge>,
     /// Results and failures a worker wrote after another attempt took its task over, refused.
     pub task_fenced: Counter,
     /// Dead letters kept, and those their bounds dropped (both as the dead-letter store
@@ -196,7 +195,6 @@ impl Metrics {
             triton_queue_seconds: Family::default(),
             triton_queued_requests: Family::default(),
             triton_breaker_state: Family::default(),
-            triton_model_ready: Family::default(),
             task_fenced: Counter::default(),
             task_dead_letters: Gauge::default(),
             task_dead_letters_dropped: Gauge::default(),
@@ -330,11 +328,6 @@ impl Metrics {
             m.triton_breaker_state.clone(),
         );
         r.register(
-            "triton_model_ready",
-            "A model's readiness on a Triton endpoint (1 ready), from the endpoint's repository index",
-            m.triton_model_ready.clone(),
-        );
-        r.register(
             "amqp_group_tasks",
             "Tasks per RabbitMQ message published with grouping on",
             m.amqp_group_tasks.clone(),
@@ -350,15 +343,6 @@ impl Metrics {
                 model: model.to_string(),
             })
             .set(state);
-    }
-
-    pub fn triton_model_ready(&self, endpoint: &str, model: &str, ready: bool) {
-        self.triton_model_ready
-            .get_or_create(&EndpointModel {
-                endpoint: endpoint.to_string(),
-                model: model.to_string(),
-            })
-            .set(i64::from(ready));
     }
 
     /// Creates this process's broker series at zero, so they are scraped (and `rate()`
