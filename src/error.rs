@@ -12,7 +12,7 @@ pub enum GatewayError {
     #[error("unknown model '{model}'{}", version_suffix(.version))]
     ModelNotFound { model: String, version: String },
     /// Triton knows no such model on any of infergate's endpoints (their repository index).
-    #[error("model '{model}'{} is ready on {}", version_suffix(.version), none_of(*.endpoints))]
+    #[error("{}", not_placed(.model, .version, *.endpoints))]
     ModelNotPlaced {
         model: String,
         version: String,
@@ -55,10 +55,14 @@ pub enum GatewayError {
     Internal(String),
 }
 
-fn none_of(endpoints: usize) -> String {
+/// With one endpoint, as Triton itself would say it.
+fn not_placed(model: &str, version: &str, endpoints: usize) -> String {
     match endpoints {
-        1 => "no Triton endpoint (of 1)".into(),
-        n => format!("none of the {n} Triton endpoints"),
+        1 => format!("unknown model '{model}'{}", version_suffix(version)),
+        n => format!(
+            "model '{model}'{} is ready on none of the {n} Triton endpoints",
+            version_suffix(version)
+        ),
     }
 }
 

@@ -14,6 +14,7 @@ use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::{
     api::{
+        features::Features,
         grpc::{GrpcApi, GrpcServer, GrpcTaskAdmin, GrpcTasks, Tls as GrpcTls},
         http::{HttpState, ops_router, router},
     },
@@ -386,12 +387,14 @@ impl Gateway {
             TaskAdminServer::new(GrpcTaskAdmin::new(front.clone())),
             interceptor(Arc::clone(&auth)),
         );
-        let streams = Streams::new(infer.clone(), &cfg.streams);
-        let fleet = Fleet::new(Arc::clone(infer.backend()), &cfg.fleet);
+        // The parts list: each feature the edges serve, built once.
+        let features = Features {
+            streams: Streams::new(infer.clone(), &cfg.streams),
+            fleet: Fleet::new(Arc::clone(infer.backend()), &cfg.fleet),
+        };
         let inference = GrpcInferenceServiceServer::new(GrpcApi::new(
             infer.clone(),
-            streams.clone(),
-            fleet.clone(),
+            features.clone(),
             cfg.server.stream_concurrency,
         ))
         .max_decoding_message_size(cfg.server.max_request_bytes)
@@ -443,8 +446,7 @@ impl Gateway {
             tasks: Some(front.clone()),
             health: Arc::clone(&health),
             auth,
-            streams,
-            fleet,
+            features,
         })
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(crate::api::RequestIds));

@@ -145,6 +145,7 @@ async fn every_rpc_answers_what_triton_answers() {
         "add_sub_preferred",
         "flaky",
         "token_stream",
+        "accumulate",
     ];
     for m in models {
         let ready = ModelReadyRequest {

@@ -1,6 +1,7 @@
 //! The two front doors: gRPC (`inference.GRPCInferenceService`) and HTTP/JSON, both speaking
 //! the Open Inference Protocol and both ending in [`crate::infer::InferService`].
 
+pub mod features;
 pub mod grpc;
 pub mod http;
 

@@ -11,6 +11,7 @@ use crate::{
 /// How a call's endpoint is chosen among those that hold its model.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Balance {
     /// Two endpoints drawn at random; the call goes to the one whose recent latency (a
     /// moving average that jumps to a slower call at once) times its calls in flight is

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::stream_infer::{self, StreamOut};
 
+use crate::{api::features::Features, auth::caller_of, fleet::Action};
 use crate::{
     api::narrow_extensions,
     backend::triton::TritonPool,
@@ -22,31 +23,19 @@ use crate::{
         ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
         ServerReadyResponse, grpc_inference_service_server::GrpcInferenceService,
     },
-    streams::Streams,
-};
-use crate::{
-    auth::caller_of,
-    fleet::{Action, Fleet},
 };
 
 pub struct GrpcApi {
     infer: InferService,
-    streams: Streams,
-    fleet: Fleet,
+    features: Features,
     stream_concurrency: usize,
 }
 
 impl GrpcApi {
-    pub fn new(
-        infer: InferService,
-        streams: Streams,
-        fleet: Fleet,
-        stream_concurrency: usize,
-    ) -> Self {
+    pub fn new(infer: InferService, features: Features, stream_concurrency: usize) -> Self {
         Self {
             infer,
-            streams,
-            fleet,
+            features,
             stream_concurrency,
         }
     }
@@ -125,7 +114,7 @@ impl GrpcInferenceService for GrpcApi {
         let (md, _, input) = req.into_parts();
         Ok(Response::new(stream_infer::serve(
             self.infer.clone(),
-            self.streams.clone(),
+            self.features.streams.clone(),
             self.stream_concurrency,
             md.into_headers(),
             input,
@@ -170,6 +159,7 @@ impl GrpcInferenceService for GrpcApi {
         let caller = caller_of(req.extensions());
         let r = req.into_inner();
         let outcome = self
+            .features
             .fleet
             .control(
                 &caller,
@@ -192,6 +182,7 @@ impl GrpcInferenceService for GrpcApi {
         let caller = caller_of(req.extensions());
         let r = req.into_inner();
         let outcome = self
+            .features
             .fleet
             .control(
                 &caller,

@@ -57,9 +57,9 @@ async fn start(
         Some(&caller.tenant),
         Call::sync(deadline),
     );
-    if s.streams.is_decoupled(&req).await {
+    if s.features.streams.is_decoupled(&req).await {
         return Ok(Started::Stream(Box::new(
-            s.streams.open(req, deadline, None).await?,
+            s.features.streams.open(req, deadline, None).await?,
         )));
     }
     let resp = s.infer.infer(req, call).await?;

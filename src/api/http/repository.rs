@@ -81,6 +81,7 @@ async fn control(
 ) -> Result<Response, GatewayError> {
     let parameters = parameters(body)?;
     let outcome = s
+        .features
         .fleet
         .control(caller, action, "", model, parameters)
         .await?;

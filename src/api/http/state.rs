@@ -24,10 +24,8 @@ pub struct HttpState {
     pub tasks: Option<crate::tasks::front::TaskFront>,
     pub health: Arc<Health>,
     pub auth: Arc<Auth>,
-    /// Decoupled models' responses (generate, generate_stream).
-    pub streams: crate::streams::Streams,
-    /// Model control on every endpoint.
-    pub fleet: crate::fleet::Fleet,
+    /// The features served here (see [`crate::api::features`]).
+    pub features: crate::api::features::Features,
 }
 
 impl HttpState {
