@@ -8,7 +8,16 @@
 
 mod common;
 
-use std::{collections::BTreeMap, path::Path, process::Command};
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use futures::StreamExt;
 
@@ -89,10 +98,7 @@ async fn run_sequence(
     id: u64,
     steps: u64,
 ) -> Result<(), tonic::Status> {
-    use infergate::proto::inference::{
-        InferParameter, ModelInferRequest, infer_parameter::ParameterChoice,
-        model_infer_request::InferInputTensor,
-    };
+    use infergate::proto::inference::{InferParameter, infer_parameter::ParameterChoice};
     let mut sum = 0.0f32;
     for k in 0..steps {
         let x = (id + k) as f32;
@@ -100,17 +106,7 @@ async fn run_sequence(
         let flag = |b: bool| InferParameter {
             parameter_choice: Some(ParameterChoice::BoolParam(b)),
         };
-        let mut req = ModelInferRequest {
-            model_name: "accumulate".into(),
-            inputs: vec![InferInputTensor {
-                name: "INPUT".into(),
-                datatype: "FP32".into(),
-                shape: vec![1, 1],
-                ..Default::default()
-            }],
-            raw_input_contents: vec![f32_bytes(&[x])],
-            ..Default::default()
-        };
+        let mut req = one_input("accumulate", x);
         req.parameters.insert(
             "sequence_id".into(),
             InferParameter {
@@ -240,6 +236,10 @@ async fn load_and_unload_reach_every_endpoint_and_a_refusal_is_reported() {
         model_name: model.into(),
         ..Default::default()
     };
+    let unload = |model: &str| RepositoryModelUnloadRequest {
+        model_name: model.into(),
+        ..Default::default()
+    };
     client.repository_model_load(load("add_sub")).await.unwrap();
     assert_eq!(ready_on(&all, "add_sub", &[true; 3]), [true; 3]);
     // Served through infergate, now that every server has it.
@@ -253,20 +253,14 @@ async fn load_and_unload_reach_every_endpoint_and_a_refusal_is_reported() {
         assert_eq!(out.model_name, "add_sub");
     }
     client
-        .repository_model_unload(RepositoryModelUnloadRequest {
-            model_name: "add_sub".into(),
-            ..Default::default()
-        })
+        .repository_model_unload(unload("add_sub"))
         .await
         .unwrap();
     assert_eq!(ready_on(&all, "add_sub", &[false; 3]), [false; 3]);
     unloaded(&http, &all, "add_sub").await;
 
     client
-        .repository_model_unload(RepositoryModelUnloadRequest {
-            model_name: "text_stats".into(),
-            ..Default::default()
-        })
+        .repository_model_unload(unload("text_stats"))
         .await
         .unwrap();
     unloaded(&http, &all, "text_stats").await;
@@ -356,10 +350,7 @@ async fn load_and_unload_reach_every_endpoint_and_a_refusal_is_reported() {
     );
     // Unloaded through infergate: refused at once, not sent to where it was.
     client
-        .repository_model_unload(RepositoryModelUnloadRequest {
-            model_name: "text_stats".into(),
-            ..Default::default()
-        })
+        .repository_model_unload(unload("text_stats"))
         .await
         .unwrap();
     let r = http
@@ -423,5 +414,112 @@ async fn load_and_unload_reach_every_endpoint_and_a_refusal_is_reported() {
     }
 
     gw.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SIGKILLs the tritonserver serving gRPC on `port` (not its start script: no clean stop).
+fn kill_triton(port: u16) {
+    let ok = Command::new("pkill")
+        .args(["-KILL", "-f", "--", &format!("--grpc-port={port}")])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "a tritonserver on {port}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_endpoint_fails_only_its_calls_in_flight_and_unsent_calls_go_elsewhere() {
+    let dir = std::env::temp_dir().join(format!("infergate-crash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    repository(&dir, &["add_sub"]);
+    let tritons: Vec<Triton> = (0..3)
+        .map(|_| Triton::serving(Some(&dir), None, &[]))
+        .collect();
+    // Probed once at start: from then on only calls tell the gateway an endpoint is gone.
+    let mut cfg = test_config(tritons.iter().map(|t| t.grpc_url()).collect());
+    cfg.triton.health_interval_ms = 600_000;
+    let gw = gateway_with(cfg).await;
+    let client = gw.client().await;
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(&http, &gw.http_base()).await;
+        let up = |t: &Triton| {
+            m.get(&format!(
+                "infergate_triton_endpoint_up{{endpoint=\"{}\"}}",
+                t.grpc_url()
+            )) == Some(&1.0)
+        };
+        if tritons.iter().all(up) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "all three probed ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Under load (8 calls in flight), the third Triton is SIGKILLed: only calls in flight on
+    // it can fail, and none started after the gateway knew.
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes = Arc::new(std::sync::Mutex::new(
+        Vec::<(Instant, Result<(), String>)>::new(),
+    ));
+    let mut load = Vec::new();
+    for _ in 0..8 {
+        let (mut c, stop, outcomes) = (client.clone(), stop.clone(), outcomes.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let r = c
+                    .model_infer(add_sub_request())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("{:?}: {}", e.code(), e.message()));
+                outcomes.lock().unwrap().push((started, r));
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let killed_at = Instant::now();
+    kill_triton(tritons[2].grpc_port);
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
+    let failed: Vec<_> = outcomes.iter().filter(|(_, r)| r.is_err()).collect();
+    let before = outcomes.iter().filter(|(t, _)| *t < killed_at).count();
+    println!(
+        "{} calls, {before} before the kill; failed: {failed:?}",
+        outcomes.len()
+    );
+    assert!(failed.len() <= 8, "at most the calls in flight: {failed:?}");
+    let late = killed_at + Duration::from_millis(500);
+    assert!(
+        failed.iter().all(|(t, _)| *t < late),
+        "none after the gateway knew: {failed:?}"
+    );
+    assert!(outcomes.iter().filter(|(t, _)| *t >= late).count() > 50);
+
+    // The second Triton is SIGKILLed with no call in flight; the gateway still takes it for
+    // ready (no probe, no failed call yet). Calls that pick it cannot connect: Triton never
+    // received them, so each goes once to the first Triton, and none fails.
+    let retries = "infergate_triton_retries_total";
+    let before = scrape(&http, &gw.http_base()).await.get(retries).copied();
+    kill_triton(tritons[1].grpc_port);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let calls = (0..32).map(|_| {
+        let mut c = client.clone();
+        async move { c.model_infer(add_sub_request()).await }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let errors: Vec<_> = answers.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    let after = scrape(&http, &gw.http_base()).await[retries];
+    println!("retried: {before:?} -> {after}");
+    assert!(after > before.unwrap_or(0.0), "a call was sent again");
+
+    gw.shutdown().await.unwrap();
+    drop(tritons);
     let _ = std::fs::remove_dir_all(&dir);
 }

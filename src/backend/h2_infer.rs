@@ -155,12 +155,23 @@ impl H2Infer {
         request: Request<()>,
         body: Bytes,
     ) -> Result<(u64, h2::RecvStream), Status> {
-        let (generation, sender) = self.sender().await?;
+        let (generation, sender) = self.sender().await.map_err(unsent)?;
         let failed = |e| self.failed(generation, e);
-        let mut sender = sender.ready().await.map_err(failed)?;
-        let (answer, mut stream) = sender.send_request(request, false).map_err(failed)?;
+        // Until the request is queued on the connection, Triton cannot have it.
+        let mut sender = sender.ready().await.map_err(|e| unsent(failed(e)))?;
+        let (answer, mut stream) = sender
+            .send_request(request, false)
+            .map_err(|e| unsent(failed(e)))?;
         stream.send_data(body, true).map_err(failed)?;
-        let (parts, recv) = answer.await.map_err(failed)?.into_parts();
+        let (parts, recv) = answer
+            .await
+            .map_err(|e| {
+                // Refused, or beyond the last stream a GOAWAY said Triton would process.
+                let never = e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_go_away();
+                let status = failed(e);
+                if never { unsent(status) } else { status }
+            })?
+            .into_parts();
         if parts.status != http::StatusCode::OK {
             let s = status_for_http(parts.status);
             return Err(Status::new(s.code(), format!("Triton: {}", s.message())));
@@ -318,6 +329,24 @@ async fn drive(
     if let Some(owner) = owner.upgrade() {
         owner.forget(generation);
     }
+}
+
+/// The metadata key that marks a failure of a call Triton never received.
+const UNSENT: &str = "infergate-unsent";
+
+/// Marks `status` as the failure of a call Triton never received (no connection, the
+/// connection gone before the request was queued, refused or left unprocessed by a GOAWAY),
+/// which is safe to send to another endpoint: it cannot have run.
+fn unsent(mut status: Status) -> Status {
+    status
+        .metadata_mut()
+        .insert(UNSENT, tonic::metadata::MetadataValue::from_static("1"));
+    status
+}
+
+/// True for a failure [`unsent`] marked.
+pub fn is_unsent(status: &Status) -> bool {
+    status.metadata().contains_key(UNSENT)
 }
 
 /// Triton's answer is one uncompressed frame, as asked.

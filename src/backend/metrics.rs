@@ -17,6 +17,8 @@ pub struct PoolMetrics {
     pub latency: Family<EndpointLabel, FloatGauge>,
     pub weight: Family<EndpointLabel, FloatGauge>,
     pub model_ready: Family<EndpointModel, Gauge>,
+    /// Calls Triton never received, sent once more to another endpoint.
+    pub retried: Counter,
 }
 
 /// This process's pool metrics.
@@ -30,6 +32,7 @@ pub fn metrics() -> &'static PoolMetrics {
             latency: Family::default(),
             weight: Family::default(),
             model_ready: Family::default(),
+            retried: Counter::default(),
         };
         register(
             "triton_endpoints",
@@ -60,6 +63,11 @@ pub fn metrics() -> &'static PoolMetrics {
             "triton_model_ready",
             "A model's readiness on a Triton endpoint (1 ready), from the endpoint's repository index",
             m.model_ready.clone(),
+        );
+        register(
+            "triton_retries",
+            "Calls that a Triton endpoint never received (no connection, refused, past a GOAWAY), sent once more to another endpoint",
+            m.retried.clone(),
         );
         m
     })

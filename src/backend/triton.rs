@@ -22,7 +22,7 @@ use super::{
     affinity::{Sequence, sequence_of},
     balance::{Candidate, two_choices},
     endpoint::InFlight,
-    h2_infer::{H2Infer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT},
+    h2_infer::{H2Infer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, is_unsent},
     metrics::metrics as pool_metrics,
 };
 pub use super::{
@@ -388,11 +388,29 @@ impl TritonPool {
     /// that endpoint how it went.
     async fn run_on<T, F, Fut>(
         &self,
-        (ep, circuit): Picked,
+        picked: Picked,
         timeout: Option<Duration>,
         model: Option<&str>,
         f: F,
     ) -> Result<T, GatewayError>
+    where
+        F: FnOnce(&Endpoint, Duration) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let ep = Arc::clone(&picked.0);
+        self.run_raw(picked, timeout, model, f)
+            .await
+            .map_err(|s| self.fail(&ep, s, model))
+    }
+
+    /// [`TritonPool::run_on`] with Triton's own failure, for a caller that reads it first.
+    async fn run_raw<T, F, Fut>(
+        &self,
+        (ep, circuit): Picked,
+        timeout: Option<Duration>,
+        model: Option<&str>,
+        f: F,
+    ) -> Result<T, tonic::Status>
     where
         F: FnOnce(&Endpoint, Duration) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
@@ -420,20 +438,20 @@ impl TritonPool {
                 metrics().triton_breaker(&ep.url, model, b.state(now).gauge());
             }
         }
-        match result {
-            Ok(resp) => Ok(resp),
-            Err(status) => {
-                // NOT_FOUND for a model it was thought to hold: its models changed.
-                if model.is_some() && status.code() == tonic::Code::NotFound {
-                    ep.read_index_soon(self.probe_timeout());
-                }
-                let err = GatewayError::from_backend(status);
-                if matches!(err, GatewayError::Unavailable(_)) {
-                    ep.mark_unhealthy(&err);
-                }
-                Err(err)
-            }
+        result
+    }
+
+    /// A failed call's error; what it says of the endpoint is taken in.
+    fn fail(&self, ep: &Arc<Endpoint>, status: tonic::Status, model: Option<&str>) -> GatewayError {
+        // NOT_FOUND for a model it was thought to hold: its models changed.
+        if model.is_some() && status.code() == tonic::Code::NotFound {
+            ep.read_index_soon(self.probe_timeout());
         }
+        let err = GatewayError::from_backend(status);
+        if matches!(err, GatewayError::Unavailable(_)) {
+            ep.mark_unhealthy(&err);
+        }
+        err
     }
 
     pub async fn infer(
@@ -475,7 +493,8 @@ impl TritonPool {
             tracing::Span::none()
         };
         let started = Instant::now();
-        let once = |ep: &Endpoint, budget: Duration, req: ModelInferRequest| {
+        let req = &req;
+        let once = |ep: &Endpoint, budget: Duration| {
             // Triton continues the trace when it runs with --trace-config mode=opentelemetry.
             let mut md = tonic::metadata::MetadataMap::new();
             trace::inject_into(&mut md);
@@ -486,15 +505,16 @@ impl TritonPool {
             async move {
                 match via {
                     Via::Lean(conn) if framed => conn
-                        .model_infer_framed(&req, budget, md.into_headers())
+                        .model_infer_framed(req, budget, md.into_headers())
                         .await
                         .map(Answer::Framed),
                     Via::Lean(conn) => conn
-                        .model_infer(&req, budget, md.into_headers())
+                        .model_infer(req, budget, md.into_headers())
                         .await
                         .map(Answer::Decoded),
                     Via::Tonic(mut c) => {
-                        let mut r = tonic::Request::from_parts(md, Default::default(), req);
+                        // tonic takes the message; only TLS endpoints come here.
+                        let mut r = tonic::Request::from_parts(md, Default::default(), req.clone());
                         r.set_timeout(budget);
                         c.model_infer(r)
                             .await
@@ -508,28 +528,37 @@ impl TritonPool {
                 Some(seq) => self.pick_sequence((&model, &version), seq)?,
                 None => self.pick(Some((&model, &version)), true)?,
             };
-            // A probe of an endpoint's circuit keeps a copy: should the endpoint still fail
-            // the model, another endpoint answers the caller.
-            let spare = picked
+            let first_ep = Arc::clone(&picked.0);
+            let probe = picked
                 .1
                 .as_ref()
                 .filter(|(_, how)| *how == Admit::Probe)
-                .map(|(b, _)| (Arc::clone(b), Arc::clone(&picked.0), req.clone()));
-            let first = self
-                .run_on(picked, timeout, Some(&model), |ep, b| once(ep, b, req))
-                .await;
-            match (first, spare) {
-                (Err(e), Some((b, probed, again))) if b.state(Instant::now()) == State::Open => {
-                    let picked = self.pick(Some((&model, &version)), true)?;
-                    if Arc::ptr_eq(&picked.0, &probed) {
-                        return Err(e);
-                    }
-                    let left = timeout.map(|t| t.saturating_sub(started.elapsed()));
-                    self.run_on(picked, left, Some(&model), |ep, b| once(ep, b, again))
-                        .await
-                }
-                (first, _) => first,
+                .map(|(b, _)| Arc::clone(b));
+            let status = match self.run_raw(picked, timeout, Some(&model), once).await {
+                Ok(answer) => return Ok(answer),
+                Err(status) => status,
+            };
+            let unsent = is_unsent(&status);
+            let e = self.fail(&first_ep, status, Some(&model));
+            // Once more on another endpoint: a call Triton never received (it cannot have
+            // run; not a sequence's, whose state is on that one), or a probe of a circuit
+            // that failed again (the caller gets an answer, not the probe's error).
+            let again = (unsent && sequence.is_none())
+                || probe.is_some_and(|b| b.state(Instant::now()) == State::Open);
+            if !again {
+                return Err(e);
             }
+            let Ok(picked) = self.pick(Some((&model, &version)), true) else {
+                return Err(e);
+            };
+            if Arc::ptr_eq(&picked.0, &first_ep) {
+                return Err(e);
+            }
+            if unsent {
+                pool_metrics().retried.inc();
+            }
+            let left = timeout.map(|t| t.saturating_sub(started.elapsed()));
+            self.run_on(picked, left, Some(&model), once).await
         }
         .instrument(span.clone())
         .await;
