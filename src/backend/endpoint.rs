@@ -105,10 +105,10 @@ impl Endpoint {
         Ok(())
     }
 
-    /// Reads the index again soon, on a task of its own (one at a time): this endpoint
-    /// answered a model's call in a way that says its models changed.
+    /// Reads the index again soon, on a task of its own (at most one a second): this
+    /// endpoint answered a model's call in a way that says its models changed.
     pub(super) fn read_index_soon(self: &Arc<Self>, timeout: Duration) {
-        if self.placement.reading.swap(true, Ordering::AcqRel) {
+        if !self.placement.may_ask(Instant::now()) {
             return;
         }
         let ep = Arc::clone(self);
@@ -116,7 +116,6 @@ impl Endpoint {
             if let Err(e) = ep.read_index(timeout).await {
                 tracing::debug!(endpoint = %ep.url, error = %e, "repository index not read");
             }
-            ep.placement.reading.store(false, Ordering::Release);
         });
     }
 

@@ -8,10 +8,15 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{RwLock, atomic::AtomicBool},
+    sync::{Mutex, RwLock},
+    time::{Duration, Instant},
 };
 
 use crate::proto::inference::RepositoryIndexResponse;
+
+/// The least time between two reads of an endpoint's index on demand (the probe's own reads
+/// come on top, at its interval).
+const MIN_ASK: Duration = Duration::from_secs(1);
 
 /// The most models one endpoint's placement keeps (a bound under any repository).
 const MAX_MODELS: usize = 4096;
@@ -20,8 +25,8 @@ const MAX_MODELS: usize = 4096;
 #[derive(Default)]
 pub struct Placement {
     ready: RwLock<Option<HashMap<String, Vec<String>>>>,
-    /// A read of the index is under way (at most one per endpoint).
-    pub(super) reading: AtomicBool,
+    /// When the last read on demand began: at most one begins a second.
+    pub(super) asked: Mutex<Option<Instant>>,
 }
 
 impl Placement {
@@ -60,6 +65,17 @@ impl Placement {
             .unwrap_or_default();
         *ready = Some(now);
         gone
+    }
+
+    /// True when a read on demand may begin now: none began within `MIN_ASK` (so a flood of
+    /// calls for a model nobody holds cannot turn into a flood of index reads on Triton).
+    pub(super) fn may_ask(&self, now: Instant) -> bool {
+        let mut asked = self.asked.lock().expect("placement lock");
+        if asked.is_some_and(|t| now.saturating_duration_since(t) < MIN_ASK) {
+            return false;
+        }
+        *asked = Some(now);
+        true
     }
 
     /// The ready models' names.
@@ -114,5 +130,14 @@ mod tests {
         assert_eq!(gone, vec!["add_sub".to_string()]);
         assert!(!p.holds("add_sub", ""));
         assert!(p.holds("seq_sum", "1"));
+    }
+
+    #[test]
+    fn reads_on_demand_come_at_most_once_a_second() {
+        let p = Placement::default();
+        let t0 = Instant::now();
+        assert!(p.may_ask(t0));
+        assert!(!p.may_ask(t0 + Duration::from_millis(999)));
+        assert!(p.may_ask(t0 + Duration::from_millis(1_000)));
     }
 }
