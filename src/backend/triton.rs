@@ -552,6 +552,10 @@ impl TritonPool {
                 return Err(e);
             };
             if Arc::ptr_eq(&picked.0, &first_ep) {
+                // Not sent: a probe place it took is given back.
+                if let Some((b, how)) = &picked.1 {
+                    b.release(*how);
+                }
                 return Err(e);
             }
             if unsent {
