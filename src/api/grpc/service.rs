@@ -43,6 +43,29 @@ impl GrpcApi {
     fn pool(&self) -> &Arc<TritonPool> {
         self.infer.backend()
     }
+
+    /// Model control on every endpoint: OK only when each endpoint did it.
+    async fn control(
+        &self,
+        caller: &crate::auth::Caller,
+        action: Action,
+        repo: &str,
+        model: &str,
+        params: std::collections::HashMap<
+            String,
+            crate::proto::inference::ModelRepositoryParameter,
+        >,
+    ) -> Result<(), Status> {
+        let outcome = self
+            .features
+            .fleet
+            .control(caller, action, repo, model, params)
+            .await?;
+        match outcome.error() {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -158,21 +181,15 @@ impl GrpcInferenceService for GrpcApi {
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
         let caller = caller_of(req.extensions());
         let r = req.into_inner();
-        let outcome = self
-            .features
-            .fleet
-            .control(
-                &caller,
-                Action::Load,
-                &r.repository_name,
-                &r.model_name,
-                r.parameters,
-            )
-            .await?;
-        match outcome.error() {
-            Some(e) => Err(e.into()),
-            None => Ok(Response::new(RepositoryModelLoadResponse {})),
-        }
+        self.control(
+            &caller,
+            Action::Load,
+            &r.repository_name,
+            &r.model_name,
+            r.parameters,
+        )
+        .await?;
+        Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
     async fn repository_model_unload(
@@ -181,20 +198,14 @@ impl GrpcInferenceService for GrpcApi {
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
         let caller = caller_of(req.extensions());
         let r = req.into_inner();
-        let outcome = self
-            .features
-            .fleet
-            .control(
-                &caller,
-                Action::Unload,
-                &r.repository_name,
-                &r.model_name,
-                r.parameters,
-            )
-            .await?;
-        match outcome.error() {
-            Some(e) => Err(e.into()),
-            None => Ok(Response::new(RepositoryModelUnloadResponse {})),
-        }
+        self.control(
+            &caller,
+            Action::Unload,
+            &r.repository_name,
+            &r.model_name,
+            r.parameters,
+        )
+        .await?;
+        Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 }
