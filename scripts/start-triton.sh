@@ -2,10 +2,12 @@
 # Starts Triton (CPU build from the cached venv) in the foreground on the given ports, serving
 # triton-models/ (or $TRITON_MODELS). Used by the tests, the demo and the benchmarks.
 #   scripts/start-triton.sh GRPC_PORT HTTP_PORT METRICS_PORT [extra tritonserver flags...]
+# It listens on 127.0.0.1, or on $TRITON_ADDRESS (another loopback address for a fleet).
 # With INFERGATE_WATCH_PID set, Triton is stopped when that process exits, so a test run that
 # dies never leaves a server behind.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
+addr="${TRITON_ADDRESS:-127.0.0.1}"
 grpc_port="${1:?grpc port}"; http_port="${2:?http port}"; metrics_port="${3:?metrics port}"; shift 3
 
 VENV="$("$here/scripts/install-triton.sh")"
@@ -25,7 +27,7 @@ export LD_LIBRARY_PATH="$TS/external_libs:${LD_LIBRARY_PATH:-}"
 "$TS/bin/tritonserver" \
   --model-repository="${TRITON_MODELS:-$here/triton-models}" \
   --backend-directory="$TS/backends" --cache-directory="$TS/caches" \
-  --http-address=127.0.0.1 --grpc-address=127.0.0.1 --metrics-address=127.0.0.1 \
+  --http-address="$addr" --grpc-address="$addr" --metrics-address="$addr" \
   --http-port="$http_port" --grpc-port="$grpc_port" --metrics-port="$metrics_port" \
   --pinned-memory-pool-byte-size=0 --exit-on-error=true --log-verbose=0 "$@" &
 child=$!

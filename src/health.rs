@@ -105,7 +105,7 @@ impl Health {
     /// Checks everything once and stores the answer.
     pub async fn check(&self) -> Readiness {
         let m = metrics();
-        for ep in self.pool.endpoints() {
+        for ep in self.pool.endpoints().iter() {
             m.triton_up
                 .get_or_create(&EndpointLabel {
                     endpoint: ep.url.clone(),

@@ -200,7 +200,23 @@ fn every_chart_mode_renders_a_config_infergate_loads() {
             "{values:?}: broker {}",
             front.tasks.broker
         );
-        assert!(!front.triton.urls.is_empty());
+        // Triton through its pods' headless Service (one endpoint per pod, the name resolved
+        // again), or the external URLs the values list.
+        let external = values == Some("rabbitmq-external.yaml");
+        for cfg in [front, workers] {
+            let want: &[&str] = if external {
+                &[
+                    "http://triton-a.gpu.svc:8001",
+                    "http://triton-b.gpu.svc:8001",
+                ]
+            } else {
+                &["http://rel-infergate-triton-pods:8001"]
+            };
+            assert_eq!(cfg.triton.urls, want, "{values:?}");
+            assert_eq!(cfg.triton.connections_per_endpoint, 2, "per pod");
+            assert_eq!(cfg.triton.resolve_interval_ms, 5_000);
+            assert_eq!(cfg.triton.slow_start_ms, 30_000);
+        }
         // values.yaml's defaults, as infergate reads them.
         assert_eq!(front.batching.mode, BatchMode::Adaptive);
         assert_eq!(front.tasks.queue_capacity, 100_000);
@@ -239,6 +255,9 @@ fn chart_values_reach_the_settings_they_name() {
             "scaler.port=9191",
             "scaler.capacityPerReplica=12",
             "scaler.baselineHorizonSeconds=600",
+            "config.tritonConnectionsPerPod=3",
+            "config.tritonResolveIntervalMs=2000",
+            "config.tritonSlowStartMs=0",
         ],
     ));
     for cfg in cfgs.values() {
@@ -252,6 +271,9 @@ fn chart_values_reach_the_settings_they_name() {
         assert_eq!(cfg.scaler.addr, Some("0.0.0.0:9191".parse().unwrap()));
         assert_eq!(cfg.scaler.capacity_per_replica, 12);
         assert_eq!(cfg.scaler.baseline_horizon_s, 600);
+        assert_eq!(cfg.triton.connections_per_endpoint, 3);
+        assert_eq!(cfg.triton.resolve_interval_ms, 2_000);
+        assert_eq!(cfg.triton.slow_start_ms, 0);
     }
     assert_eq!(cfgs["rel-infergate-worker"].tasks.worker_concurrency, 32);
 }

@@ -55,6 +55,21 @@ for kind in ("Deployment", "StatefulSet"):
             if res["requests"].get("nvidia.com/gpu") != res["limits"].get("nvidia.com/gpu"):
                 fail("Triton: nvidia.com/gpu requests must equal limits")
 
+# Where the chart runs Triton, infergate reaches it through a headless Service: one endpoint
+# per pod, not one kube-proxy address whose connections stay on the pods of their time.
+triton_runs = any(n.endswith("-triton") for n in by_kind.get("Deployment", {}))
+for name, obj in by_kind.get("Deployment", {}).items():
+    for c in obj["spec"]["template"]["spec"]["containers"]:
+        url = next((e.get("value", "") for e in c.get("env", []) if e["name"] == "INFERGATE_TRITON_URL"), None)
+        if url is None or not triton_runs:
+            continue
+        host, _, port = url.split("://", 1)[-1].rpartition(":")
+        svc = by_kind.get("Service", {}).get(host)
+        if not svc or svc["spec"].get("clusterIP") != "None":
+            fail(f"Deployment {name}: INFERGATE_TRITON_URL {url} is not a headless Service")
+        if int(port) not in {p["port"] for p in svc["spec"]["ports"]}:
+            fail(f"Deployment {name}: INFERGATE_TRITON_URL {url}: Service {host} has no port {port}")
+
 deployments = set(by_kind.get("Deployment", {}))
 for name, so in by_kind.get("ScaledObject", {}).items():
     s = so["spec"]

@@ -138,6 +138,25 @@ pub struct TritonConfig {
         default_value_t = 0
     )]
     pub slow_start_ms: u64,
+    /// A Triton URL whose host is a name (say, a headless Service) stands for every address
+    /// the name resolves to: one endpoint each, resolved again at this interval (in ms) and
+    /// soon after an endpoint fails; endpoints that leave the answer are drained. 0: the name
+    /// is connected to as one endpoint and never looked up again.
+    #[arg(
+        long = "triton-resolve-interval-ms",
+        env = "INFERGATE_TRITON_RESOLVE_INTERVAL_MS",
+        value_name = "MS",
+        default_value_t = 5_000
+    )]
+    pub resolve_interval_ms: u64,
+    /// The DNS server (`ip:port`) that resolves Triton names; unset: the system's
+    /// (/etc/resolv.conf and /etc/hosts).
+    #[arg(
+        long = "triton-dns-server",
+        env = "INFERGATE_TRITON_DNS_SERVER",
+        value_name = "IP:PORT"
+    )]
+    pub dns_server: Option<String>,
     /// TLS towards Triton, for `https://` URLs.
     #[command(flatten)]
     pub tls: TritonTls,
@@ -173,7 +192,22 @@ impl Section for TritonConfig {
             model_cache_ttl_ms: 0..=86_400_000,
             ewma_decay_ms: 1..=3_600_000,
             slow_start_ms: 0..=3_600_000,
+            resolve_interval_ms: 0..=3_600_000,
         });
+        if (1..100).contains(&self.resolve_interval_ms) {
+            return Err(invalid(
+                "triton.resolve_interval_ms",
+                "must be 0 (never) or at least 100 ms",
+            ));
+        }
+        if let Some(dns) = &self.dns_server
+            && dns.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "triton.dns_server",
+                "must be an IP address and port, such as 10.96.0.10:53",
+            ));
+        }
         let https = self
             .urls
             .iter()

@@ -21,7 +21,8 @@ impl TritonPool {
         Fut: Future<Output = Result<T, tonic::Status>>,
         M: Fn() -> Req,
     {
-        let calls = self.endpoints().iter().map(|ep| {
+        let endpoints = self.endpoints();
+        let calls = endpoints.iter().map(|ep| {
             let mut req = tonic::Request::new(make());
             req.set_timeout(timeout);
             let call = f(ep.client(), req);

@@ -10,9 +10,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint as TonicEndpoint};
 
-use super::{balance::Load, h2_infer::H2Infer, metrics::metrics, placement::Placement};
+use super::{
+    balance::Load,
+    config::TritonConfig,
+    discovery::Address,
+    h2_infer::{H2Infer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT},
+    metrics::metrics,
+    placement::Placement,
+};
 use crate::{
     breaker::{Breaker, BreakerConfig, State},
     error::GatewayError,
@@ -25,7 +32,10 @@ pub type TritonClient = GrpcInferenceServiceClient<Channel>;
 
 /// One Triton server.
 pub struct Endpoint {
+    /// What it connects to (a resolved address, for a name; see [`super::discovery`]).
     pub url: String,
+    /// The configured URL it stands for.
+    pub origin: String,
     pub(super) clients: Vec<TritonClient>,
     /// ModelInfer's own connections (plaintext endpoints only; see [`H2Infer`]).
     pub(super) infer_conns: Vec<Arc<H2Infer>>,
@@ -135,6 +145,106 @@ impl Endpoint {
         }
         let n = self.infer_conns.len();
         (n > 0).then(|| &self.infer_conns[self.next_client.fetch_add(1, Ordering::Relaxed) % n])
+    }
+}
+
+/// What every endpoint of the pool is opened with: built once, used again for each address
+/// that discovery adds.
+pub(super) struct Connector {
+    tls: Option<ClientTlsConfig>,
+    /// Set in the config: a resolved address keeps it rather than its name.
+    tls_domain_set: bool,
+    connections: usize,
+    connect_timeout: Duration,
+    max_message_bytes: usize,
+    /// ModelInfer connections of the gRPC serving threads (see [`Endpoint::lane_conns`]).
+    lanes: usize,
+}
+
+impl Connector {
+    pub(super) fn new(
+        cfg: &TritonConfig,
+        max_message_bytes: usize,
+        lanes: usize,
+    ) -> Result<Self, GatewayError> {
+        let tls = cfg
+            .tls()
+            .map(crate::tls::triton_client_config)
+            .transpose()
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        Ok(Self {
+            tls,
+            tls_domain_set: cfg.tls.domain.is_some(),
+            connections: cfg.connections_per_endpoint,
+            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+            max_message_bytes,
+            lanes,
+        })
+    }
+
+    /// An endpoint for `at`, not yet connected: connections are made on first use and made
+    /// again after failures.
+    pub(super) fn open(&self, at: &Address) -> Result<Arc<Endpoint>, GatewayError> {
+        let url = &at.url;
+        let lean = |n: usize| -> Vec<Arc<H2Infer>> {
+            if self.tls.is_some() {
+                return Vec::new();
+            }
+            (0..n)
+                .filter_map(|_| H2Infer::new(url, self.connect_timeout, self.max_message_bytes))
+                .map(Arc::new)
+                .collect()
+        };
+        let infer_conns = lean(self.connections);
+        let lane_conns = lean(self.lanes);
+        // Where ModelInfer has its own connections, tonic's carry only probes, metadata and
+        // statistics: one is enough.
+        let tonic_conns = if infer_conns.is_empty() {
+            self.connections
+        } else {
+            1
+        };
+        let tls = self.tls.clone().map(|tls| match &at.domain {
+            // A resolved IP: the certificate names the Service, not the pod's address.
+            Some(d) if !self.tls_domain_set => tls.domain_name(d.clone()),
+            _ => tls,
+        });
+        let mut clients = Vec::with_capacity(tonic_conns);
+        for _ in 0..tonic_conns {
+            let mut endpoint = TonicEndpoint::from_shared(url.clone())
+                .map_err(|e| GatewayError::Internal(format!("triton url '{url}': {e}")))?;
+            if let Some(tls) = &tls {
+                endpoint = endpoint
+                    .tls_config(tls.clone())
+                    .map_err(|e| GatewayError::Internal(format!("triton.tls for '{url}': {e}")))?;
+            }
+            let channel = endpoint
+                .connect_timeout(self.connect_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .connect_lazy();
+            clients.push(
+                GrpcInferenceServiceClient::new(channel)
+                    .max_decoding_message_size(self.max_message_bytes)
+                    .max_encoding_message_size(self.max_message_bytes),
+            );
+        }
+        Ok(Arc::new(Endpoint {
+            url: url.clone(),
+            origin: at.origin.clone(),
+            clients,
+            infer_conns,
+            lane_conns,
+            next_client: AtomicUsize::new(0),
+            healthy: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            breakers: RwLock::default(),
+            placement: Default::default(),
+            load: Default::default(),
+            calls: metrics().calls(url),
+        }))
     }
 }
 

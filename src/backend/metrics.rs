@@ -19,6 +19,10 @@ pub struct PoolMetrics {
     pub model_ready: Family<EndpointModel, Gauge>,
     /// Calls Triton never received, sent once more to another endpoint.
     pub retried: Counter,
+    /// Endpoints that left discovery's answer and still have calls in flight.
+    pub draining: Gauge,
+    /// Lookups of a Triton name that failed (its endpoints were kept).
+    pub resolve_failures: Counter,
 }
 
 /// This process's pool metrics.
@@ -33,6 +37,8 @@ pub fn metrics() -> &'static PoolMetrics {
             weight: Family::default(),
             model_ready: Family::default(),
             retried: Counter::default(),
+            draining: Gauge::default(),
+            resolve_failures: Counter::default(),
         };
         register(
             "triton_endpoints",
@@ -69,6 +75,16 @@ pub fn metrics() -> &'static PoolMetrics {
             "Calls that a Triton endpoint never received (no connection, refused, past a GOAWAY), sent once more to another endpoint",
             m.retried.clone(),
         );
+        register(
+            "triton_endpoints_draining",
+            "Triton endpoints that left the DNS answer and still have calls in flight",
+            m.draining.clone(),
+        );
+        register(
+            "triton_resolve_failures",
+            "Lookups of a Triton name that failed (the name's endpoints were kept as they were)",
+            m.resolve_failures.clone(),
+        );
         m
     })
 }
@@ -91,6 +107,26 @@ impl PoolMetrics {
         self.in_flight.get_or_create(&l).set(in_flight as i64);
         self.latency.get_or_create(&l).set(latency);
         self.weight.get_or_create(&l).set(weight);
+    }
+
+    /// Drops a drained endpoint's series (those of `models` included), so pods that come
+    /// and go over months do not leave a series each behind.
+    pub fn forget(&self, endpoint: &str, models: impl IntoIterator<Item = String>) {
+        let l = label(endpoint);
+        self.calls.remove(&l);
+        self.in_flight.remove(&l);
+        self.latency.remove(&l);
+        self.weight.remove(&l);
+        let general = crate::telemetry::metrics::metrics();
+        general.triton_up.remove(&l);
+        for model in models {
+            let m = EndpointModel {
+                endpoint: endpoint.to_string(),
+                model,
+            };
+            self.model_ready.remove(&m);
+            general.triton_breaker_state.remove(&m);
+        }
     }
 
     pub fn model_ready(&self, endpoint: &str, model: &str, ready: bool) {

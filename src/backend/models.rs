@@ -23,7 +23,8 @@ impl TritonPool {
     /// Reads every endpoint's repository index now (after model control changed them).
     pub async fn read_placement(&self) {
         let timeout = self.probe_timeout();
-        let reads = self.endpoints().iter().map(|ep| ep.read_index(timeout));
+        let endpoints = self.endpoints();
+        let reads = endpoints.iter().map(|ep| ep.read_index(timeout));
         futures::future::join_all(reads).await;
     }
 
@@ -98,7 +99,8 @@ impl TritonPool {
         &self,
         req: ModelStatisticsRequest,
     ) -> Result<ModelStatisticsResponse, GatewayError> {
-        let ready: Vec<_> = self.endpoints().iter().filter(|e| e.is_healthy()).collect();
+        let endpoints = self.endpoints();
+        let ready: Vec<_> = endpoints.iter().filter(|e| e.is_healthy()).collect();
         if ready.len() <= 1 {
             return self
                 .call(None, |mut c, t| async move {

@@ -9,20 +9,21 @@ use std::{
     future::Future,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint as TonicEndpoint;
+use arc_swap::ArcSwap;
 use tracing::Instrument;
 
 use super::{
     affinity::{Sequence, sequence_of},
     balance::{Candidate, two_choices},
-    endpoint::InFlight,
-    h2_infer::{H2Infer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, is_unsent},
+    discovery::Discovery,
+    endpoint::{Connector, InFlight},
+    h2_infer::{H2Infer, is_unsent},
+    members::Members,
     metrics::metrics as pool_metrics,
 };
 pub use super::{
@@ -36,9 +37,7 @@ use crate::{
     error::GatewayError,
     model::ModelInfo,
     proto::inference::{
-        InferParameter, ModelInferRequest, ModelInferResponse, ServerReadyRequest,
-        grpc_inference_service_client::GrpcInferenceServiceClient,
-        infer_parameter::ParameterChoice,
+        InferParameter, ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice,
     },
     telemetry::{metrics::metrics, trace},
 };
@@ -53,7 +52,10 @@ enum Via {
 pub(super) type ModelVersions = HashMap<String, (Instant, Arc<ModelInfo>)>;
 
 pub struct TritonPool {
-    endpoints: Vec<Arc<Endpoint>>,
+    /// Swapped whole when discovery changes them; a call works on the list it loaded.
+    pub(super) endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    /// Where new endpoints come from and where old ones drain.
+    pub(super) members: Members,
     next: AtomicUsize,
     /// The circuits' settings, when models are guarded per endpoint.
     breaker: Option<BreakerConfig>,
@@ -64,7 +66,8 @@ pub struct TritonPool {
 
 impl TritonPool {
     /// Builds the pool without connecting: connections are made on first use and re-made
-    /// after failures, so infergate starts (not ready) while Triton is still loading.
+    /// after failures, so infergate starts (not ready) while Triton is still loading. Triton
+    /// names are looked up by the first probe (see [`super::discovery`]).
     pub fn new(cfg: &TritonConfig, max_message_bytes: usize) -> Result<Arc<Self>, GatewayError> {
         Self::with_lanes(cfg, max_message_bytes, 0)
     }
@@ -76,82 +79,26 @@ impl TritonPool {
         max_message_bytes: usize,
         lanes: usize,
     ) -> Result<Arc<Self>, GatewayError> {
-        let mut endpoints = Vec::with_capacity(cfg.urls.len());
-        let tls = cfg
-            .tls()
-            .map(crate::tls::triton_client_config)
-            .transpose()
-            .map_err(|e| GatewayError::Internal(e.to_string()))?;
-        for url in &cfg.urls {
-            let lean = |n: usize| -> Vec<Arc<H2Infer>> {
-                if tls.is_some() {
-                    return Vec::new();
-                }
-                (0..n)
-                    .filter_map(|_| {
-                        H2Infer::new(
-                            url,
-                            Duration::from_millis(cfg.connect_timeout_ms),
-                            max_message_bytes,
-                        )
-                    })
-                    .map(Arc::new)
-                    .collect()
-            };
-            let infer_conns = lean(cfg.connections_per_endpoint);
-            let lane_conns = lean(lanes);
-            // Where ModelInfer has its own connections, tonic's carry only probes, metadata
-            // and statistics: one is enough.
-            let tonic_conns = if infer_conns.is_empty() {
-                cfg.connections_per_endpoint
-            } else {
-                1
-            };
-            let mut clients = Vec::with_capacity(tonic_conns);
-            for _ in 0..tonic_conns {
-                let mut endpoint = TonicEndpoint::from_shared(url.clone())
-                    .map_err(|e| GatewayError::Internal(format!("triton url '{url}': {e}")))?;
-                if let Some(tls) = &tls {
-                    endpoint = endpoint.tls_config(tls.clone()).map_err(|e| {
-                        GatewayError::Internal(format!("triton.tls for '{url}': {e}"))
-                    })?;
-                }
-                let channel = endpoint
-                    .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                    .keep_alive_while_idle(true)
-                    .connect_lazy();
-                clients.push(
-                    GrpcInferenceServiceClient::new(channel)
-                        .max_decoding_message_size(max_message_bytes)
-                        .max_encoding_message_size(max_message_bytes),
-                );
-            }
-            endpoints.push(Arc::new(Endpoint {
-                url: url.clone(),
-                clients,
-                infer_conns,
-                lane_conns,
-                next_client: AtomicUsize::new(0),
-                healthy: AtomicBool::new(false),
-                in_flight: AtomicUsize::new(0),
-                breakers: RwLock::default(),
-                placement: Default::default(),
-                load: Default::default(),
-                calls: pool_metrics().calls(url),
-            }));
-        }
+        let connector = Connector::new(cfg, max_message_bytes, lanes)?;
+        let discovery = Discovery::new(cfg)?;
+        // Names are resolved by the first probe; what needs no lookup is there at once.
+        let endpoints = discovery
+            .fixed()
+            .iter()
+            .map(|a| connector.open(a))
+            .collect::<Result<Vec<_>, _>>()?;
         // One endpoint has no other to send a failing model to: the route's breaker and
         // fallback are the answer there.
-        let breaker = (cfg.breaker_failures > 0 && endpoints.len() > 1).then(|| BreakerConfig {
-            consecutive_failures: cfg.breaker_failures,
-            cooldown: Duration::from_millis(cfg.breaker_cooldown_ms),
-            ..BreakerConfig::default()
-        });
+        let breaker = (cfg.breaker_failures > 0 && (endpoints.len() > 1 || discovery.resolves()))
+            .then(|| BreakerConfig {
+                consecutive_failures: cfg.breaker_failures,
+                cooldown: Duration::from_millis(cfg.breaker_cooldown_ms),
+                ..BreakerConfig::default()
+            });
+        pool_metrics().endpoints.set(endpoints.len() as i64);
         Ok(Arc::new(Self {
-            endpoints,
+            endpoints: ArcSwap::from_pointee(endpoints),
+            members: Members::new(connector, discovery),
             next: AtomicUsize::new(0),
             breaker,
             cfg: cfg.clone(),
@@ -159,77 +106,31 @@ impl TritonPool {
         }))
     }
 
-    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
-        &self.endpoints
+    /// The endpoints as they are now (discovery may change them at any time).
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
+    }
+
+    /// How many endpoints there are now.
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.load().len()
     }
 
     /// Ready when at least one endpoint passed its last probe.
     pub fn is_ready(&self) -> bool {
-        self.endpoints.iter().any(|e| e.is_healthy())
+        self.endpoints.load().iter().any(|e| e.is_healthy())
     }
 
     pub(super) fn probe_timeout(&self) -> Duration {
         Duration::from_millis(self.cfg.probe_timeout_ms)
     }
 
-    /// Probes every endpoint once (ServerReady, then the ready models of those that are
-    /// ready; each bounded by `probe_timeout_ms`).
-    pub async fn probe_all(&self) {
-        let probes = self.endpoints.iter().map(|ep| async move {
-            let mut client = ep.client();
-            let mut req = tonic::Request::new(ServerReadyRequest {});
-            req.set_timeout(self.probe_timeout());
-            let ready = matches!(client.server_ready(req).await, Ok(r) if r.get_ref().ready);
-            let now = Instant::now();
-            // A server without the repository extension keeps holding every model.
-            if ready && let Err(e) = ep.read_index(self.probe_timeout()).await {
-                tracing::debug!(endpoint = %ep.url, error = %e, "repository index not read");
-            }
-            let was = ep.healthy.swap(ready, Ordering::Relaxed);
-            pool_metrics().endpoint(
-                &ep.url,
-                ep.in_flight.load(Ordering::Relaxed),
-                ep.load.latency(now, self.decay()),
-                ep.load.weight(now, self.slow_start()),
-            );
-            if was != ready {
-                if ready {
-                    ep.load.became_ready(now);
-                    tracing::info!(endpoint = %ep.url, "Triton endpoint is ready");
-                } else {
-                    tracing::warn!(endpoint = %ep.url, "Triton endpoint is not ready");
-                }
-            }
-        });
-        futures::future::join_all(probes).await;
-        pool_metrics().endpoints.set(self.endpoints.len() as i64);
-    }
-
-    fn decay(&self) -> Duration {
+    pub(super) fn decay(&self) -> Duration {
         Duration::from_millis(self.cfg.ewma_decay_ms)
     }
 
-    fn slow_start(&self) -> Duration {
+    pub(super) fn slow_start(&self) -> Duration {
         Duration::from_millis(self.cfg.slow_start_ms)
-    }
-
-    /// Probes on an interval until `shutdown` is cancelled.
-    pub fn spawn_probe(
-        self: &Arc<Self>,
-        shutdown: CancellationToken,
-    ) -> tokio::task::JoinHandle<()> {
-        let pool = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut tick =
-                tokio::time::interval(Duration::from_millis(pool.cfg.health_interval_ms));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => pool.probe_all().await,
-                }
-            }
-        })
     }
 
     /// A healthy endpoint that holds `model` (name, version) ready, chosen as
@@ -243,19 +144,20 @@ impl TritonPool {
         model: Option<(&str, &str)>,
         guarded: bool,
     ) -> Result<Picked, GatewayError> {
+        let endpoints = self.endpoints.load();
         let mut healthy: Vec<&Arc<Endpoint>> =
-            self.endpoints.iter().filter(|e| e.is_healthy()).collect();
+            endpoints.iter().filter(|e| e.is_healthy()).collect();
         if healthy.is_empty() {
             return Err(GatewayError::Unavailable(format!(
                 "no Triton endpoint is ready (of {})",
-                self.endpoints.len()
+                endpoints.len()
             )));
         }
         if let Some((name, version)) = model {
             healthy.retain(|e| e.placement.holds(name, version));
             if healthy.is_empty() {
                 let held = |e: &&Arc<Endpoint>| e.placement.holds(name, version);
-                if self.endpoints.iter().any(|e| held(&e)) {
+                if endpoints.iter().any(|e| held(&e)) {
                     return Err(GatewayError::Unavailable(format!(
                         "model '{name}' is ready only on Triton endpoints that are not ready"
                     )));
@@ -264,7 +166,7 @@ impl TritonPool {
             }
         }
         let guard = model
-            .filter(|_| guarded)
+            .filter(|_| guarded && endpoints.len() > 1)
             .map(|(name, _)| name)
             .zip(self.breaker.as_ref());
         let now = Instant::now();
@@ -307,8 +209,8 @@ impl TritonPool {
         (name, version): (&str, &str),
         seq: &Sequence,
     ) -> Result<Picked, GatewayError> {
-        let holders: Vec<&Arc<Endpoint>> = self
-            .endpoints
+        let endpoints = self.endpoints.load();
+        let holders: Vec<&Arc<Endpoint>> = endpoints
             .iter()
             .filter(|e| e.placement.holds(name, version))
             .collect();
@@ -328,13 +230,14 @@ impl TritonPool {
     /// A model no endpoint holds. Each endpoint's index is read again meanwhile, so a model
     /// loaded behind infergate's back is found on a later call.
     fn nowhere(&self, name: &str, version: &str) -> GatewayError {
-        for ep in &self.endpoints {
+        let endpoints = self.endpoints.load();
+        for ep in endpoints.iter() {
             ep.read_index_soon(self.probe_timeout());
         }
         GatewayError::ModelNotPlaced {
             model: name.into(),
             version: version.into(),
-            endpoints: self.endpoints.len(),
+            endpoints: endpoints.len(),
         }
     }
 
@@ -450,6 +353,8 @@ impl TritonPool {
         let err = GatewayError::from_backend(status);
         if matches!(err, GatewayError::Unavailable(_)) {
             ep.mark_unhealthy(&err);
+            // Its pod may be gone: the names are looked up again soon.
+            self.members.discovery.soon();
         }
         err
     }

@@ -84,6 +84,9 @@ struct ModelBatcher {
     queued: Arc<AtomicUsize>,
     /// Call slots shared by the model's queues: `max_inflight_batches` per Triton endpoint.
     slots: Arc<Semaphore>,
+    /// The most endpoints the slots were made for. They grow with the fleet and do not
+    /// shrink: Triton queues what a smaller fleet cannot start, within the same bound.
+    sized_for: AtomicUsize,
     /// One queue (actor) per thread that submits: slot 0 for the main runtime, `1 + i` for gRPC
     /// serving thread `i`, made on first use.
     inboxes: Mutex<Vec<Option<mpsc::UnboundedSender<Pending<Job>>>>>,
@@ -186,20 +189,27 @@ impl Batcher {
     fn model(&self, info: &ModelInfo, version: &str, settings: ModelSettings) -> Arc<ModelBatcher> {
         let described = std::ptr::from_ref(info) as usize;
         let mut models = self.models.lock().expect("batcher map lock");
+        let endpoints = self.backend.endpoint_count().max(1);
         if let Some(m) = models.get(&info.name).and_then(|v| v.get(version))
             && m.settings == settings
         {
             if m.described.swap(described, Ordering::Relaxed) != described {
                 self.windows.check(info, Some(&m.settings));
             }
+            let was = m.sized_for.fetch_max(endpoints, Ordering::Relaxed);
+            if endpoints > was {
+                m.slots
+                    .add_permits(m.settings.max_inflight_batches * (endpoints - was));
+            }
             return Arc::clone(m);
         }
         self.windows.check(info, Some(&settings));
-        let permits = settings.max_inflight_batches * self.backend.endpoints().len().max(1);
+        let permits = settings.max_inflight_batches * endpoints;
         let m = Arc::new(ModelBatcher {
             settings,
             queued: Arc::new(AtomicUsize::new(0)),
             slots: Arc::new(Semaphore::new(permits)),
+            sized_for: AtomicUsize::new(endpoints),
             inboxes: Mutex::new(Vec::new()),
             described: AtomicUsize::new(described),
         });

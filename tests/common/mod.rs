@@ -67,6 +67,8 @@ pub const REDIS: &str = "redis://127.0.0.1:6379";
 pub const RABBIT: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 pub struct Triton {
+    /// The loopback address it listens on (127.0.0.1 unless a test asks for another).
+    pub host: std::net::Ipv4Addr,
     pub grpc_port: u16,
     pub http_port: u16,
     pub metrics_port: u16,
@@ -75,10 +77,10 @@ pub struct Triton {
 
 impl Triton {
     pub fn grpc_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.grpc_port)
+        format!("http://{}:{}", self.host, self.grpc_port)
     }
     pub fn http_base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http_port)
+        format!("http://{}:{}", self.host, self.http_port)
     }
 
     /// A Triton of the caller's own on the given ports (fresh ones if `None`), with extra
@@ -93,10 +95,22 @@ impl Triton {
         ports: Option<(u16, u16, u16)>,
         extra: &[String],
     ) -> Triton {
+        Self::serving_at(std::net::Ipv4Addr::LOCALHOST, models, ports, extra)
+    }
+
+    /// [`Triton::serving`] on another loopback address (127.0.0.2, …): several Tritons on
+    /// one set of ports, as the pods behind a headless Service look.
+    pub fn serving_at(
+        host: std::net::Ipv4Addr,
+        models: Option<&std::path::Path>,
+        ports: Option<(u16, u16, u16)>,
+        extra: &[String],
+    ) -> Triton {
         let (grpc_port, http_port, metrics_port) =
             ports.unwrap_or_else(|| (free_port(), free_port(), free_port()));
-        let log = std::env::temp_dir().join(format!("infergate-triton-{grpc_port}.log"));
+        let log = std::env::temp_dir().join(format!("infergate-triton-{host}-{grpc_port}.log"));
         let mut cmd = Command::new(repo().join("scripts/start-triton.sh"));
+        cmd.env("TRITON_ADDRESS", host.to_string());
         if let Some(m) = models {
             cmd.env("TRITON_MODELS", m);
         }
@@ -111,7 +125,7 @@ impl Triton {
             .spawn()
             .expect("start scripts/start-triton.sh");
         let deadline = Instant::now() + Duration::from_secs(180);
-        while http_status(http_port, "/v2/health/ready") != Some(200) {
+        while http_status_at(host, http_port, "/v2/health/ready") != Some(200) {
             assert!(
                 Instant::now() < deadline,
                 "Triton did not become ready; see {}",
@@ -120,6 +134,7 @@ impl Triton {
             std::thread::sleep(Duration::from_millis(200));
         }
         Triton {
+            host,
             grpc_port,
             http_port,
             metrics_port,
@@ -137,7 +152,7 @@ impl Triton {
             signal(child.id(), "TERM");
             let _ = child.wait();
             let deadline = Instant::now() + Duration::from_secs(30);
-            while http_status(self.http_port, "/v2/health/live").is_some()
+            while http_status_at(self.host, self.http_port, "/v2/health/live").is_some()
                 && Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(100));
@@ -233,11 +248,14 @@ impl Drop for RabbitStopped {
 
 /// A plain HTTP GET on loopback, for readiness polling without an async runtime.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect_timeout(
-        &SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_millis(500),
-    )
-    .ok()?;
+    http_status_at(std::net::Ipv4Addr::LOCALHOST, port, path)
+}
+
+/// [`http_status`] on another loopback address.
+pub fn http_status_at(host: std::net::Ipv4Addr, port: u16, path: &str) -> Option<u16> {
+    let mut s =
+        TcpStream::connect_timeout(&SocketAddr::from((host, port)), Duration::from_millis(500))
+            .ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(
         s,
@@ -312,6 +330,7 @@ pub fn triton() -> &'static Triton {
         if let Ok(v) = std::env::var("INFERGATE_TEST_TRITON") {
             let (g, h) = v.split_once(',').expect("INFERGATE_TEST_TRITON=GRPC,HTTP");
             return Triton {
+                host: std::net::Ipv4Addr::LOCALHOST,
                 grpc_port: g.parse().unwrap(),
                 http_port: h.parse().unwrap(),
                 metrics_port: 0,

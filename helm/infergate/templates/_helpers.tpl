@@ -53,7 +53,9 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "infergate.tritonUrls" -}}
 {{- if .Values.triton.enabled -}}
-{{- printf "http://%s-triton:%v" (include "infergate.fullname" .) .Values.triton.ports.grpc -}}
+{{- /* The headless Service: its name stands for every ready Triton pod, each one an
+     endpoint of its own (infergate resolves it again every tritonResolveIntervalMs). */ -}}
+{{- printf "http://%s-triton-pods:%v" (include "infergate.fullname" .) .Values.triton.ports.grpc -}}
 {{- else -}}
 {{- required "triton.externalUrls is needed when triton.enabled is false" (join "," .Values.triton.externalUrls) -}}
 {{- end -}}
