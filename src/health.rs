@@ -23,11 +23,14 @@ use std::{
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::queue::metrics::broker_metrics;
+use crate::tasks::metrics::task_metrics;
 use crate::{
     backend::triton::TritonPool,
     queue::Broker,
+    queue::metrics::BrokerLabel,
     tasks::TaskStore,
-    telemetry::metrics::{BrokerLabel, EndpointLabel, metrics},
+    telemetry::metrics::{EndpointLabel, metrics},
 };
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -68,8 +71,12 @@ impl Health {
         models: Vec<String>,
         timeout: Duration,
     ) -> Arc<Self> {
+        // The task side's and the broker's families are registered here, at start, so
+        // /metrics lists them (and dashboards find them) before their first event.
+        let (brokers, tasks) = (broker_metrics(), task_metrics());
         if let Some((_, kind)) = &broker {
-            metrics().init_broker(kind, crate::tasks::ALL_STATES.map(|s| s.as_str()));
+            brokers.init(kind);
+            tasks.init(crate::tasks::ALL_STATES.map(|s| s.as_str()));
         }
         Arc::new(Self {
             pool,
@@ -125,7 +132,8 @@ impl Health {
         let broker = match &self.broker {
             Some((b, kind)) => Some(match tokio::time::timeout(self.timeout, b.depth()).await {
                 Ok(Ok(depth)) => {
-                    m.task_queue_depth
+                    broker_metrics()
+                        .task_queue_depth
                         .get_or_create(&BrokerLabel { broker: kind })
                         .set(depth.min(i64::MAX as u64) as i64);
                     true

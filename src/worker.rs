@@ -14,6 +14,8 @@
 //! - On shutdown no new message is taken; running ones get the grace period, and anything not
 //!   acknowledged is delivered again later (to another worker).
 
+use crate::queue::metrics::broker_metrics;
+use crate::tasks::metrics::task_metrics;
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -147,7 +149,7 @@ impl Worker {
                 Err(e) => {
                     // Broker unreachable: back off (bounded) and try again; nothing is lost,
                     // since nothing was taken.
-                    metrics().broker_error(self.tasks.broker_kind, "receive");
+                    broker_metrics().broker_error(self.tasks.broker_kind, "receive");
                     tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "receiving tasks failed");
                     tokio::select! {
                         _ = stop.cancelled() => break,
@@ -169,7 +171,7 @@ impl Worker {
 
     async fn finish(&self, d: &Delivery) {
         if let Err(e) = self.tasks.broker.ack(d).await {
-            metrics().broker_error(self.tasks.broker_kind, "ack");
+            broker_metrics().broker_error(self.tasks.broker_kind, "ack");
             tracing::warn!(task = %d.msg.task_id, error = %e, "ack failed; the task may be delivered again");
         }
     }
@@ -177,10 +179,10 @@ impl Worker {
     /// The task store failed: hand the message back for a later delivery. If even that fails,
     /// the message stays unacknowledged and the broker delivers it again (reclaim/redelivery).
     async fn retry_later(&self, d: &Delivery, cause: &StoreError) {
-        metrics().task_store_errors.inc();
+        task_metrics().task_store_errors.inc();
         tracing::warn!(task = %d.msg.task_id, error = %cause, "task store unavailable; retrying later");
         if let Err(e) = self.tasks.broker.retry(d).await {
-            metrics().broker_error(self.tasks.broker_kind, "retry");
+            broker_metrics().broker_error(self.tasks.broker_kind, "retry");
             tracing::warn!(task = %d.msg.task_id, error = %e, "handing the task back failed; it stays unacknowledged");
         }
     }
@@ -292,8 +294,8 @@ impl Worker {
     ) -> Option<TaskRecord> {
         match started {
             Ok(Start::Started(rec)) => {
+                task_metrics().task_state(TaskState::Running.as_str());
                 let m = metrics();
-                m.task_state(TaskState::Running.as_str());
                 let waited = now_ms().saturating_sub(rec.queued_at_ms);
                 m.observe(&rec.model, "task_queue", Duration::from_millis(waited));
                 tracing::Span::current().record("task.attempt", rec.attempts);
@@ -415,7 +417,7 @@ impl Worker {
         };
         match stored {
             Ok(()) => {
-                metrics().task_state(TaskState::Succeeded.as_str());
+                task_metrics().task_state(TaskState::Succeeded.as_str());
                 if claimed_input && let Some(b) = &self.tasks.blobs {
                     b.drop_input(id).await;
                 }
@@ -431,7 +433,7 @@ impl Worker {
             // attempt owns the task and the delivery; this result is refused.
             Err(e @ StoreError::Fenced { .. }) => {
                 unwanted(blob).await;
-                metrics().task_fenced.inc();
+                task_metrics().task_fenced.inc();
                 tracing::warn!(task = %id, error = %e, "a late result was refused");
             }
             Err(StoreError::ResultTooLarge { size, limit }) => {
@@ -504,7 +506,7 @@ impl Worker {
             loop {
                 tokio::time::sleep(every).await;
                 if let Err(e) = self.tasks.broker.renew(d).await {
-                    metrics().broker_error(self.tasks.broker_kind, "renew");
+                    broker_metrics().broker_error(self.tasks.broker_kind, "renew");
                     tracing::warn!(task = %d.msg.task_id, error = %e, "renewing the lease failed");
                 }
             }
@@ -549,12 +551,12 @@ impl Worker {
             .await;
         let record = match failed {
             Ok(rec) => {
-                metrics().task_state(TaskState::Failed.as_str());
+                task_metrics().task_state(TaskState::Failed.as_str());
                 self.notify(&rec, Some(rec.clone())).await;
                 rec
             }
             Err(e @ StoreError::Fenced { .. }) => {
-                metrics().task_fenced.inc();
+                task_metrics().task_fenced.inc();
                 tracing::warn!(task = %d.msg.task_id, error = %e, "a late failure was refused");
                 return;
             }
@@ -594,7 +596,7 @@ impl Worker {
 
     async fn broker_dead_letter(&self, d: &Delivery, reason: &str) {
         if let Err(e) = self.tasks.broker.dead_letter(d, reason).await {
-            metrics().broker_error(self.tasks.broker_kind, "dead_letter");
+            broker_metrics().broker_error(self.tasks.broker_kind, "dead_letter");
             tracing::warn!(task = %d.msg.task_id, error = %e, "dead-lettering failed");
         }
     }

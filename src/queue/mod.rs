@@ -3,6 +3,7 @@
 //! machine keeps a redelivered task from running twice.
 
 pub mod memory;
+pub mod metrics;
 pub mod rabbitmq;
 pub mod redis;
 

@@ -15,9 +15,10 @@ use bytes::Bytes;
 use redis::{Script, Value, aio::ConnectionManager};
 
 use super::{Broker, Delivery, QueueError, TaskMessage};
+use crate::queue::metrics::broker_metrics;
 use crate::{
     redis_conn::{self, Repeatable},
-    telemetry::{metrics::metrics, trace::TraceHeaders},
+    telemetry::trace::TraceHeaders,
 };
 
 /// XADD to KEYS[1] unless it holds ARGV[1] entries or more already (then -1 - its length).
@@ -303,7 +304,7 @@ impl RedisBroker {
                 // An entry that is not ours (or is damaged) cannot be run: keep it aside,
                 // and drop it from the stream only once the dead-letter stream has its note.
                 None => {
-                    metrics().broker_error("redis", "malformed");
+                    broker_metrics().broker_error("redis", "malformed");
                     tracing::warn!(stream = %self.stream, entry = %id, "an entry that is not a task goes to the dead-letter stream");
                     let mut c = self.conn.clone();
                     let mut cmd = redis::cmd("XADD");
@@ -354,7 +355,7 @@ impl Broker for RedisBroker {
             // Made again from the stream's start, so what was published since is read.
             Err(QueueError::Backend(m)) if m.contains("NOGROUP") => {
                 tracing::warn!(stream = %self.stream, group = %self.group, "the consumer group is missing (did Redis lose its data?); creating it again");
-                metrics().broker_error("redis", "group_missing");
+                broker_metrics().broker_error("redis", "group_missing");
                 self.ensure_group().await?;
                 super::report_lost_messages();
                 Ok(Vec::new())

@@ -14,7 +14,9 @@ use super::{
     dead::{DeadDepth, DeadEntry, DeadFilter, report},
     front::{TaskFront, store_error},
 };
-use crate::{auth::Caller, error::GatewayError, queue::QueueError, telemetry::metrics::metrics};
+use crate::queue::metrics::broker_metrics;
+use crate::tasks::metrics::task_metrics;
+use crate::{auth::Caller, error::GatewayError, queue::QueueError};
 
 /// Which dead letters a replay or purge acts on: the `ids` given, else those the filter
 /// selects; a selection of everything must say `all`.
@@ -147,7 +149,7 @@ impl TaskFront {
             Err(e) => return Err(e.to_string()),
         }
         if let Err(e) = self.tasks.broker.publish(&dl.message).await {
-            metrics().broker_error(self.tasks.broker_kind, "publish");
+            broker_metrics().broker_error(self.tasks.broker_kind, "publish");
             let why = match e {
                 QueueError::Full(n) => format!("the task queue is full ({n} tasks waiting)"),
                 QueueError::Backend(m) => format!("broker unavailable: {m}"),
@@ -171,8 +173,8 @@ impl TaskFront {
             return Err(why);
         }
         let _ = self.tasks.store.published(id).await;
-        metrics().task_replays.inc();
-        metrics().task_state(TaskState::Queued.as_str());
+        task_metrics().task_replays.inc();
+        task_metrics().task_state(TaskState::Queued.as_str());
         // Queued: a failure to remove the entry leaves a stale one that a second replay
         // refuses (the task is no longer failed).
         let _ = self.tasks.dead.remove(id).await;

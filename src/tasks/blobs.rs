@@ -23,12 +23,10 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::{TaskState, TaskStore, dead::DeadLetterStore, now_ms};
-use crate::{
-    proto::inference::{
-        InferParameter, ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice,
-    },
-    telemetry::metrics::metrics,
+use crate::proto::inference::{
+    InferParameter, ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice,
 };
+use crate::tasks::metrics::task_metrics;
 
 /// The parameter of a stand-in request or response that names its blob.
 pub const CLAIM_PARAM: &str = "infergate.claim_check";
@@ -148,14 +146,14 @@ impl Blobs {
             .store
             .put(&BlobPath::from(key), PutPayload::from_bytes(bytes))
             .await;
-        metrics().blob_op("put", out.is_ok(), n);
+        task_metrics().blob_op("put", out.is_ok(), n);
         out.map(drop).map_err(BlobError::from)
     }
 
     async fn read(&self, key: &str) -> Result<Bytes, BlobError> {
         let out = async { self.store.get(&BlobPath::from(key)).await?.bytes().await }.await;
         let n = out.as_ref().map_or(0, |b| b.len() as u64);
-        metrics().blob_op("get", out.is_ok(), n);
+        task_metrics().blob_op("get", out.is_ok(), n);
         out.map_err(BlobError::from)
     }
 
@@ -163,7 +161,7 @@ impl Blobs {
     pub async fn delete(&self, key: &str) -> Result<(), BlobError> {
         match self.store.delete(&BlobPath::from(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {
-                metrics().blob_op("delete", true, 0);
+                task_metrics().blob_op("delete", true, 0);
                 Ok(())
             }
             Err(e) => Err(e.into()),
@@ -255,7 +253,7 @@ impl Blobs {
     ) -> Result<impl Stream<Item = Result<Bytes, object_store::Error>> + Send + use<>, BlobError>
     {
         let got = self.store.get(&BlobPath::from(key)).await?;
-        metrics().blob_op("stream", true, got.meta.size);
+        task_metrics().blob_op("stream", true, got.meta.size);
         Ok(got.into_stream())
     }
 

@@ -11,13 +11,14 @@ use super::{
     new_task_id,
     outbox::{self, OnFailure, Queued},
 };
+use crate::tasks::metrics::task_metrics;
 use crate::{
     auth::Caller,
     error::GatewayError,
     infer::InferService,
     proto::inference::{ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice},
     queue::{QueueError, TaskMessage},
-    telemetry::{metrics::metrics, trace::TraceHeaders},
+    telemetry::trace::TraceHeaders,
 };
 
 #[derive(Clone)]
@@ -179,7 +180,9 @@ impl TaskFront {
             }
             return Ok((rec, false));
         }
-        metrics().task_message_bytes.observe(msg.wire_size() as f64);
+        task_metrics()
+            .task_message_bytes
+            .observe(msg.wire_size() as f64);
         match outbox::queue(
             &*self.tasks.store,
             &*self.tasks.broker,
@@ -197,7 +200,7 @@ impl TaskFront {
             // The relay publishes it later, and its worker needs the input then.
             Queued::Kept(e) => return Err(refused(e)),
         }
-        metrics().task_state(TaskState::Queued.as_str());
+        task_metrics().task_state(TaskState::Queued.as_str());
         self.infer.activity().task_accepted();
         Ok((rec, true))
     }
@@ -312,7 +315,7 @@ impl TaskFront {
             .await
         {
             Ok(rec) => {
-                metrics().task_state(TaskState::Cancelled.as_str());
+                task_metrics().task_state(TaskState::Cancelled.as_str());
                 self.tasks.webhooks.notify(rec.clone());
                 Ok(Cancelled::Done(Box::new(rec)))
             }

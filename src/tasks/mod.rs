@@ -21,6 +21,7 @@ pub mod dead;
 pub mod follow;
 pub mod front;
 pub mod memory;
+pub mod metrics;
 pub mod outbox;
 pub mod parts;
 pub mod redis;

@@ -19,10 +19,9 @@ use std::{sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 
 use super::{StoreError, TaskStore};
-use crate::{
-    queue::{Broker, QueueError, TaskMessage},
-    telemetry::metrics::metrics,
-};
+use crate::queue::metrics::broker_metrics;
+use crate::queue::{Broker, QueueError, TaskMessage};
+use crate::tasks::metrics::task_metrics;
 
 /// Messages one relay pass publishes at most.
 const RELAY_BATCH: usize = 256;
@@ -71,11 +70,11 @@ pub async fn queue(
             Queued::Yes
         }
         Err(e) if on_failure == OnFailure::Keep => {
-            metrics().broker_error(broker_kind, "publish");
+            broker_metrics().broker_error(broker_kind, "publish");
             Queued::Kept(e)
         }
         Err(e) => {
-            metrics().broker_error(broker_kind, "publish");
+            broker_metrics().broker_error(broker_kind, "publish");
             match store.withdraw(&msg.task_id).await {
                 Ok(true) => Queued::Withdrawn(e),
                 Ok(false) => Queued::Yes,
@@ -106,12 +105,12 @@ pub async fn relay_once(
         match broker.publish(&msg).await {
             Ok(()) => {
                 sent += 1;
-                metrics().task_outbox_relayed.inc();
+                task_metrics().task_outbox_relayed.inc();
                 store.published(&msg.task_id).await?;
             }
             // Still held for `hold`: the next pass after that tries again.
             Err(e) => {
-                metrics().broker_error(broker_kind, "publish");
+                broker_metrics().broker_error(broker_kind, "publish");
                 tracing::warn!(task = %msg.task_id, error = %e, "the outbox relay could not publish; trying again later");
                 break;
             }

@@ -42,37 +42,12 @@ pub struct ModelLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BrokerLabel {
-    /// `memory`, `redis` or `rabbitmq`.
-    pub broker: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BrokerOpLabels {
-    pub broker: &'static str,
-    /// `publish`, `receive`, `ack`, `retry`, `dead_letter` or `renew`.
-    pub op: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StateLabel {
-    pub state: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabel {
     pub endpoint: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
-    pub result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BlobLabels {
-    /// `put`, `get`, `stream` or `delete`.
-    pub op: &'static str,
     pub result: &'static str,
 }
 
@@ -124,55 +99,14 @@ pub struct Metrics {
     pub duration: Hist<PhaseLabels>,
     pub batch_rows: Hist<ModelLabel>,
     pub batch_queue_depth: Family<ModelLabel, Gauge>,
-    pub task_queue_depth: Family<BrokerLabel, Gauge>,
-    pub tasks: Family<StateLabel, Counter>,
-    pub broker_errors: Family<BrokerOpLabels, Counter>,
-    pub broker_reconnects: Family<BrokerLabel, Counter>,
-    /// Tasks a worker handed back to the broker because the task store failed.
-    pub task_store_errors: Counter,
     pub triton_up: Family<EndpointLabel, Gauge>,
     pub ready: Gauge,
-    /// Tasks per RabbitMQ message published with grouping on (`tasks.amqp_group_max` > 1).
-    pub amqp_group_tasks: Histogram,
     /// Triton's own queue time and the requests it counted, per model, from its statistics
     /// (the second window when Triton's dynamic batcher also holds one).
     pub triton_queue_seconds: Family<ModelLabel, Counter<f64, AtomicU64>>,
     pub triton_queued_requests: Family<ModelLabel, Counter>,
     /// Each model's circuit on each Triton endpoint (with several endpoints).
     pub triton_breaker_state: Family<EndpointModel, Gauge>,
-    /// Results and failures a worker wrote after another attempt took its task over, refused.
-    pub task_fenced: Counter,
-    /// Dead letters kept, and those their bounds dropped (both as the dead-letter store
-    /// counts them: refreshed on each dead letter and each admin call).
-    pub task_dead_letters: Gauge,
-    pub task_dead_letters_dropped: Gauge,
-    /// Dead-lettered tasks queued again by an operator.
-    pub task_replays: Counter,
-    /// Task messages the outbox relay published for a submitter that never confirmed its
-    /// own publish (it died, or lost the store or the broker on the way).
-    pub task_outbox_relayed: Counter,
-    /// Times the task store was found to have lost its data (its epoch key gone).
-    pub task_store_data_loss: Counter,
-    /// Size of each task message handed to the broker (payload and headers).
-    pub task_message_bytes: Histogram,
-    /// Claim-check blob operations by result, and the bytes they moved.
-    pub blob_ops: Family<BlobLabels, Counter>,
-    pub blob_bytes: Family<BlobLabels, Counter>,
-    /// Completion webhook tries by result.
-    pub webhooks: Family<ResultLabel, Counter>,
-}
-
-fn message_bytes() -> Histogram {
-    Histogram::new([
-        1024.0,
-        4096.0,
-        16384.0,
-        65536.0,
-        262_144.0,
-        1_048_576.0,
-        16_777_216.0,
-        67_108_864.0,
-    ])
 }
 
 impl Metrics {
@@ -184,27 +118,11 @@ impl Metrics {
             duration: Family::new_with_constructor(latency),
             batch_rows: Family::new_with_constructor(batch_rows),
             batch_queue_depth: Family::default(),
-            task_queue_depth: Family::default(),
-            tasks: Family::default(),
-            broker_errors: Family::default(),
-            broker_reconnects: Family::default(),
-            task_store_errors: Counter::default(),
             triton_up: Family::default(),
             ready: Gauge::default(),
-            amqp_group_tasks: batch_rows(),
             triton_queue_seconds: Family::default(),
             triton_queued_requests: Family::default(),
             triton_breaker_state: Family::default(),
-            task_fenced: Counter::default(),
-            task_dead_letters: Gauge::default(),
-            task_dead_letters_dropped: Gauge::default(),
-            task_replays: Counter::default(),
-            task_outbox_relayed: Counter::default(),
-            task_store_data_loss: Counter::default(),
-            task_message_bytes: message_bytes(),
-            blob_ops: Family::default(),
-            blob_bytes: Family::default(),
-            webhooks: Family::default(),
         };
         let r = m.registry.get_mut().expect("not yet shared");
         r.register(
@@ -228,21 +146,6 @@ impl Metrics {
             m.batch_queue_depth.clone(),
         );
         r.register(
-            "task_queue_depth",
-            "Task messages waiting or in flight in the broker",
-            m.task_queue_depth.clone(),
-        );
-        r.register(
-            "tasks",
-            "Task state changes made by this process, by the state entered",
-            m.tasks.clone(),
-        );
-        r.register(
-            "broker_errors",
-            "Failed broker operations, by broker and operation",
-            m.broker_errors.clone(),
-        );
-        r.register(
             "triton_queue_seconds",
             "Time requests waited in Triton's own queue (its statistics), by model",
             m.triton_queue_seconds.clone(),
@@ -251,16 +154,6 @@ impl Metrics {
             "triton_queued_requests",
             "Requests counted in Triton's queue statistics, by model",
             m.triton_queued_requests.clone(),
-        );
-        r.register(
-            "broker_reconnects",
-            "Reconnections to the broker",
-            m.broker_reconnects.clone(),
-        );
-        r.register(
-            "task_store_errors",
-            "Tasks a worker handed back to the broker because the task store failed",
-            m.task_store_errors.clone(),
         );
         r.register(
             "triton_endpoint_up",
@@ -273,64 +166,9 @@ impl Metrics {
             m.ready.clone(),
         );
         r.register(
-            "task_fenced",
-            "Late task results refused because a newer attempt had taken the task over",
-            m.task_fenced.clone(),
-        );
-        r.register(
-            "task_dead_letters",
-            "Dead-lettered tasks kept for inspection and replay",
-            m.task_dead_letters.clone(),
-        );
-        r.register(
-            "task_dead_letters_dropped",
-            "Dead letters dropped by the bounds (oldest first past tasks.dead_letter_max, or past tasks.dead_letter_ttl_ms), since the store began",
-            m.task_dead_letters_dropped.clone(),
-        );
-        r.register(
-            "task_replays",
-            "Dead-lettered tasks queued again by an operator",
-            m.task_replays.clone(),
-        );
-        r.register(
-            "task_outbox_relayed",
-            "Task messages published from the task store's outbox because their submitter never confirmed its own publish",
-            m.task_outbox_relayed.clone(),
-        );
-        r.register(
-            "task_store_data_loss",
-            "Times the task store (Redis) was found to have come back without its data: the tasks it held are gone",
-            m.task_store_data_loss.clone(),
-        );
-        r.register(
-            "task_message_bytes",
-            "Size of each task message handed to the broker, payload and headers (payloads over tasks.claim_check_bytes travel by reference)",
-            m.task_message_bytes.clone(),
-        );
-        r.register(
-            "blob_ops",
-            "Claim-check blob store operations by op (put, get, stream, delete) and result",
-            m.blob_ops.clone(),
-        );
-        r.register(
-            "blob_bytes",
-            "Bytes written to (put) and read from (get, stream) the claim-check blob store",
-            m.blob_bytes.clone(),
-        );
-        r.register(
-            "webhooks",
-            "Completion webhook tries by result: delivered, retried, failed (gave up), refused (not allowed), dropped (too many pending), deferred (too many pending here, left in the outbox), resumed (taken over from a process that stopped)",
-            m.webhooks.clone(),
-        );
-        r.register(
             "triton_breaker_state",
             "Circuit of a model on a Triton endpoint: 0 closed, 1 open, 2 half-open",
             m.triton_breaker_state.clone(),
-        );
-        r.register(
-            "amqp_group_tasks",
-            "Tasks per RabbitMQ message published with grouping on",
-            m.amqp_group_tasks.clone(),
         );
         m
     }
@@ -343,33 +181,6 @@ impl Metrics {
                 model: model.to_string(),
             })
             .set(state);
-    }
-
-    /// Creates this process's broker series at zero, so they are scraped (and `rate()`
-    /// works) before the first event.
-    pub fn init_broker(
-        &self,
-        broker: &'static str,
-        states: impl IntoIterator<Item = &'static str>,
-    ) {
-        for op in [
-            "publish",
-            "receive",
-            "ack",
-            "retry",
-            "dead_letter",
-            "malformed",
-        ] {
-            let _ = self
-                .broker_errors
-                .get_or_create(&BrokerOpLabels { broker, op });
-        }
-        let _ = self
-            .broker_reconnects
-            .get_or_create(&BrokerLabel { broker });
-        for state in states {
-            let _ = self.tasks.get_or_create(&StateLabel { state });
-        }
     }
 
     /// The Prometheus text exposition of every metric.
@@ -524,37 +335,6 @@ impl Metrics {
                 protocol,
                 code,
             })
-            .inc();
-    }
-
-    pub fn task_state(&self, state: &'static str) {
-        self.tasks.get_or_create(&StateLabel { state }).inc();
-    }
-
-    pub fn broker_error(&self, broker: &'static str, op: &'static str) {
-        self.broker_errors
-            .get_or_create(&BrokerOpLabels { broker, op })
-            .inc();
-    }
-
-    pub fn blob_op(&self, op: &'static str, ok: bool, bytes: u64) {
-        let l = BlobLabels {
-            op,
-            result: if ok { "ok" } else { "error" },
-        };
-        self.blob_ops.get_or_create(&l).inc();
-        if bytes > 0 {
-            self.blob_bytes.get_or_create(&l).inc_by(bytes);
-        }
-    }
-
-    pub fn webhook(&self, result: &'static str) {
-        self.webhooks.get_or_create(&ResultLabel { result }).inc();
-    }
-
-    pub fn broker_reconnect(&self, broker: &'static str) {
-        self.broker_reconnects
-            .get_or_create(&BrokerLabel { broker })
             .inc();
     }
 }

@@ -146,7 +146,7 @@ impl TaskService for GrpcTasks {
         let headers = md.into_headers();
         let mut infer = r
             .request
-            .ok_or_else(|| Status::invalid_argument("field 'request' is missing"))?;
+            .ok_or_else(|| GatewayError::InvalidArgument("field 'request' is missing".into()))?;
         self.front.stick(&mut infer, &headers);
         let key = Some(r.idempotency_key).filter(|k| !k.is_empty());
         let callback = Some(r.callback_url).filter(|u| !u.is_empty());
@@ -199,15 +199,16 @@ impl TaskService for GrpcTasks {
         let tenant = tenant_of(req.extensions());
         let id = req.into_inner().id;
         let Some((total, chunks)) = self.front.result_stream(&id, &tenant).await? else {
-            return Err(Status::not_found(format!(
+            return Err(GatewayError::NotFound(format!(
                 "task {id} has no result (unknown, not yours, or not succeeded)"
-            )));
+            ))
+            .into());
         };
         let mut first = true;
         let out = rechunk(chunks).map(move |c| {
             let total_bytes = if std::mem::take(&mut first) { total } else { 0 };
             c.map(|data| ResultChunk { data, total_bytes })
-                .map_err(|e| Status::unavailable(format!("reading the result: {e}")))
+                .map_err(|e| GatewayError::Unavailable(format!("reading the result: {e}")).into())
         });
         Ok(Response::new(Box::pin(out)))
     }
@@ -282,7 +283,7 @@ impl GrpcTasks {
                     response,
                 } => {
                     let response = ModelInferResponse::decode(response).map_err(|e| {
-                        Status::internal(format!("a kept response does not decode: {e}"))
+                        GatewayError::Internal(format!("a kept response does not decode: {e}"))
                     })?;
                     Ok(Task {
                         id: task_id.clone(),

@@ -2,6 +2,7 @@
 //! once its last member settles, a message that cannot be read set aside.
 
 use super::*;
+use crate::queue::metrics::broker_metrics;
 
 impl Inner {
     /// Counts one member of a group as settled (`requeue`: it could not be, see [`Group`]);
@@ -36,7 +37,7 @@ impl Inner {
     /// neither dropped unseen nor delivered forever. If the move fails it stays unacknowledged
     /// and returns after a reconnect.
     pub(super) async fn set_aside(&self, d: lapin::message::Delivery, body: &[u8], reason: &str) {
-        metrics().broker_error("rabbitmq", "malformed");
+        broker_metrics().broker_error("rabbitmq", "malformed");
         tracing::warn!(queue = %self.queue, reason, "a message that is not a task goes to the dead-letter queue");
         let mut headers = d.properties.headers().clone().unwrap_or_default();
         headers.insert("reason".into(), long(reason));

@@ -17,9 +17,10 @@ use bytes::Bytes;
 use lapin::Acker;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::queue::metrics::broker_metrics;
 use crate::{
     queue::{QueueError, TaskMessage},
-    telemetry::{metrics::metrics, trace::TraceHeaders},
+    telemetry::trace::TraceHeaders,
 };
 
 /// Publishes that may await their confirm at once when grouping; more submissions wait and
@@ -76,7 +77,7 @@ pub(super) async fn group_loop<P: PublishGroup>(
                     let msgs: Vec<&TaskMessage> = group.iter().map(|(m, _)| m).collect();
                     let r = inner.publish_group(&msgs).await;
                     if r.is_ok() {
-                        metrics().amqp_group_tasks.observe(msgs.len() as f64);
+                        broker_metrics().amqp_group_tasks.observe(msgs.len() as f64);
                     }
                     for (_, tx) in group {
                         let _ = tx.send(r.clone());

@@ -15,6 +15,7 @@ mod consume;
 mod group;
 mod headers;
 
+use crate::queue::metrics::broker_metrics;
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
@@ -43,7 +44,6 @@ use self::group::{
 };
 use self::headers::{header, long, trace_of};
 use super::{Broker, Delivery, QueueError, TaskMessage};
-use crate::telemetry::metrics::metrics;
 
 pub struct RabbitBroker {
     inner: Arc<Inner>,
@@ -99,7 +99,7 @@ fn backend(e: impl std::fmt::Display) -> QueueError {
 /// Counts a lost connection, which the next call re-opens (with backoff).
 fn reconnecting(had_one: bool) {
     if had_one {
-        metrics().broker_reconnect("rabbitmq");
+        broker_metrics().broker_reconnect("rabbitmq");
     }
 }
 
@@ -284,7 +284,7 @@ impl Inner {
                     queue,
                     "a task message came back unroutable (its queue is gone); declaring the queues again"
                 );
-                metrics().broker_error("rabbitmq", "queue_missing");
+                broker_metrics().broker_error("rabbitmq", "queue_missing");
                 super::report_lost_messages();
                 *self.publisher.lock().await = None;
                 self.publish_once(queue, body, priority, headers)
@@ -508,7 +508,7 @@ impl Broker for RabbitBroker {
             }
             let alone = b.publish_to(&b.queue, &d.msg, None, true).await;
             if let Err(e) = &alone {
-                metrics().broker_error("rabbitmq", "retry");
+                broker_metrics().broker_error("rabbitmq", "retry");
                 tracing::warn!(task = %d.msg.task_id, error = %e, "handing a grouped task back alone failed; its message will be requeued whole");
             }
             return b.member_done(group, alone.is_err()).await;

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{StoreError, TaskRecord};
 use crate::queue::TaskMessage;
+use crate::tasks::metrics::task_metrics;
 
 /// One dead-lettered task.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,7 +83,7 @@ pub struct DeadDepth {
 
 /// Sets the depth gauges from what a dead-letter store answered.
 pub fn report(d: DeadDepth) {
-    let m = crate::telemetry::metrics::metrics();
+    let m = task_metrics();
     m.task_dead_letters.set(d.depth as i64);
     m.task_dead_letters_dropped.set(d.dropped as i64);
 }

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use redis::{Script, Value, aio::ConnectionManager};
 
 use super::{Change, Kept, Start, StoreError, TaskRecord, TaskState, TaskStore};
+use crate::tasks::metrics::task_metrics;
 use crate::{queue::TaskMessage, redis_conn::Repeatable};
 
 mod codec;
@@ -579,9 +580,7 @@ impl TaskStore for RedisTaskStore {
         let mut seen = self.epoch.lock().expect("epoch lock");
         let intact = seen.as_ref().is_none_or(|e| *e == now);
         if !intact {
-            crate::telemetry::metrics::metrics()
-                .task_store_data_loss
-                .inc();
+            task_metrics().task_store_data_loss.inc();
             tracing::error!(
                 prefix = %self.prefix,
                 "the task store came back without its data: tasks accepted before now, their \

@@ -45,10 +45,10 @@ pub use allow::{AllowEntry, is_public};
 pub use config::WebhooksConfig;
 
 use super::{TaskRecord, TaskStore, WEBHOOK_PENDING, WebhookStatus, now_ms};
+use crate::tasks::metrics::task_metrics;
 use crate::{
     auth::{ApiKey, secret_bytes},
     error::GatewayError,
-    telemetry::metrics::metrics,
 };
 
 /// How often each process looks for owed webhooks whose holder stopped renewing.
@@ -218,10 +218,10 @@ impl Webhooks {
         }
         if self.store.keeps_outbox() {
             // Left in the outbox: a process with room claims it when this one's hold ends.
-            metrics().webhook("deferred");
+            task_metrics().webhook("deferred");
             return false;
         }
-        metrics().webhook("dropped");
+        task_metrics().webhook("dropped");
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let status = WebhookStatus {
@@ -262,7 +262,7 @@ impl Webhooks {
                         .is_some_and(|w| w.state != WEBHOOK_PENDING) => {}
                 Ok(Some(rec)) => {
                     if self.start(rec) {
-                        metrics().webhook("resumed");
+                        task_metrics().webhook("resumed");
                         taken += 1;
                     }
                 }
@@ -339,7 +339,7 @@ impl Webhooks {
                     status.state = "delivered".into();
                     status.last_status = Some(code);
                     status.last_error = None;
-                    metrics().webhook("delivered");
+                    task_metrics().webhook("delivered");
                     false
                 }
                 Ok(code) => {
@@ -350,7 +350,7 @@ impl Webhooks {
                 Err(Refused(m)) => {
                     status.state = "failed".into();
                     status.last_error = Some(m);
-                    metrics().webhook("refused");
+                    task_metrics().webhook("refused");
                     false
                 }
                 Err(Failed(m)) => {
@@ -360,9 +360,9 @@ impl Webhooks {
             };
             if retry && now_ms() + backoff.as_millis() as u64 > deadline_ms {
                 status.state = "failed".into();
-                metrics().webhook("failed");
+                task_metrics().webhook("failed");
             } else if retry {
-                metrics().webhook("retried");
+                task_metrics().webhook("retried");
             }
             let _ = self.store.set_webhook(&rec.id, &status).await;
             if !retry || status.state == "failed" {
