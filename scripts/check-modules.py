@@ -44,6 +44,8 @@ LAYERS = [
     ("stream features", {"streams"}),
     # features of the async path and the platform
     ("task features", {"tasks", "scaler", "health"}),
+    # fronts: other APIs over the service and its features (OpenAI's)
+    ("fronts", {"openai"}),
     # edges: what clients and brokers call
     ("edges", {"api", "worker"}),
     # wiring: the list of sections and the parts started in order

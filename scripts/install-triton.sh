@@ -12,12 +12,18 @@ STAMP="$VENV/.infergate-installed-v1"
 ROTEL_PIN="rotel==0.0.1a15"
 # sseclient-py (an SSE client library, for the generate_stream tests) came later too.
 SSE_PIN="sseclient-py==1.8.0"
+# The official openai package and the tokenizers package (tests of the OpenAI front) came later.
+OPENAI_PINS=("openai==3.63.0" "tokenizers==0.23.3")
 if [[ -f "$STAMP" ]]; then
   if [[ ! -x "$VENV/lib/python3.11/site-packages/rotel/rotel-agent" ]]; then
     "$VENV/bin/pip" install -q --pre "$ROTEL_PIN" >&2
   fi
   if [[ ! -f "$VENV/lib/python3.11/site-packages/sseclient/__init__.py" ]]; then
     "$VENV/bin/pip" install -q "$SSE_PIN" >&2
+  fi
+  site="$VENV/lib/python3.11/site-packages"
+  if [[ ! -f "$site/openai/__init__.py" || ! -f "$site/tokenizers/__init__.py" ]]; then
+    "$VENV/bin/pip" install -q "${OPENAI_PINS[@]}" >&2
   fi
   echo "$VENV"
   exit 0
@@ -44,6 +50,7 @@ rm -rf "$VENV"
   "grpcio-tools" "grpcio-reflection<1.63" "protobuf>=4.21.6,<5" >&2
 "$VENV/bin/pip" install -q --pre "$ROTEL_PIN" >&2
 "$VENV/bin/pip" install -q "$SSE_PIN" >&2
+"$VENV/bin/pip" install -q "${OPENAI_PINS[@]}" >&2
 
 TS="$("$VENV/bin/python" -c 'import pytriton, os; print(os.path.join(os.path.dirname(pytriton.__file__), "tritonserver"))')"
 test -x "$TS/bin/tritonserver"

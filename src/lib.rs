@@ -24,6 +24,7 @@ pub mod health;
 pub mod infer;
 pub mod loadgen;
 pub mod model;
+pub mod openai;
 pub mod proto;
 pub mod queue;
 pub mod redis_conn;

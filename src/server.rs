@@ -24,6 +24,7 @@ use crate::{
     fleet::Fleet,
     health::Health,
     infer::InferService,
+    openai::OpenAi,
     proto::{
         FILE_DESCRIPTOR_SET,
         inference::grpc_inference_service_server::GrpcInferenceServiceServer,
@@ -219,6 +220,7 @@ fn register_feature_metrics() {
     let _ = crate::cache::metrics::metrics();
     let _ = crate::scaler::metrics::metrics();
     let _ = crate::streams::metrics::metrics();
+    let _ = crate::openai::metrics::metrics();
 }
 
 impl Gateway {
@@ -388,8 +390,13 @@ impl Gateway {
             interceptor(Arc::clone(&auth)),
         );
         // The parts list: each feature the edges serve, built once.
+        let streams = Streams::new(infer.clone(), &cfg.streams);
         let features = Features {
-            streams: Streams::new(infer.clone(), &cfg.streams),
+            openai: Arc::new(
+                OpenAi::new(&cfg.openai, infer.clone(), streams.clone())
+                    .map_err(|e| anyhow::anyhow!("[openai]: {e}"))?,
+            ),
+            streams,
             fleet: Fleet::new(Arc::clone(infer.backend()), &cfg.fleet),
         };
         let inference = GrpcInferenceServiceServer::new(GrpcApi::new(

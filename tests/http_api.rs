@@ -182,7 +182,7 @@ async fn metadata_and_health_routes_match_triton() {
         .filter(|e| e.as_ref().unwrap().path().join("config.pbtxt").exists())
         .count();
     assert_eq!(idx.as_array().unwrap().len(), models);
-    assert_eq!(models, 11);
+    assert_eq!(models, 12);
 }
 
 /// A client that writes its whole body before it reads the answer (Python's urllib) gets the

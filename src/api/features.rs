@@ -2,7 +2,9 @@
 //! A new feature is a field here and its line where the server builds this; its handlers
 //! live with the feature's own edge code (as `http/repository.rs` does for the fleet).
 
-use crate::{fleet::Fleet, streams::Streams};
+use std::sync::Arc;
+
+use crate::{fleet::Fleet, openai::OpenAi, streams::Streams};
 
 #[derive(Clone)]
 pub struct Features {
@@ -10,4 +12,6 @@ pub struct Features {
     pub streams: Streams,
     /// Model control on every endpoint.
     pub fleet: Fleet,
+    /// OpenAI's API over generate models (`/v1/chat/completions`, …).
+    pub openai: Arc<OpenAi>,
 }

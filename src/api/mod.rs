@@ -92,7 +92,7 @@ pub async fn traced<T>(
 }
 
 /// The server span of one call, continuing the caller's trace.
-fn span_of(
+pub(crate) fn span_of(
     name: &'static str,
     protocol: &'static str,
     model: &str,

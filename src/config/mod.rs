@@ -25,6 +25,7 @@ pub use crate::{
     batch::config::{BatchMode, BatchingConfig, ModelBatching},
     cache::config::CacheConfig,
     fleet::config::FleetConfig,
+    openai::config::OpenAiConfig,
     routes::config::RoutesConfig,
     scaler::config::{MAX_CAPACITY_PER_REPLICA, MAX_REPLICAS, MAX_TASKS_PER_REPLICA, ScalerConfig},
     section::{ConfigError, Section},
@@ -107,6 +108,7 @@ sections! {
     // Keys and tenants live in files only (a Secret), never on a command line.
     files only {
     auth: AuthConfig;
+    openai: OpenAiConfig;
     }
 }
 

@@ -5,6 +5,7 @@ mod admin;
 pub mod codec;
 mod generate;
 mod inference;
+mod openai;
 mod openapi;
 mod repository;
 mod schema;
@@ -89,6 +90,7 @@ pub fn router(state: HttpState) -> Router {
             }),
         )
         .merge(api)
+        .merge(openai::routes(Arc::clone(&state.auth)))
         // The infer handler enforces max_request_bytes itself, with a JSON error.
         .layer(DefaultBodyLimit::disable())
         .merge(ops_router(
