@@ -34,6 +34,10 @@ pub struct OpenAiConfig {
     pub tokens_per_minute: u64,
     pub requests_per_minute: u64,
     pub tenants: Vec<TenantBudget>,
+    /// The largest file `/v1/files` keeps, in bytes.
+    pub max_file_bytes: u64,
+    /// The most lines one batch may have.
+    pub max_batch_lines: u64,
 }
 
 impl Default for OpenAiConfig {
@@ -46,6 +50,8 @@ impl Default for OpenAiConfig {
             tokens_per_minute: 0,
             requests_per_minute: 0,
             tenants: Vec::new(),
+            max_file_bytes: 200 << 20,
+            max_batch_lines: 50_000,
         }
     }
 }
@@ -117,6 +123,8 @@ impl Section for OpenAiConfig {
             0,
             MAX_PER_MINUTE,
         )?;
+        crate::section::in_range("openai.max_file_bytes", self.max_file_bytes, 1024, 4 << 30)?;
+        crate::section::in_range("openai.max_batch_lines", self.max_batch_lines, 1, 1_000_000)?;
         let mut names = std::collections::HashSet::new();
         for (i, m) in self.models.iter().enumerate() {
             let bad = |msg: String| invalid("openai.models", format!("model #{}: {msg}", i + 1));

@@ -193,6 +193,22 @@ pub struct Choice {
     pub finish: Option<&'static str>,
 }
 
+/// How long, and for how many more texts, a choice that reached `max_tokens` waits for its
+/// model to end the request itself before it is cancelled.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+const SETTLE_TEXTS: usize = 4;
+
+async fn settle(mut source: Source) {
+    let _ = tokio::time::timeout(SETTLE, async {
+        for _ in 0..=SETTLE_TEXTS {
+            if source.next_text().await.is_none() {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// The longest prefix of `s` that leaves at least `hold` bytes, on a char boundary.
 fn safe_len(s: &str, hold: usize) -> usize {
     let mut cut = s.len().saturating_sub(hold);
@@ -281,8 +297,12 @@ impl Choice {
             let out: String = self.pending.drain(..cut).collect();
             let piece = self.piece(model, out, None);
             if self.tokens >= self.max_tokens {
-                // The model was asked for no more (where it takes max_tokens); any other is
-                // stopped here.
+                // A model that takes max_tokens ends by itself now: its last response is
+                // awaited (briefly) rather than cancelled, as a cancel racing the model's own
+                // end is a path Triton's backends take far less often. Any other is stopped.
+                if let Some(source) = self.source.take() {
+                    settle(source).await;
+                }
                 self.end(Some("length"));
                 return Some(piece.map(|p| Piece {
                     finish: Some("length"),

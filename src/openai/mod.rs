@@ -7,12 +7,14 @@
 //! [`crate::streams`], another model answers once through the batcher. Completion tokens are
 //! counted as they stream. The edge (`api/http/openai.rs`) speaks OpenAI's JSON and events.
 
+pub mod batch;
 pub mod config;
 pub mod errors;
 pub mod generate;
 pub mod metrics;
 pub mod model;
 pub mod quota;
+pub mod reply;
 pub mod wire;
 
 use std::{sync::Arc, time::Instant};

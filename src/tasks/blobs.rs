@@ -140,7 +140,7 @@ impl Blobs {
         self.threshold
     }
 
-    async fn put(&self, key: &str, bytes: Bytes) -> Result<(), BlobError> {
+    pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), BlobError> {
         let n = bytes.len() as u64;
         let out = self
             .store
@@ -150,7 +150,7 @@ impl Blobs {
         out.map(drop).map_err(BlobError::from)
     }
 
-    async fn read(&self, key: &str) -> Result<Bytes, BlobError> {
+    pub async fn read(&self, key: &str) -> Result<Bytes, BlobError> {
         let out = async { self.store.get(&BlobPath::from(key)).await?.bytes().await }.await;
         let n = out.as_ref().map_or(0, |b| b.len() as u64);
         task_metrics().blob_op("get", out.is_ok(), n);

@@ -180,8 +180,31 @@ def errors():
                  param="prompt")
 
 
+def batch():
+    import io
+    import json
+    import time
+    lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": MODEL, "messages": [{"role": "user", "content": f"one two {i}"}]}}
+             for i in range(10)]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    f = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+    assert f.bytes == len(data) and f.purpose == "batch", f
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    deadline = time.time() + 60
+    while b.status not in ("completed", "failed", "cancelled"):
+        assert time.time() < deadline, b
+        time.sleep(0.2)
+        b = client.batches.retrieve(b.id)
+    assert b.status == "completed" and b.request_counts.completed == 10, b
+    out = [json.loads(x) for x in client.files.content(b.output_file_id).text.splitlines()]
+    got = {o["custom_id"]: o["response"]["body"]["choices"][0]["message"]["content"] for o in out}
+    assert got == {f"q{i}": f"one two {i}" for i in range(10)}, got
+
+
 for name, fn in [("models.list", models_list), ("chat", chat), ("chat stream", chat_stream),
-                 ("sampling", sampling), ("completions", completions), ("errors", errors)]:
+                 ("sampling", sampling), ("completions", completions), ("errors", errors), ("batch", batch)]:
     check(name, fn)
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

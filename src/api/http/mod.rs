@@ -6,6 +6,7 @@ pub mod codec;
 mod generate;
 mod inference;
 mod openai;
+mod openai_batch;
 mod openapi;
 mod repository;
 mod schema;

@@ -21,12 +21,21 @@ use futures::stream;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use super::state::{Shared, read_body};
+use super::{
+    openai_batch,
+    state::{Shared, read_body},
+};
 use crate::{
     api::span_of,
     auth::{Auth, Caller},
     call::Call,
-    openai::{Generation, errors::OpenAiError, quota, wire::LmRequest},
+    openai::{
+        Generation,
+        errors::OpenAiError,
+        quota,
+        reply::{self, Head, Kind, Whole},
+        wire::LmRequest,
+    },
 };
 
 impl IntoResponse for OpenAiError {
@@ -56,6 +65,12 @@ pub(super) fn routes(auth: Arc<Auth>) -> Router<Shared> {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/models/{model}", get(model))
+        .route("/v1/files", post(openai_batch::create_file))
+        .route("/v1/files/{id}", get(openai_batch::get_file))
+        .route("/v1/files/{id}/content", get(openai_batch::file_content))
+        .route("/v1/batches", post(openai_batch::create_batch))
+        .route("/v1/batches/{id}", get(openai_batch::get_batch))
+        .route("/v1/batches/{id}/cancel", post(openai_batch::cancel_batch))
         .route_layer(middleware::from_fn_with_state(auth, authenticate))
 }
 
@@ -112,31 +127,6 @@ async fn model(
     }
 }
 
-/// Which endpoint: the shapes of its answers.
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Chat,
-    Text,
-}
-
-impl Kind {
-    fn id(self) -> String {
-        let prefix = match self {
-            Self::Chat => "chatcmpl",
-            Self::Text => "cmpl",
-        };
-        format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-    }
-
-    fn object(self, chunk: bool) -> &'static str {
-        match (self, chunk) {
-            (Self::Chat, false) => "chat.completion",
-            (Self::Chat, true) => "chat.completion.chunk",
-            (Self::Text, _) => "text_completion",
-        }
-    }
-}
-
 async fn chat(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -189,18 +179,27 @@ async fn run(
             .at_edge(r, &headers, Some(&tenant), Call::sync(None))
     };
     let mut generation = front.start(job, edge).instrument(span.clone()).await?;
-    let answer = Answer {
+    let head = Head {
         kind,
-        id: kind.id(),
+        id: kind.new_id(),
         created: now(),
         model: req.model,
     };
     let standing = generation.standing;
     let mut resp = if streaming {
-        answer.events(generation, usage_chunk, span)
+        events(head, generation, usage_chunk, span)
     } else {
         generation.collect().instrument(span).await?;
-        Json(answer.whole(&generation)).into_response()
+        let choices: Vec<Whole<'_>> = generation
+            .choices
+            .iter()
+            .map(|c| Whole {
+                index: c.index,
+                text: &c.text,
+                finish: c.finish,
+            })
+            .collect();
+        Json(head.whole(&choices, generation.usage())).into_response()
     };
     if let Some(standing) = &standing {
         put(resp.headers_mut(), &quota::headers(standing));
@@ -208,154 +207,69 @@ async fn run(
     Ok(resp)
 }
 
-struct Answer {
-    kind: Kind,
-    id: String,
-    created: u64,
-    model: String,
-}
-
-impl Answer {
-    fn usage(g: &Generation) -> Value {
-        let u = g.usage();
-        json!({
-            "prompt_tokens": u.prompt_tokens,
-            "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-        })
-    }
-
-    fn whole(&self, g: &Generation) -> Value {
-        let choices: Vec<Value> = g
-            .choices
-            .iter()
-            .map(|c| match self.kind {
-                Kind::Chat => json!({
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": c.text, "refusal": null},
-                    "logprobs": null,
-                    "finish_reason": c.finish,
-                }),
-                Kind::Text => json!({
-                    "index": c.index,
-                    "text": c.text,
-                    "logprobs": null,
-                    "finish_reason": c.finish,
-                }),
-            })
-            .collect();
-        json!({
-            "id": self.id,
-            "object": self.kind.object(false),
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": choices,
-            "usage": Self::usage(g),
-        })
-    }
-
-    /// One chunk: `choice` is the choice's part (`delta` or `text`, and its finish reason).
-    fn chunk(&self, choices: Vec<Value>, usage: Option<Value>) -> Value {
-        let mut v = json!({
-            "id": self.id,
-            "object": self.kind.object(true),
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": choices,
-        });
-        if let Some(u) = usage {
-            v["usage"] = u;
-        }
-        v
-    }
-
-    fn part(&self, index: u32, text: Option<&str>, finish: Option<&str>, first: bool) -> Value {
-        match self.kind {
-            Kind::Chat => {
-                let mut delta = json!({});
-                if first {
-                    delta["role"] = json!("assistant");
-                }
-                if let Some(t) = text {
-                    delta["content"] = json!(t);
-                }
-                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
-            }
-            Kind::Text => json!({
-                "index": index,
-                "text": text.unwrap_or(""),
-                "logprobs": null,
-                "finish_reason": finish,
-            }),
+/// The answer as server-sent events: for chat, each choice's role first; then its text
+/// as it comes; a chunk with its finish reason; with `include_usage` a last chunk with
+/// `usage` and no choices; then `[DONE]`. An error after the first event is a last
+/// `data: {"error": ...}` event, as OpenAI sends one.
+fn events(head: Head, generation: Generation, usage_chunk: bool, span: tracing::Span) -> Response {
+    let null_usage = usage_chunk.then(|| Value::Null);
+    let mut first = Vec::new();
+    if head.kind == Kind::Chat {
+        for c in &generation.choices {
+            let part = head.part(c.index, Some(""), None, true);
+            first.push(event(&head.chunk(vec![part], null_usage.clone())));
         }
     }
-
-    /// The answer as server-sent events: for chat, each choice's role first; then its text
-    /// as it comes; a chunk with its finish reason; with `include_usage` a last chunk with
-    /// `usage` and no choices; then `[DONE]`. An error after the first event is a last
-    /// `data: {"error": ...}` event, as OpenAI sends one.
-    fn events(self, generation: Generation, usage_chunk: bool, span: tracing::Span) -> Response {
-        let null_usage = usage_chunk.then(|| Value::Null);
-        let mut head = Vec::new();
-        if self.kind == Kind::Chat {
-            for c in &generation.choices {
-                let part = self.part(c.index, Some(""), None, true);
-                head.push(event(&self.chunk(vec![part], null_usage.clone())));
-            }
-        }
-        enum Step {
-            Go(Generation),
-            Done,
-        }
-        let this = Arc::new(self);
-        let body = stream::unfold(Step::Go(generation), move |step| {
-            let this = Arc::clone(&this);
-            let span = span.clone();
-            let null_usage = null_usage.clone();
-            async move {
-                let Step::Go(mut g) = step else {
-                    return None;
-                };
-                let next = g.next().instrument(span).await;
-                let out = match next {
-                    Some(Ok((index, piece))) => {
-                        let mut text = String::new();
-                        if !piece.text.is_empty() {
-                            let part = this.part(index, Some(&piece.text), None, false);
-                            text.push_str(&event(&this.chunk(vec![part], null_usage.clone())));
-                        }
-                        if let Some(why) = piece.finish {
-                            let part = this.part(index, None, Some(why), false);
-                            text.push_str(&event(&this.chunk(vec![part], null_usage.clone())));
-                        }
-                        (text, Step::Go(g))
+    enum Step {
+        Go(Generation),
+        Done,
+    }
+    let this = Arc::new(head);
+    let body = stream::unfold(Step::Go(generation), move |step| {
+        let this = Arc::clone(&this);
+        let span = span.clone();
+        let null_usage = null_usage.clone();
+        async move {
+            let Step::Go(mut g) = step else {
+                return None;
+            };
+            let next = g.next().instrument(span).await;
+            let out = match next {
+                Some(Ok((index, piece))) => {
+                    let mut text = String::new();
+                    if !piece.text.is_empty() {
+                        let part = this.part(index, Some(&piece.text), None, false);
+                        text.push_str(&event(&this.chunk(vec![part], null_usage.clone())));
                     }
-                    Some(Err(e)) => (event(&e.body()), Step::Done),
-                    None => {
-                        let mut text = String::new();
-                        if usage_chunk {
-                            let usage = Answer::usage(&g);
-                            text.push_str(&event(&this.chunk(vec![], Some(usage))));
-                        }
-                        text.push_str("data: [DONE]\n\n");
-                        (text, Step::Done)
+                    if let Some(why) = piece.finish {
+                        let part = this.part(index, None, Some(why), false);
+                        text.push_str(&event(&this.chunk(vec![part], null_usage.clone())));
                     }
-                };
-                Some((Ok::<_, std::io::Error>(out.0), out.1))
-            }
-        });
-        let head = stream::iter(head.into_iter().map(Ok::<_, std::io::Error>));
-        let mut resp = Body::from_stream(futures::StreamExt::chain(head, body)).into_response();
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream; charset=utf-8"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        resp
-    }
+                    (text, Step::Go(g))
+                }
+                Some(Err(e)) => (event(&e.body()), Step::Done),
+                None => {
+                    let mut text = String::new();
+                    if usage_chunk {
+                        let usage = reply::usage(g.usage());
+                        text.push_str(&event(&this.chunk(vec![], Some(usage))));
+                    }
+                    text.push_str("data: [DONE]\n\n");
+                    (text, Step::Done)
+                }
+            };
+            Some((Ok::<_, std::io::Error>(out.0), out.1))
+        }
+    });
+    let first = stream::iter(first.into_iter().map(Ok::<_, std::io::Error>));
+    let mut resp = Body::from_stream(futures::StreamExt::chain(first, body)).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
 }
 
 fn event(v: &Value) -> String {
