@@ -146,6 +146,7 @@ async fn every_rpc_answers_what_triton_answers() {
         "flaky",
         "token_stream",
         "accumulate",
+        "tiny_chat",
     ];
     for m in models {
         let ready = ModelReadyRequest {

@@ -317,20 +317,7 @@ impl Choice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::openai::config::LmModelConfig;
-
-    fn tiny() -> LmModel {
-        LmModel::load(&LmModelConfig {
-            name: "tiny-chat".into(),
-            triton_model: "tiny_chat".into(),
-            tokenizer: concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/triton-models/tiny_chat/tokenizer"
-            )
-            .into(),
-        })
-        .unwrap()
-    }
+    use crate::openai::model::tiny;
 
     /// A choice over pieces given in advance (the cutting logic, without a server).
     fn choice(pieces: &[&str], s: &Sampling) -> Choice {

@@ -148,22 +148,24 @@ impl LmModel {
     }
 }
 
+/// `triton-models/tiny_chat`, for unit tests.
+#[cfg(test)]
+pub(crate) fn tiny() -> LmModel {
+    LmModel::load(&LmModelConfig {
+        name: "tiny-chat".into(),
+        triton_model: "tiny_chat".into(),
+        tokenizer: concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/triton-models/tiny_chat/tokenizer"
+        )
+        .into(),
+    })
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tiny() -> LmModel {
-        LmModel::load(&LmModelConfig {
-            name: "tiny-chat".into(),
-            triton_model: "tiny_chat".into(),
-            tokenizer: concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/triton-models/tiny_chat/tokenizer"
-            )
-            .into(),
-        })
-        .unwrap()
-    }
 
     fn msg(role: &str, content: &str) -> ChatMessage {
         ChatMessage {

@@ -253,28 +253,35 @@ fn reset_text(d: Duration) -> String {
 
 /// The `x-ratelimit-*` headers OpenAI's clients read, for the budgets the tenant has.
 pub fn headers(s: &Standing) -> Vec<(&'static str, String)> {
+    let budgets = [
+        (
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+            s.limits.requests_per_minute,
+            s.remaining_requests,
+            s.reset_requests,
+        ),
+        (
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+            s.limits.tokens_per_minute,
+            s.remaining_tokens,
+            s.reset_tokens,
+        ),
+    ];
     let mut out = Vec::new();
-    if s.limits.requests_per_minute > 0 {
-        out.push((
-            "x-ratelimit-limit-requests",
-            s.limits.requests_per_minute.to_string(),
-        ));
-        out.push((
-            "x-ratelimit-remaining-requests",
-            s.remaining_requests.to_string(),
-        ));
-        out.push(("x-ratelimit-reset-requests", reset_text(s.reset_requests)));
-    }
-    if s.limits.tokens_per_minute > 0 {
-        out.push((
-            "x-ratelimit-limit-tokens",
-            s.limits.tokens_per_minute.to_string(),
-        ));
-        out.push((
-            "x-ratelimit-remaining-tokens",
-            s.remaining_tokens.to_string(),
-        ));
-        out.push(("x-ratelimit-reset-tokens", reset_text(s.reset_tokens)));
+    for ([limit_h, remaining_h, reset_h], limit, remaining, reset) in budgets {
+        if limit > 0 {
+            out.push((limit_h, limit.to_string()));
+            out.push((remaining_h, remaining.to_string()));
+            out.push((reset_h, reset_text(reset)));
+        }
     }
     out
 }

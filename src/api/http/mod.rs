@@ -115,15 +115,26 @@ async fn unknown_path(method: axum::http::Method, uri: axum::http::Uri) -> Respo
 /// Admits the request (API key, tenant rate) and records its tenant, or refuses it.
 async fn authenticate(
     State(auth): State<Arc<Auth>>,
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    admit(&auth, req, next, IntoResponse::into_response).await
+}
+
+/// The key check of every API route; `refuse` writes a refusal in the route's own shape
+/// (Triton's `{"error": "..."}`, or OpenAI's error object).
+pub(super) async fn admit(
+    auth: &Auth,
     mut req: axum::extract::Request,
     next: middleware::Next,
+    refuse: impl FnOnce(crate::error::GatewayError) -> Response,
 ) -> Response {
     match auth.admit_http(req.headers()) {
         Ok(caller) => {
             req.extensions_mut().insert(caller);
             next.run(req).await
         }
-        Err(e) => e.into_response(),
+        Err(e) => refuse(e),
     }
 }
 

@@ -77,16 +77,10 @@ pub(super) fn routes(auth: Arc<Auth>) -> Router<Shared> {
 /// As the API's own key check, with OpenAI's error (401 `invalid_api_key`, 429).
 async fn authenticate(
     State(auth): State<Arc<Auth>>,
-    mut req: axum::extract::Request,
+    req: axum::extract::Request,
     next: middleware::Next,
 ) -> Response {
-    match auth.admit_http(req.headers()) {
-        Ok(caller) => {
-            req.extensions_mut().insert(caller);
-            next.run(req).await
-        }
-        Err(e) => OpenAiError::from(e).into_response(),
-    }
+    super::admit(&auth, req, next, |e| OpenAiError::from(e).into_response()).await
 }
 
 /// When this process started, as the `created` of its models.
