@@ -118,24 +118,7 @@ async fn authenticate(
     req: axum::extract::Request,
     next: middleware::Next,
 ) -> Response {
-    admit(&auth, req, next, IntoResponse::into_response).await
-}
-
-/// The key check of every API route; `refuse` writes a refusal in the route's own shape
-/// (Triton's `{"error": "..."}`, or OpenAI's error object).
-pub(super) async fn admit(
-    auth: &Auth,
-    mut req: axum::extract::Request,
-    next: middleware::Next,
-    refuse: impl FnOnce(crate::error::GatewayError) -> Response,
-) -> Response {
-    match auth.admit_http(req.headers()) {
-        Ok(caller) => {
-            req.extensions_mut().insert(caller);
-            next.run(req).await
-        }
-        Err(e) => refuse(e),
-    }
+    state::admit(&auth, req, next, IntoResponse::into_response).await
 }
 
 /// Probes and metrics: `/livez`, `/readyz`, `/metrics` (also served by `infergate worker`).

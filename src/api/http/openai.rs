@@ -80,7 +80,7 @@ async fn authenticate(
     req: axum::extract::Request,
     next: middleware::Next,
 ) -> Response {
-    super::admit(&auth, req, next, |e| OpenAiError::from(e).into_response()).await
+    super::state::admit(&auth, req, next, |e| OpenAiError::from(e).into_response()).await
 }
 
 /// When this process started, as the `created` of its models.

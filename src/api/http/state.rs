@@ -142,3 +142,20 @@ pub(super) fn timeout_header(
             ))
         })
 }
+
+/// The key check of every API route; `refuse` writes a refusal in the route's own shape
+/// (Triton's `{"error": "..."}`, or OpenAI's error object).
+pub(super) async fn admit(
+    auth: &Auth,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+    refuse: impl FnOnce(GatewayError) -> axum::response::Response,
+) -> axum::response::Response {
+    match auth.admit_http(req.headers()) {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) => refuse(e),
+    }
+}
