@@ -8,7 +8,9 @@
 # right before this one, with the same generator: compare them by ratio within a round.
 # CONCURRENCY may be a list ("32 128"): each round runs every value. AMQP_GROUPS="1 64" runs
 # each RabbitMQ case once per group size (tasks.amqp_group_max), so grouping is compared in
-# the same rounds; unset, the configured default applies.
+# the same rounds; unset, the configured default applies. BLOB_STORE=file gives each run the
+# claim check (`--blob-store file://<work dir>/blobs-<run>`), so its cost on small tasks (which
+# stay inline) is measured against a build in the same rounds.
 # Writes loadtest/results/tasks-<date>.md and prints it.
 #   [BASELINE=dir] [AMQP_GROUPS="1 64"] loadtest/tasks-bench.sh [TASKS=20000] [CONCURRENCY=32] [ROUNDS=1] [BROKERS]
 # Needs Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672): scripts/ensure-services.sh.
@@ -79,7 +81,8 @@ for round in $(seq 1 "$ROUNDS"); do
       name="${build%%=*}"; bin="${build#*=}"
       prefix="bench-$RANDOM$RANDOM"
       g=$(port); h=$(port)
-      env "${genv[@]}" "$bin" serve --triton-url "http://127.0.0.1:$tg" --grpc-addr "127.0.0.1:$g" \
+      blobs=(); [[ ${BLOB_STORE:-} == file ]] && blobs=(--blob-store "file://$work/blobs-$prefix")
+      env "${genv[@]}" "$bin" serve "${blobs[@]}" --triton-url "http://127.0.0.1:$tg" --grpc-addr "127.0.0.1:$g" \
         --http-addr "127.0.0.1:$h" --broker "$broker" --task-store "$store" --redis-prefix "$prefix" \
         --workers 2 --worker-concurrency 512 --queue-capacity 1000000 --log-level warn >"$work/ig.log" 2>&1 &
       ig=$!
@@ -101,7 +104,7 @@ done
 mkdir -p loadtest/results
 out="loadtest/results/tasks-$(date -u +%Y%m%d-%H%M).md"
 {
-  echo "infergate-load --tasks $N -c ($CONCS) against infergate serve (release, 2 worker loops of 512), add_sub, all on the same 2 cores; $ROUNDS round(s), builds interleaved${BASELINE:+ (baseline: $BASELINE)}."
+  echo "infergate-load --tasks $N -c ($CONCS) against infergate serve (release, 2 worker loops of 512${BLOB_STORE:+, with a $BLOB_STORE blob store (the claim check)}), add_sub, all on the same 2 cores; $ROUNDS round(s), builds interleaved${BASELINE:+ (baseline: $BASELINE)}."
   echo "CPU columns: microseconds of CPU each process spent per completed task (user + system). Peak RSS: infergate's VmHWM over the run."
   echo
   echo "| broker | c | build | submitted | succeeded | failed | refused | submit s | total s | completed tasks/s | CPU µs infergate | load generator | redis | rabbitmq | triton | infergate peak RSS MiB |"

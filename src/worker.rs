@@ -21,7 +21,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
 use prost::Message;
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -36,7 +35,7 @@ use crate::{
     queue::Delivery,
     streams::Streams,
     tasks::{
-        Change, Start, StoreError, Takeover, TaskError, TaskRecord, TaskState, blobs,
+        Change, Start, StoreError, Takeover, TaskError, TaskRecord, TaskState,
         dead::{DeadEntry, DeadLetter},
         now_ms,
         parts::Tasks,
@@ -210,7 +209,7 @@ impl Worker {
         let Some(rec) = self.started(&d, started).await else {
             return;
         };
-        let Some((req, claimed_input)) = self.input(&d, &rec).await else {
+        let Some(req) = self.input(&d, &rec).await else {
             return;
         };
         let run_started = Instant::now();
@@ -223,7 +222,7 @@ impl Worker {
         };
         metrics().observe(&rec.model, "task_run", run_started.elapsed());
         match result {
-            Ok(resp) => self.succeeded(&d, &rec, resp, claimed_input).await,
+            Ok(resp) => self.succeeded(&d, &rec, resp).await,
             // Responses over the result limit would be again on every attempt.
             Err(e @ GatewayError::PayloadTooLarge(_)) => {
                 self.fail(&d, Some(rec.attempts), task_error(&e)).await
@@ -317,74 +316,41 @@ impl Worker {
         }
     }
 
-    /// The task's request, and whether it came from a blob (the claim check). An undecodable
-    /// payload fails the task (`None`); a blob that cannot be read is a failed attempt.
+    /// The task's request, as the broker gives it (read back from the claim check's blob
+    /// store for a large one). An undecodable request fails the task (`None`); one the broker
+    /// cannot produce now is a failed attempt.
     async fn input(
         &self,
         d: &Delivery,
         rec: &TaskRecord,
-    ) -> Option<(Result<ModelInferRequest, GatewayError>, bool)> {
-        let req = match ModelInferRequest::decode(d.msg.payload.clone()) {
-            Ok(r) => r,
+    ) -> Option<Result<ModelInferRequest, GatewayError>> {
+        let bytes = match self.tasks.broker.input(d).await {
+            Ok(b) => b,
+            Err(e) => return Some(Err(GatewayError::Unavailable(e.to_string()))),
+        };
+        match ModelInferRequest::decode(bytes) {
+            Ok(r) => Some(Ok(r)),
             Err(e) => {
                 let err = TaskError {
                     code: code_name(Code::InvalidArgument).into(),
                     message: format!("undecodable task payload: {e}"),
                 };
                 self.fail(d, Some(rec.attempts), err).await;
-                return None;
+                None
             }
-        };
-        if !blobs::is_claimed(&req) {
-            return Some((Ok(req), false));
         }
-        let req = match &self.tasks.blobs {
-            Some(b) => b
-                .check_out_request(&d.msg.task_id, &req)
-                .await
-                .map_err(|e| GatewayError::Unavailable(e.to_string())),
-            None => Err(GatewayError::Unavailable(
-                "the task's input is in a blob store and this worker has none (tasks.blob_store)"
-                    .into(),
-            )),
-        };
-        Some((req, true))
     }
 
-    /// Stores an answer (its bytes in a blob past the claim-check size) and records how the
-    /// store took it.
-    async fn succeeded(
-        &self,
-        d: &Delivery,
-        rec: &TaskRecord,
-        resp: ModelInferResponse,
-        claimed_input: bool,
-    ) {
+    /// Stores an answer and records how the store took it: kept (ack, the webhook owed), or
+    /// refused as late, fenced, too large, or failing.
+    async fn succeeded(&self, d: &Delivery, rec: &TaskRecord, resp: ModelInferResponse) {
         let id = &d.msg.task_id;
-        let encoded: Bytes = resp.encode_to_vec().into();
-        let (result, blob) = match &self.tasks.blobs {
-            Some(b) => match b.check_in_result(id, rec.attempts, &resp, encoded).await {
-                Ok(kept) => kept,
-                Err(e) => {
-                    let _ = self
-                        .tasks
-                        .store
-                        .transition_quiet(id, TaskState::Queued, Change::default())
-                        .await;
-                    tracing::warn!(task = %id, error = %e, "storing a result in the blob store failed; retrying later");
-                    self.retry_later(d, &StoreError::Backend(e.to_string()))
-                        .await;
-                    return;
-                }
-            },
-            None => (encoded, None),
-        };
-        drop(resp);
         let change = Change {
-            result: Some(result),
+            result: Some(resp.encode_to_vec().into()),
             fence: Some(rec.attempts),
             ..Default::default()
         };
+        drop(resp);
         let stored = self
             .tasks
             .store
@@ -394,45 +360,17 @@ impl Worker {
                 otel.name = "task store result"
             ))
             .await;
-        self.result_stored(d, rec, stored.map(|_| ()), blob, claimed_input)
-            .await;
-    }
-
-    /// What the store said to a result: kept (ack, the input blob dropped, the webhook owed),
-    /// or refused as late, fenced, too large, or failing (the result's blob removed now,
-    /// since nobody else will).
-    async fn result_stored(
-        &self,
-        d: &Delivery,
-        rec: &TaskRecord,
-        stored: Result<(), StoreError>,
-        blob: Option<String>,
-        claimed_input: bool,
-    ) {
-        let id = &d.msg.task_id;
-        let unwanted = |blob: Option<String>| async move {
-            if let (Some(b), Some(key)) = (&self.tasks.blobs, blob) {
-                let _ = b.delete(&key).await;
-            }
-        };
         match stored {
             Ok(()) => {
                 task_metrics().task_state(TaskState::Succeeded.as_str());
-                if claimed_input && let Some(b) = &self.tasks.blobs {
-                    b.drop_input(id).await;
-                }
                 self.finish(d).await;
                 self.notify(rec, None).await;
             }
             // Cancelled or expired meanwhile: the late result is dropped.
-            Err(StoreError::Conflict { .. }) => {
-                unwanted(blob).await;
-                self.finish(d).await
-            }
+            Err(StoreError::Conflict { .. }) => self.finish(d).await,
             // Another worker took the task over (this one was too slow to answer): its
             // attempt owns the task and the delivery; this result is refused.
             Err(e @ StoreError::Fenced { .. }) => {
-                unwanted(blob).await;
                 task_metrics().task_fenced.inc();
                 tracing::warn!(task = %id, error = %e, "a late result was refused");
             }
@@ -446,7 +384,6 @@ impl Worker {
                 self.fail(d, Some(rec.attempts), err).await;
             }
             Err(e) => {
-                unwanted(blob).await;
                 let _ = self
                     .tasks
                     .store

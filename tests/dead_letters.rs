@@ -211,7 +211,7 @@ async fn a_poison_model_fills_the_dead_letters_and_a_replay_by_filter_runs_each_
 
     // Fixed, then replayed by filter: each runs once more and succeeds, under its own id.
     std::fs::remove_file(FLAKY_CONTROL).unwrap();
-    let before = triton_stats("flaky").await.0;
+    let before = quiet_stats("flaky").await.0;
     let (status, out) = post(
         &admin,
         &format!("{dead_url}/replay"),
@@ -232,7 +232,7 @@ async fn a_poison_model_fills_the_dead_letters_and_a_replay_by_filter_runs_each_
             "{t}"
         );
     }
-    let ran = triton_stats("flaky").await.0 - before;
+    let ran = quiet_stats("flaky").await.0 - before;
     assert_eq!(ran, n as u64, "each replayed task ran once");
     // Nothing left to replay; a task no longer in the dead letters is refused by id.
     let (_, again) = post(
@@ -250,7 +250,7 @@ async fn a_poison_model_fills_the_dead_letters_and_a_replay_by_filter_runs_each_
     .await;
     assert_eq!(again["refused"][0]["id"], flaky[0].as_str(), "{again}");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(triton_stats("flaky").await.0 - before, n as u64);
+    assert_eq!(quiet_stats("flaky").await.0 - before, n as u64);
 
     // The other model's dead letters stayed; a purge by filter removes them.
     let (_, list) = get(&admin, &dead_url).await;

@@ -156,6 +156,23 @@ async fn create(http: &reqwest::Client, base: &str, file: &str) -> String {
     v["id"].as_str().unwrap().to_string()
 }
 
+/// A batch the API refuses: the status and OpenAI's error message.
+async fn refused(http: &reqwest::Client, base: &str, file: &str) -> (u16, String) {
+    let r = http
+        .post(format!("{base}/v1/batches"))
+        .json(&json!({"input_file_id": file, "endpoint": "/v1/chat/completions"}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    let message = v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    (status, message)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_lines_complete_through_a_worker_kill_and_cancel_stops_the_rest() {
     let prefix = format!("igtest-{}", infergate::tasks::new_task_id());
@@ -167,21 +184,9 @@ async fn a_thousand_lines_complete_through_a_worker_kill_and_cancel_stops_the_re
 
     // A bad line refuses the batch, naming the line.
     let bad = upload(&http, &base, &(jsonl(2) + "{\"custom_id\": \"x\"}\n")).await;
-    let r = http
-        .post(format!("{base}/v1/batches"))
-        .json(&json!({"input_file_id": bad, "endpoint": "/v1/chat/completions"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let v: Value = r.json().await.unwrap();
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("line 3:"),
-        "{v}"
-    );
+    let (status, message) = refused(&http, &base, &bad).await;
+    assert_eq!(status, 400);
+    assert!(message.starts_with("line 3:"), "{message}");
 
     // 1,000 lines; the worker is SIGKILLed once a third of them are done.
     const LINES: usize = 1000;
@@ -235,7 +240,7 @@ async fn a_thousand_lines_complete_through_a_worker_kill_and_cancel_stops_the_re
     // answered and never sends the rest to Triton.
     signal(w.id(), "KILL");
     let _ = w.wait();
-    let before = triton_stats("tiny_chat").await.0;
+    let before = quiet_stats("tiny_chat").await.0;
     const SLOW: usize = 300;
     let file = upload(&http, &base, &jsonl(SLOW)).await;
     let id = create(&http, &base, &file).await;
@@ -271,7 +276,7 @@ async fn a_thousand_lines_complete_through_a_worker_kill_and_cancel_stops_the_re
     // Most lines never ran, and Triton saw only the answered ones (and at most the one
     // line the worker held when its task was cancelled).
     assert!(completed >= at_cancel && failed >= SLOW as u64 / 2, "{end}");
-    let ran = triton_stats("tiny_chat").await.0 - before;
+    let ran = quiet_stats("tiny_chat").await.0 - before;
     assert!(
         (completed..=completed + 1).contains(&ran),
         "Triton ran {ran}, {completed} answered"
@@ -286,6 +291,76 @@ async fn a_thousand_lines_complete_through_a_worker_kill_and_cancel_stops_the_re
             .all(|e| e["error"]["code"] == "batch_cancelled"),
         "{errors:?}"
     );
+    signal(w.id(), "KILL");
+    let _ = w.wait();
+    let _ = std::fs::remove_dir_all(dir);
+    lines_the_queue_refuses_fail_alone(&http).await;
+}
+
+/// A batch submitted into a queue with room for only some of its lines: those queued run and
+/// are answered, the rest end as failed lines naming why (no line runs that the batch does
+/// not name), and a batch none of whose lines could be queued is refused.
+async fn lines_the_queue_refuses_fail_alone(http: &reqwest::Client) {
+    let prefix = format!("igtest-{}", infergate::tasks::new_task_id());
+    let dir = std::env::temp_dir().join(format!("{prefix}-blobs"));
+    let blobs = format!("file://{}", dir.display());
+    let mut cfg = config(&prefix, &blobs);
+    cfg.tasks.queue_capacity = 20;
+    let gw = gateway_with(cfg).await;
+    let base = gw.http_base();
+    let before = quiet_stats("tiny_chat").await.0;
+
+    let file = upload(http, &base, &jsonl(30)).await;
+    let id = create(http, &base, &file).await;
+    let b = batch(http, &base, &id).await;
+    assert_eq!(b["request_counts"]["total"], 30, "{b}");
+    assert_eq!(b["request_counts"]["failed"], 10, "{b}");
+
+    // The queue is full now: a batch none of whose lines fits is refused as a whole.
+    let full = upload(http, &base, &jsonl(5)).await;
+    let (status, message) = refused(http, &base, &full).await;
+    assert_eq!(status, 429);
+    assert!(message.contains("queue is full"), "{message}");
+
+    let mut w = worker(&prefix, &blobs, 4);
+    let started = Instant::now();
+    let done = loop {
+        let b = batch(http, &base, &id).await;
+        if b["status"] == "completed" {
+            break b;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{b}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("a batch into a queue of 20: {done}");
+    assert_eq!(done["request_counts"]["completed"], 20, "{done}");
+    assert_eq!(done["request_counts"]["failed"], 10, "{done}");
+    let out = content(http, &base, &done["output_file_id"]).await;
+    let errors = content(http, &base, &done["error_file_id"]).await;
+    let mut answered = std::collections::HashSet::new();
+    for line in &out {
+        let i: usize = line["custom_id"].as_str().unwrap()[5..].parse().unwrap();
+        assert_eq!(
+            line["response"]["body"]["choices"][0]["message"]["content"],
+            said(i),
+            "{line}"
+        );
+        answered.insert(i);
+    }
+    assert_eq!(answered.len(), 20);
+    assert_eq!(errors.len(), 10);
+    for e in &errors {
+        let i: usize = e["custom_id"].as_str().unwrap()[5..].parse().unwrap();
+        assert!(!answered.contains(&i), "line {i} both answered and refused");
+        assert_eq!(e["error"]["code"], "overloaded", "{e}");
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.starts_with("not submitted: ") && msg.contains("queue is full"),
+            "{e}"
+        );
+    }
+    // Triton ran exactly the lines the batch queued.
+    assert_eq!(quiet_stats("tiny_chat").await.0 - before, 20);
     signal(w.id(), "KILL");
     let _ = w.wait();
     let _ = std::fs::remove_dir_all(dir);

@@ -51,7 +51,12 @@ async fn outbox_contract(s: &dyn TaskStore, grace: Duration) {
     // Entries of earlier runs (the Redis prefix is fresh, so only this run's) are claimed first.
     let (a, b, c) = (new_task_id(), new_task_id(), new_task_id());
     for id in [&a, &b, &c] {
-        assert!(s.create(rec(id), 0, Some(&message(id))).await.unwrap().1);
+        assert!(
+            s.create(rec(id), 0, Some(&mut message(id)))
+                .await
+                .unwrap()
+                .1
+        );
     }
     assert_eq!(s.unpublished(&a).await.unwrap(), Some(message(&a)));
     assert!(
@@ -91,9 +96,14 @@ async fn outbox_contract(s: &dyn TaskStore, grace: Duration) {
     // An idempotent retry finds the earlier task and its unconfirmed message.
     let keyed = |id: &str| TaskRecord::new(id.into(), "tenant", "add_sub", "", Some(c.clone()));
     let d = new_task_id();
-    assert!(s.create(keyed(&d), 0, Some(&message(&d))).await.unwrap().1);
+    assert!(
+        s.create(keyed(&d), 0, Some(&mut message(&d)))
+            .await
+            .unwrap()
+            .1
+    );
     let (again, created) = s
-        .create(keyed(&new_task_id()), 0, Some(&message("other")))
+        .create(keyed(&new_task_id()), 0, Some(&mut message("other")))
         .await
         .unwrap();
     assert_eq!((again.id.as_str(), created), (d.as_str(), false));

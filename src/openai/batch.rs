@@ -86,6 +86,17 @@ pub struct Line {
     pub prompt_tokens: u64,
     pub max_tokens: u32,
     pub stops: Vec<String>,
+    /// Why the line's task could not be submitted (no task then): it ends as failed, in the
+    /// error file, rather than failing the batch after other lines were queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Refusal>,
+}
+
+/// A line's submission error, in OpenAI's error shape.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Refusal {
+    pub code: String,
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -297,18 +308,38 @@ impl Batches<'_> {
                 "the input file has no lines",
             ));
         }
-        let lines: Vec<Line> = futures::stream::iter(planned)
+        // Every line is submitted even when one fails (a broker or store failing midway):
+        // a line already queued runs, so the batch must name it. A failed submission is that
+        // line's error; only a batch none of whose lines was queued is refused.
+        let lines: Vec<(Line, Option<OpenAiError>)> = futures::stream::iter(planned)
             .map(|(key, mut line, req)| async move {
-                let (rec, _) = self
+                let submitted = self
                     .tasks
                     .submit(req, Some(key), None, TraceHeaders::default(), caller)
-                    .await?;
-                line.task = rec.id;
-                Ok::<_, OpenAiError>(line)
+                    .await;
+                match submitted {
+                    Ok((rec, _)) => {
+                        line.task = rec.id;
+                        (line, None)
+                    }
+                    Err(e) => {
+                        let e = OpenAiError::from(e);
+                        line.refused = Some(Refusal {
+                            code: e.code.unwrap_or(e.kind).to_string(),
+                            message: e.message.clone(),
+                        });
+                        (line, Some(e))
+                    }
+                }
             })
             .buffered(IN_FLIGHT)
-            .try_collect()
-            .await?;
+            .collect()
+            .await;
+        if lines.iter().all(|(_, e)| e.is_some()) {
+            let (_, first) = lines.into_iter().next().expect("a batch has lines");
+            return Err(first.expect("every line failed"));
+        }
+        let lines: Vec<Line> = lines.into_iter().map(|(l, _)| l).collect();
         let at = now();
         let rec = BatchRecord {
             id,
@@ -387,6 +418,7 @@ impl Batches<'_> {
             prompt_tokens: model.count(&job.prompts[0])?,
             max_tokens: job.sampling.max_tokens,
             stops: job.sampling.stops.clone(),
+            refused: None,
         };
         Ok((line, triton))
     }
@@ -404,28 +436,43 @@ impl Batches<'_> {
         if rec.ended() {
             return Ok(rec);
         }
-        // Owned items: a stream over borrowed lines is not Send for every lifetime.
-        let tasks: Vec<String> = rec.lines.iter().map(|l| l.task.clone()).collect();
-        let states: Vec<Option<TaskState>> = futures::stream::iter(tasks)
-            .map(|task| async move {
+        // Only the lines not seen final yet are read. Owned items: a stream over borrowed
+        // lines is not Send for every lifetime.
+        let mut states = self.openai.settled.get(id, rec.lines.len());
+        let open: Vec<(usize, Option<String>)> = rec
+            .lines
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| states[*i].is_none())
+            .map(|(i, l)| (i, l.refused.is_none().then(|| l.task.clone())))
+            .collect();
+        let read: Vec<(usize, Option<TaskState>)> = futures::stream::iter(open)
+            .map(|(i, task)| async move {
+                let Some(task) = task else {
+                    return Ok((i, Some(TaskState::Failed)));
+                };
                 let got = self.tasks.get(&task, tenant).await?;
-                Ok::<_, OpenAiError>(got.map(|(r, _)| r.state))
+                // A task gone from the store (expired) ended too.
+                let state = got.map_or(TaskState::Expired, |(r, _)| r.state);
+                Ok::<_, OpenAiError>((i, state.is_final().then_some(state)))
             })
             .buffered(IN_FLIGHT)
             .try_collect()
             .await?;
-        rec.completed = states
-            .iter()
-            .filter(|s| **s == Some(TaskState::Succeeded))
-            .count() as u64;
-        let done = |s: &Option<TaskState>| s.is_none_or(|s| s.is_final());
-        rec.failed = states
-            .iter()
-            .filter(|s| done(s) && **s != Some(TaskState::Succeeded))
-            .count() as u64;
-        if states.iter().all(done) {
+        for (i, state) in read {
+            states[i] = state;
+        }
+        let count = |f: &dyn Fn(TaskState) -> bool| {
+            states.iter().flatten().filter(|s| f(**s)).count() as u64
+        };
+        rec.completed = count(&|s| s == TaskState::Succeeded);
+        rec.failed = count(&|s| s != TaskState::Succeeded);
+        if states.iter().all(Option::is_some) {
             self.finish(&mut rec, &states).await?;
             self.write_json(&batch_key(id), &rec).await?;
+            self.openai.settled.forget(id);
+        } else {
+            self.openai.settled.put(id, states);
         }
         Ok(rec)
     }
@@ -439,7 +486,12 @@ impl Batches<'_> {
         rec.status = "cancelling".into();
         rec.cancelling_at = Some(now());
         self.write_json(&batch_key(id), &rec).await?;
-        let tasks: Vec<String> = rec.lines.iter().map(|l| l.task.clone()).collect();
+        let tasks: Vec<String> = rec
+            .lines
+            .iter()
+            .filter(|l| l.refused.is_none())
+            .map(|l| l.task.clone())
+            .collect();
         futures::stream::iter(tasks)
             .map(|task| async move {
                 match self.tasks.cancel(&task, tenant).await? {
@@ -514,7 +566,7 @@ impl Batches<'_> {
     ) -> Result<(bool, Value), OpenAiError> {
         let entry = |response: Value, error: Value| {
             json!({
-                "id": format!("batch_req_{}", line.task),
+                "id": format!("batch_req_{}", if line.task.is_empty() { &line.custom_id } else { &line.task }),
                 "custom_id": line.custom_id,
                 "response": response,
                 "error": error,
@@ -534,6 +586,9 @@ impl Batches<'_> {
                     "the batch was cancelled before this line ran".into(),
                 );
             }
+            Some(TaskState::Failed) if let Some(r) = &line.refused => {
+                return failed(&r.code, format!("not submitted: {}", r.message));
+            }
             Some(TaskState::Failed) => {
                 let (rec, _) = self
                     .tasks
@@ -546,7 +601,7 @@ impl Batches<'_> {
                 };
             }
             other => {
-                let state = other.map_or("gone", |s| s.as_str());
+                let state = other.map_or("open", |s| s.as_str());
                 return failed("batch_expired", format!("the line's task is {state}"));
             }
         }

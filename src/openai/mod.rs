@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod quota;
 pub mod reply;
+pub mod settled;
 pub mod wire;
 
 use std::{sync::Arc, time::Instant};
@@ -35,6 +36,8 @@ pub struct OpenAi {
     infer: InferService,
     streams: Streams,
     quota: Quota,
+    /// Batch lines' final states seen by this process.
+    pub settled: settled::Settled,
 }
 
 /// One request, read and checked: what [`OpenAi::start`] runs.
@@ -62,6 +65,7 @@ impl OpenAi {
             models,
             infer,
             streams,
+            settled: Default::default(),
         })
     }
 

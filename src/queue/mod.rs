@@ -97,6 +97,11 @@ pub trait Broker: Send + Sync {
     async fn renew(&self, _d: &Delivery) -> Result<(), QueueError> {
         Ok(())
     }
+    /// The delivered task's encoded request: its payload, unless a decorator keeps large
+    /// requests elsewhere (the claim check) and the payload stands in for one.
+    async fn input(&self, d: &Delivery) -> Result<Bytes, QueueError> {
+        Ok(d.msg.payload.clone())
+    }
     /// Messages waiting or in flight.
     async fn depth(&self) -> Result<u64, QueueError>;
     /// Messages in the dead-letter queue.

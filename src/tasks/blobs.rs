@@ -9,10 +9,11 @@
 //! and a dead letter's message still replays. Clients may not set the parameter themselves.
 //!
 //! Blobs live under `tasks/<id>/`: `input`, and `result-<attempt>` (one per attempt, so a
-//! fenced attempt's late result never overwrites the one that stands). A worker removes the
-//! input once its task succeeded; a sweep removes what no task needs any more: the blobs of
+//! fenced attempt's late result never overwrites the one that stands). The input goes once its
+//! task succeeded; a sweep removes what no task needs any more: the blobs of
 //! expired or purged tasks, inputs of finished tasks that are not dead letters, and results
-//! the task does not point to.
+//! the task does not point to. [`super::claim`] puts this around the task store and the
+//! broker, so neither the task front nor the worker sees a blob.
 
 use std::{sync::Arc, time::Duration};
 
@@ -22,16 +23,14 @@ use object_store::{ObjectStore, PutPayload, path::Path as BlobPath};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
-use super::{TaskState, TaskStore, dead::DeadLetterStore, now_ms};
+use super::{
+    CLAIM_BYTES_PARAM, CLAIM_PARAM, TaskState, TaskStore, dead::DeadLetterStore, now_ms,
+    stored_result,
+};
 use crate::proto::inference::{
     InferParameter, ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice,
 };
 use crate::tasks::metrics::task_metrics;
-
-/// The parameter of a stand-in request or response that names its blob.
-pub const CLAIM_PARAM: &str = "infergate.claim_check";
-/// The stand-in response's parameter giving the stored result's size in bytes.
-pub const CLAIM_BYTES_PARAM: &str = "infergate.claim_check_bytes";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -47,13 +46,6 @@ pub struct Blobs {
     threshold: usize,
     /// What the store is, for logs (`file:///...`, `s3://bucket`), without credentials.
     pub describe: String,
-}
-
-/// A result kept in the blob store, as the task's stand-in response names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredResult {
-    pub key: String,
-    pub bytes: u64,
 }
 
 fn input_key(id: &str) -> String {
@@ -77,19 +69,18 @@ fn param_str(p: &std::collections::HashMap<String, InferParameter>) -> Option<&s
     }
 }
 
-/// Whether a request names a blob (a stand-in): refused from clients at submit.
-pub fn is_claimed(req: &ModelInferRequest) -> bool {
-    req.parameters.contains_key(CLAIM_PARAM)
+/// The part of an encoded request that says whether it is a stand-in: its parameters
+/// (field 4 of `ModelInferRequest`). Decoding only this skips the tensors without copying.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RequestParameters {
+    #[prost(map = "string, message", tag = "4")]
+    parameters: std::collections::HashMap<String, InferParameter>,
 }
 
-/// The stored result a task's (stand-in) response points to, if it is one.
-pub fn stored_result(resp: &ModelInferResponse) -> Option<StoredResult> {
-    let key = param_str(&resp.parameters)?.to_string();
-    let bytes = match resp.parameters.get(CLAIM_BYTES_PARAM)?.parameter_choice {
-        Some(ParameterChoice::Int64Param(n)) => n.max(0) as u64,
-        _ => 0,
-    };
-    Some(StoredResult { key, bytes })
+/// The blob an encoded request stands in for, if it is a stand-in.
+pub fn claimed_key(encoded: &[u8]) -> Option<String> {
+    let head = RequestParameters::decode(encoded).ok()?;
+    param_str(&head.parameters).map(str::to_string)
 }
 
 impl Blobs {
@@ -168,69 +159,56 @@ impl Blobs {
         }
     }
 
-    /// The broker payload for task `id`'s encoded request: the request itself when small,
-    /// else a stand-in naming the blob it was written to.
+    /// The broker payload for task `id`'s encoded request for `model`: the request itself
+    /// when small, else a stand-in naming the blob it was written to. `None`: small.
     pub async fn check_in_request(
         &self,
         id: &str,
-        req: &ModelInferRequest,
-        encoded: Bytes,
-    ) -> Result<Bytes, BlobError> {
+        model: &str,
+        encoded: &Bytes,
+    ) -> Result<Option<Bytes>, BlobError> {
         if encoded.len() <= self.threshold {
-            return Ok(encoded);
+            return Ok(None);
         }
         let key = input_key(id);
-        self.put(&key, encoded).await?;
+        self.put(&key, encoded.clone()).await?;
         let stand_in = ModelInferRequest {
-            model_name: req.model_name.clone(),
-            model_version: req.model_version.clone(),
-            id: req.id.clone(),
+            model_name: model.to_string(),
             parameters: [(CLAIM_PARAM.to_string(), string_param(&key))].into(),
             ..Default::default()
         };
-        Ok(stand_in.encode_to_vec().into())
+        Ok(Some(stand_in.encode_to_vec().into()))
     }
 
-    /// The request a stand-in names, read back from the blob store. Only task `id`'s own
-    /// input is read, whatever the stand-in says.
-    pub async fn check_out_request(
-        &self,
-        id: &str,
-        stand_in: &ModelInferRequest,
-    ) -> Result<ModelInferRequest, BlobError> {
-        let key = input_key(id);
-        if param_str(&stand_in.parameters) != Some(key.as_str()) {
+    /// The encoded request a stand-in names (`key`), read back from the blob store. Only
+    /// task `id`'s own input is read, whatever the stand-in says.
+    pub async fn check_out_request(&self, id: &str, key: &str) -> Result<Bytes, BlobError> {
+        let own = input_key(id);
+        if key != own {
             return Err(BlobError::Bad {
-                key,
+                key: own,
                 why: "the message names another task's blob".into(),
             });
         }
-        let bytes = self.read(&key).await?;
-        ModelInferRequest::decode(bytes).map_err(|e| BlobError::Bad {
-            key,
-            why: format!("undecodable request: {e}"),
-        })
+        self.read(&own).await
     }
 
-    /// What the task store keeps for attempt `attempt`'s encoded response: the response when
-    /// small, else a stand-in naming the blob it was written to.
+    /// What the task store keeps for attempt `attempt`'s encoded response: `None` when it
+    /// is small (kept as it is), else a stand-in naming the blob it was written to, and
+    /// that blob's key.
     pub async fn check_in_result(
         &self,
         id: &str,
         attempt: u32,
-        resp: &ModelInferResponse,
-        encoded: Bytes,
-    ) -> Result<(Bytes, Option<String>), BlobError> {
+        encoded: &Bytes,
+    ) -> Result<Option<(Bytes, String)>, BlobError> {
         if encoded.len() <= self.threshold {
-            return Ok((encoded, None));
+            return Ok(None);
         }
         let key = result_key(id, attempt);
         let size = encoded.len() as i64;
-        self.put(&key, encoded).await?;
+        self.put(&key, encoded.clone()).await?;
         let stand_in = ModelInferResponse {
-            model_name: resp.model_name.clone(),
-            model_version: resp.model_version.clone(),
-            id: resp.id.clone(),
             parameters: [
                 (CLAIM_PARAM.to_string(), string_param(&key)),
                 (
@@ -243,7 +221,7 @@ impl Blobs {
             .into(),
             ..Default::default()
         };
-        Ok((stand_in.encode_to_vec().into(), Some(key)))
+        Ok(Some((stand_in.encode_to_vec().into(), key)))
     }
 
     /// A stored result's bytes as a stream of chunks, never whole in memory.
@@ -442,56 +420,69 @@ mod tests {
     #[tokio::test]
     async fn small_payloads_stay_inline_and_big_ones_round_trip() {
         let blobs = Blobs::open("memory:///", 1024).unwrap();
-        let small = ModelInferRequest {
+        let small: Bytes = ModelInferRequest {
             model_name: "m".into(),
             ..Default::default()
-        };
-        let enc: Bytes = small.encode_to_vec().into();
+        }
+        .encode_to_vec()
+        .into();
         assert_eq!(
-            blobs
-                .check_in_request("t1", &small, enc.clone())
-                .await
-                .unwrap(),
-            enc
+            blobs.check_in_request("t1", "m", &small).await.unwrap(),
+            None
         );
+        assert_eq!(claimed_key(&small), None);
 
-        let big = ModelInferRequest {
+        let big: Bytes = ModelInferRequest {
             model_name: "m".into(),
             raw_input_contents: vec![Bytes::from(vec![7u8; 4096])],
             ..Default::default()
-        };
-        let enc: Bytes = big.encode_to_vec().into();
-        let msg = blobs.check_in_request("t2", &big, enc).await.unwrap();
+        }
+        .encode_to_vec()
+        .into();
+        let msg = blobs
+            .check_in_request("t2", "m", &big)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(
             msg.len() < 200,
             "the message carries a reference: {} bytes",
             msg.len()
         );
-        let stand_in = ModelInferRequest::decode(msg).unwrap();
-        assert!(is_claimed(&stand_in));
-        assert_eq!(stand_in.model_name, "m");
-        assert_eq!(blobs.check_out_request("t2", &stand_in).await.unwrap(), big);
+        assert_eq!(
+            ModelInferRequest::decode(msg.clone()).unwrap().model_name,
+            "m"
+        );
+        let key = claimed_key(&msg).unwrap();
+        assert_eq!(
+            claimed_key(&big),
+            None,
+            "a request with tensors is no stand-in"
+        );
+        assert_eq!(blobs.check_out_request("t2", &key).await.unwrap(), big);
         assert!(
             matches!(
-                blobs.check_out_request("t1", &stand_in).await,
+                blobs.check_out_request("t1", &key).await,
                 Err(BlobError::Bad { .. })
             ),
             "a stand-in naming another task's blob is refused"
         );
 
-        let resp = ModelInferResponse {
+        let resp: Bytes = ModelInferResponse {
             model_name: "m".into(),
             raw_output_contents: vec![Bytes::from(vec![1u8; 4096])],
             ..Default::default()
-        };
-        let enc: Bytes = resp.encode_to_vec().into();
+        }
+        .encode_to_vec()
+        .into();
         let (kept, key) = blobs
-            .check_in_result("t2", 3, &resp, enc.clone())
+            .check_in_result("t2", 3, &resp)
             .await
+            .unwrap()
             .unwrap();
-        assert_eq!(key.as_deref(), Some("tasks/t2/result-3"));
+        assert_eq!(key, "tasks/t2/result-3");
         let stored = stored_result(&ModelInferResponse::decode(kept).unwrap()).unwrap();
-        assert_eq!(stored.bytes, enc.len() as u64);
+        assert_eq!(stored.bytes, resp.len() as u64);
         let streamed: Vec<Bytes> = blobs
             .stream(&stored.key)
             .await
@@ -499,7 +490,7 @@ mod tests {
             .try_collect()
             .await
             .unwrap();
-        assert_eq!(streamed.concat(), enc.to_vec());
+        assert_eq!(streamed.concat(), resp.to_vec());
         blobs.drop_input("t2").await;
         assert!(blobs.read("tasks/t2/input").await.is_err());
     }

@@ -2,14 +2,14 @@
 //! record (or find it by idempotency key), queue it, and read or cancel tasks.
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt, stream::BoxStream};
+use futures::StreamExt;
 use prost::Message;
 
 use super::{
-    Change, StoreError, TaskRecord, TaskState,
-    blobs::{self, StoredResult},
+    Change, RESERVED_PARAM_PREFIX, ResultStream, StoreError, StoredResult, TaskRecord, TaskState,
     new_task_id,
     outbox::{self, OnFailure, Queued},
+    stored_result,
 };
 use crate::tasks::metrics::task_metrics;
 use crate::{
@@ -27,15 +27,12 @@ pub struct TaskFront {
     pub infer: InferService,
 }
 
-/// A succeeded task's result: in the task store, or (over the claim-check size) in the
-/// blob store, read by streaming it.
+/// A succeeded task's result: in the task store, or (over the claim-check size) kept
+/// elsewhere, read by streaming it.
 pub enum TaskResult {
     Inline(ModelInferResponse),
     Stored(StoredResult),
 }
-
-/// A result's encoded `ModelInferResponse`, as chunks.
-pub type ResultStream = BoxStream<'static, Result<Bytes, std::io::Error>>;
 
 /// What a cancel found.
 pub enum Cancelled {
@@ -99,10 +96,13 @@ impl TaskFront {
         caller: &Caller,
     ) -> Result<(TaskRecord, bool), GatewayError> {
         // Bad requests are refused now, not turned into failed tasks.
-        if blobs::is_claimed(&req) {
+        if let Some(name) = req
+            .parameters
+            .keys()
+            .find(|k| k.starts_with(RESERVED_PARAM_PREFIX))
+        {
             return Err(GatewayError::invalid(format!(
-                "parameter '{}' is reserved for infergate",
-                blobs::CLAIM_PARAM
+                "parameter '{name}' is reserved for infergate"
             )));
         }
         self.infer.check(&mut req).await?;
@@ -117,21 +117,13 @@ impl TaskFront {
             self.tasks.webhooks.check(url, &caller.tenant)?;
         }
         let id = new_task_id();
-        // The message as the broker will carry it (a large input goes to the blob store
-        // first): the store keeps it with the record until the broker holds it.
-        let encoded: Bytes = req.encode_to_vec().into();
-        let payload = match &self.tasks.blobs {
-            Some(b) => b
-                .check_in_request(&id, &req, encoded)
-                .await
-                .map_err(|e| GatewayError::Unavailable(format!("blob store unavailable: {e}")))?,
-            None => encoded,
-        };
-        let msg = TaskMessage {
+        // The store keeps the message with the record until the broker holds it, and may
+        // rewrite it (the claim check); what it kept is what is published.
+        let mut msg = TaskMessage {
             task_id: id.clone(),
             model: req.model_name.clone(),
             priority: broker_priority(&req),
-            payload,
+            payload: req.encode_to_vec().into(),
             trace: TraceHeaders::outgoing(&incoming),
         };
         let mut rec = TaskRecord::new(
@@ -142,21 +134,13 @@ impl TaskFront {
             idempotency_key,
         );
         rec.callback_url = callback_url;
-        let created = self
+        let (rec, created) = self
             .tasks
             .store
-            .create(rec, caller.max_open_tasks, Some(&msg))
+            .create(rec, caller.max_open_tasks, Some(&mut msg))
             .await
-            .map_err(store_error);
-        let (rec, created) = match created {
-            Ok(c) => c,
-            Err(e) => {
-                self.drop_input(&id).await;
-                return Err(e);
-            }
-        };
+            .map_err(store_error)?;
         if !created {
-            self.drop_input(&id).await;
             // An earlier submission under this key whose publish was never confirmed (the
             // broker or store failed under it): queued now, with its own stored message.
             if let Some(earlier) = self
@@ -193,23 +177,12 @@ impl TaskFront {
         .await
         {
             Queued::Yes => {}
-            Queued::Withdrawn(e) => {
-                self.drop_input(&id).await;
-                return Err(refused(e));
-            }
-            // The relay publishes it later, and its worker needs the input then.
-            Queued::Kept(e) => return Err(refused(e)),
+            // The relay publishes a kept message later.
+            Queued::Withdrawn(e) | Queued::Kept(e) => return Err(refused(e)),
         }
         task_metrics().task_state(TaskState::Queued.as_str());
         self.infer.activity().task_accepted();
         Ok((rec, true))
-    }
-
-    /// Removes the input blob of a task that was not created (or was withdrawn).
-    async fn drop_input(&self, id: &str) {
-        if let Some(b) = &self.tasks.blobs {
-            b.drop_input(id).await;
-        }
     }
 
     /// The task and, once it succeeded, its response. Another tenant's task is `None`, as
@@ -234,7 +207,7 @@ impl TaskFront {
         let resp = result
             .filter(|_| rec.state == TaskState::Succeeded)
             .and_then(|b| ModelInferResponse::decode(b).ok())
-            .map(|r| match blobs::stored_result(&r) {
+            .map(|r| match stored_result(&r) {
                 Some(s) => TaskResult::Stored(s),
                 None => TaskResult::Inline(r),
             });
@@ -288,16 +261,13 @@ impl TaskFront {
                 )))
             }
             TaskResult::Stored(s) => {
-                let blobs = self.tasks.blobs.as_ref().ok_or_else(|| {
-                    GatewayError::Unavailable("the result is in a blob store this process was not configured with (tasks.blob_store)".into())
-                })?;
-                let stream = blobs.stream(&s.key).await.map_err(|e| {
-                    GatewayError::Unavailable(format!("blob store unavailable: {e}"))
-                })?;
-                Ok(Some((
-                    s.bytes,
-                    stream.map_err(std::io::Error::other).boxed(),
-                )))
+                let stream = self
+                    .tasks
+                    .store
+                    .open_result(&s)
+                    .await
+                    .map_err(store_error)?;
+                Ok(Some((s.bytes, stream)))
             }
         }
     }

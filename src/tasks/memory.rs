@@ -100,8 +100,9 @@ impl TaskStore for MemoryTaskStore {
         &self,
         rec: TaskRecord,
         max_open: u64,
-        outbox: Option<&TaskMessage>,
+        outbox: Option<&mut TaskMessage>,
     ) -> Result<(TaskRecord, bool), StoreError> {
+        let outbox = outbox.as_deref();
         let now = Instant::now();
         let mut inner = self.inner.lock().expect("task store lock");
         if let Some(key) = &rec.idempotency_key {

@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod blobs;
+pub mod claim;
 pub mod config;
 pub mod dead;
 pub mod follow;
@@ -39,8 +40,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::queue::TaskMessage;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
+#[schema(as = TaskStatus)]
 pub enum TaskState {
     Queued,
     Running,
@@ -111,23 +113,26 @@ impl TaskState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = TaskErrorBody)]
 pub struct TaskError {
     /// gRPC code name, e.g. `INVALID_ARGUMENT`.
     pub code: String,
     pub message: String,
 }
 
-/// How one attempt ended, written by the store as the task leaves `running` (the last
-/// [`MAX_HISTORY`] are kept): what an operator reads to see why a task failed, and that a
-/// replayed one ran again.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// How one attempt ended, written by the store as the task leaves `running` (the last 16
+/// are kept): what an operator reads to see why a task failed, and that a replayed one ran
+/// again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = AttemptBody)]
 pub struct Attempt {
     pub attempt: u32,
     pub started_at_ms: u64,
     pub ended_at_ms: u64,
-    /// The state the attempt left the task in (`retried` when queued again), or
-    /// [`WORKER_LOST`] when its worker never answered and the broker delivered it again.
+    /// The state the attempt left the task in (`retried` when queued again, `replayed` to
+    /// separate a replayed task's runs), or `worker lost` when its worker never answered and
+    /// the broker delivered it again.
     pub outcome: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<String>,
@@ -191,13 +196,15 @@ pub struct TaskRecord {
 pub const WEBHOOK_PENDING: &str = "pending";
 
 /// The delivery state of a task's completion webhook, kept on the task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = WebhookBody)]
 pub struct WebhookStatus {
     /// `pending` (retrying), `delivered` or `failed` (gave up, or refused to send).
     pub state: String,
     /// The `webhook-id` header: the same on every try of one delivery.
     pub id: String,
     pub attempts: u32,
+    /// The receiver's last HTTP status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_status: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -344,11 +351,15 @@ pub trait TaskStore: Send + Sync {
     /// a submitter that dies between create and publish, or loses the store before it can
     /// say so, leaves the message for [`Self::claim_unpublished`], so a task the store
     /// accepted is always queued in the end.
+    ///
+    /// A decorated store may keep a large payload elsewhere and a stand-in in its place (the
+    /// claim check, [`claim`]): it rewrites `outbox` so, and the caller publishes the message
+    /// as rewritten.
     async fn create(
         &self,
         rec: TaskRecord,
         max_open: u64,
-        outbox: Option<&TaskMessage>,
+        outbox: Option<&mut TaskMessage>,
     ) -> Result<(TaskRecord, bool), StoreError>;
     /// The broker holds the task's message: it stays in the outbox only for the recheck (a
     /// message the broker loses later is published again) and leaves when a worker starts
@@ -475,6 +486,52 @@ pub trait TaskStore: Send + Sync {
         from: usize,
         max: usize,
     ) -> Result<Option<Kept>, StoreError>;
+    /// The bytes of a succeeded task's result that is kept outside the store, as its stored
+    /// stand-in names it ([`stored_result`]). Only a store decorated with the claim check
+    /// has such a place.
+    async fn open_result(&self, s: &StoredResult) -> Result<ResultStream, StoreError> {
+        Err(StoreError::Backend(format!(
+            "the result {} is in a blob store this process was not configured with (tasks.blob_store)",
+            s.key
+        )))
+    }
+}
+
+/// A result's encoded `ModelInferResponse`, as chunks.
+pub type ResultStream = futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>>;
+
+/// Request parameters under this prefix are infergate's own (the claim check's stand-ins):
+/// a client may not send them.
+pub const RESERVED_PARAM_PREFIX: &str = "infergate.";
+/// The parameter of a stand-in request or response that names where its bytes are kept.
+pub const CLAIM_PARAM: &str = "infergate.claim_check";
+/// The stand-in response's parameter giving the stored result's size in bytes.
+pub const CLAIM_BYTES_PARAM: &str = "infergate.claim_check_bytes";
+
+/// A result kept by reference, as the task's stand-in response names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResult {
+    pub key: String,
+    pub bytes: u64,
+}
+
+/// The stored result a task's (stand-in) response points to, if it is one.
+pub fn stored_result(resp: &crate::proto::inference::ModelInferResponse) -> Option<StoredResult> {
+    use crate::proto::inference::infer_parameter::ParameterChoice;
+    let key = match resp
+        .parameters
+        .get(CLAIM_PARAM)?
+        .parameter_choice
+        .as_ref()?
+    {
+        ParameterChoice::StringParam(s) => s.clone(),
+        _ => return None,
+    };
+    let bytes = match resp.parameters.get(CLAIM_BYTES_PARAM)?.parameter_choice {
+        Some(ParameterChoice::Int64Param(n)) => n.max(0) as u64,
+        _ => 0,
+    };
+    Some(StoredResult { key, bytes })
 }
 
 /// Responses of a decoupled model's run kept with its task ([`TaskStore::responses`]).

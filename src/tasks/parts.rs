@@ -29,7 +29,8 @@ pub struct Tasks {
     pub broker: Arc<dyn Broker>,
     /// Kept where the task store is (in process, or in its Redis).
     pub dead: Arc<dyn DeadLetterStore>,
-    /// The claim check's blob store, when `tasks.blob_store` names one.
+    /// The blob store, when `tasks.blob_store` names one: the claim check's (already wrapped
+    /// around `store` and `broker`), swept by the upkeep, and where the Batch API keeps files.
     pub blobs: Option<Arc<Blobs>>,
     /// Completion webhooks, sent by whichever process finishes a task.
     pub webhooks: Arc<Webhooks>,
@@ -113,6 +114,12 @@ impl Tasks {
                     .map_err(|e| anyhow::anyhow!("tasks.blob_store: {e}"))?,
             )),
             None => None,
+        };
+        // With a blob store, the store and broker take and give whole payloads and keep the
+        // large ones there (the claim check): neither the front nor the worker sees blobs.
+        let (store, broker) = match &blobs {
+            Some(b) => super::claim::decorate(store, broker, Arc::clone(b)),
+            None => (store, broker),
         };
         let webhooks = Arc::new(Webhooks::new(hooks, keys, Arc::clone(&store)));
         Ok(Self {

@@ -501,6 +501,22 @@ pub async fn triton_stats(model: &str) -> (u64, u64, u64) {
     (requests, s.inference_count, s.execution_count)
 }
 
+/// [`triton_stats`] once they stop moving: Triton counts a request just after it answers it,
+/// so a reading taken as the last answer arrives can miss it. Two readings 300 ms apart that
+/// agree (at most about 6 s of trying) are taken as settled.
+pub async fn quiet_stats(model: &str) -> (u64, u64, u64) {
+    let mut last = triton_stats(model).await;
+    for _ in 0..20 {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let now = triton_stats(model).await;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
 /// `name{labels} value` lines of a Prometheus text exposition, by the full series name.
 pub fn series(text: &str) -> std::collections::BTreeMap<String, f64> {
     text.lines()

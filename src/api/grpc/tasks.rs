@@ -37,7 +37,7 @@ const CHUNK: usize = 1 << 20;
 /// Regroups a stream of byte pieces (a blob store's, often a few KiB) into chunks of about
 /// [`CHUNK`] bytes.
 fn rechunk(
-    pieces: crate::tasks::front::ResultStream,
+    pieces: crate::tasks::ResultStream,
 ) -> impl Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send {
     futures::stream::unfold((pieces, false), |(mut pieces, done)| async move {
         if done {

@@ -95,7 +95,7 @@ pub async fn list(
     tag = "admin",
     params(("id" = String, Path, description = "task id")),
     responses(
-        (status = 200, body = schema::DeadLetterBody),
+        (status = 200, body = DeadView),
         (status = 401, description = "no valid API key", body = schema::ErrorBody),
         (status = 404, description = "not in the dead letters, or not an admin key", body = schema::ErrorBody),
         (status = 503, description = "task store unavailable", body = schema::ErrorBody),

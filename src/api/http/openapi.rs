@@ -120,7 +120,13 @@ pub fn document() -> &'static str {
             })
             .collect();
         doc.paths.paths.extend(versioned);
-        doc.to_json().expect("the OpenAPI document serializes")
+        let mut json = serde_json::to_value(&doc).expect("the OpenAPI document serializes");
+        // The task's `response` is the inference response's JSON, a shape of this edge's:
+        // the task view (which knows no edge) says only "object", and is pointed to it here.
+        json["components"]["schemas"]["TaskBody"]["properties"]["response"] = serde_json::json!({
+            "$ref": "#/components/schemas/InferResponseBody",
+        });
+        json.to_string()
     })
 }
 

@@ -147,111 +147,13 @@ pub struct ModelControlError {
 }
 
 #[derive(ToSchema)]
-#[allow(non_camel_case_types)]
-enum TaskStatus {
-    queued,
-    running,
-    succeeded,
-    failed,
-    cancelled,
-    expired,
-}
-
-#[derive(ToSchema)]
-pub struct TaskErrorBody {
-    /// A gRPC status code name, e.g. `INVALID_ARGUMENT`.
-    code: String,
-    message: String,
-}
-
-/// An async task: its state, times (ms since the Unix epoch), attempts and, once it
-/// succeeded, the inference response.
-#[derive(ToSchema)]
-pub struct TaskBody {
-    /// 32 hex characters, unguessable.
-    id: String,
-    model: String,
-    version: String,
-    status: TaskStatus,
-    attempts: u32,
-    queued_at_ms: u64,
-    started_at_ms: Option<u64>,
-    finished_at_ms: Option<u64>,
-    error: Option<TaskErrorBody>,
-    /// How each attempt ended, oldest first (the last 16; absent before the first ends).
-    history: Option<Vec<AttemptBody>>,
-    response: Option<InferResponseBody>,
-    /// Set instead of `response` when the result is over `tasks.claim_check_bytes` and kept
-    /// in the blob store: `GET` it (an encoded ModelInferResponse, streamed).
-    result_url: Option<String>,
-    /// The stored result's size in bytes, with `result_url`.
-    result_bytes: Option<u64>,
-    /// Where the final state is POSTed (the `Callback-Url` header at submit).
-    callback_url: Option<String>,
-    /// How the completion webhook's delivery went, once there was one.
-    webhook: Option<WebhookBody>,
-}
-
-/// A completion webhook's delivery.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct WebhookBody {
-    /// `pending` (retrying), `delivered` or `failed` (gave up, or refused to send).
-    state: String,
-    /// The `webhook-id` header, the same on every try.
-    id: String,
-    attempts: u32,
-    /// The receiver's last HTTP status.
-    last_status: Option<u16>,
-    last_error: Option<String>,
-    updated_at_ms: u64,
-}
-
-/// One attempt's end.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct AttemptBody {
-    attempt: u32,
-    started_at_ms: u64,
-    ended_at_ms: u64,
-    /// `succeeded`, `failed`, `retried`, `cancelled`, `expired` or `worker lost`.
-    outcome: String,
-    error_code: Option<String>,
-    error_message: Option<String>,
-}
-
-/// A dead-lettered task: the task as it failed (error and attempt history), why, and when.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct DeadLetterBody {
-    id: String,
-    tenant: String,
-    model: String,
-    version: String,
-    status: TaskStatus,
-    attempts: u32,
-    queued_at_ms: u64,
-    started_at_ms: Option<u64>,
-    finished_at_ms: Option<u64>,
-    error: Option<TaskErrorBody>,
-    history: Vec<AttemptBody>,
-    callback_url: Option<String>,
-    webhook: Option<WebhookBody>,
-    reason: String,
-    /// When it was dead-lettered (ms since the Unix epoch).
-    dead_at_ms: u64,
-    /// Bytes of the queued request a replay sends again.
-    payload_bytes: u64,
-}
-
-#[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct DeadLetterListBody {
     /// Dead letters kept.
     depth: u64,
     /// Dropped by the bounds (count and age) since the store began.
     dropped: u64,
-    dead_letters: Vec<DeadLetterBody>,
+    dead_letters: Vec<crate::tasks::view::DeadView<'static>>,
 }
 
 /// Which dead letters to act on: `ids`, else those the filter selects (at most `limit`,
@@ -296,7 +198,6 @@ mod tests {
     use serde_json::{Value, json};
     use utoipa::PartialSchema;
 
-    use super::*;
     use crate::tasks::{
         Attempt, TaskError, TaskRecord, TaskState, WebhookStatus,
         dead::DeadEntry,
@@ -355,26 +256,74 @@ mod tests {
         }
     }
 
-    /// The OpenAPI document is written beside the one served shape: this keeps the two the
-    /// same, field for field (a field served but not documented, or documented and never
-    /// served, fails).
+    /// The document's task shapes are derived from the served structs; this checks that the
+    /// derive reads serde's attributes as serde does (names, skipped fields, the flattened
+    /// task of a dead letter), field for field, in the document the API serves.
     #[test]
     fn the_documented_task_shapes_are_the_served_ones() {
+        let doc: Value = serde_json::from_str(super::super::openapi::document()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let props = |v: &Value| -> BTreeSet<String> {
+            v["properties"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect()
+        };
         let rec = full();
         let mut task = TaskView::of(&rec);
         task.response = Some(json!({}));
         task.result_url = Some("/v1/tasks/t/result".into());
         task.result_bytes = Some(1);
-        assert_eq!(served(&task), documented::<TaskBody>());
+        let task_props = props(&schemas["TaskBody"]);
+        assert_eq!(served(&task), task_props);
+        assert_eq!(documented::<TaskView>(), task_props);
+        let required: BTreeSet<String> = schemas["TaskBody"]["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            required,
+            served(TaskView::of(&TaskRecord::new(
+                "t".into(),
+                "a",
+                "m",
+                "",
+                None
+            )))
+            .into_iter()
+            .filter(|k| !k.ends_with("_at_ms") || k == "queued_at_ms")
+            .filter(|k| k != "error")
+            .collect(),
+            "required: what a fresh task always shows"
+        );
+        let refs = |field: &str| schemas["TaskBody"]["properties"][field]["$ref"].clone();
+        assert_eq!(refs("status"), "#/components/schemas/TaskStatus");
+        assert_eq!(refs("response"), "#/components/schemas/InferResponseBody");
+        assert!(schemas["InferResponseBody"].is_object());
         let dead = DeadEntry {
             record: rec.clone(),
             reason: "r".into(),
             dead_at_ms: 5,
             payload_bytes: 6,
         };
-        assert_eq!(served(DeadView::of(&dead)), documented::<DeadLetterBody>());
+        // A dead letter is the task flattened, plus its own fields.
+        let parts = schemas["DeadLetterBody"]["allOf"].as_array().unwrap();
+        let mut documented_dead = BTreeSet::new();
+        for p in parts {
+            match p["$ref"].as_str() {
+                Some(r) => documented_dead.extend(props(&schemas[r.rsplit('/').next().unwrap()])),
+                None => documented_dead.extend(props(p)),
+            }
+        }
+        let mut served_dead = served(DeadView::of(&dead));
+        served_dead.extend(["response", "result_url", "result_bytes"].map(String::from));
+        assert_eq!(served_dead, documented_dead);
         // A webhook's `data` is the same shape, less the result and the delivery's own state.
         let hook = served(TaskView::for_webhook(&rec));
-        assert!(hook.is_subset(&documented::<TaskBody>()), "{hook:?}");
+        assert!(hook.is_subset(&task_props), "{hook:?}");
     }
 }

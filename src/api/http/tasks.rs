@@ -50,7 +50,7 @@ fn not_found(id: &str) -> Response {
     GatewayError::TaskNotFound(id.to_string()).into_response()
 }
 
-/// A task as the API shows it ([`TaskView`]; `schema::TaskBody` documents it), with its
+/// A task as the API shows it ([`TaskView`], which the OpenAPI document's `TaskBody` is derived from), with its
 /// result inline or where to read it.
 fn task_json(rec: &TaskRecord, result: Option<TaskResult>) -> Json<TaskView<'_>> {
     let mut view = TaskView::of(rec);
@@ -76,7 +76,7 @@ fn task_json(rec: &TaskRecord, result: Option<TaskResult>) -> Json<TaskView<'_>>
     ),
     request_body(content = schema::InferRequestBody),
     responses(
-        (status = 202, description = "queued; Location names the task", body = schema::TaskBody),
+        (status = 202, description = "queued; Location names the task", body = TaskView),
         (status = 400, description = "malformed request; the message names the field", body = schema::ErrorBody),
         (status = 401, description = "no valid API key", body = schema::ErrorBody),
         (status = 404, description = "unknown model", body = schema::ErrorBody),
@@ -143,7 +143,7 @@ pub async fn submit(
     tag = "tasks",
     params(("id" = String, Path, description = "task id")),
     responses(
-        (status = 200, body = schema::TaskBody),
+        (status = 200, body = TaskView),
         (status = 401, description = "no valid API key", body = schema::ErrorBody),
         (status = 404, description = "no such task (or another tenant's)", body = schema::ErrorBody),
         (status = 503, description = "task store unavailable", body = schema::ErrorBody),
@@ -196,7 +196,7 @@ pub async fn result(
     tag = "tasks",
     params(("id" = String, Path, description = "task id")),
     responses(
-        (status = 200, description = "cancelled", body = schema::TaskBody),
+        (status = 200, description = "cancelled", body = TaskView),
         (status = 409, description = "already finished", body = schema::ErrorBody),
         (status = 401, description = "no valid API key", body = schema::ErrorBody),
         (status = 404, description = "no such task (or another tenant's)", body = schema::ErrorBody),

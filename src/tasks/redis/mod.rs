@@ -248,8 +248,9 @@ impl TaskStore for RedisTaskStore {
         &self,
         rec: TaskRecord,
         max_open: u64,
-        outbox: Option<&TaskMessage>,
+        outbox: Option<&mut TaskMessage>,
     ) -> Result<(TaskRecord, bool), StoreError> {
+        let outbox = outbox.as_deref();
         let idem_key = rec
             .idempotency_key
             .as_ref()
