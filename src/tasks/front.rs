@@ -214,9 +214,6 @@ impl TaskFront {
         Ok(Some((rec, resp)))
     }
 
-    /// A succeeded task's encoded result as a stream (from the blob store when it is there,
-    /// never whole in memory), with its length. `None`: no such task for this tenant, or
-    /// no result (yet).
     /// A decoupled model's responses kept with the task, from index `from` (at most `max`),
     /// with the task as it is now; `None` for no such task (or another tenant's).
     pub async fn responses(
@@ -244,6 +241,9 @@ impl TaskFront {
         Ok(Some((rec, kept)))
     }
 
+    /// A succeeded task's encoded result as a stream (from where the claim check kept it,
+    /// never whole in memory), with its length. `None`: no such task for this tenant, or
+    /// no result (yet).
     pub async fn result_stream(
         &self,
         id: &str,
